@@ -1,0 +1,86 @@
+"""Test stores: the machine's Postgres and Redis when they answer, embedded ones otherwise.
+
+Every test that needs state gets its own Postgres database and its own Redis key prefix, so
+tests run in any order and never see each other's data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import ExitStack
+
+import pytest
+import redis.asyncio as aioredis
+
+from bascule.stores import StoreEndpoints, create_database, drop_database, provide_stores
+
+_stack = ExitStack()
+_endpoints: StoreEndpoints | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _endpoints
+    _endpoints = _stack.enter_context(provide_stores())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _stack.close()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    assert _endpoints is not None
+    return f"bascule test stores: {_endpoints.describe()}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    assert _endpoints is not None
+    terminalreporter.write_line(f"bascule test stores: {_endpoints.describe()}")
+
+
+@pytest.fixture(scope="session")
+def stores() -> StoreEndpoints:
+    assert _endpoints is not None
+    return _endpoints
+
+
+MakeDatabase = Callable[[str], Awaitable[str]]
+
+
+@pytest.fixture
+async def make_database(stores: StoreEndpoints) -> AsyncIterator[MakeDatabase]:
+    """A factory of fresh databases, each dropped after the test: ``await make_database("src")``."""
+    made: list[str] = []
+    tag = uuid.uuid4().hex[:10]
+
+    async def make(label: str) -> str:
+        name = f"bt_{tag}_{label}"
+        made.append(name)
+        return await create_database(stores.postgres_url, name)
+
+    yield make
+    for name in made:
+        await drop_database(stores.postgres_url, name)
+
+
+@pytest.fixture
+async def pg_url(make_database: MakeDatabase) -> str:
+    """One fresh database for the test."""
+    return await make_database("db")
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"bt:{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+async def redis_url(stores: StoreEndpoints, redis_prefix: str) -> AsyncIterator[str]:
+    """The Redis URL; keys under the test's ``redis_prefix`` are deleted afterwards."""
+    yield stores.redis_url
+    client = aioredis.Redis.from_url(stores.redis_url)
+    try:
+        async for key in client.scan_iter(match=redis_prefix + "*"):
+            await client.delete(key)
+    finally:
+        await client.aclose()
