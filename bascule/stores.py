@@ -84,7 +84,9 @@ def _wait_for_port(host: str, port: int, deadline_s: float, what: str, log: Path
             return
         time.sleep(0.05)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
-    raise StoreError(f"embedded {what} did not answer on {host}:{port} within {deadline_s}s:\n{tail}")
+    raise StoreError(
+        f"embedded {what} did not answer on {host}:{port} within {deadline_s}s:\n{tail}"
+    )
 
 
 def _pg_bin_path() -> Path:

@@ -1,0 +1,477 @@
+"""The configuration: one TOML file read once into frozen, typed, self-validating records.
+
+Types and unknown keys are checked by msgspec (``forbid_unknown_fields``, strict types); the
+rules that span keys (a route's dataset, the migration's backends, pointers…) are checked here.
+Every error is a :class:`ConfigError` naming the file, the dotted key and what was expected.
+
+Secrets never live in the file: tokens and keys come from the environment (:class:`Secrets`),
+and a backend names the variable holding its service credential (``credential_env``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from bascule.errors import ConfigError
+
+T = TypeVar("T")
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+DEFAULT_DATASET = "default"
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every configuration record: immutable, typed, no unknown keys."""
+
+
+class ProxySettings(_Record, frozen=True):
+    listen: str = "127.0.0.1:8080"
+    """Researcher-facing address, host:port."""
+    admin_listen: str = "127.0.0.1:8081"
+    """Admin API address (token-protected), host:port."""
+    max_body_bytes: int = 10 * 1024 * 1024
+    """Largest request body accepted (413 beyond)."""
+
+
+class StateSettings(_Record, frozen=True):
+    postgres_url: str | None = None
+    """bascule's own state database; ``BASCULE_POSTGRES_URL`` overrides it."""
+    redis_url: str | None = None
+    """Fleet fast path (pub/sub, counters, leases); ``BASCULE_REDIS_URL`` overrides it."""
+    redis_prefix: str = "bascule:"
+    poll_interval: float = 1.0
+    """Seconds between polls of the stage table (bounds how late a lost message makes a flip)."""
+
+
+class MigrationSettings(_Record, frozen=True):
+    source: str
+    target: str
+
+
+class Backend(_Record, frozen=True):
+    url: str
+    """Base URL, e.g. ``http://10.0.0.5:8000``; request paths are appended unchanged."""
+    connect_timeout: float = 2.0
+    read_timeout: float = 30.0
+    pool_size: int = 100
+    database: str | None = None
+    """Optional DSN of the backend's database, used only by ``bascule verify``."""
+    credential_env: str | None = None
+    """Name of the environment variable holding bascule's service credential for this backend."""
+
+
+class CompareRules(_Record, frozen=True):
+    headers: tuple[str, ...] = ("content-type",)
+    """Response headers compared (case-insensitive); all others are ignored."""
+    ignore: tuple[str, ...] = ()
+    """JSON pointers never compared; ``*`` matches one segment (``/records/*/served_at``)."""
+    unordered: dict[str, str] = {}
+    """Arrays compared as sets: pointer -> key field that identifies an element."""
+    numeric_tolerance: float = 0.0
+    """Absolute difference under which two numbers are equal."""
+    timestamps_as_instants: bool = True
+    """Two timestamps are equal when they denote the same instant, whatever their offset."""
+
+
+class GateSettings(_Record, frozen=True):
+    min_compared: int = 1000
+    """Comparisons needed in the window before a move past ``shadow``."""
+    window: float = 3600.0
+    """Seconds of evidence the gate looks at (never before the current stage took effect)."""
+    live_mismatch_budget: int = 0
+    """Mismatches tolerated in ``live`` before an automatic rollback to ``shadow``."""
+
+
+class Dataset(_Record, frozen=True):
+    name: str = ""
+    auto_promote: bool = False
+    shadow_sample: float = 1.0
+    """Share of read requests shadow-read in ``shadow`` and ``live`` (0..1)."""
+    group: str | None = None
+    """Datasets in the same group move through the stages together."""
+    compare: CompareRules = CompareRules()
+    gate: GateSettings = GateSettings()
+
+
+class Route(_Record, frozen=True):
+    path: str
+    """Pattern of literal and ``{param}`` segments: ``/v1/datasets/{dataset}/records``."""
+    methods: tuple[str, ...]
+    kind: Literal["read", "write"]
+    dataset: str | None = None
+    """Fixed dataset, for a path with no ``{dataset}`` parameter."""
+    key: str | None = None
+    """Path parameter naming the record written or read (writes without one lock the dataset)."""
+    create_id: str | None = None
+    """JSON pointer to the server-assigned id in the authoritative answer to a create."""
+    replay_as: str | None = None
+    """How a create is replayed on the other side: ``PUT /v1/datasets/{dataset}/records/{id}``."""
+    idempotent_backend: bool = False
+    """The backend honours ``Idempotency-Key`` here, so an in-doubt write may be re-sent."""
+    compare: CompareRules | None = None
+    """Comparison rules for this route, replacing the dataset's."""
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(m.group(1) for s in self.path.split("/") if (m := _PARAM.match(s)))
+
+
+class Secrets(_Record, frozen=True):
+    """Secrets, read from the environment only."""
+
+    admin_token: str | None = None
+    viewer_token: str | None = None
+    hmac_key: bytes | None = None
+    journal_key: bytes | None = None
+
+    ENV = {
+        "admin_token": "BASCULE_ADMIN_TOKEN",
+        "viewer_token": "BASCULE_VIEWER_TOKEN",
+        "hmac_key": "BASCULE_HMAC_KEY",
+        "journal_key": "BASCULE_JOURNAL_KEY",
+    }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Secrets:
+        keys: dict[str, bytes | None] = {}
+        for field in ("hmac_key", "journal_key"):
+            raw = env.get(cls.ENV[field])
+            if raw is None or raw == "":
+                keys[field] = None
+                continue
+            try:
+                value = bytes.fromhex(raw)
+            except ValueError:
+                raise ConfigError(
+                    "environment",
+                    cls.ENV[field],
+                    "expected hex digits (e.g. `openssl rand -hex 32`)",
+                ) from None
+            if len(value) < 32:
+                raise ConfigError(
+                    "environment", cls.ENV[field], f"expected at least 32 bytes, got {len(value)}"
+                )
+            keys[field] = value
+        for field in ("admin_token", "viewer_token"):
+            token = env.get(cls.ENV[field])
+            if token is not None and 0 < len(token) < 16:
+                raise ConfigError("environment", cls.ENV[field], "expected at least 16 characters")
+        return cls(
+            admin_token=env.get(cls.ENV["admin_token"]) or None,
+            viewer_token=env.get(cls.ENV["viewer_token"]) or None,
+            hmac_key=keys["hmac_key"],
+            journal_key=keys["journal_key"],
+        )
+
+    def require(self, field: str) -> Any:
+        value = getattr(self, field)
+        if value is None:
+            raise ConfigError("environment", self.ENV[field], "not set, and this command needs it")
+        return value
+
+
+class Config(_Record, frozen=True):
+    source: str
+    """The file this came from, for messages."""
+    proxy: ProxySettings
+    state: StateSettings
+    migration: MigrationSettings
+    backends: dict[str, Backend]
+    routes: tuple[Route, ...]
+    datasets: dict[str, Dataset]
+
+    @property
+    def source_backend(self) -> Backend:
+        return self.backends[self.migration.source]
+
+    @property
+    def target_backend(self) -> Backend:
+        return self.backends[self.migration.target]
+
+    def dataset(self, name: str) -> Dataset:
+        """The named dataset's settings; an undeclared one runs on the ``default`` settings."""
+        return self.datasets.get(name) or self.datasets[DEFAULT_DATASET]
+
+
+_TOP_KEYS = ("proxy", "state", "migration", "backends", "routes", "datasets", "defaults")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate ``path``. Raises :class:`ConfigError` naming the file and key."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read the file: {exc.strerror}") from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise ConfigError(
+                source, key, f"unknown section; expected one of {', '.join(_TOP_KEYS)}"
+            )
+
+    proxy = _convert(raw.get("proxy", {}), ProxySettings, source, "proxy")
+    state = _convert(raw.get("state", {}), StateSettings, source, "state")
+    if "migration" not in raw:
+        raise ConfigError(
+            source, "migration", "missing; expected a table with `source` and `target`"
+        )
+    migration = _convert(raw["migration"], MigrationSettings, source, "migration")
+
+    backends_raw = _table(raw.get("backends", {}), source, "backends")
+    backends = {
+        name: _convert(value, Backend, source, f"backends.{name}")
+        for name, value in backends_raw.items()
+    }
+
+    defaults = _table(raw.get("defaults", {}), source, "defaults")
+    _convert({**defaults, "name": DEFAULT_DATASET}, Dataset, source, "defaults")
+    datasets_raw = _table(raw.get("datasets", {}), source, "datasets")
+    datasets_raw.setdefault(DEFAULT_DATASET, {})
+    datasets = {
+        name: _convert(
+            _merge(defaults, _table(value, source, f"datasets.{name}")) | {"name": name},
+            Dataset,
+            source,
+            f"datasets.{name}",
+        )
+        for name, value in datasets_raw.items()
+    }
+
+    routes_raw = raw.get("routes", [])
+    if not isinstance(routes_raw, list):
+        raise ConfigError(source, "routes", "expected an array of tables ([[routes]])")
+    routes = tuple(
+        _convert(value, Route, source, f"routes[{i}]") for i, value in enumerate(routes_raw)
+    )
+
+    config = Config(
+        source=source,
+        proxy=proxy,
+        state=state,
+        migration=migration,
+        backends=backends,
+        routes=routes,
+        datasets=datasets,
+    )
+    _check(config)
+    return config
+
+
+def _table(value: object, source: str, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(source, key, f"expected a table, got {type(value).__name__}")
+    return value
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+_LOCATION = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<where>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
+
+
+def _convert(value: object, kind: type[T], source: str, key: str) -> T:
+    try:
+        return msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        match = _LOCATION.match(str(exc))
+        assert match is not None
+        problem, where = match.group("problem"), match.group("where") or ""
+        where = re.sub(r"\[(\d+)\]", r"[\1]", where).replace("[...]", ".<key>")
+        full = key + where
+        unknown = _UNKNOWN.match(problem)
+        if unknown:
+            raise ConfigError(source, f"{full}.{unknown.group('field')}", "unknown key") from None
+        problem = problem.replace("Object missing required field", "missing required key")
+        if problem.startswith("Invalid enum value"):
+            choices = _literal_choices(kind, where)
+            if choices:
+                problem += f"; expected one of {', '.join(repr(c) for c in choices)}"
+        problem = problem[0].lower() + problem[1:] if problem else problem
+        raise ConfigError(source, full, problem) from None
+
+
+def _literal_choices(kind: type[Any], where: str) -> tuple[object, ...]:
+    """The allowed values of the Literal field at ``where`` (``.a.b``), for error messages."""
+    hint: Any = kind
+    for name in where.strip(".").split("."):
+        try:
+            hint = typing.get_type_hints(hint)[name]
+        except (KeyError, TypeError, NameError):
+            return ()
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+
+
+def _check(config: Config) -> None:
+    """Rules that span several keys."""
+    src = config.source
+    _check_address(src, "proxy.listen", config.proxy.listen)
+    _check_address(src, "proxy.admin_listen", config.proxy.admin_listen)
+    if config.proxy.listen == config.proxy.admin_listen:
+        raise ConfigError(src, "proxy.admin_listen", "must differ from proxy.listen")
+    if config.proxy.max_body_bytes <= 0:
+        raise ConfigError(src, "proxy.max_body_bytes", "expected a positive number of bytes")
+    if config.state.poll_interval <= 0:
+        raise ConfigError(src, "state.poll_interval", "expected a positive number of seconds")
+
+    for role in ("source", "target"):
+        name = getattr(config.migration, role)
+        if name not in config.backends:
+            known = ", ".join(sorted(config.backends)) or "none"
+            raise ConfigError(
+                src, f"migration.{role}", f"backend {name!r} is not defined (backends: {known})"
+            )
+    if config.migration.source == config.migration.target:
+        raise ConfigError(src, "migration.target", "must name a different backend than source")
+
+    for name, backend in config.backends.items():
+        _check_backend(src, name, backend)
+    for name, dataset in config.datasets.items():
+        _check_dataset(src, name, dataset)
+    for i, route in enumerate(config.routes):
+        _check_route(src, f"routes[{i}]", route, config.datasets)
+
+
+def _check_address(src: str, key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(src, key, f"expected host:port, got {value!r}")
+
+
+def _check_backend(src: str, name: str, backend: Backend) -> None:
+    key = f"backends.{name}"
+    if not _NAME.match(name):
+        raise ConfigError(src, key, "backend names are lower-case letters, digits, '-' and '_'")
+    if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", backend.url):
+        raise ConfigError(
+            src, f"{key}.url", f"expected an http:// or https:// URL, got {backend.url!r}"
+        )
+    for field in ("connect_timeout", "read_timeout"):
+        if getattr(backend, field) <= 0:
+            raise ConfigError(src, f"{key}.{field}", "expected a positive number of seconds")
+    if backend.pool_size <= 0:
+        raise ConfigError(src, f"{key}.pool_size", "expected a positive number of connections")
+    if backend.credential_env is not None and not _ENV_NAME.match(backend.credential_env):
+        raise ConfigError(
+            src,
+            f"{key}.credential_env",
+            "expected the NAME of an environment variable (A-Z, 0-9, _)",
+        )
+
+
+def _check_dataset(src: str, name: str, dataset: Dataset) -> None:
+    key = f"datasets.{name}"
+    if not _NAME.match(name):
+        raise ConfigError(src, key, "dataset names are lower-case letters, digits, '-' and '_'")
+    if not 0.0 <= dataset.shadow_sample <= 1.0:
+        raise ConfigError(src, f"{key}.shadow_sample", "expected a share between 0 and 1")
+    if dataset.gate.min_compared < 0 or dataset.gate.live_mismatch_budget < 0:
+        raise ConfigError(src, f"{key}.gate", "counts must not be negative")
+    if dataset.gate.window <= 0:
+        raise ConfigError(src, f"{key}.gate.window", "expected a positive number of seconds")
+    _check_compare(src, f"{key}.compare", dataset.compare)
+
+
+def _check_compare(src: str, key: str, rules: CompareRules) -> None:
+    for pointer in (*rules.ignore, *rules.unordered):
+        if not pointer.startswith("/"):
+            raise ConfigError(
+                src, key, f"{pointer!r} is not a JSON pointer (it must start with '/')"
+            )
+    for pointer in rules.ignore:
+        if pointer == "/" or pointer.strip("/*") == "":
+            raise ConfigError(src, f"{key}.ignore", f"{pointer!r} would ignore a whole document")
+    if rules.numeric_tolerance < 0:
+        raise ConfigError(src, f"{key}.numeric_tolerance", "must not be negative")
+
+
+def _check_route(src: str, key: str, route: Route, datasets: Mapping[str, Dataset]) -> None:
+    if not route.path.startswith("/"):
+        raise ConfigError(
+            src, f"{key}.path", f"expected a path starting with '/', got {route.path!r}"
+        )
+    segments = route.path.strip("/").split("/")
+    for segment in segments:
+        if ("{" in segment or "}" in segment) and not _PARAM.match(segment):
+            raise ConfigError(
+                src,
+                f"{key}.path",
+                f"segment {segment!r}: a parameter fills a whole segment, {{name}}",
+            )
+        if segment in ("", ".", ".."):
+            raise ConfigError(src, f"{key}.path", f"empty or dot segment in {route.path!r}")
+    params = route.params
+    if len(set(params)) != len(params):
+        raise ConfigError(src, f"{key}.path", "a parameter appears twice")
+    has_param = "dataset" in params
+    if not has_param and route.dataset is None:
+        raise ConfigError(
+            src,
+            key,
+            f"route {route.path!r} has no dataset: put {{dataset}} in its path or set `dataset`",
+        )
+    if has_param and route.dataset is not None:
+        raise ConfigError(src, f"{key}.dataset", "the path already names the dataset ({dataset})")
+    if route.dataset is not None and route.dataset not in datasets:
+        raise ConfigError(src, f"{key}.dataset", f"unknown dataset {route.dataset!r}")
+    if not route.methods:
+        raise ConfigError(src, f"{key}.methods", "expected at least one HTTP method")
+    for method in route.methods:
+        if method not in HTTP_METHODS:
+            raise ConfigError(
+                src, f"{key}.methods", f"{method!r} is not one of {', '.join(sorted(HTTP_METHODS))}"
+            )
+    if route.key is not None and route.key not in params:
+        raise ConfigError(src, f"{key}.key", f"{route.key!r} is not a parameter of {route.path!r}")
+    if (route.create_id is None) != (route.replay_as is None):
+        raise ConfigError(src, key, "create_id and replay_as go together")
+    if route.create_id is not None:
+        if route.kind != "write":
+            raise ConfigError(src, f"{key}.create_id", "only a write route creates records")
+        if not route.create_id.startswith("/"):
+            raise ConfigError(src, f"{key}.create_id", "expected a JSON pointer such as '/id'")
+        assert route.replay_as is not None
+        method, _, path = route.replay_as.partition(" ")
+        if method not in HTTP_METHODS or not path.startswith("/"):
+            raise ConfigError(
+                src, f"{key}.replay_as", f"expected 'METHOD /path/{{id}}', got {route.replay_as!r}"
+            )
+        replay_params = Route(path=path, methods=(method,), kind="write").params
+        if "id" not in replay_params:
+            raise ConfigError(src, f"{key}.replay_as", "the replay path must contain {id}")
+        missing = set(replay_params) - set(params) - {"id"}
+        if missing:
+            raise ConfigError(
+                src,
+                f"{key}.replay_as",
+                f"parameters not in the route path: {', '.join(sorted(missing))}",
+            )
+    if route.compare is not None:
+        if route.kind != "read":
+            raise ConfigError(src, f"{key}.compare", "only read routes are compared")
+        _check_compare(src, f"{key}.compare", route.compare)

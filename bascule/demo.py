@@ -1,0 +1,242 @@
+"""``bascule demo``: the cutover story on one machine, on embedded stores when none are configured.
+
+First version: two reference-API instances (the "source" and "target" clouds) over two databases
+seeded identically, queried side by side. Later stages of the project extend it with the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from rich.console import Console
+from rich.table import Table
+
+from bascule.config import Config, load_config
+from bascule.errors import UsageError
+from bascule.procs import ServerProcess, bascule_argv
+from bascule.stores import StoreEndpoints, create_database, provide_stores, redact_url
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "bascule.example.toml"
+VOLATILE = ("served_at",)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("demo", help="run the whole story on this machine")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML configuration")
+    parser.add_argument("--rows", type=int, default=10_000, help="rows per dataset (default 10000)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the synthetic data")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds to run, then stop (default: Ctrl-C)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rows < 1:
+        raise UsageError("--rows must be at least 1")
+    if args.duration is not None and args.duration < 0:
+        raise UsageError("--duration must not be negative")
+    config = load_config(args.config)
+    return asyncio.run(Demo(config, args.rows, args.seed, args.duration, Console()).main())
+
+
+@dataclass(frozen=True)
+class Instance:
+    role: str
+    name: str
+    url: str
+    database_url: str
+
+
+class Demo:
+    def __init__(
+        self, config: Config, rows: int, seed: int, duration: float | None, console: Console
+    ) -> None:
+        self.config = config
+        self.rows = rows
+        self.seed = seed
+        self.duration = duration
+        self.console = console
+        self.researcher_token = "demo-" + secrets.token_urlsafe(12)
+        self.service_token = "svc-" + secrets.token_urlsafe(24)
+        self.workdir = Path(tempfile.mkdtemp(prefix="bascule-demo-"))
+        self.processes: list[ServerProcess] = []
+
+    async def main(self) -> int:
+        say = self.console.print
+        say("[bold]bascule demo[/bold] — two clouds, one researcher API")
+        state = self.config.state
+        with provide_stores(state.postgres_url, state.redis_url) as stores:
+            say(f"stores: {stores.describe()}")
+            try:
+                return await self._story(stores)
+            finally:
+                for proc in reversed(self.processes):
+                    await proc.stop()
+                say(f"stopped cleanly; logs in {self.workdir}")
+
+    async def _story(self, stores: StoreEndpoints) -> int:
+        say = self.console.print
+        await self._check_redis(stores.redis_url)
+        instances = [
+            Instance(
+                "source",
+                self.config.migration.source,
+                self.config.source_backend.url,
+                await create_database(stores.postgres_url, "snds_source", replace=True),
+            ),
+            Instance(
+                "target",
+                self.config.migration.target,
+                self.config.target_backend.url,
+                await create_database(stores.postgres_url, "snds_target", replace=True),
+            ),
+        ]
+        started = time.monotonic()
+        await asyncio.gather(*(self._seed(i) for i in instances))
+        say(
+            f"seeded snds_source and snds_target identically: {self.rows:,} rows per dataset, "
+            f"seed {self.seed}, in {time.monotonic() - started:.1f}s"
+        )
+        for inst in instances:
+            await self._serve(inst)
+        self._show_layout(instances)
+
+        ok = await self._query_side_by_side(instances)
+        say(
+            "\ntry it:\n"
+            f"  curl -H 'Authorization: Bearer {self.researcher_token}' "
+            f"{instances[0].url}/v1/datasets/dcir/records/1\n"
+            f"  curl -H 'Authorization: Bearer {self.researcher_token}' "
+            f'-d \'{{"group_by": "act_code", "metrics": ["count"]}}\' '
+            f"{instances[1].url}/v1/datasets/dcir/query"
+        )
+        await self._wait()
+        return 0 if ok else 1
+
+    async def _check_redis(self, url: str) -> None:
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    async def _seed(self, inst: Instance) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            *bascule_argv(
+                "api",
+                "seed",
+                "--database",
+                inst.database_url,
+                "--rows",
+                str(self.rows),
+                "--seed",
+                str(self.seed),
+            ),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise UsageError(f"seeding {inst.role} failed:\n{out.decode(errors='replace')[-2000:]}")
+
+    async def _serve(self, inst: Instance) -> None:
+        parts = urlsplit(inst.url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        proc = ServerProcess(
+            name=f"reference API {inst.name}",
+            argv=bascule_argv(
+                "api",
+                "--name",
+                inst.name,
+                "--database",
+                inst.database_url,
+                "--host",
+                host,
+                "--port",
+                str(port),
+            ),
+            health_url=f"{inst.url}/healthz",
+            log_path=self.workdir / f"api-{inst.name}.log",
+            env={"BASCULE_API_TOKENS": f"{self.researcher_token},{self.service_token}"},
+        )
+        self.processes.append(proc)
+        await proc.start()
+
+    def _show_layout(self, instances: list[Instance]) -> None:
+        table = Table(title="what runs where")
+        for col in ("role", "name", "serves at", "database"):
+            table.add_column(col)
+        for inst in instances:
+            table.add_row(inst.role, inst.name, inst.url, redact_url(inst.database_url))
+        self.console.print(table)
+
+    async def _query_side_by_side(self, instances: list[Instance]) -> bool:
+        queries: list[tuple[str, str, str, dict[str, Any] | None]] = [
+            ("list datasets", "GET", "/v1/datasets", None),
+            ("page dcir", "GET", "/v1/datasets/dcir/records?limit=50", None),
+            ("get pmsi 1", "GET", "/v1/datasets/pmsi/records/1", None),
+            ("get cepidc 2", "GET", "/v1/datasets/cepidc/records/2", None),
+            (
+                "dcir sum by act",
+                "POST",
+                "/v1/datasets/dcir/query",
+                {"group_by": "act_code", "metrics": ["count", "sum:amount"]},
+            ),
+        ]
+        table = Table(title="the same questions to both clouds")
+        for col in ("query", "source", "target", "same answer"):
+            table.add_column(col)
+        all_ok = True
+        headers = {"Authorization": f"Bearer {self.researcher_token}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            for label, method, path, body in queries:
+                answers = await asyncio.gather(
+                    *(self._ask(session, method, inst.url + path, body) for inst in instances)
+                )
+                same = answers[0][1] == answers[1][1]
+                ok = same and all(status == 200 for status, _, _ in answers)
+                all_ok &= ok
+                cells = [f"{status} by {served_by}" for status, _, served_by in answers]
+                table.add_row(label, *cells, "[green]yes[/green]" if ok else "[red]NO[/red]")
+        self.console.print(table)
+        return all_ok
+
+    async def _ask(
+        self, session: aiohttp.ClientSession, method: str, url: str, body: dict[str, Any] | None
+    ) -> tuple[int, Any, str]:
+        data = orjson.dumps(body) if body is not None else None
+        async with session.request(method, url, data=data) as resp:
+            payload = orjson.loads(await resp.read())
+            if isinstance(payload, dict):
+                for key in VOLATILE:
+                    payload.pop(key, None)
+            return resp.status, payload, resp.headers.get("X-Served-By", "?")
+
+    async def _wait(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        what = f"for {self.duration:g}s" if self.duration is not None else "until Ctrl-C"
+        self.console.print(f"\nrunning {what}…")
+        waiter: Awaitable[bool] = stop.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, self.duration)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,314 @@
+"""Configuration: the shipped example loads, and every kind of mistake is named precisely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bascule.config import DEFAULT_DATASET, Secrets, load_config, parse_config
+from bascule.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[2] / "deploy" / "bascule.example.toml"
+
+MINIMAL = """
+[migration]
+source = "azure"
+target = "scaleway"
+
+[backends.azure]
+url = "http://127.0.0.1:9001"
+
+[backends.scaleway]
+url = "http://127.0.0.1:9002"
+"""
+
+ROUTE = """
+[[routes]]
+path = "/v1/datasets/{dataset}/records/{id}"
+methods = ["GET"]
+kind = "read"
+key = "id"
+"""
+
+
+def error_of(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "test.toml")
+    return info.value
+
+
+def test_the_shipped_example_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert config.migration.source == "azure"
+    assert config.source_backend.url == "http://127.0.0.1:9001"
+    assert config.target_backend.credential_env == "BASCULE_SCALEWAY_CREDENTIAL"
+    assert {"default", "dcir", "pmsi", "cepidc"} <= set(config.datasets)
+    create = next(r for r in config.routes if r.create_id)
+    assert create.replay_as == "PUT /v1/datasets/{dataset}/records/{id}"
+    assert any(r.kind == "read" and "POST" in r.methods for r in config.routes)
+
+
+def test_datasets_inherit_defaults_and_override_them() -> None:
+    config = parse_config(
+        MINIMAL
+        + """
+[defaults]
+shadow_sample = 0.5
+[defaults.compare]
+ignore = ["/served_at"]
+numeric_tolerance = 0.01
+[datasets.dcir]
+auto_promote = true
+[datasets.dcir.compare]
+ignore = ["/records/*/served_at"]
+"""
+    )
+    dcir = config.datasets["dcir"]
+    assert dcir.shadow_sample == 0.5
+    assert dcir.auto_promote is True
+    assert dcir.compare.ignore == ("/records/*/served_at",)
+    assert dcir.compare.numeric_tolerance == 0.01  # nested defaults merge key by key
+    assert config.datasets[DEFAULT_DATASET].shadow_sample == 0.5
+    assert config.dataset("undeclared").name == DEFAULT_DATASET
+
+
+def test_minimal_config_has_sensible_defaults() -> None:
+    config = parse_config(MINIMAL)
+    assert config.proxy.listen == "127.0.0.1:8080"
+    assert config.state.poll_interval == 1.0
+    assert config.routes == ()
+    assert list(config.datasets) == [DEFAULT_DATASET]
+
+
+def test_config_records_are_frozen() -> None:
+    config = parse_config(MINIMAL)
+    with pytest.raises(AttributeError):
+        setattr(config.proxy, "listen", "0.0.0.0:80")  # noqa: B010 - frozen at run time too
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "problem"),
+    [
+        ("[proxy]\nlisten_port = 1\n", "proxy.listen_port", "unknown key"),
+        (
+            "[backends.azure2]\nurl = 'http://x'\ntoken = 'abc'\n",
+            "backends.azure2.token",
+            "unknown key",
+        ),
+        (
+            "[[routes]]\npath = '/x/{dataset}'\nmethods = ['GET']\nkind = 'read'\nfoo = 1\n",
+            "routes[0].foo",
+            "unknown key",
+        ),
+        ("[telemetry]\nx = 1\n", "telemetry", "unknown section"),
+    ],
+)
+def test_unknown_keys_are_errors(extra: str, key: str, problem: str) -> None:
+    err = error_of(MINIMAL + extra)
+    assert err.source == "test.toml"
+    assert err.key == key
+    assert problem in err.problem
+    assert str(err).startswith(f"test.toml: {key}: ")
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "problem"),
+    [
+        ("[proxy]\nmax_body_bytes = '10MB'\n", "proxy.max_body_bytes", "expected `int`, got `str`"),
+        ("[state]\npoll_interval = 'fast'\n", "state.poll_interval", "expected `float`, got `str`"),
+        (
+            "[datasets.dcir]\nauto_promote = 'yes'\n",
+            "datasets.dcir.auto_promote",
+            "expected `bool`, got `str`",
+        ),
+        (
+            "[[routes]]\npath = '/x/{dataset}'\nmethods = 'GET'\nkind = 'read'\n",
+            "routes[0].methods",
+            "expected `array`, got `str`",
+        ),
+        (
+            "[[routes]]\npath = '/x/{dataset}'\nmethods = ['GET']\nkind = 'fetch'\n",
+            "routes[0].kind",
+            "invalid enum value `fetch`; expected one of `read`, `write`",
+        ),
+    ],
+)
+def test_wrong_types_are_errors(extra: str, key: str, problem: str) -> None:
+    err = error_of(MINIMAL + extra)
+    assert (err.key, err.source) == (key, "test.toml")
+    assert problem in err.problem.replace("'", "`") or problem in err.problem
+
+
+def test_wrong_type_in_backend_names_the_backend() -> None:
+    err = error_of(MINIMAL.replace('url = "http://127.0.0.1:9002"', "url = 9002"))
+    assert err.key == "backends.scaleway.url"
+    assert "expected `str`, got `int`" in err.problem
+
+
+def test_missing_backend_is_named() -> None:
+    err = error_of(MINIMAL.replace('target = "scaleway"', 'target = "ovh"'))
+    assert err.key == "migration.target"
+    assert "'ovh' is not defined" in err.problem
+    assert "azure, scaleway" in err.problem
+
+
+def test_missing_migration_is_named() -> None:
+    err = error_of('[backends.azure]\nurl = "http://x"\n')
+    assert err.key == "migration"
+    assert "missing" in err.problem
+
+
+def test_missing_required_key_is_named() -> None:
+    err = error_of(MINIMAL.replace('url = "http://127.0.0.1:9001"', "read_timeout = 3.0"))
+    assert err.key == "backends.azure"
+    assert "missing required key `url`" in err.problem
+
+
+def test_route_with_no_dataset_is_an_error() -> None:
+    err = error_of(MINIMAL + "[[routes]]\npath = '/v1/stats'\nmethods = ['GET']\nkind = 'read'\n")
+    assert err.key == "routes[0]"
+    assert "has no dataset" in err.problem
+    assert "{dataset}" in err.problem
+
+
+def test_route_with_unknown_fixed_dataset_is_an_error() -> None:
+    err = error_of(
+        MINIMAL
+        + "[[routes]]\npath = '/v1/stats'\nmethods = ['GET']\nkind = 'read'\ndataset = 'x'\n"
+    )
+    assert (err.key, err.problem) == ("routes[0].dataset", "unknown dataset 'x'")
+
+
+@pytest.mark.parametrize(
+    ("route", "key", "problem"),
+    [
+        (
+            "path = 'v1/{dataset}'\nmethods = ['GET']\nkind = 'read'",
+            "routes[0].path",
+            "starting with '/'",
+        ),
+        (
+            "path = '/v1/{dataset}/../x'\nmethods = ['GET']\nkind = 'read'",
+            "routes[0].path",
+            "dot segment",
+        ),
+        (
+            "path = '/v1/x{dataset}'\nmethods = ['GET']\nkind = 'read'",
+            "routes[0].path",
+            "whole segment",
+        ),
+        (
+            "path = '/v1/{dataset}'\nmethods = ['FETCH']\nkind = 'read'",
+            "routes[0].methods",
+            "'FETCH'",
+        ),
+        (
+            "path = '/v1/{dataset}'\nmethods = []\nkind = 'read'",
+            "routes[0].methods",
+            "at least one",
+        ),
+        (
+            "path = '/v1/{dataset}'\nmethods = ['PUT']\nkind = 'write'\nkey = 'id'",
+            "routes[0].key",
+            "'id' is not a parameter",
+        ),
+        (
+            "path = '/v1/{dataset}'\nmethods = ['POST']\nkind = 'write'\ncreate_id = '/id'",
+            "routes[0]",
+            "go together",
+        ),
+        (
+            "path = '/v1/{dataset}'\nmethods = ['POST']\nkind = 'write'\ncreate_id = 'id'\n"
+            "replay_as = 'PUT /v1/{dataset}/{id}'",
+            "routes[0].create_id",
+            "JSON pointer",
+        ),
+        (
+            "path = '/v1/{dataset}'\nmethods = ['POST']\nkind = 'write'\ncreate_id = '/id'\n"
+            "replay_as = 'PUT /v1/{dataset}'",
+            "routes[0].replay_as",
+            "{id}",
+        ),
+        (
+            "path = '/v1/{dataset}'\nmethods = ['POST']\nkind = 'write'\ncreate_id = '/id'\n"
+            "replay_as = '/v1/{dataset}/{id}'",
+            "routes[0].replay_as",
+            "METHOD /path",
+        ),
+        (
+            "path = '/v1/{dataset}'\nmethods = ['GET']\nkind = 'read'\n"
+            "[routes.compare]\nignore = ['x']",
+            "routes[0].compare",
+            "not a JSON pointer",
+        ),
+    ],
+)
+def test_bad_routes_are_named(route: str, key: str, problem: str) -> None:
+    err = error_of(MINIMAL + "[[routes]]\n" + route + "\n")
+    assert err.key == key
+    assert problem in err.problem
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "problem"),
+    [
+        (
+            "[datasets.dcir]\nshadow_sample = 1.5\n",
+            "datasets.dcir.shadow_sample",
+            "between 0 and 1",
+        ),
+        (
+            "[datasets.dcir.compare]\nignore = ['/']\n",
+            "datasets.dcir.compare.ignore",
+            "whole document",
+        ),
+        (
+            "[datasets.dcir.compare]\nignore = ['/*']\n",
+            "datasets.dcir.compare.ignore",
+            "whole document",
+        ),
+        ("[datasets.DCIR]\n", "datasets.DCIR", "lower-case"),
+        ("[proxy]\nlisten = '8080'\n", "proxy.listen", "host:port"),
+        ("[proxy]\nadmin_listen = '127.0.0.1:8080'\n", "proxy.admin_listen", "must differ"),
+    ],
+)
+def test_bad_values_are_named(extra: str, key: str, problem: str) -> None:
+    err = error_of(MINIMAL + extra)
+    assert err.key == key
+    assert problem in err.problem
+
+
+def test_bad_backend_values_are_named() -> None:
+    err = error_of(MINIMAL.replace('url = "http://127.0.0.1:9002"', 'url = "ftp://x"'))
+    assert (err.key, "http://") == ("backends.scaleway.url", "http://")
+    err = error_of(MINIMAL + "[backends.ovh]\nurl = 'http://x'\nread_timeout = 0\n")
+    assert err.key == "backends.ovh.read_timeout"
+    err = error_of(MINIMAL + "[backends.ovh]\nurl = 'http://x'\ncredential_env = 'my token'\n")
+    assert err.key == "backends.ovh.credential_env"
+    err = error_of(MINIMAL.replace('target = "scaleway"', 'target = "azure"'))
+    assert "different backend" in err.problem
+
+
+def test_invalid_toml_and_missing_file_name_the_file(tmp_path: Path) -> None:
+    err = error_of("[proxy\nlisten = 1")
+    assert err.source == "test.toml" and "not valid TOML" in err.problem
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.toml")
+    assert str(tmp_path / "absent.toml") in str(info.value)
+    assert "cannot read" in str(info.value)
+
+
+def test_secrets_come_from_the_environment_and_are_checked() -> None:
+    secrets = Secrets.from_env({"BASCULE_ADMIN_TOKEN": "a" * 20, "BASCULE_HMAC_KEY": "ab" * 32})
+    assert secrets.admin_token == "a" * 20
+    assert secrets.hmac_key == bytes.fromhex("ab" * 32)
+    assert secrets.viewer_token is None
+    with pytest.raises(ConfigError, match="BASCULE_VIEWER_TOKEN: not set"):
+        secrets.require("viewer_token")
+    with pytest.raises(ConfigError, match="BASCULE_HMAC_KEY: expected hex"):
+        Secrets.from_env({"BASCULE_HMAC_KEY": "not-hex"})
+    with pytest.raises(ConfigError, match="BASCULE_JOURNAL_KEY: expected at least 32 bytes, got 4"):
+        Secrets.from_env({"BASCULE_JOURNAL_KEY": "00112233"})
+    with pytest.raises(ConfigError, match="BASCULE_ADMIN_TOKEN: expected at least 16"):
+        Secrets.from_env({"BASCULE_ADMIN_TOKEN": "short"})
