@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from bascule.errors import BasculeError
+from bascule.errors import BasculeError, Refused, UsageError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -17,6 +17,8 @@ EXIT_REFUSED = 3
 
 def build_parser() -> argparse.ArgumentParser:
     from bascule import demo
+    from cutover import cli as cutover_cli
+    from proxy import app as proxy_app
     from refapi import cli as refapi_cli
 
     parser = argparse.ArgumentParser(
@@ -26,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    proxy_app.register(sub)
+    cutover_cli.register(sub)
     demo.register(sub)
     refapi_cli.register(sub)
     return parser
@@ -40,6 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.func(args)
+    except Refused as exc:
+        print(f"bascule: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except UsageError as exc:
+        print(f"bascule: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BasculeError as exc:
         print(f"bascule: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,9 +1,20 @@
 """Every error bascule raises on purpose, in one tree.
 
     BasculeError
-    ├── ConfigError(ValueError)        a configuration file or variable is wrong; names file and key
-    ├── StoreError(ConnectionError)    a state store (Postgres, Redis) cannot be reached or started
-    └── UsageError(ValueError)         a command was called with arguments that cannot work
+    ├── ConfigError(ValueError)          a configuration file or variable is wrong; names file, key
+    ├── UsageError(ValueError)           a command was called with arguments that cannot work
+    ├── Refused                          a request the rules forbid; nothing changed (CLI exit 3)
+    │   ├── IllegalMove(ValueError)      a stage change the stage rules forbid; names legal moves
+    │   ├── UnknownDataset(LookupError)  no such dataset; names the known ones
+    │   ├── UnknownStage(ValueError)     no such stage; names the stages
+    │   └── StaleVersion                 the compare-and-set lost: someone changed it first
+    ├── RouteError(ValueError)           a researcher request the proxy will not route (4xx)
+    ├── StoreError(ConnectionError)      a state store (Postgres, Redis) cannot be reached/started
+    │   └── SchemaError                  the state schema is not the version this bascule expects
+    ├── UpstreamError                    a backend did not answer properly
+    │   ├── UpstreamUnreachable(ConnectionError)   nothing answered (502)
+    │   └── UpstreamTimeout(TimeoutError)          it did not answer in time (504)
+    └── ProcessFailed(RuntimeError)      a child server exited or never became healthy
 
 Builtins are mixed in where they say something true about the error, so callers that only know
 the standard library still catch them sensibly.
@@ -27,9 +38,75 @@ class ConfigError(BasculeError, ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+class UsageError(BasculeError, ValueError):
+    """A command was called with arguments that cannot work."""
+
+
+class Refused(BasculeError):
+    """A request the rules forbid. Nothing was changed."""
+
+
+class IllegalMove(Refused, ValueError):
+    def __init__(self, message: str, dataset: str, current: str, wanted: str) -> None:
+        self.dataset, self.current, self.wanted = dataset, current, wanted
+        super().__init__(message)
+
+
+class UnknownDataset(Refused, LookupError):
+    def __init__(self, dataset: str, known: list[str]) -> None:
+        self.dataset = dataset
+        names = ", ".join(sorted(known)) or "none"
+        super().__init__(f"unknown dataset {dataset!r}; known datasets: {names}")
+
+
+class UnknownStage(Refused, ValueError):
+    def __init__(self, text: str, stages: list[str]) -> None:
+        self.text = text
+        super().__init__(f"unknown stage {text!r}; the stages are {', '.join(stages)}")
+
+
+class StaleVersion(Refused):
+    """Someone else changed the dataset first: the compare-and-set found another version."""
+
+    def __init__(self, dataset: str, expected: int, found: int | None) -> None:
+        self.dataset, self.expected, self.found = dataset, expected, found
+        super().__init__(
+            f"{dataset}: the stage changed while this change was being made "
+            f"(expected version {expected}, found {found}); look at `bascule status` and retry"
+        )
+
+
+class RouteError(BasculeError, ValueError):
+    """A request the proxy refuses to route. ``status`` and ``code`` go into the JSON answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status, self.code = status, code
+        super().__init__(message)
+
+
 class StoreError(BasculeError, ConnectionError):
     """A state store cannot be reached or started."""
 
 
-class UsageError(BasculeError, ValueError):
-    """A command was called with arguments that cannot work."""
+class SchemaError(StoreError):
+    """The state schema is not the version this bascule expects; the message says what to run."""
+
+
+class UpstreamError(BasculeError):
+    """A backend did not answer properly."""
+
+    def __init__(self, backend: str, message: str) -> None:
+        self.backend = backend
+        super().__init__(f"backend {backend}: {message}")
+
+
+class UpstreamUnreachable(UpstreamError, ConnectionError):
+    """Nothing answered: connection refused or reset before any answer (502)."""
+
+
+class UpstreamTimeout(UpstreamError, TimeoutError):
+    """The backend did not connect or answer in time (504)."""
+
+
+class ProcessFailed(BasculeError, RuntimeError):
+    """A child process exited or never became healthy."""

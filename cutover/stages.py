@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 
-from bascule.errors import BasculeError
+from bascule.errors import IllegalMove as _IllegalMove
+from bascule.errors import UnknownStage
 
 
 class Stage(enum.StrEnum):
@@ -16,7 +17,7 @@ class Stage(enum.StrEnum):
     TARGET = "target"
 
     @property
-    def index(self) -> int:
+    def position(self) -> int:
         return ORDER.index(self)
 
     @classmethod
@@ -24,54 +25,46 @@ class Stage(enum.StrEnum):
         try:
             return cls(text)
         except ValueError:
-            raise UnknownStage(text) from None
+            raise UnknownStage(text, [s.value for s in ORDER]) from None
 
 
 ORDER: tuple[Stage, ...] = tuple(Stage)
 
 
-class UnknownStage(BasculeError, ValueError):
-    def __init__(self, text: str) -> None:
-        self.text = text
-        super().__init__(
-            f"unknown stage {text!r}; the stages are {', '.join(s.value for s in ORDER)}"
-        )
-
-
-class IllegalMove(BasculeError, ValueError):
-    """A stage change the rules forbid; the message names the legal moves."""
-
-    def __init__(self, dataset: str, current: Stage, wanted: Stage, why: str) -> None:
-        self.dataset, self.current, self.wanted = dataset, current, wanted
-        legal = ", ".join(s.value for s in legal_moves(current)) or "none"
-        super().__init__(
-            f"{dataset}: cannot move {current.value} -> {wanted.value}: {why}; "
-            f"legal moves from {current.value}: {legal}"
-        )
+def illegal(dataset: str, current: Stage, wanted: Stage, why: str) -> _IllegalMove:
+    """An IllegalMove whose message names the legal moves."""
+    legal = ", ".join(s.value for s in legal_moves(current)) or "none"
+    return _IllegalMove(
+        f"{dataset}: cannot move {current.value} -> {wanted.value}: {why}; "
+        f"legal moves from {current.value}: {legal}",
+        dataset,
+        current.value,
+        wanted.value,
+    )
 
 
 def legal_moves(current: Stage) -> tuple[Stage, ...]:
     """Forward one stage at a time; back any number of stages."""
-    i = current.index
+    i = current.position
     forward = ORDER[i + 1 : i + 2]
     back = tuple(reversed(ORDER[:i]))
     return forward + back
 
 
 def check_move(dataset: str, current: Stage, wanted: Stage) -> None:
-    """Raise :class:`IllegalMove` unless ``current -> wanted`` is legal."""
+    """Raise :class:`~bascule.errors.IllegalMove` unless ``current -> wanted`` is legal."""
     if wanted == current:
-        raise IllegalMove(dataset, current, wanted, "it is already there")
-    if wanted.index > current.index + 1:
-        skipped = ", ".join(s.value for s in ORDER[current.index + 1 : wanted.index])
-        raise IllegalMove(
+        raise illegal(dataset, current, wanted, "it is already there")
+    if wanted.position > current.position + 1:
+        skipped = ", ".join(s.value for s in ORDER[current.position + 1 : wanted.position])
+        raise illegal(
             dataset, current, wanted, f"forward moves go one stage at a time (skips {skipped})"
         )
 
 
 def is_rollback(current: Stage, wanted: Stage) -> bool:
-    return wanted.index < current.index
+    return wanted.position < current.position
 
 
 def previous(current: Stage) -> Stage | None:
-    return ORDER[current.index - 1] if current.index > 0 else None
+    return ORDER[current.position - 1] if current.position > 0 else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from bascule.config import DEFAULT_DATASET, Route
-from bascule.errors import BasculeError
+from bascule.errors import RouteError
 from proxy.plan import Kind
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -23,14 +23,6 @@ UNROUTED = "<unrouted>"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _FORBIDDEN = frozenset(["/", "\\"]) | {chr(c) for c in range(32)} | {"\x7f"}
-
-
-class RouteError(BasculeError, ValueError):
-    """A request the proxy refuses to route. ``status`` and ``code`` go into the JSON answer."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        self.status, self.code = status, code
-        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)

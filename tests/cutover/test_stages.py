@@ -6,12 +6,13 @@ import itertools
 
 import pytest
 
-from cutover.stages import ORDER, IllegalMove, Stage, UnknownStage, check_move, legal_moves
+from bascule.errors import IllegalMove, UnknownStage
+from cutover.stages import ORDER, Stage, check_move, legal_moves
 
 
 @pytest.mark.parametrize(("current", "wanted"), list(itertools.product(ORDER, ORDER)))
 def test_every_pair_of_stages(current: Stage, wanted: Stage) -> None:
-    legal = wanted.index == current.index + 1 or wanted.index < current.index
+    legal = wanted.position == current.position + 1 or wanted.position < current.position
     if legal:
         check_move("dcir", current, wanted)
         assert wanted in legal_moves(current)

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bascule.config import Route
-from proxy.routing import UNROUTED, RouteError, Router, split_path
+from bascule.errors import RouteError
+from proxy.routing import UNROUTED, Router, split_path
 
 ROUTES = (
     Route(path="/v1/datasets", methods=("GET",), kind="read", dataset="default"),

@@ -1,0 +1,180 @@
+"""The admin HTTP API, on its own port: the CLI's operations over HTTP, plus health and readiness.
+
+``/healthz`` and ``/readyz`` are open (load balancers and probes call them; they carry no
+record data). Everything under ``/v1`` needs ``Authorization: Bearer``: the viewer or the
+operator token to read, the operator token to change anything. A missing or unknown token is
+401, a viewer token on a change is 403, and in both cases nothing changes.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bascule.errors import Refused, StoreError, UnknownDataset, UnknownStage, UsageError
+from cutover import controller
+from cutover.controller import Announcer
+from cutover.fleet import StageView
+from cutover.stages import Stage
+from cutover.store import StageStore
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class AdminDeps:
+    store: StageStore
+    announcer: Announcer
+    view: StageView | None
+    operator_token: str | None
+    viewer_token: str | None
+
+
+DEPS = web.AppKey("admin_deps", AdminDeps)
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def _token_role(deps: AdminDeps, header: str | None) -> str | None:
+    if not header or not header.startswith("Bearer "):
+        return None
+    token = header[len("Bearer ") :].encode()
+    if deps.operator_token and hmac.compare_digest(token, deps.operator_token.encode()):
+        return "operator"
+    if deps.viewer_token and hmac.compare_digest(token, deps.viewer_token.encode()):
+        return "viewer"
+    return None
+
+
+def _requires(role: str) -> Callable[[Handler], Handler]:
+    def wrap(handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            deps = request.app[DEPS]
+            have = _token_role(deps, request.headers.get("Authorization"))
+            if have is None:
+                resp = json_error(401, "unauthorized", "a valid Bearer token is required")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="bascule-admin"'
+                return resp
+            if role == "operator" and have != "operator":
+                return json_error(403, "forbidden", "this change needs the operator token")
+            return await handler(request)
+
+        return guarded
+
+    return wrap
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    view = request.app[DEPS].view
+    if view is None:
+        return json_response({"ready": True})
+    detail = view.detail()
+    return json_response(detail, 200 if detail["ready"] else 503)
+
+
+@_requires("viewer")
+async def list_datasets(request: web.Request) -> web.Response:
+    rows = await request.app[DEPS].store.all()
+    return json_response({"datasets": [rows[name].as_json() for name in sorted(rows)]})
+
+
+@_requires("viewer")
+async def history(request: web.Request) -> web.Response:
+    dataset = request.query.get("dataset")
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return json_error(400, "bad_request", "limit must be a whole number")
+    rows = await request.app[DEPS].store.history(dataset, max(1, min(limit, 1000)))
+    return json_response({"history": [r.as_json() for r in rows]})
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        raise UsageError("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise UsageError("the body must be a JSON object")
+    return body
+
+
+def _text(body: dict[str, Any], key: str, default: str | None = None) -> str | None:
+    value = body.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{key!r} must be a string")
+    return value
+
+
+@_requires("operator")
+async def change_stage(request: web.Request) -> web.Response:
+    return await _change(request, rollback=False)
+
+
+@_requires("operator")
+async def rollback(request: web.Request) -> web.Response:
+    return await _change(request, rollback=True)
+
+
+async def _change(request: web.Request, *, rollback: bool) -> web.Response:
+    deps = request.app[DEPS]
+    dataset = request.match_info["dataset"]
+    try:
+        body = await _body(request)
+        actor = _text(body, "by", "admin-api") or "admin-api"
+        reason = _text(body, "reason")
+        stage_text = _text(body, "to" if rollback else "stage")
+        if rollback:
+            to = Stage.parse(stage_text) if stage_text else None
+            result = await controller.rollback(
+                deps.store, deps.announcer, dataset, to=to, actor=actor, reason=reason
+            )
+        else:
+            if not stage_text:
+                raise UsageError("'stage' is required")
+            result = await controller.move(
+                deps.store,
+                deps.announcer,
+                dataset,
+                Stage.parse(stage_text),
+                actor=actor,
+                reason=reason,
+            )
+    except UnknownDataset as exc:
+        return json_error(404, "unknown_dataset", str(exc))
+    except UnknownStage as exc:
+        return json_error(400, "unknown_stage", str(exc))
+    except Refused as exc:
+        return json_error(409, "refused", str(exc))
+    except UsageError as exc:
+        return json_error(400, "bad_request", str(exc))
+    except StoreError as exc:
+        return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
+    return json_response(result.as_json())
+
+
+def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> web.Application:
+    app = web.Application(client_max_size=client_max_size)
+    app[DEPS] = deps
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/datasets", list_datasets)
+    app.router.add_get("/v1/history", history)
+    app.router.add_post("/v1/datasets/{dataset}/stage", change_stage)
+    app.router.add_post("/v1/datasets/{dataset}/rollback", rollback)
+    return app

@@ -1,0 +1,333 @@
+"""SRE commands: migrate, status, stage, rollback, history.
+
+Each works either directly on the state stores named by the configuration, or through a
+proxy's admin API (``--admin URL``, token from ``BASCULE_ADMIN_TOKEN``/``BASCULE_VIEWER_TOKEN``);
+both paths run the same checks and write the same audit. Human output is a table; ``--json``
+is stable for scripts. Exit codes: 0 done, 1 error, 2 bad usage, 3 refused (nothing changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from rich.console import Console
+from rich.table import Table
+
+from bascule import schema
+from bascule.config import Config, load_config
+from bascule.errors import Refused, StoreError, UsageError
+from bascule.stores import provide_stores
+from cutover import controller
+from cutover.fleet import RedisAnnouncer
+from cutover.stages import Stage
+from cutover.store import StageStore, open_pool, reaching_postgres, schema_check
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("BASCULE_CONFIG"),
+        help="TOML configuration (default: $BASCULE_CONFIG)",
+    )
+    common.add_argument(
+        "--admin",
+        default=os.environ.get("BASCULE_ADMIN_URL"),
+        help="go through this proxy admin API instead of the stores (default: $BASCULE_ADMIN_URL)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="create or upgrade bascule's state schema and register datasets",
+    )
+    p.set_defaults(func=lambda a: _run(_migrate(a)))
+
+    p = sub.add_parser("status", parents=[common], help="each dataset's stage")
+    p.add_argument("dataset", nargs="?")
+    p.set_defaults(func=lambda a: _run(_status(a)))
+
+    p = sub.add_parser("stage", parents=[common], help="move a dataset to a stage")
+    p.add_argument("dataset")
+    p.add_argument("stage")
+    p.add_argument("--reason", help="why (required; goes into the audit trail)")
+    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
+    p.set_defaults(func=lambda a: _run(_stage(a)))
+
+    p = sub.add_parser("rollback", parents=[common], help="move a dataset back")
+    p.add_argument("dataset")
+    p.add_argument("--to", help="stage to go back to (default: the previous one)")
+    p.add_argument("--reason", help="why (required; goes into the audit trail)")
+    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
+    p.set_defaults(func=lambda a: _run(_rollback(a)))
+
+    p = sub.add_parser("history", parents=[common], help="the audit trail of stage changes")
+    p.add_argument("dataset", nargs="?")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=lambda a: _run(_history(a)))
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _run(coro: Any) -> int:
+    result: int = asyncio.run(coro)
+    return result
+
+
+class Client(Protocol):
+    async def datasets(self) -> list[dict[str, Any]]: ...
+    async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]: ...
+    async def stage(
+        self, dataset: str, stage: str, by: str, reason: str | None
+    ) -> dict[str, Any]: ...
+    async def rollback(
+        self, dataset: str, to: str | None, by: str, reason: str | None
+    ) -> dict[str, Any]: ...
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.config is None:
+        raise UsageError("no configuration: pass --config FILE or set BASCULE_CONFIG")
+    return load_config(args.config)
+
+
+class DirectClient:
+    """Works on the stores themselves."""
+
+    def __init__(self, store: StageStore, announcer: RedisAnnouncer) -> None:
+        self.store = store
+        self.announcer = announcer
+
+    async def datasets(self) -> list[dict[str, Any]]:
+        rows = await self.store.all()
+        return [rows[n].as_json() for n in sorted(rows)]
+
+    async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
+        return [r.as_json() for r in await self.store.history(dataset, limit)]
+
+    async def stage(self, dataset: str, stage: str, by: str, reason: str | None) -> dict[str, Any]:
+        result = await controller.move(
+            self.store, self.announcer, dataset, Stage.parse(stage), actor=by, reason=reason
+        )
+        return result.as_json()
+
+    async def rollback(
+        self, dataset: str, to: str | None, by: str, reason: str | None
+    ) -> dict[str, Any]:
+        result = await controller.rollback(
+            self.store,
+            self.announcer,
+            dataset,
+            to=Stage.parse(to) if to else None,
+            actor=by,
+            reason=reason,
+        )
+        return result.as_json()
+
+
+class AdminClient:
+    """Works through a proxy's admin API."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.base = base.rstrip("/")
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            async with self.session.request(
+                method,
+                self.base + path,
+                data=orjson.dumps(body) if body is not None else None,
+                headers={"Content-Type": "application/json"},
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except aiohttp.ClientError as exc:
+            raise StoreError(f"the admin API at {self.base} did not answer ({exc})") from exc
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise StoreError(f"the admin API answered {status} with a non-JSON body") from None
+        if status < 400:
+            return payload
+        message = payload.get("error", {}).get("message", raw.decode(errors="replace"))
+        if status in (404, 409):
+            raise Refused(message)
+        if status in (400, 401, 403):
+            raise UsageError(f"admin API: {message}")
+        raise StoreError(f"admin API: {message}")
+
+    async def datasets(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._call("GET", "/v1/datasets"))["datasets"]
+        return result
+
+    async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
+        query = f"?limit={limit}" + (f"&dataset={dataset}" if dataset else "")
+        result: list[dict[str, Any]] = (await self._call("GET", "/v1/history" + query))["history"]
+        return result
+
+    async def stage(self, dataset: str, stage: str, by: str, reason: str | None) -> dict[str, Any]:
+        body = {"stage": stage, "by": by, "reason": reason}
+        result: dict[str, Any] = await self._call("POST", f"/v1/datasets/{dataset}/stage", body)
+        return result
+
+    async def rollback(
+        self, dataset: str, to: str | None, by: str, reason: str | None
+    ) -> dict[str, Any]:
+        body = {"to": to, "by": by, "reason": reason}
+        result: dict[str, Any] = await self._call("POST", f"/v1/datasets/{dataset}/rollback", body)
+        return result
+
+
+@asynccontextmanager
+async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator[Client]:
+    if args.admin:
+        env_name = "BASCULE_ADMIN_TOKEN" if change else "BASCULE_VIEWER_TOKEN"
+        token = os.environ.get(env_name) or os.environ.get("BASCULE_ADMIN_TOKEN")
+        if not token:
+            raise UsageError(f"--admin needs a token: set {env_name}")
+        headers = {"Authorization": f"Bearer {token}"}
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+            yield AdminClient(session, args.admin)
+        return
+    config = _config(args)
+    with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
+        pool = await open_pool(found.postgres_url, max_size=2)
+        redis = aioredis.Redis.from_url(found.redis_url, socket_connect_timeout=1.0)
+        try:
+            await schema_check(pool)
+            yield DirectClient(StageStore(pool), RedisAnnouncer(redis, config.state.redis_prefix))
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
+        pool = await open_pool(found.postgres_url, max_size=1)
+        try:
+            async with reaching_postgres(), pool.acquire() as conn:
+                applied = await schema.migrate(conn)
+            added = await StageStore(pool).register(config.datasets, actor=_os_user())
+        finally:
+            await pool.close()
+    names = [f"{m.version:04d}_{m.name}" for m in applied]
+    out = {
+        "applied": names,
+        "registered": added,
+        "schema_version": schema.LATEST,
+    }
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"schema at version {schema.LATEST}; applied: {', '.join(names) or 'none'}")
+        print(f"datasets registered at 'source': {', '.join(added) or 'none new'}")
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with client_for(args, change=False) as client:
+        rows = await client.datasets()
+    if args.dataset:
+        rows = [r for r in rows if r["dataset"] == args.dataset]
+        if not rows:
+            raise Refused(f"unknown dataset {args.dataset!r}")
+    if args.json:
+        _print_json({"datasets": rows})
+        return 0
+    table = Table(title="datasets")
+    for col in ("dataset", "stage", "version", "since", "by", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["dataset"],
+            r["stage"],
+            str(r["version"]),
+            _when(r["updated_at"]),
+            r["updated_by"],
+            r["reason"],
+        )
+    Console().print(table)
+    return 0
+
+
+async def _stage(args: argparse.Namespace) -> int:
+    async with client_for(args, change=True) as client:
+        result = await client.stage(args.dataset, args.stage, args.by, args.reason)
+    return _report_move(args, result)
+
+
+async def _rollback(args: argparse.Namespace) -> int:
+    async with client_for(args, change=True) as client:
+        result = await client.rollback(args.dataset, args.to, args.by, args.reason)
+    return _report_move(args, result)
+
+
+def _report_move(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    if args.json:
+        _print_json(result)
+    else:
+        note = (
+            ""
+            if result["announced"]
+            else " (Redis unreachable: replicas will pick it up by polling)"
+        )
+        print(
+            f"{result['dataset']}: {result['from']} -> {result['to']} "
+            f"(version {result['version']}){note}"
+        )
+    return 0
+
+
+async def _history(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    async with client_for(args, change=False) as client:
+        rows = await client.history(args.dataset, args.limit)
+    if args.json:
+        _print_json({"history": rows})
+        return 0
+    table = Table(title="history")
+    for col in ("when", "dataset", "action", "from", "to", "by", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            _when(r["at"]),
+            r["dataset"],
+            r["action"],
+            r["from_stage"] or "",
+            r["to_stage"] or "",
+            r["actor"],
+            r["reason"],
+        )
+    Console().print(table)
+    return 0
+
+
+def _when(iso: str) -> str:
+    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def _print_json(payload: Any) -> None:
+    sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")

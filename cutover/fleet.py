@@ -1,0 +1,197 @@
+"""How every replica learns each dataset's stage: Postgres is the truth, Redis the fast path.
+
+A change is announced on a Redis channel that every replica subscribes to; on a message a
+replica re-reads the stages from Postgres. Replicas also poll Postgres every ``poll_interval``,
+so a lost message, an emptied or restarted Redis only delays a flip by that interval. A replica
+that can reach neither store keeps its last known stages and says so; one that never loaded
+them is not ready. A configured dataset with no stage anywhere is an alarm, never ``source``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from bascule.errors import StoreError
+from bascule.tasks import spawn
+from cutover.store import StageRow, StageStore
+
+log = logging.getLogger("bascule.fleet")
+
+CHANNEL = "stages"
+
+
+def channel(prefix: str) -> str:
+    return f"{prefix}{CHANNEL}"
+
+
+class RedisAnnouncer:
+    """Publishes stage changes. A failure is logged, not raised: replicas poll Postgres too."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    async def announce(self, row: StageRow) -> bool:
+        message = orjson.dumps(
+            {"dataset": row.dataset, "stage": row.stage.value, "version": row.version}
+        )
+        try:
+            await self.client.publish(channel(self.prefix), message)
+            return True
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "could not announce %s v%d on Redis (%s); replicas will poll",
+                row.dataset,
+                row.version,
+                type(exc).__name__,
+            )
+            return False
+
+
+@dataclass
+class StoreHealth:
+    ok: bool = False
+    since: float = 0.0
+    last_error: str | None = None
+
+    def mark(self, ok: bool, error: str | None = None) -> None:
+        if ok != self.ok or self.since == 0.0:
+            self.since = time.time()
+        self.ok = ok
+        self.last_error = None if ok else error
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "since": self.since,
+            "for_seconds": round(time.time() - self.since, 3) if self.since else None,
+            "last_error": self.last_error,
+        }
+
+
+class StageView:
+    """A replica's view of the stages, kept fresh by Redis messages and Postgres polls."""
+
+    def __init__(
+        self,
+        store: StageStore,
+        redis_url: str,
+        prefix: str,
+        poll_interval: float,
+        datasets: Collection[str],
+    ) -> None:
+        self.store = store
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.poll_interval = poll_interval
+        self.datasets = frozenset(datasets)
+        self.stages: dict[str, StageRow] = {}
+        self.loaded_at: float | None = None
+        self.postgres = StoreHealth()
+        self.redis = StoreHealth()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.reload()
+        self._tasks = [
+            spawn(self._poll(), name="stage-poll"),
+            spawn(self._listen(), name="stage-listen"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def get(self, dataset: str) -> StageRow | None:
+        return self.stages.get(dataset)
+
+    @property
+    def missing(self) -> list[str]:
+        return sorted(self.datasets - self.stages.keys()) if self.loaded_at else []
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded_at is not None and not self.missing
+
+    def detail(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "stages_loaded": self.loaded_at is not None,
+            "stages_age_seconds": (
+                round(time.time() - self.loaded_at, 3) if self.loaded_at else None
+            ),
+            "serving_last_known_stages": self.loaded_at is not None and not self.postgres.ok,
+            "missing_stages": self.missing,
+            "postgres": self.postgres.as_json(),
+            "redis": self.redis.as_json(),
+            "stages": {name: row.stage.value for name, row in sorted(self.stages.items())},
+            "versions": {name: row.version for name, row in sorted(self.stages.items())},
+        }
+
+    async def reload(self) -> bool:
+        """Read every stage from Postgres; keep the last known ones if that fails."""
+        async with self._reload_lock:
+            try:
+                rows = await self.store.all()
+            except StoreError as exc:
+                if self.postgres.ok or self.postgres.since == 0.0:
+                    log.warning("%s; serving last known stages", exc)
+                self.postgres.mark(False, str(exc))
+                return False
+            self.postgres.mark(True)
+            for name, row in rows.items():
+                current = self.stages.get(name)
+                # Never step back to an older version read by a slower concurrent reload.
+                if current is None or row.version > current.version:
+                    self.stages[name] = row
+            self.loaded_at = time.time()
+            return True
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            await self.reload()
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            client = aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=1.0, socket_keepalive=True
+            )
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(channel(self.prefix))
+                    self.redis.mark(True)
+                    backoff = 0.1
+                    # Anything announced while we were not listening is in Postgres.
+                    await self.reload()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            await self.reload()
+            except (RedisError, OSError) as exc:
+                if self.redis.ok or self.redis.since == 0.0:
+                    log.warning(
+                        "Redis unreachable (%s); relying on polls every %.1fs",
+                        type(exc).__name__,
+                        self.poll_interval,
+                    )
+                self.redis.mark(False, type(exc).__name__)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)

@@ -1,0 +1,153 @@
+"""``bascule proxy``: the data plane — the researcher port and the admin port of one replica."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from bascule.config import Config, Secrets, load_config
+from bascule.errors import UsageError
+from bascule.stores import provide_stores
+from cutover.admin import AdminDeps, create_admin_app
+from cutover.fleet import RedisAnnouncer, StageView
+from cutover.store import StageStore, open_pool, schema_check
+from proxy.forward import Forwarder
+from proxy.plan import Side
+from proxy.routing import Router
+from proxy.upstream import Upstream
+
+log = logging.getLogger("bascule.proxy")
+
+FORWARDER = web.AppKey("forwarder", Forwarder)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("proxy", help="run the data plane (researcher and admin ports)")
+    parser.add_argument("--config", type=Path, required=True, help="TOML configuration")
+    parser.add_argument("--listen", help="researcher host:port (overrides [proxy] listen)")
+    parser.add_argument("--admin-listen", help="admin host:port (overrides [proxy] admin_listen)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    secrets = Secrets.from_env(os.environ)
+    listen = args.listen or config.proxy.listen
+    admin_listen = args.admin_listen or config.proxy.admin_listen
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(serve(config, secrets, listen, admin_listen))
+    return 0
+
+
+def create_proxy_app(forwarder: Forwarder) -> web.Application:
+    # aiohttp enforces the body limit while reading; the forwarder turns it into a JSON 413.
+    app = web.Application(client_max_size=forwarder.max_body_bytes)
+    app[FORWARDER] = forwarder
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    return app
+
+
+@dataclass
+class Replica:
+    """Everything one proxy replica holds open, in start order."""
+
+    config: Config
+    secrets: Secrets
+    postgres_url: str
+    redis_url: str
+
+    async def __aenter__(self) -> Replica:
+        self.pool = await open_pool(self.postgres_url)
+        await schema_check(self.pool)
+        self.redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0)
+        self.store = StageStore(self.pool)
+        self.view = StageView(
+            self.store,
+            self.redis_url,
+            self.config.state.redis_prefix,
+            self.config.state.poll_interval,
+            self.config.datasets,
+        )
+        self.upstreams = {
+            Side.SOURCE: Upstream(self.config.migration.source, self.config.source_backend),
+            Side.TARGET: Upstream(self.config.migration.target, self.config.target_backend),
+        }
+        for upstream in self.upstreams.values():
+            await upstream.open()
+        await self.view.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.view.stop()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+        await self.redis.aclose()
+        await self.pool.close()
+
+    def forwarder(self) -> Forwarder:
+        return Forwarder(
+            Router(self.config.routes, self.config.datasets),
+            self.view,
+            self.upstreams,
+            self.config.proxy.max_body_bytes,
+        )
+
+    def admin_deps(self) -> AdminDeps:
+        return AdminDeps(
+            store=self.store,
+            announcer=RedisAnnouncer(self.redis, self.config.state.redis_prefix),
+            view=self.view,
+            operator_token=self.secrets.admin_token,
+            viewer_token=self.secrets.viewer_token,
+        )
+
+
+async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str) -> None:
+    if secrets.admin_token is None:
+        log.warning("BASCULE_ADMIN_TOKEN is not set: the admin API will refuse every change")
+    with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
+        log.info("state stores: %s", found.describe())
+        async with Replica(config, secrets, found.postgres_url, found.redis_url) as replica:
+            runners = [
+                await _start(create_proxy_app(replica.forwarder()), listen, "researcher"),
+                await _start(create_admin_app(replica.admin_deps()), admin_listen, "admin"),
+            ]
+            try:
+                await _until_stopped()
+            finally:
+                for runner in runners:
+                    await runner.cleanup()
+
+
+async def _start(app: web.Application, address: str, what: str) -> web.AppRunner:
+    host, _, port = address.rpartition(":")
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, int(port), backlog=1024).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UsageError(f"cannot listen on {address} for the {what} port: {exc.strerror}") from exc
+    log.info("%s port listening on %s", what, address)
+    return runner
+
+
+async def _until_stopped() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")

@@ -1,0 +1,185 @@
+"""Shared test helpers: backends on loopback, a config file for them, a migrated state store."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+
+from bascule import schema
+from bascule.config import Config, load_config
+from bascule.stores import free_port
+from cutover.store import StageStore, open_pool
+from refapi.app import create_app
+
+RESEARCHER_TOKEN = "researcher-token-0123456789"
+SERVICE_TOKEN = "service-token-0123456789abcdef"
+OPERATOR_TOKEN = "operator-token-0123456789"
+VIEWER_TOKEN = "viewer-token-0123456789"
+DATASETS = ("default", "dcir", "pmsi", "cepidc")
+AUTH = {"Authorization": f"Bearer {RESEARCHER_TOKEN}"}
+
+
+@asynccontextmanager
+async def serve_app(app: web.Application, port: int | None = None) -> AsyncIterator[str]:
+    """Run ``app`` on a loopback port; yield its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = port or free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def refapi(name: str, database_url: str, **kwargs: bool) -> AsyncIterator[str]:
+    """A reference API instance named ``name`` over ``database_url``; yields its URL."""
+    app = create_app(name, database_url, [RESEARCHER_TOKEN, SERVICE_TOKEN], **kwargs)
+    async with serve_app(app) as url:
+        yield url
+
+
+def write_config(
+    path: Path,
+    *,
+    source_url: str,
+    target_url: str,
+    postgres_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    poll_interval: float = 0.5,
+    read_timeout: float = 5.0,
+    max_body_bytes: int = 1024 * 1024,
+    extra: str = "",
+) -> Config:
+    listen, admin = free_port(), free_port()
+    path.write_text(
+        f"""
+[proxy]
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+max_body_bytes = {max_body_bytes}
+
+[state]
+postgres_url = "{postgres_url}"
+redis_url = "{redis_url}"
+redis_prefix = "{redis_prefix}"
+poll_interval = {poll_interval}
+
+[migration]
+source = "azure"
+target = "scaleway"
+
+[backends.azure]
+url = "{source_url}"
+connect_timeout = 1.0
+read_timeout = {read_timeout}
+
+[backends.scaleway]
+url = "{target_url}"
+connect_timeout = 1.0
+read_timeout = {read_timeout}
+
+[datasets.default]
+[datasets.dcir]
+[datasets.pmsi]
+[datasets.cepidc]
+
+[[routes]]
+path = "/v1/datasets"
+methods = ["GET"]
+kind = "read"
+dataset = "default"
+
+[[routes]]
+path = "/v1/datasets/{{dataset}}/records"
+methods = ["GET"]
+kind = "read"
+
+[[routes]]
+path = "/v1/datasets/{{dataset}}/records"
+methods = ["POST"]
+kind = "write"
+create_id = "/record/id"
+replay_as = "PUT /v1/datasets/{{dataset}}/records/{{id}}"
+
+[[routes]]
+path = "/v1/datasets/{{dataset}}/records/{{id}}"
+methods = ["GET"]
+kind = "read"
+key = "id"
+
+[[routes]]
+path = "/v1/datasets/{{dataset}}/records/{{id}}"
+methods = ["PUT", "PATCH", "DELETE"]
+kind = "write"
+key = "id"
+
+[[routes]]
+path = "/v1/datasets/{{dataset}}/query"
+methods = ["POST"]
+kind = "read"
+{extra}
+"""
+    )
+    return load_config(path)
+
+
+async def migrate_state(postgres_url: str, datasets: Sequence[str] = DATASETS) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await schema.migrate(conn)
+    finally:
+        await conn.close()
+    pool = await open_pool(postgres_url, max_size=1)
+    try:
+        await StageStore(pool).register(datasets, actor="test")
+    finally:
+        await pool.close()
+
+
+@asynccontextmanager
+async def garbage_server() -> AsyncIterator[str]:
+    """A TCP server that answers anything with bytes that are not HTTP."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"\x00\x01 this is not HTTP at all \xff\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def closed_port_url() -> str:
+    """A loopback URL on which nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def dcir_record(n: int, amount: float = 25.0) -> dict[str, object]:
+    """A valid dcir record for the reference API (synthetic, pseudonymous)."""
+    return {
+        "patient_id": f"P{n:016x}",
+        "act_code": "C",
+        "act_date": "2024-03-01",
+        "amount": amount,
+        "prescriber_speciality": "01",
+        "department": "75",
+    }
