@@ -161,8 +161,10 @@ class AdminClient:
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
-        except aiohttp.ClientError as exc:
-            raise StoreError(f"the admin API at {self.base} did not answer ({exc})") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StoreError(
+                f"the admin API at {self.base} did not answer ({type(exc).__name__})"
+            ) from exc
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:

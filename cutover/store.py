@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from bascule import schema
-from bascule.errors import StaleVersion, StoreError, UnknownDataset
+from bascule.errors import BasculeError, StaleVersion, StoreError, UnknownDataset
 from cutover.stages import Stage
 
 
@@ -106,6 +106,8 @@ async def reaching_postgres() -> AsyncIterator[None]:
     """Turn the many ways a connection fails into one :class:`StoreError`."""
     try:
         yield
+    except BasculeError:
+        raise  # ours already say what is wrong (SchemaError is a ConnectionError too)
     except UNREACHABLE as exc:
         raise StoreError(f"the state Postgres is unreachable ({type(exc).__name__})") from exc
 

@@ -1,0 +1,266 @@
+"""The admin API and the SRE CLI: tokens, bad input, exit codes — and that refusals change
+nothing, checked against the stage table and the audit trail each time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from bascule.procs import bascule_argv
+from cutover.admin import AdminDeps, create_admin_app
+from cutover.fleet import RedisAnnouncer
+from cutover.store import StageStore, open_pool
+from tests.harness import OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state, serve_app, write_config
+
+OP = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+VIEW = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+
+
+class Admin:
+    def __init__(self, url: str, store: StageStore) -> None:
+        self.url = url
+        self.store = store
+
+    async def snapshot(self) -> tuple[object, object]:
+        return await self.store.all(), await self.store.history()
+
+
+@pytest.fixture
+async def admin(pg_url: str, redis_url: str, redis_prefix: str) -> AsyncIterator[Admin]:
+    await migrate_state(pg_url)
+    pool = await open_pool(pg_url)
+    redis = aioredis.Redis.from_url(redis_url)
+    store = StageStore(pool)
+    deps = AdminDeps(store, RedisAnnouncer(redis, redis_prefix), None, OPERATOR_TOKEN, VIEWER_TOKEN)
+    async with serve_app(create_admin_app(deps)) as url:
+        yield Admin(url, store)
+    await redis.aclose()
+    await pool.close()
+
+
+async def call(
+    method: str, url: str, headers: dict[str, str] | None = None, body: object = None
+) -> tuple[int, dict]:  # type: ignore[type-arg]
+    async with aiohttp.ClientSession() as session:
+        data = orjson.dumps(body) if body is not None else None
+        async with session.request(method, url, headers=headers or {}, data=data) as resp:
+            return resp.status, orjson.loads(await resp.read())
+
+
+async def test_health_is_open_and_reads_need_a_token(admin: Admin) -> None:
+    assert (await call("GET", admin.url + "/healthz"))[0] == 200
+    status, body = await call("GET", admin.url + "/v1/datasets")
+    assert (status, body["error"]["code"]) == (401, "unauthorized")
+    status, body = await call("GET", admin.url + "/v1/datasets", {"Authorization": "Bearer nope"})
+    assert status == 401
+    for headers in (VIEW, OP):
+        status, body = await call("GET", admin.url + "/v1/datasets", headers)
+        assert status == 200
+        assert [d["dataset"] for d in body["datasets"]] == ["cepidc", "dcir", "default", "pmsi"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "path", "body", "status", "needle"),
+    [
+        ({}, "/v1/datasets/dcir/stage", {"stage": "dualwrite", "reason": "r"}, 401, "Bearer"),
+        (
+            {"Authorization": "Bearer wrong-token-xxxxxxx"},
+            "/v1/datasets/dcir/stage",
+            {"stage": "dualwrite", "reason": "r"},
+            401,
+            "Bearer",
+        ),
+        (
+            VIEW,
+            "/v1/datasets/dcir/stage",
+            {"stage": "dualwrite", "reason": "r"},
+            403,
+            "operator token",
+        ),
+        (
+            OP,
+            "/v1/datasets/nope/stage",
+            {"stage": "dualwrite", "reason": "r"},
+            404,
+            "unknown dataset 'nope'",
+        ),
+        (
+            OP,
+            "/v1/datasets/dcir/stage",
+            {"stage": "golive", "reason": "r"},
+            400,
+            "unknown stage 'golive'",
+        ),
+        (
+            OP,
+            "/v1/datasets/dcir/stage",
+            {"stage": "live", "reason": "r"},
+            409,
+            "one stage at a time (skips dualwrite, shadow)",
+        ),
+        (OP, "/v1/datasets/dcir/stage", {"stage": "dualwrite"}, 400, "a reason is required"),
+        (OP, "/v1/datasets/dcir/stage", {"reason": "r"}, 400, "'stage' is required"),
+        (OP, "/v1/datasets/dcir/stage", [1, 2], 400, "JSON object"),
+        (OP, "/v1/datasets/dcir/rollback", {"reason": "r"}, 409, "already at the first stage"),
+        (OP, "/v1/datasets/dcir/stage", {"stage": 3, "reason": "r"}, 400, "must be a string"),
+    ],
+)
+async def test_bad_changes_are_refused_and_change_nothing(
+    admin: Admin, headers: dict[str, str], path: str, body: object, status: int, needle: str
+) -> None:
+    before = await admin.snapshot()
+    got, payload = await call("POST", admin.url + path, headers, body)
+    assert got == status
+    assert needle in payload["error"]["message"]
+    assert await admin.snapshot() == before
+
+
+async def test_oversized_and_malformed_bodies(admin: Admin) -> None:
+    before = await admin.snapshot()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            admin.url + "/v1/datasets/dcir/stage", headers=OP, data=b"{" * 100_000
+        ) as resp:
+            assert resp.status == 413
+        async with session.post(
+            admin.url + "/v1/datasets/dcir/stage", headers=OP, data=b"{not json"
+        ) as resp:
+            assert resp.status == 400
+            assert "not valid JSON" in (await resp.json())["error"]["message"]
+    assert await admin.snapshot() == before
+
+
+async def test_operator_moves_and_rolls_back(admin: Admin) -> None:
+    status, body = await call(
+        "POST",
+        admin.url + "/v1/datasets/dcir/stage",
+        OP,
+        {"stage": "dualwrite", "reason": "begin", "by": "alice"},
+    )
+    assert (status, body["from"], body["to"], body["version"]) == (200, "source", "dualwrite", 2)
+    status, body = await call(
+        "POST", admin.url + "/v1/datasets/dcir/rollback", OP, {"reason": "undo", "by": "bob"}
+    )
+    assert (status, body["to"]) == (200, "source")
+    status, body = await call("GET", admin.url + "/v1/history?dataset=dcir", VIEW)
+    assert [(h["action"], h["actor"]) for h in body["history"]] == [
+        ("register", "test"),
+        ("stage", "alice"),
+        ("rollback", "bob"),
+    ]
+
+
+# --- the CLI, as an SRE runs it --------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
+    config = tmp_path / "bascule.toml"
+    write_config(
+        config,
+        source_url="http://127.0.0.1:9",
+        target_url="http://127.0.0.1:9",
+        postgres_url=pg_url,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+    )
+    return {**os.environ, "BASCULE_CONFIG": str(config)}
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        bascule_argv(*args), env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_cli_migrate_status_stage_history(cli_env: dict[str, str]) -> None:
+    done = run(cli_env, "status")
+    assert done.returncode == 1 and "run `bascule migrate" in done.stderr
+    done = run(cli_env, "migrate", "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["registered"] == ["cepidc", "dcir", "default", "pmsi"]
+    done = run(cli_env, "stage", "dcir", "dualwrite", "--reason", "start", "--by", "alice")
+    assert done.returncode == 0, done.stderr
+    assert "dcir: source -> dualwrite (version 2)" in done.stdout
+    status = orjson.loads(run(cli_env, "status", "--json").stdout)
+    assert {d["dataset"]: d["stage"] for d in status["datasets"]} == {
+        "cepidc": "source",
+        "dcir": "dualwrite",
+        "default": "source",
+        "pmsi": "source",
+    }
+    table = run(cli_env, "status", "dcir").stdout
+    assert "dualwrite" in table and "alice" in table and "pmsi" not in table
+    history = orjson.loads(run(cli_env, "history", "dcir", "--json").stdout)["history"]
+    assert [(h["action"], h["to_stage"], h["actor"]) for h in history][-1] == (
+        "stage",
+        "dualwrite",
+        "alice",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("stage", "nope", "dualwrite", "--reason", "r"), 3, "unknown dataset 'nope'"),
+        (("stage", "dcir", "golive", "--reason", "r"), 3, "unknown stage 'golive'"),
+        (("stage", "dcir", "shadow", "--reason", "r"), 3, "one stage at a time (skips dualwrite)"),
+        (("stage", "dcir", "dualwrite"), 2, "a reason is required"),
+        (("rollback", "dcir", "--reason", "r"), 3, "already at the first stage"),
+        (("status", "nope"), 3, "unknown dataset 'nope'"),
+        (("history", "--limit", "0"), 2, "--limit must be at least 1"),
+    ],
+)
+def test_cli_refusals_have_their_exit_code_and_change_nothing(
+    cli_env: dict[str, str], args: tuple[str, ...], code: int, needle: str
+) -> None:
+    assert run(cli_env, "migrate").returncode == 0
+    before = run(cli_env, "history", "--json").stdout
+    done = run(cli_env, *args)
+    assert done.returncode == code, (done.stdout, done.stderr)
+    assert needle in done.stderr
+    assert run(cli_env, "history", "--json").stdout == before
+
+
+def test_cli_without_config_says_what_to_pass() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "BASCULE_CONFIG"}
+    done = run(env, "status")
+    assert done.returncode == 2 and "pass --config FILE or set BASCULE_CONFIG" in done.stderr
+
+
+async def arun(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``run`` without blocking the loop that serves the admin API in this test."""
+    proc = await asyncio.create_subprocess_exec(
+        *bascule_argv(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+async def test_cli_through_the_admin_api(admin: Admin) -> None:
+    env = {**os.environ, "BASCULE_ADMIN_URL": admin.url, "BASCULE_ADMIN_TOKEN": OPERATOR_TOKEN}
+    done = await arun(env, "stage", "dcir", "dualwrite", "--reason", "via api", "--by", "carol")
+    assert done.returncode == 0, done.stderr
+    assert (await admin.store.get("dcir")).updated_by == "carol"
+    done = await arun(env, "stage", "dcir", "live", "--reason", "skip")
+    assert done.returncode == 3 and "one stage at a time" in done.stderr
+    done = await arun(
+        {**env, "BASCULE_ADMIN_TOKEN": "bad-token-0123456789"},
+        "stage",
+        "pmsi",
+        "dualwrite",
+        "--reason",
+        "r",
+    )
+    assert done.returncode == 2 and "valid Bearer token" in done.stderr
+    status = orjson.loads((await arun(env, "status", "--json")).stdout)
+    assert {d["dataset"]: d["stage"] for d in status["datasets"]}["dcir"] == "dualwrite"
