@@ -93,10 +93,12 @@ class SchemaError(StoreError):
 
 
 class UpstreamError(BasculeError):
-    """A backend did not answer properly."""
+    """A backend did not answer properly. ``sent``: the request may have reached it (a write
+    that failed after being sent may have been applied: it is in doubt, not failed)."""
 
-    def __init__(self, backend: str, message: str) -> None:
+    def __init__(self, backend: str, message: str, *, sent: bool = True) -> None:
         self.backend = backend
+        self.sent = sent
         super().__init__(f"backend {backend}: {message}")
 
 

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 
 from bascule.config import Config, Secrets, load_config
 from bascule.errors import UsageError
@@ -26,8 +30,6 @@ from proxy.routing import Router
 from proxy.upstream import Upstream
 
 log = logging.getLogger("bascule.proxy")
-
-FORWARDER = web.AppKey("forwarder", Forwarder)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,12 +53,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def create_proxy_app(forwarder: Forwarder) -> web.Application:
-    # aiohttp enforces the body limit while reading; the forwarder turns it into a JSON 413.
-    app = web.Application(client_max_size=forwarder.max_body_bytes)
-    app[FORWARDER] = forwarder
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
-    return app
+def create_proxy_server(forwarder: Forwarder) -> web.Server:
+    """aiohttp's low-level server: every request goes to the forwarder, which routes it itself
+    (an Application's router and middleware chain would only add cost on the hot path)."""
+    loop = asyncio.get_running_loop()
+
+    def make_request(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        # aiohttp enforces the body limit while reading; the forwarder answers a JSON 413.
+        return web.BaseRequest(
+            message,
+            payload,
+            protocol,
+            writer,
+            task,
+            loop,
+            client_max_size=forwarder.max_body_bytes,
+        )
+
+    return web.Server(forwarder.handle, request_factory=make_request, access_log=None)
 
 
 @dataclass
@@ -121,7 +141,7 @@ async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str
         log.info("state stores: %s", found.describe())
         async with Replica(config, secrets, found.postgres_url, found.redis_url) as replica:
             runners = [
-                await _start(create_proxy_app(replica.forwarder()), listen, "researcher"),
+                await _start(create_proxy_server(replica.forwarder()), listen, "researcher"),
                 await _start(create_admin_app(replica.admin_deps()), admin_listen, "admin"),
             ]
             try:
@@ -131,9 +151,13 @@ async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str
                     await runner.cleanup()
 
 
-async def _start(app: web.Application, address: str, what: str) -> web.AppRunner:
+async def _start(app: web.Application | web.Server, address: str, what: str) -> web.BaseRunner:
     host, _, port = address.rpartition(":")
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner: web.BaseRunner = (
+        web.ServerRunner(app, handle_signals=False)
+        if isinstance(app, web.Server)
+        else web.AppRunner(app, access_log=None, handle_signals=False)
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, int(port), backlog=1024).start()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
 from cutover.fleet import StageView
@@ -52,7 +52,7 @@ class Forwarder:
     upstreams: Mapping[Side, Upstream]
     max_body_bytes: int
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path = request.raw_path.split("?", 1)[0]
         try:
             match = self.router.match(request.method, raw_path)
@@ -85,13 +85,13 @@ class Forwarder:
         return await self.forward(request, match, self.upstreams[side], body)
 
     async def forward(
-        self, request: web.Request, match: Match, upstream: Upstream, body: bytes
+        self, request: web.BaseRequest, match: Match, upstream: Upstream, body: bytes
     ) -> web.StreamResponse:
         headers = request_headers(request)
         stream: web.StreamResponse | None = None
         try:
             async with upstream.request(request.method, request.raw_path, headers, body) as resp:
-                out_headers = response_headers(resp.headers)
+                out_headers = response_headers(resp.raw_headers)
                 length = resp.content_length
                 if length is not None and length <= STREAM_ABOVE:
                     data = await resp.read()
@@ -100,7 +100,7 @@ class Forwarder:
                 if length is not None:
                     stream.content_length = length
                 await stream.prepare(request)
-                async for chunk in resp.content.iter_chunked(STREAM_ABOVE):
+                async for chunk in resp.iter_chunks():
                     await stream.write(chunk)
                 await stream.write_eof()
                 return stream
@@ -121,27 +121,38 @@ class Forwarder:
             return error(status, code, str(exc), match.dataset)
 
 
-def request_headers(request: web.Request) -> CIMultiDict[str]:
-    drop = _REQUEST_DROP | _connection_tokens(request.headers)
-    headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k.lower() not in drop
-    )
+def request_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
+    """End-to-end headers of the researcher's request, plus ``X-Forwarded-*``."""
+    incoming = request.headers
+    drop = _dropped(incoming.get("Connection"), _REQUEST_DROP)
+    prior = None
+    headers = []
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == "x-forwarded-for":
+            prior = value
+            continue
+        headers.append((name, value))
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
+    headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
+    headers.append(("X-Forwarded-Proto", request.scheme))
+    headers.append(("X-Forwarded-Host", request.host))
     return headers
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP | _connection_tokens(upstream)
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+def response_headers(raw: list[tuple[str, str]]) -> CIMultiDict[str]:
+    connection = next((v for k, v in raw if k.lower() == "connection"), None)
+    drop = _dropped(connection, _RESPONSE_DROP)
+    return CIMultiDict([(k, v) for k, v in raw if k.lower() not in drop])
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
-    value = headers.get("Connection", "")
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+def _dropped(connection: str | None, always: frozenset[str]) -> frozenset[str]:
+    """Hop-by-hop names, with those the ``Connection`` header lists."""
+    if not connection:
+        return always
+    return always | {t.strip().lower() for t in connection.split(",") if t.strip()}
 
 
 def error(status: int, code: str, message: str, dataset: str | None) -> web.Response:

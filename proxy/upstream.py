@@ -1,91 +1,78 @@
-"""One backend behind one small interface: pooled keep-alive connections, timeouts, clear errors.
+"""One backend behind one small interface: ``request()`` yields an answer to stream or read.
 
-Bodies pass through byte for byte: responses are not decompressed (``auto_decompress=False``),
-cookies are not kept, and the caller's headers are sent as given.
+Bodies pass through byte for byte in both directions: the raw path and query are sent as
+received, nothing is decompressed, no cookie is kept, no redirect followed.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
+import ssl
+from urllib.parse import urlsplit
 
 from bascule.config import Backend
-from bascule.errors import UpstreamTimeout, UpstreamUnreachable
-
-
-def _payload(body: bytes) -> bytes | io.BytesIO | None:
-    # aiohttp warns about (and would block the loop on) large raw bytes payloads.
-    if not body:
-        return None
-    return io.BytesIO(body) if len(body) > 512 * 1024 else body
+from proxy.http1 import Headers, Pool, Response, _Connection
 
 
 class Upstream:
     def __init__(self, name: str, backend: Backend) -> None:
         self.name = name
         self.backend = backend
-        self.base = backend.url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        url = urlsplit(backend.url)
+        self.tls = url.scheme == "https"
+        self.host = url.hostname or "127.0.0.1"
+        self.port = url.port or (443 if self.tls else 80)
+        self.prefix = url.path.rstrip("/")
+        self._pool: Pool | None = None
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.backend.pool_size,
-            limit_per_host=self.backend.pool_size,
-            keepalive_timeout=30,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.backend.connect_timeout,
-                sock_read=self.backend.read_timeout,
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        self._pool = Pool(
+            self.name,
+            self.host,
+            self.port,
+            size=self.backend.pool_size,
+            connect_timeout=self.backend.connect_timeout,
+            read_timeout=self.backend.read_timeout,
+            tls=ssl.create_default_context() if self.tls else None,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
-    @asynccontextmanager
-    async def request(
-        self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send a request; yield the response with its body still unread (for streaming).
+    def request(self, method: str, path_qs: str, headers: Headers, body: bytes) -> Exchange:
+        """Send a request; ``async with`` yields the answer with its body unread (read or
+        stream it inside the block).
 
-        Raises :class:`UpstreamTimeout` (no connection or no answer in time) or
-        :class:`UpstreamUnreachable` (refused, reset, or garbage instead of HTTP).
+        Raises :class:`~bascule.errors.UpstreamTimeout` or ``UpstreamUnreachable`` (refused,
+        reset, or garbage instead of HTTP), also while the body is being read.
         """
-        assert self._session is not None, "Upstream.open() was not called"
-        try:
-            async with self._session.request(
-                method,
-                # encoded=True: the raw path and query go out byte for byte, not re-normalised.
-                URL(self.base + path_qs, encoded=True),
-                headers=headers,
-                data=_payload(body),
-                allow_redirects=False,
-                compress=False,
-            ) as resp:
-                yield resp
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(self.name, "did not answer in time") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(
-                self.name, f"cannot connect ({exc.os_error.strerror})"
-            ) from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise UpstreamUnreachable(self.name, "the connection broke before an answer") from exc
-        except aiohttp.ClientResponseError as exc:
-            raise UpstreamUnreachable(
-                self.name, f"answered something that is not HTTP ({exc.message})"
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamUnreachable(self.name, "the answer's body broke off") from exc
+        assert self._pool is not None, "Upstream.open() was not called"
+        return Exchange(self._pool, method, self.prefix + path_qs, headers, body)
+
+
+class Exchange:
+    """One request and its answer; the connection goes back to the pool on exit."""
+
+    __slots__ = ("_args", "_conn", "_pool")
+
+    def __init__(self, pool: Pool, method: str, target: str, headers: Headers, body: bytes) -> None:
+        self._pool = pool
+        self._args = (method, target, headers, body)
+        self._conn: _Connection | None = None
+
+    async def __aenter__(self) -> Response:
+        self._conn, resp = await self._pool.send(*self._args)
+        return resp
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        assert self._conn is not None
+        if exc is not None:
+            self._conn.close()
+        self._pool.release(self._conn)
+        if isinstance(exc, Exception):
+            translated = self._pool.error(exc)
+            if translated is not exc:
+                raise translated from None

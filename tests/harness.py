@@ -26,9 +26,15 @@ AUTH = {"Authorization": f"Bearer {RESEARCHER_TOKEN}"}
 
 
 @asynccontextmanager
-async def serve_app(app: web.Application, port: int | None = None) -> AsyncIterator[str]:
-    """Run ``app`` on a loopback port; yield its base URL."""
-    runner = web.AppRunner(app, access_log=None)
+async def serve_app(
+    app: web.Application | web.Server, port: int | None = None
+) -> AsyncIterator[str]:
+    """Run ``app`` (or a low-level server) on a loopback port; yield its base URL."""
+    runner: web.BaseRunner = (
+        web.ServerRunner(app)
+        if isinstance(app, web.Server)
+        else web.AppRunner(app, access_log=None)
+    )
     await runner.setup()
     port = port or free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)

@@ -18,7 +18,7 @@ from yarl import URL
 from bascule.config import Secrets
 from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
-from proxy.app import Replica, create_proxy_app
+from proxy.app import Replica, create_proxy_server
 from tests.harness import (
     AUTH,
     closed_port_url,
@@ -115,7 +115,7 @@ async def _setup(
     replica = await stack.enter_async_context(
         Replica(config, Secrets.from_env(os.environ), pg_url, redis_url)
     )
-    url = await stack.enter_async_context(serve_app(create_proxy_app(replica.forwarder())))
+    url = await stack.enter_async_context(serve_app(create_proxy_server(replica.forwarder())))
     return Setup(replica, url, pg_url)
 
 

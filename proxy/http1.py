@@ -1,0 +1,364 @@
+"""A lean HTTP/1.1 client for the hot path: pooled keep-alive connections parsed by httptools.
+
+Every researcher request crosses one of these, so its cost is the proxy's cost: measured by
+``bench/proxy_overhead.py``, aiohttp's general-purpose client spent about as much CPU per
+request as the whole aiohttp server side. This client does only what a reverse proxy needs —
+send bytes as given, parse the answer (llhttp, via httptools), stream large bodies with flow
+control — and nothing else (no redirects, cookies, decompression, proxies, retries of writes).
+
+Errors are :class:`UpstreamTimeout` or :class:`UpstreamUnreachable`; each says whether the
+request may have reached the backend (``sent``), which the write path needs to know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+import typing
+from collections.abc import AsyncIterator, Sequence
+
+import httptools
+from multidict import CIMultiDict
+
+from bascule.errors import UpstreamTimeout, UpstreamUnreachable
+
+_HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading from the backend
+_LOW_WATER = 64 * 1024
+_IDLE_SECONDS = 30.0
+Headers = Sequence[
+    tuple[str, str]
+]  # idle keep-alive connections older than this are closed, not reused
+
+
+class _Failure(Exception):
+    """Internal: how a connection failed; turned into an Upstream* error by the pool."""
+
+    def __init__(self, kind: str, message: str, *, sent: bool, got_bytes: bool) -> None:
+        self.kind, self.sent, self.got_bytes = kind, sent, got_bytes
+        super().__init__(message)
+
+
+class Response:
+    """An answer whose body may still be arriving. Read it with :meth:`read` or
+    :meth:`iter_chunks`, then :meth:`release` (the pool's context manager does it)."""
+
+    __slots__ = ("_conn", "_headers", "content_length", "raw_headers", "status")
+
+    def __init__(self, conn: _Connection, status: int, raw_headers: list[tuple[str, str]]) -> None:
+        self._conn = conn
+        self.status = status
+        self.raw_headers = raw_headers
+        """The headers as received, in order (names as the backend spelled them)."""
+        self._headers: CIMultiDict[str] | None = None
+        self.content_length = conn.content_length
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        if self._headers is None:
+            self._headers = CIMultiDict(self.raw_headers)
+        return self._headers
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.iter_chunks()])
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        while True:
+            while conn.body:
+                chunk = conn.body.popleft()
+                conn.buffered -= len(chunk)
+                if conn.paused and conn.buffered < _LOW_WATER:
+                    conn.resume()
+                yield chunk
+            if conn.complete:
+                return
+            if conn.failure is not None:
+                raise conn.failure
+            await conn.wait()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.last_used = time.monotonic()
+        self.reused = False
+        self._reset(head=False)
+
+    def _reset(self, *, head: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.head = head
+        self.raw_headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.status = 0
+        self.headers_done: asyncio.Future[None] | None = None
+        self.body: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.paused = False
+        self.complete = False
+        self.failure: _Failure | None = None
+        self.got_bytes = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.read_timeout = 0.0
+        self.last_activity = 0.0
+        self.keep_alive = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        self.last_activity = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail("garbage", f"answered something that is not HTTP ({exc})")
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        self.closed = True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.complete:
+            if self.headers_done is None or not self.headers_done.done():
+                self._fail("broken", "the connection broke before an answer")
+            else:
+                self._fail("broken", "the answer's body broke off")
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        text = value.decode("latin-1")
+        if len(name) == 14 and name.lower() == b"content-length" and text.isdigit():
+            self.content_length = int(text)
+        self.raw_headers.append((name.decode("latin-1"), text))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.raw_headers = []  # informational: the real answer follows
+            self.content_length = None
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.headers_done is not None and not self.headers_done.done():
+            self.headers_done.set_result(None)
+        if self.head:
+            # No body follows an answer to HEAD whatever its Content-Length says; httptools
+            # cannot be told so, hence this connection is not reused.
+            self.keep_alive = False
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status == 0:
+            return  # the end of an informational answer
+        if self.complete:
+            return
+        self.complete = True
+        self._cancel_timer()
+        self._wake()
+
+    # -- the request ------------------------------------------------------------------------
+
+    async def request(self, head: bytes, body: bytes, *, is_head: bool, timeout: float) -> Response:
+        self._reset(head=is_head)
+        assert self.transport is not None
+        self.headers_done = self.loop.create_future()
+        self.read_timeout = timeout
+        self._arm_timer()
+        self.transport.write(head + body if body and len(body) < 65536 else head)
+        if body and len(body) >= 65536:
+            self.transport.write(body)
+        await self.headers_done
+        return Response(self, self.status, self.raw_headers)
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    async def wait(self) -> None:
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and self.failure is None
+
+    def close(self) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _fail(self, kind: str, message: str) -> None:
+        if self.failure is not None or self.complete:
+            return
+        self.failure = _Failure(kind, message, sent=True, got_bytes=self.got_bytes)
+        self._cancel_timer()
+        if self.headers_done is not None and not self.headers_done.done():
+            self.headers_done.set_exception(self.failure)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.failure)
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        self.last_activity = self.loop.time()
+        self.timer = self.loop.call_later(self.read_timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self) -> None:
+        # The timeout counts from the last bytes received (like a socket read timeout); rather
+        # than rescheduling the timer on every packet, it looks again when it fires.
+        quiet = self.loop.time() - self.last_activity
+        if quiet < self.read_timeout:
+            self.timer = self.loop.call_later(self.read_timeout - quiet, self._timed_out)
+            return
+        self.timer = None
+        self._fail("timeout", "did not answer in time")
+        self.close()
+
+
+class Pool:
+    """Keep-alive connections to one ``host:port``, at most ``size`` at once."""
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        *,
+        size: int,
+        connect_timeout: float,
+        read_timeout: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.name = name
+        self.host, self.port = host, port
+        self.tls = tls
+        default_port = 443 if tls else 80
+        self.host_header = host if port == default_port else f"{host}:{port}"
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(size)
+
+    async def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls else None,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                self.name, "did not accept a connection in time", sent=False
+            ) from None
+        except OSError as exc:
+            raise UpstreamUnreachable(
+                self.name, f"cannot connect ({exc.strerror or type(exc).__name__})", sent=False
+            ) from None
+        return conn
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.last_used < _IDLE_SECONDS:
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
+    def serialize(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
+        parts = [f"{method} {target} HTTP/1.1\r\nHost: ", self.host_header, "\r\n"]
+        for name, value in headers:
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                raise ValueError(f"header {name!r}: a line break cannot be sent")
+            parts += (name, ": ", value, "\r\n")
+        if body or method in ("POST", "PUT", "PATCH"):
+            parts += ("Content-Length: ", str(len(body)), "\r\n")
+        parts.append("\r\n")
+        return "".join(parts).encode("latin-1")
+
+    async def send(
+        self, method: str, target: str, headers: Headers, body: bytes
+    ) -> tuple[_Connection, Response]:
+        """Send a request; the caller must :meth:`release` the connection it returns."""
+        head = self.serialize(method, target, headers, body)
+        await self._slots.acquire()
+        try:
+            conn = self._take_idle() or await self._connect()
+            try:
+                return conn, await self._attempt(conn, method, head, body)
+            except _Failure as failure:
+                conn.close()
+                # A kept-alive connection the backend had just closed: nothing was read, so
+                # nothing was processed. Safe methods are tried once more on a fresh one.
+                if conn.reused and not failure.got_bytes and method in ("GET", "HEAD", "OPTIONS"):
+                    conn = await self._connect()
+                    try:
+                        return conn, await self._attempt(conn, method, head, body)
+                    except _Failure as again:
+                        conn.close()
+                        raise self._error(again) from None
+                raise self._error(failure) from None
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _attempt(self, conn: _Connection, method: str, head: bytes, body: bytes) -> Response:
+        return await conn.request(head, body, is_head=method == "HEAD", timeout=self.read_timeout)
+
+    def release(self, conn: _Connection) -> None:
+        """Return a connection after its answer was read whole, or close it."""
+        self._slots.release()
+        if conn.reusable():
+            conn.last_used = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def error(self, failure: Exception) -> Exception:
+        return self._error(failure) if isinstance(failure, _Failure) else failure
+
+    def _error(self, failure: _Failure) -> UpstreamTimeout | UpstreamUnreachable:
+        if failure.kind == "timeout":
+            return UpstreamTimeout(self.name, str(failure), sent=failure.sent)
+        return UpstreamUnreachable(self.name, str(failure), sent=failure.sent)

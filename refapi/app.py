@@ -1,0 +1,59 @@
+"""The reference API as an aiohttp application: routes, middlewares, and its database pool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+from aiohttp import web
+
+from refapi.auth import TokenSet
+from refapi.auth import middleware as auth_middleware
+from refapi.handlers import add_routes
+from refapi.middleware import envelope
+from refapi.schema import ensure_schema
+from refapi.state import POOL, SETTINGS, Settings
+
+# A record or a query is a few hundred bytes; anything near this is a mistake or an attack.
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(
+    name: str,
+    database_url: str,
+    tokens: Sequence[str],
+    *,
+    honour_idempotency: bool = True,
+    pool_size: int = 10,
+) -> web.Application:
+    """An app serving the datasets of ``database_url``; ``ValueError`` if no token is given.
+
+    The pool opens, and the tables are created if absent, when the app starts (not here).
+    """
+    settings = Settings(
+        name=name,
+        database_url=database_url,
+        tokens=TokenSet(tokens),
+        honour_idempotency=honour_idempotency,
+        pool_size=pool_size,
+    )
+    app = web.Application(
+        middlewares=[envelope(name, MAX_BODY_BYTES), auth_middleware(settings.tokens)],
+        client_max_size=MAX_BODY_BYTES,
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_database)
+    add_routes(app)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=settings.pool_size)
+    try:
+        async with pool.acquire() as conn:
+            await ensure_schema(conn)
+        app[POOL] = pool
+        yield
+    finally:
+        await pool.close()
