@@ -267,7 +267,7 @@ def report(rows: list[Row], with_nginx: bool) -> None:
     )
     head = (
         f"{'target':<9}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
-        f"{'(kernel)':>9}{'req/s ×':>9}{'+p50 ms':>9}{'p99 ×':>7}"
+        f"{'(kernel)':>9}{'req/s x':>9}{'+p50 ms':>9}{'p99 x':>7}"
     )
     print(head)
     print("-" * len(head))

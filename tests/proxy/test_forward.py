@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -202,14 +203,16 @@ async def test_reads_and_writes_follow_the_stage(echo: Setup) -> None:
             assert await served_by("GET", "/v1/datasets/pmsi/records/7") == "azure"
 
 
-async def _error(session: aiohttp.ClientSession, method: str, url: str, **kw: object) -> dict:  # type: ignore[type-arg]
-    async with session.request(method, url, **kw) as resp:  # type: ignore[arg-type]
+async def _error(
+    session: aiohttp.ClientSession, method: str, url: str | URL, **kw: Any
+) -> dict[str, Any]:
+    async with session.request(method, url, **kw) as resp:
         assert resp.headers["Content-Type"].startswith("application/json")
         payload = orjson.loads(await resp.read())
         error = payload["error"]
         assert resp.headers["X-Bascule-Error"] == error["code"]
         error["status"] = resp.status
-        return error  # type: ignore[no-any-return]
+        return dict(error)
 
 
 async def test_bad_requests_get_clear_json_errors(echo: Setup) -> None:

@@ -39,7 +39,7 @@ router = Router(ROUTES, DATASETS)
 
 names = st.sampled_from(DATASETS)
 keys = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\\"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="/\\"),
     min_size=1,
     max_size=20,
 ).filter(lambda k: k not in (".", "..") and all(ord(c) >= 32 and c != "\x7f" for c in k))
