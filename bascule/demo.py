@@ -1,7 +1,8 @@
 """``bascule demo``: the cutover story on one machine, on embedded stores when none are configured.
 
-First version: two reference-API instances (the "source" and "target" clouds) over two databases
-seeded identically, queried side by side. Later stages of the project extend it with the proxy.
+Two reference-API instances (the "source" and "target" clouds) over two databases seeded
+identically, queried side by side; then a bascule proxy in front of them, and a dataset moved
+through the stages with the SRE commands while researchers keep calling the same endpoint.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import secrets
 import signal
 import tempfile
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must not be negative")
     config = load_config(args.config)
-    return asyncio.run(Demo(config, args.rows, args.seed, args.duration, Console()).main())
+    demo = Demo(config, args.config, args.rows, args.seed, args.duration, Console(soft_wrap=True))
+    return asyncio.run(demo.main())
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,13 @@ class Instance:
 
 class Demo:
     def __init__(
-        self, config: Config, rows: int, seed: int, duration: float | None, console: Console
+        self,
+        config: Config,
+        config_path: Path,
+        rows: int,
+        seed: int,
+        duration: float | None,
+        console: Console,
     ) -> None:
         self.config = config
         self.rows = rows
@@ -75,6 +84,9 @@ class Demo:
         self.service_token = "svc-" + secrets.token_urlsafe(24)
         self.workdir = Path(tempfile.mkdtemp(prefix="bascule-demo-"))
         self.processes: list[ServerProcess] = []
+        self.admin_token = "ops-" + secrets.token_urlsafe(16)
+        self.proxy_env: dict[str, str] = {}
+        self.config_path = config_path
 
     async def main(self) -> int:
         say = self.console.print
@@ -114,19 +126,98 @@ class Demo:
         )
         for inst in instances:
             await self._serve(inst)
+        await self._start_proxy(stores)
         self._show_layout(instances)
 
         ok = await self._query_side_by_side(instances)
+        ok &= await self._cutover_story()
+        proxy = "http://" + self.config.proxy.listen
+        token = self.researcher_token
         say(
-            "\ntry it:\n"
-            f"  curl -H 'Authorization: Bearer {self.researcher_token}' "
-            f"{instances[0].url}/v1/datasets/dcir/records/1\n"
-            f"  curl -H 'Authorization: Bearer {self.researcher_token}' "
+            "\ntry it (through bascule, as researchers do):\n"
+            f"  curl -i -H 'Authorization: Bearer {token}' {proxy}/v1/datasets/dcir/records/1\n"
+            f"  curl -H 'Authorization: Bearer {token}' "
             f'-d \'{{"group_by": "act_code", "metrics": ["count"]}}\' '
-            f"{instances[1].url}/v1/datasets/dcir/query"
+            f"{proxy}/v1/datasets/dcir/query\n"
+            "and as an SRE, in another terminal:\n"
+            f"  export BASCULE_ADMIN_URL=http://{self.config.proxy.admin_listen} "
+            f"BASCULE_ADMIN_TOKEN={self.admin_token}\n"
+            "  .venv/bin/bascule status\n"
+            "  .venv/bin/bascule stage pmsi dualwrite --reason 'try it'"
         )
         await self._wait()
         return 0 if ok else 1
+
+    async def _start_proxy(self, stores: StoreEndpoints) -> None:
+        state = await create_database(stores.postgres_url, "bascule_demo_state", replace=True)
+        self.proxy_env = {
+            "BASCULE_POSTGRES_URL": state,
+            "BASCULE_REDIS_URL": stores.redis_url,
+            "BASCULE_ADMIN_TOKEN": self.admin_token,
+            "BASCULE_VIEWER_TOKEN": self.admin_token,
+        }
+        await self._bascule("migrate")
+        proxy = ServerProcess(
+            name="bascule proxy",
+            argv=bascule_argv("proxy", "--config", str(self.config_path)),
+            health_url=f"http://{self.config.proxy.admin_listen}/readyz",
+            log_path=self.workdir / "proxy.log",
+            env=self.proxy_env,
+        )
+        self.processes.append(proxy)
+        await proxy.start()
+
+    async def _bascule(self, *args: str) -> str:
+        """Run a bascule command as an SRE would; its output, or UsageError if it failed."""
+        proc = await asyncio.create_subprocess_exec(
+            *bascule_argv(*args, "--config", str(self.config_path)),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **self.proxy_env, "COLUMNS": "100"},
+        )
+        out, _ = await proc.communicate()
+        text = out.decode(errors="replace")
+        if proc.returncode != 0:
+            raise UsageError(f"`bascule {' '.join(args)}` failed:\n{text[-2000:]}")
+        return text.strip()
+
+    async def _cutover_story(self) -> bool:
+        """Move dcir to the target cloud and back; show who answers a researcher each time."""
+        say = self.console.print
+        say("\n[bold]the cutover, one dataset at a time[/bold] (reads; dual write comes next)")
+        headers = {"Authorization": f"Bearer {self.researcher_token}"}
+        base = "http://" + self.config.proxy.listen
+        src, tgt = self.config.migration.source, self.config.migration.target
+        ok = True
+        async with aiohttp.ClientSession(headers=headers) as session:
+
+            async def show(moment: str, expect: dict[str, str]) -> None:
+                nonlocal ok
+                got = {}
+                for name in expect:
+                    async with session.get(f"{base}/v1/datasets/{name}/records/1") as resp:
+                        got[name] = resp.headers.get("X-Served-By", f"? ({resp.status})")
+                ok &= got == expect
+                cells = ", ".join(f"{name} by {side}" for name, side in got.items())
+                say(f"  {moment}: researchers calling {base} are served {cells}")
+
+            await show("before", {"dcir": src, "pmsi": src})
+            for stage in ("dualwrite", "shadow", "live"):
+                say(f"  $ bascule stage dcir {stage} --reason demo")
+                out = await self._bascule("stage", "dcir", stage, "--reason", "demo", "--by", "sre")
+                say(f"    {out}")
+            await asyncio.sleep(0.2)
+            await show("dcir live", {"dcir": tgt, "pmsi": src})
+            say("  $ bascule rollback dcir --to shadow --reason demo")
+            out = await self._bascule(
+                "rollback", "dcir", "--to", "shadow", "--reason", "demo", "--by", "sre"
+            )
+            say(f"    {out}")
+            await asyncio.sleep(0.2)
+            await show("after rollback", {"dcir": src, "pmsi": src})
+        say(await self._bascule("history", "dcir"))
+        return ok
 
     async def _check_redis(self, url: str) -> None:
         client = aioredis.Redis.from_url(url)
