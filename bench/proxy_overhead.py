@@ -224,7 +224,9 @@ async def main(args: argparse.Namespace) -> None:
                 )
             mix = request_mix(args.rows)
             if args.profile and proxy.proc:
-                await profile(args.profile, proxy.proc.pid, proxy_url, mix)
+                await profile(
+                    args.profile, proxy.proc.pid, proxy_url, mix, args.profile_concurrency
+                )
             rows = [
                 await measure(name, url, pid, mix, args.requests, c)
                 for c in (1, 32)
@@ -234,9 +236,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def profile(
-    out: str, pid: int, base: str, mix: Sequence[tuple[str, str, bytes | None]]
+    out: str, pid: int, base: str, mix: Sequence[tuple[str, str, bytes | None]], concurrency: int
 ) -> None:
-    """Sample the proxy with py-spy (if installed) under concurrency-32 load."""
+    """Sample the proxy with py-spy (if installed) under load at ``concurrency``."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     proc = await asyncio.create_subprocess_exec(
         spy,
@@ -255,7 +257,7 @@ async def profile(
     await asyncio.sleep(0.5)
     deadline = time.monotonic() + 6
     while time.monotonic() < deadline:
-        await load(base, mix, 500, 32)
+        await load(base, mix, 500, concurrency)
     await proc.wait()
     print(f"py-spy samples of the proxy written to {out}")
 
@@ -289,6 +291,7 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=3000, help="per row (default 3000)")
     parser.add_argument("--rows", type=int, default=1000, help="rows per dataset (default 1000)")
     parser.add_argument("--profile", metavar="FILE", help="py-spy raw samples of the proxy")
+    parser.add_argument("--profile-concurrency", type=int, default=32)
     try:
         import uvloop
 

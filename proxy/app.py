@@ -13,10 +13,6 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
 
 from bascule.config import Config, Secrets, load_config
 from bascule.errors import UsageError
@@ -27,6 +23,7 @@ from cutover.store import StageStore, open_pool, schema_check
 from proxy.forward import Forwarder
 from proxy.plan import Side
 from proxy.routing import Router
+from proxy.server import Server
 from proxy.upstream import Upstream
 
 log = logging.getLogger("bascule.proxy")
@@ -53,30 +50,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def create_proxy_server(forwarder: Forwarder) -> web.Server:
-    """aiohttp's low-level server: every request goes to the forwarder, which routes it itself
-    (an Application's router and middleware chain would only add cost on the hot path)."""
-    loop = asyncio.get_running_loop()
-
-    def make_request(
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: RequestHandler,
-        writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        # aiohttp enforces the body limit while reading; the forwarder answers a JSON 413.
-        return web.BaseRequest(
-            message,
-            payload,
-            protocol,
-            writer,
-            task,
-            loop,
-            client_max_size=forwarder.max_body_bytes,
-        )
-
-    return web.Server(forwarder.handle, request_factory=make_request, access_log=None)
+def create_proxy_server(forwarder: Forwarder, max_body_bytes: int) -> Server:
+    return Server(forwarder.handle, max_body_bytes=max_body_bytes, dataset_of=forwarder.dataset_of)
 
 
 @dataclass
@@ -118,11 +93,11 @@ class Replica:
 
     def forwarder(self) -> Forwarder:
         return Forwarder(
-            Router(self.config.routes, self.config.datasets),
-            self.view,
-            self.upstreams,
-            self.config.proxy.max_body_bytes,
+            Router(self.config.routes, self.config.datasets), self.view, self.upstreams
         )
+
+    def server(self) -> Server:
+        return create_proxy_server(self.forwarder(), self.config.proxy.max_body_bytes)
 
     def admin_deps(self) -> AdminDeps:
         return AdminDeps(
@@ -140,24 +115,26 @@ async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str
     with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
         log.info("state stores: %s", found.describe())
         async with Replica(config, secrets, found.postgres_url, found.redis_url) as replica:
-            runners = [
-                await _start(create_proxy_server(replica.forwarder()), listen, "researcher"),
-                await _start(create_admin_app(replica.admin_deps()), admin_listen, "admin"),
-            ]
+            researcher = replica.server()
+            host, _, port = listen.rpartition(":")
+            try:
+                await researcher.start(host, int(port))
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot listen on {listen} for researchers: {exc.strerror}"
+                ) from exc
+            log.info("researcher port listening on %s", listen)
+            admin = await _start(create_admin_app(replica.admin_deps()), admin_listen, "admin")
             try:
                 await _until_stopped()
             finally:
-                for runner in runners:
-                    await runner.cleanup()
+                await researcher.close()
+                await admin.cleanup()
 
 
-async def _start(app: web.Application | web.Server, address: str, what: str) -> web.BaseRunner:
+async def _start(app: web.Application, address: str, what: str) -> web.AppRunner:
     host, _, port = address.rpartition(":")
-    runner: web.BaseRunner = (
-        web.ServerRunner(app, handle_signals=False)
-        if isinstance(app, web.Server)
-        else web.AppRunner(app, access_log=None, handle_signals=False)
-    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, int(port), backlog=1024).start()

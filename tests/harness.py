@@ -15,6 +15,7 @@ from bascule import schema
 from bascule.config import Config, load_config
 from bascule.stores import free_port
 from cutover.store import StageStore, open_pool
+from proxy.server import Server
 from refapi.app import create_app
 
 RESEARCHER_TOKEN = "researcher-token-0123456789"
@@ -43,6 +44,16 @@ async def serve_app(
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def serve_proxy(server: Server) -> AsyncIterator[str]:
+    """Run bascule's researcher-facing server on a loopback port; yield its base URL."""
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await server.close(grace=1.0)
 
 
 @asynccontextmanager

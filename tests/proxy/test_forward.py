@@ -19,7 +19,7 @@ from yarl import URL
 from bascule.config import Secrets
 from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
-from proxy.app import Replica, create_proxy_server
+from proxy.app import Replica
 from tests.harness import (
     AUTH,
     closed_port_url,
@@ -28,6 +28,7 @@ from tests.harness import (
     migrate_state,
     refapi,
     serve_app,
+    serve_proxy,
     write_config,
 )
 
@@ -116,7 +117,7 @@ async def _setup(
     replica = await stack.enter_async_context(
         Replica(config, Secrets.from_env(os.environ), pg_url, redis_url)
     )
-    url = await stack.enter_async_context(serve_app(create_proxy_server(replica.forwarder())))
+    url = await stack.enter_async_context(serve_proxy(replica.server()))
     return Setup(replica, url, pg_url)
 
 
