@@ -7,9 +7,10 @@ the admin API, which is not on the hot path, stays on aiohttp.
 What it does: keep-alive and pipelined requests answered in order, ``Expect: 100-continue``,
 chunked request bodies, limits on the request line, the headers and the body (414, 431, 413),
 a deadline to receive a whole request (408, against slow clients), an idle keep-alive timeout,
-and answers whole or streamed with flow control. What it refuses: protocol upgrades and
-anything llhttp cannot parse (400). A handler is never cancelled because its client went away:
-a write that has begun is finished and journaled.
+and answers whole or streamed with flow control. A protocol upgrade is not honoured: the
+request is answered as plain HTTP and the connection closed after. Anything llhttp cannot
+parse gets 400. A handler is never cancelled because its client went away: a write that has
+begun is finished and journaled.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, tuple) else ""
         self.server.connections.add(self)
-        self._arm(KEEPALIVE_IDLE)
+        self._arm(self.server.keepalive_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -185,7 +186,13 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(501, "upgrade_unsupported", "protocol upgrades are not supported")
+            # An upgrade is not honoured: the request is answered as plain HTTP (Upgrade is
+            # hop-by-hop, so the backend never sees it) and the connection closed after, since
+            # whatever follows on it may not be HTTP.
+            for request in self.queue:
+                request.keep_alive = False
+            if self.transport is not None:
+                self.transport.pause_reading()
         except httptools.HttpParserError as exc:
             # A limit hit in a callback arrives wrapped in HttpParserCallbackError.
             failure = exc.__context__
@@ -199,7 +206,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._begin()
         self.in_message = True
-        self._arm(REQUEST_DEADLINE)
+        self._arm(self.server.request_deadline)
 
     def on_url(self, url: bytes) -> None:
         self.target += url
@@ -238,7 +245,7 @@ class _Connection(asyncio.Protocol):
                 body=b"".join(self.body) if len(self.body) != 1 else self.body[0],
                 remote=self.remote,
                 host=host,
-                keep_alive=self.parser.should_keep_alive(),
+                keep_alive=self.parser.should_keep_alive() and not self._upgrade_asked(),
             )
         )
         self._disarm()
@@ -248,6 +255,9 @@ class _Connection(asyncio.Protocol):
         if not self.handling:
             self.handling = True
             spawn(self._serve_queue(), name="proxy-request")
+
+    def _upgrade_asked(self) -> bool:
+        return any(k.lower() == "upgrade" for k, _ in self.headers)
 
     # -- serving -----------------------------------------------------------------------------
 
@@ -270,7 +280,7 @@ class _Connection(asyncio.Protocol):
         finally:
             self.handling = False
         if not self.closed and self.transport is not None:
-            self._arm(KEEPALIVE_IDLE)
+            self._arm(self.server.keepalive_idle)
             if self.paused:
                 self.paused = False
                 self.transport.resume_reading()
@@ -357,9 +367,13 @@ class Server:
         *,
         max_body_bytes: int,
         dataset_of: Callable[[str, str], str | None] = lambda method, target: None,
+        request_deadline: float = REQUEST_DEADLINE,
+        keepalive_idle: float = KEEPALIVE_IDLE,
     ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
+        self.request_deadline = request_deadline
+        self.keepalive_idle = keepalive_idle
         self.dataset_of = dataset_of
         """Names the dataset of a refused request (method, target), for its error body."""
         self.loop = asyncio.get_running_loop()
