@@ -101,6 +101,7 @@ class StageView:
         self.redis = StoreHealth()
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     async def start(self) -> None:
         await self.reload()
@@ -110,9 +111,13 @@ class StageView:
         ]
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+            # redis-py can swallow a cancellation that lands inside its read timeout
+            # (redis/redis-py#2028, #2551): cancel until the task has really ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -168,7 +173,7 @@ class StageView:
 
     async def _listen(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             client = aioredis.Redis.from_url(
                 self.redis_url, socket_connect_timeout=1.0, socket_keepalive=True
             )
@@ -179,8 +184,11 @@ class StageView:
                     backoff = 0.1
                     # Anything announced while we were not listening is in Postgres.
                     await self.reload()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    while not self._stopping:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and message.get("type") == "message":
                             await self.reload()
             except (RedisError, OSError) as exc:
                 if self.redis.ok or self.redis.since == 0.0:
