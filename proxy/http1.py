@@ -93,6 +93,7 @@ class _Connection(asyncio.Protocol):
         self.head = head
         self.raw_headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
+        self.chunked = False
         self.status = 0
         self.headers_done: asyncio.Future[None] | None = None
         self.body: collections.deque[bytes] = collections.deque()
@@ -129,7 +130,19 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.complete:
-            if self.headers_done is None or not self.headers_done.done():
+            delimited_by_close = (
+                self.headers_done is not None
+                and self.headers_done.done()
+                and exc is None
+                and self.failure is None
+                and self.content_length is None
+                and not self.chunked
+            )
+            if delimited_by_close:
+                # An answer with neither length nor chunking ends when the backend closes.
+                self.keep_alive = False
+                self.on_message_complete()
+            elif self.headers_done is None or not self.headers_done.done():
                 self._fail("broken", "the connection broke before an answer")
             else:
                 self._fail("broken", "the answer's body broke off")
@@ -138,8 +151,11 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         text = value.decode("latin-1")
-        if len(name) == 14 and name.lower() == b"content-length" and text.isdigit():
+        lower = name.lower()
+        if lower == b"content-length" and text.isdigit():
             self.content_length = int(text)
+        elif lower == b"transfer-encoding" and "chunked" in text.lower():
+            self.chunked = True
         self.raw_headers.append((name.decode("latin-1"), text))
 
     def on_headers_complete(self) -> None:
@@ -147,6 +163,7 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             self.raw_headers = []  # informational: the real answer follows
             self.content_length = None
+            self.chunked = False
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
@@ -191,6 +208,7 @@ class _Connection(asyncio.Protocol):
 
     def resume(self) -> None:
         self.paused = False
+        self.last_activity = self.loop.time()
         if self.transport is not None:
             self.transport.resume_reading()
 
@@ -238,6 +256,8 @@ class _Connection(asyncio.Protocol):
         # The timeout counts from the last bytes received (like a socket read timeout); rather
         # than rescheduling the timer on every packet, it looks again when it fires.
         quiet = self.loop.time() - self.last_activity
+        if self.paused:
+            quiet = 0.0  # we stopped reading (a slow consumer): the backend is not to blame
         if quiet < self.read_timeout:
             self.timer = self.loop.call_later(self.read_timeout - quiet, self._timed_out)
             return
@@ -307,6 +327,8 @@ class Pool:
         return None
 
     def serialize(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
+        if not method.isalpha() or any(c in target for c in " \r\n"):
+            raise ValueError("the method or request target cannot be sent as is")
         parts = [f"{method} {target} HTTP/1.1\r\nHost: ", self.host_header, "\r\n"]
         for name, value in headers:
             if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
@@ -330,15 +352,23 @@ class Pool:
             except _Failure as failure:
                 conn.close()
                 # A kept-alive connection the backend had just closed: nothing was read, so
-                # nothing was processed. Safe methods are tried once more on a fresh one.
-                if conn.reused and not failure.got_bytes and method in ("GET", "HEAD", "OPTIONS"):
+                # nothing was processed. Safe methods are tried once more on a fresh one. A
+                # timeout is not that case: the backend may be working on it.
+                stale = conn.reused and failure.kind == "broken" and not failure.got_bytes
+                if stale and method in ("GET", "HEAD", "OPTIONS"):
                     conn = await self._connect()
                     try:
                         return conn, await self._attempt(conn, method, head, body)
                     except _Failure as again:
                         conn.close()
                         raise self._error(again) from None
+                    except BaseException:
+                        conn.close()
+                        raise
                 raise self._error(failure) from None
+            except BaseException:
+                conn.close()  # cancelled: the answer will never be read
+                raise
         except BaseException:
             self._slots.release()
             raise
