@@ -51,6 +51,9 @@ class StateSettings(_Record, frozen=True):
     redis_prefix: str = "bascule:"
     poll_interval: float = 1.0
     """Seconds between polls of the stage table (bounds how late a lost message makes a flip)."""
+    stale_after: float = 30.0
+    """Seconds a replica that cannot read the stages keeps reporting ready (it keeps serving
+    reads on its last known stages either way)."""
 
 
 class MigrationSettings(_Record, frozen=True):
@@ -131,12 +134,16 @@ class Secrets(_Record, frozen=True):
 
     admin_token: str | None = None
     viewer_token: str | None = None
+    operator_tokens: dict[str, str] = {}
+    """Named operator tokens (``BASCULE_OPERATOR_TOKENS=alice=…,bob=…``): the name is what the
+    audit records as who made a change through the admin API."""
     hmac_key: bytes | None = None
     journal_key: bytes | None = None
 
     ENV = {
         "admin_token": "BASCULE_ADMIN_TOKEN",
         "viewer_token": "BASCULE_VIEWER_TOKEN",
+        "operator_tokens": "BASCULE_OPERATOR_TOKENS",
         "hmac_key": "BASCULE_HMAC_KEY",
         "journal_key": "BASCULE_JOURNAL_KEY",
     }
@@ -166,12 +173,31 @@ class Secrets(_Record, frozen=True):
             token = env.get(cls.ENV[field])
             if token is not None and 0 < len(token) < 16:
                 raise ConfigError("environment", cls.ENV[field], "expected at least 16 characters")
+        named: dict[str, str] = {}
+        for item in filter(None, (env.get(cls.ENV["operator_tokens"]) or "").split(",")):
+            name, sep, token = item.partition("=")
+            if not sep or not _NAME.match(name.strip()) or len(token.strip()) < 16:
+                raise ConfigError(
+                    "environment",
+                    cls.ENV["operator_tokens"],
+                    "expected name=token pairs separated by commas, names in lower case, "
+                    "tokens of at least 16 characters",
+                )
+            named[name.strip()] = token.strip()
         return cls(
             admin_token=env.get(cls.ENV["admin_token"]) or None,
             viewer_token=env.get(cls.ENV["viewer_token"]) or None,
+            operator_tokens=named,
             hmac_key=keys["hmac_key"],
             journal_key=keys["journal_key"],
         )
+
+    def operators(self) -> dict[str, str]:
+        """Every operator token by the name the audit records (``operator`` for the shared one)."""
+        tokens = dict(self.operator_tokens)
+        if self.admin_token:
+            tokens.setdefault("operator", self.admin_token)
+        return tokens
 
     def require(self, field: str) -> Any:
         value = getattr(self, field)
@@ -338,6 +364,8 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "proxy.max_body_bytes", "expected a positive number of bytes")
     if config.state.poll_interval <= 0:
         raise ConfigError(src, "state.poll_interval", "expected a positive number of seconds")
+    if config.state.stale_after <= config.state.poll_interval:
+        raise ConfigError(src, "state.stale_after", "must be longer than state.poll_interval")
 
     for role in ("source", "target"):
         name = getattr(config.migration, role)

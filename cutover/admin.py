@@ -9,7 +9,7 @@ operator token to read, the operator token to change anything. A missing or unkn
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from aiohttp import web
 
 from bascule.errors import Refused, StoreError, UnknownDataset, UnknownStage, UsageError
 from cutover import controller
-from cutover.controller import Announcer
+from cutover.controller import Announcer, check_name, check_text
 from cutover.fleet import StageView
 from cutover.stages import Stage
 from cutover.store import StageStore
@@ -31,11 +31,13 @@ class AdminDeps:
     store: StageStore
     announcer: Announcer
     view: StageView | None
-    operator_token: str | None
+    operator_tokens: Mapping[str, str]
+    """Operator tokens by name: the name is recorded in the audit as who made a change."""
     viewer_token: str | None
 
 
 DEPS = web.AppKey("admin_deps", AdminDeps)
+IDENTITY = web.RequestKey("identity", str)  # who the token says the caller is
 
 
 def json_response(payload: Any, status: int = 200) -> web.Response:
@@ -46,15 +48,22 @@ def json_error(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
-def _token_role(deps: AdminDeps, header: str | None) -> str | None:
+def _token_role(deps: AdminDeps, header: str | None) -> tuple[str, str] | None:
+    """(role, identity) of the bearer token, or None."""
     if not header or not header.startswith("Bearer "):
         return None
-    token = header[len("Bearer ") :].encode()
-    if deps.operator_token and hmac.compare_digest(token, deps.operator_token.encode()):
-        return "operator"
-    if deps.viewer_token and hmac.compare_digest(token, deps.viewer_token.encode()):
-        return "viewer"
-    return None
+    try:
+        token = header[len("Bearer ") :].encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    found = None
+    # Compare with every token (constant time each) rather than stopping at the first match.
+    for name, operator in deps.operator_tokens.items():
+        if hmac.compare_digest(token, operator.encode("latin-1")) and found is None:
+            found = ("operator", name)
+    if deps.viewer_token and hmac.compare_digest(token, deps.viewer_token.encode("latin-1")):
+        found = found or ("viewer", "viewer")
+    return found
 
 
 def _requires(role: str) -> Callable[[Handler], Handler]:
@@ -66,8 +75,9 @@ def _requires(role: str) -> Callable[[Handler], Handler]:
                 resp = json_error(401, "unauthorized", "a valid Bearer token is required")
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="bascule-admin"'
                 return resp
-            if role == "operator" and have != "operator":
+            if role == "operator" and have[0] != "operator":
                 return json_error(403, "forbidden", "this change needs the operator token")
+            request[IDENTITY] = have[1]
             return await handler(request)
 
         return guarded
@@ -98,8 +108,10 @@ async def history(request: web.Request) -> web.Response:
     dataset = request.query.get("dataset")
     try:
         limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        return json_error(400, "bad_request", "limit must be a whole number")
+        if dataset is not None:
+            check_name(dataset)
+    except ValueError as exc:
+        return json_error(400, "bad_request", str(exc) or "limit must be a whole number")
     rows = await request.app[DEPS].store.history(dataset, max(1, min(limit, 1000)))
     return json_response({"history": [r.as_json() for r in rows]})
 
@@ -134,15 +146,26 @@ async def rollback(request: web.Request) -> web.Response:
 async def _change(request: web.Request, *, rollback: bool) -> web.Response:
     deps = request.app[DEPS]
     dataset = request.match_info["dataset"]
+    identity: str = request[IDENTITY]
     try:
+        check_name(dataset)
         body = await _body(request)
-        actor = _text(body, "by", "admin-api") or "admin-api"
+        on_behalf_of = _text(body, "by")
         reason = _text(body, "reason")
+        details = {"via": "admin-api"}
+        if on_behalf_of and on_behalf_of != identity:
+            details["on_behalf_of"] = check_text("by", on_behalf_of)
         stage_text = _text(body, "to" if rollback else "stage")
         if rollback:
             to = Stage.parse(stage_text) if stage_text else None
             result = await controller.rollback(
-                deps.store, deps.announcer, dataset, to=to, actor=actor, reason=reason
+                deps.store,
+                deps.announcer,
+                dataset,
+                to=to,
+                actor=identity,
+                reason=reason,
+                details=details,
             )
         else:
             if not stage_text:
@@ -152,8 +175,9 @@ async def _change(request: web.Request, *, rollback: bool) -> web.Response:
                 deps.announcer,
                 dataset,
                 Stage.parse(stage_text),
-                actor=actor,
+                actor=identity,
                 reason=reason,
+                details=details,
             )
     except UnknownDataset as exc:
         return json_error(404, "unknown_dataset", str(exc))

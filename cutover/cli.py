@@ -18,12 +18,14 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from bascule import schema
 from bascule.config import Config, load_config
@@ -183,20 +185,22 @@ class AdminClient:
         return result
 
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
-        query = f"?limit={limit}" + (f"&dataset={dataset}" if dataset else "")
+        query = f"?limit={limit}" + (f"&dataset={quote(dataset, safe='')}" if dataset else "")
         result: list[dict[str, Any]] = (await self._call("GET", "/v1/history" + query))["history"]
         return result
 
     async def stage(self, dataset: str, stage: str, by: str, reason: str | None) -> dict[str, Any]:
         body = {"stage": stage, "by": by, "reason": reason}
-        result: dict[str, Any] = await self._call("POST", f"/v1/datasets/{dataset}/stage", body)
+        path = f"/v1/datasets/{quote(dataset, safe='')}/stage"
+        result: dict[str, Any] = await self._call("POST", path, body)
         return result
 
     async def rollback(
         self, dataset: str, to: str | None, by: str, reason: str | None
     ) -> dict[str, Any]:
         body = {"to": to, "by": by, "reason": reason}
-        result: dict[str, Any] = await self._call("POST", f"/v1/datasets/{dataset}/rollback", body)
+        path = f"/v1/datasets/{quote(dataset, safe='')}/rollback"
+        result: dict[str, Any] = await self._call("POST", path, body)
         return result
 
 
@@ -262,7 +266,7 @@ async def _status(args: argparse.Namespace) -> int:
     for col in ("dataset", "stage", "version", "since", "by", "reason"):
         table.add_column(col)
     for r in rows:
-        table.add_row(
+        cells = (
             r["dataset"],
             r["stage"],
             str(r["version"]),
@@ -270,6 +274,7 @@ async def _status(args: argparse.Namespace) -> int:
             r["updated_by"],
             r["reason"],
         )
+        table.add_row(*(Text(c) for c in cells))  # Text: audit free text is never markup
     Console().print(table)
     return 0
 
@@ -314,15 +319,19 @@ async def _history(args: argparse.Namespace) -> int:
     for col in ("when", "dataset", "action", "from", "to", "by", "reason"):
         table.add_column(col)
     for r in rows:
-        table.add_row(
+        by = r["actor"]
+        if r.get("details", {}).get("on_behalf_of"):
+            by += f" for {r['details']['on_behalf_of']}"
+        cells = (
             _when(r["at"]),
             r["dataset"],
             r["action"],
             r["from_stage"] or "",
             r["to_stage"] or "",
-            r["actor"],
+            by,
             r["reason"],
         )
+        table.add_row(*(Text(c) for c in cells))
     Console().print(table)
     return 0
 

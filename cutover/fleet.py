@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from bascule.errors import StoreError
 from bascule.tasks import spawn
+from cutover.stages import Stage
 from cutover.store import StageRow, StageStore
 
 log = logging.getLogger("bascule.fleet")
@@ -89,11 +90,13 @@ class StageView:
         prefix: str,
         poll_interval: float,
         datasets: Collection[str],
+        stale_after: float = 30.0,
     ) -> None:
         self.store = store
         self.redis_url = redis_url
         self.prefix = prefix
         self.poll_interval = poll_interval
+        self.stale_after = stale_after
         self.datasets = frozenset(datasets)
         self.stages: dict[str, StageRow] = {}
         self.loaded_at: float | None = None
@@ -124,18 +127,36 @@ class StageView:
     def get(self, dataset: str) -> StageRow | None:
         return self.stages.get(dataset)
 
+    def any_past_source(self) -> bool:
+        """True unless every dataset is known to be at ``source`` (unknown counts as past)."""
+        if self.missing or self.loaded_at is None:
+            return True
+        return any(row.stage is not Stage.SOURCE for row in self.stages.values())
+
     @property
     def missing(self) -> list[str]:
         return sorted(self.datasets - self.stages.keys()) if self.loaded_at else []
 
     @property
+    def stale(self) -> bool:
+        """The stages were last read longer ago than ``stale_after``."""
+        return self.loaded_at is None or time.time() - self.loaded_at > self.stale_after
+
+    @property
+    def watching(self) -> bool:
+        """Both the poll and the listener are running (a dead one would freeze the stages)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
+    @property
     def ready(self) -> bool:
-        return self.loaded_at is not None and not self.missing
+        return not self.stale and not self.missing and self.watching
 
     def detail(self) -> dict[str, Any]:
         return {
             "ready": self.ready,
             "stages_loaded": self.loaded_at is not None,
+            "stale": self.stale,
+            "watching": self.watching,
             "stages_age_seconds": (
                 round(time.time() - self.loaded_at, 3) if self.loaded_at else None
             ),
@@ -158,18 +179,32 @@ class StageView:
                 self.postgres.mark(False, str(exc))
                 return False
             self.postgres.mark(True)
+            # Postgres is the truth, read under the lock so reloads cannot overtake each other:
+            # a row that vanished is dropped (its requests get 503 stage_missing), and a version
+            # that went backwards is an alarm, though Postgres still wins.
             for name, row in rows.items():
                 current = self.stages.get(name)
-                # Never step back to an older version read by a slower concurrent reload.
-                if current is None or row.version > current.version:
-                    self.stages[name] = row
+                if current is not None and row.version < current.version:
+                    log.error(
+                        "ALARM: stage of %s went back from version %d to %d",
+                        name,
+                        current.version,
+                        row.version,
+                    )
+            for name in self.stages.keys() - rows.keys():
+                log.error("ALARM: the stage row of %s disappeared from Postgres", name)
+            self.stages = dict(rows)
             self.loaded_at = time.time()
             return True
 
     async def _poll(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.poll_interval)
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception as exc:  # never let one bad answer stop propagation for good
+                log.error("stage poll failed: %s", type(exc).__name__)
+                self.postgres.mark(False, type(exc).__name__)
 
     async def _listen(self) -> None:
         backoff = 0.1
@@ -190,7 +225,9 @@ class StageView:
                         )
                         if message is not None and message.get("type") == "message":
                             await self.reload()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis away, or anything else: log, back off, listen again
+                if not isinstance(exc, (RedisError, OSError)):
+                    log.error("stage listener failed: %s", type(exc).__name__)
                 if self.redis.ok or self.redis.since == 0.0:
                     log.warning(
                         "Redis unreachable (%s); relying on polls every %.1fs",

@@ -110,6 +110,12 @@ async def reaching_postgres() -> AsyncIterator[None]:
         raise  # ours already say what is wrong (SchemaError is a ConnectionError too)
     except UNREACHABLE as exc:
         raise StoreError(f"the state Postgres is unreachable ({type(exc).__name__})") from exc
+    except asyncpg.PostgresError as exc:
+        # Too many clients, a cancelled statement, a crash restart, a bad password: to the
+        # caller these all mean the state store cannot be used right now.
+        raise StoreError(
+            f"the state Postgres refused the operation ({type(exc).__name__})"
+        ) from exc
 
 
 class StageStore:

@@ -74,6 +74,7 @@ class Replica:
             self.config.state.redis_prefix,
             self.config.state.poll_interval,
             self.config.datasets,
+            self.config.state.stale_after,
         )
         self.upstreams = {
             Side.SOURCE: Upstream(self.config.migration.source, self.config.source_backend),
@@ -104,14 +105,17 @@ class Replica:
             store=self.store,
             announcer=RedisAnnouncer(self.redis, self.config.state.redis_prefix),
             view=self.view,
-            operator_token=self.secrets.admin_token,
+            operator_tokens=self.secrets.operators(),
             viewer_token=self.secrets.viewer_token,
         )
 
 
 async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str) -> None:
-    if secrets.admin_token is None:
-        log.warning("BASCULE_ADMIN_TOKEN is not set: the admin API will refuse every change")
+    if not secrets.operators():
+        log.warning(
+            "no operator token (BASCULE_ADMIN_TOKEN or BASCULE_OPERATOR_TOKENS) is set: "
+            "the admin API will refuse every change"
+        )
     with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
         log.info("state stores: %s", found.describe())
         async with Replica(config, secrets, found.postgres_url, found.redis_url) as replica:

@@ -16,7 +16,6 @@ import orjson
 
 from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
 from cutover.fleet import StageView
-from cutover.stages import Stage
 from proxy.plan import Side, plan
 from proxy.routing import Match, Router
 from proxy.server import Request, Responder
@@ -38,8 +37,18 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Recomputed by the HTTP client or server for the message they actually send.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+# Recomputed by the HTTP client or server for the message they actually send; and headers only
+# bascule may set (a researcher must not be able to claim another host, scheme or client, or
+# pose as a shadow read).
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "forwarded",
+    "x-real-ip",
+}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 STREAM_ABOVE = 64 * 1024
 
@@ -74,13 +83,15 @@ class Forwarder:
                 "`bascule migrate`; bascule never guesses a stage",
                 match.dataset,
             )
-        if match.kind == "write" and match.route is None and row.stage is not Stage.SOURCE:
+        if match.kind == "write" and match.route is None and self.view.any_past_source():
+            # An unrouted write could touch any dataset's records on the backend: once any
+            # dataset is past `source` it could not be journaled safely.
             return await error(
                 out,
                 409,
                 "unrouted_write",
-                f"this write matches no configured route, and dataset {match.dataset!r} is past "
-                "'source': it could not be journaled safely, so it is refused",
+                "this write matches no configured route, and datasets are past 'source': "
+                "it could not be journaled safely, so it is refused",
                 match.dataset,
             )
         side = plan(row.stage, match.kind).serve
@@ -133,7 +144,7 @@ class Forwarder:
         headers = []
         for name, value in request.headers:
             lower = name.lower()
-            if lower in drop:
+            if lower in drop or lower.startswith("x-bascule-"):
                 continue
             if lower == "x-forwarded-for":
                 prior = value if prior is None else f"{prior}, {value}"

@@ -50,9 +50,14 @@ class Router:
         self._by_length: dict[int, list[_Compiled]] = {}
         for route in routes:
             parts = route.path.strip("/").split("/")
-            segments = tuple(None if p.startswith("{") else p for p in parts)
+            # Literals match case-insensitively: some backends (ASP.NET Core by default) route
+            # /V1/Datasets as /v1/datasets, so a path must not escape its route by its case.
+            segments = tuple(None if p.startswith("{") else p.lower() for p in parts)
             params = tuple((i, p[1:-1]) for i, p in enumerate(parts) if p.startswith("{"))
-            compiled = _Compiled(route, segments, params, frozenset(route.methods))
+            methods = set(route.methods)
+            if "GET" in methods:
+                methods.add("HEAD")  # backends answer HEAD wherever they answer GET
+            compiled = _Compiled(route, segments, params, frozenset(methods))
             self._by_length.setdefault(len(segments), []).append(compiled)
 
     def match(self, method: str, raw_path: str) -> Match:
@@ -62,7 +67,7 @@ class Router:
             if method not in compiled.methods:
                 continue
             if any(
-                lit is not None and lit != seg
+                lit is not None and lit != seg.lower()
                 for lit, seg in zip(compiled.segments, segments, strict=True)
             ):
                 continue
@@ -91,6 +96,13 @@ def split_path(raw_path: str) -> list[str]:
         raise RouteError(400, "bad_path", "the path must start with '/'")
     if raw_path == "/":
         return []
+    if "#" in raw_path or ";" in raw_path:
+        # A fragment is never sent by a client that means it, and `;params` are stripped by
+        # some servers (Tomcat, Spring) before routing: either could move a request off its
+        # route, so neither is forwarded.
+        raise RouteError(
+            400, "bad_path", "the path has a '#' or ';', which bascule does not forward"
+        )
     if _BAD_ESCAPE.search(raw_path):
         raise RouteError(400, "bad_path", "the path has a '%' that is not a valid escape")
     segments = []

@@ -52,6 +52,7 @@ class Request:
     remote: str
     host: str
     keep_alive: bool
+    http10: bool = False
 
     def header(self, name: str) -> str | None:
         lower = name.lower()
@@ -64,12 +65,23 @@ class Request:
 class Responder:
     """Writes one answer: :meth:`send` a whole one, or :meth:`start`, :meth:`write`, :meth:`end`."""
 
-    __slots__ = ("_chunked", "_conn", "_head_only", "_keep_alive", "finished", "started")
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_head_only",
+        "_http10",
+        "_keep_alive",
+        "finished",
+        "started",
+    )
 
-    def __init__(self, conn: _Connection, *, head_only: bool, keep_alive: bool) -> None:
+    def __init__(
+        self, conn: _Connection, *, head_only: bool, keep_alive: bool, http10: bool = False
+    ) -> None:
         self._conn = conn
         self._head_only = head_only
         self._keep_alive = keep_alive
+        self._http10 = http10
         self._chunked = False
         self.started = False
         self.finished = False
@@ -81,7 +93,10 @@ class Responder:
                 raise ValueError(f"header {name!r}: a line break cannot be sent")
             parts += (name, ": ", value, "\r\n")
         if framed:
-            if length is None:
+            if length is None and self._http10:
+                # HTTP/1.0 knows no chunking: the body ends when the connection closes.
+                self._keep_alive = False
+            elif length is None:
                 self._chunked = True
                 parts.append("Transfer-Encoding: chunked\r\n")
             else:
@@ -160,6 +175,7 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_size = 0
         self.in_message = False
+        self.headers_done = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -214,15 +230,23 @@ class _Connection(asyncio.Protocol):
             raise _Failure(414, "uri_too_long", f"the request target is over {MAX_TARGET} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # a trailer of a chunked body: never promoted to a header
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > MAX_HEADER_BYTES:
             raise _Failure(431, "headers_too_large", f"headers are over {MAX_HEADER_BYTES} bytes")
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        self.headers_done = True
         limit = self.server.max_body_bytes
+        hosts = 0
         for name, value in self.headers:
             lower = name.lower()
+            if lower == "host":
+                hosts += 1
+                if hosts > 1:
+                    raise _Failure(400, "bad_request", "the request has more than one Host header")
             if lower == "content-length" and value.isdigit() and int(value) > limit:
                 raise _Failure(413, "body_too_large", _too_large(limit))
             if lower == "expect" and value.lower() == "100-continue":
@@ -246,6 +270,7 @@ class _Connection(asyncio.Protocol):
                 remote=self.remote,
                 host=host,
                 keep_alive=self.parser.should_keep_alive() and not self._upgrade_asked(),
+                http10=self.parser.get_http_version() == "1.0",
             )
         )
         self._disarm()
@@ -266,7 +291,9 @@ class _Connection(asyncio.Protocol):
             while self.queue and not self.closed:
                 request = self.queue.popleft()
                 head_only = request.method == "HEAD"
-                out = Responder(self, head_only=head_only, keep_alive=request.keep_alive)
+                out = Responder(
+                    self, head_only=head_only, keep_alive=request.keep_alive, http10=request.http10
+                )
                 try:
                     await self.server.handler(request, out)
                 except Exception as exc:  # a bug must not take the connection's others down

@@ -73,6 +73,7 @@ def write_config(
     redis_url: str,
     redis_prefix: str,
     poll_interval: float = 0.5,
+    stale_after: float = 30.0,
     read_timeout: float = 5.0,
     max_body_bytes: int = 1024 * 1024,
     extra: str = "",
@@ -90,6 +91,7 @@ postgres_url = "{postgres_url}"
 redis_url = "{redis_url}"
 redis_prefix = "{redis_prefix}"
 poll_interval = {poll_interval}
+stale_after = {stale_after}
 
 [migration]
 source = "azure"
