@@ -59,7 +59,7 @@ def request_mix(rows: int) -> list[tuple[str, str, bytes | None]]:
     mix: list[tuple[str, str, bytes | None]] = []
     for i in range(1, 101):
         rid = 1 + (i * 37) % rows
-        mix.append(("GET", f"/v1/datasets/dcir/records?after={rid}&limit=8", None))
+        mix.append(("GET", f"/v1/datasets/dcir/records?after={rid}&limit=12", None))
         mix.append(("GET", f"/v1/datasets/pmsi/records/{rid}", None))
         mix.append(
             (
