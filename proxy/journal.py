@@ -1,0 +1,281 @@
+"""The dual-write journal in Postgres: record locks, intents, outcomes, and what may be replayed.
+
+A write in a dual-write stage runs inside :meth:`Journal.locked`: a dedicated session holds the
+record's advisory lock (the dataset's, for a write that names no record) from before the intent
+until the outcome is recorded. So, for one record, sequence numbers are allocated in lock
+order, and an entry is only ever replayed after every earlier open entry of its record (and of
+its dataset, when either is dataset-wide) has settled. That rule is evaluated on each entry's
+own state — never on a high-water mark, since a lower ``seq`` can commit after a higher one is
+visible. If the writer's session ends (the replica died), its lock goes with it and its
+unsettled entries are visible as orphans at once (:meth:`Journal.orphans`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from cutover.store import reaching_postgres
+from proxy.sealing import DATASET_WIDE, Sealer, lock_id
+
+State = Literal["intent", "pending", "applied", "rejected", "in_doubt", "dead", "skipped"]
+OPEN: tuple[State, ...] = ("intent", "pending", "in_doubt", "dead")
+"""States that hold back later entries of the same record."""
+
+# Which state may follow which: anything else is a bug, refused by the database update.
+_NEXT: dict[str, tuple[State, ...]] = {
+    "intent": ("pending", "rejected", "in_doubt"),
+    "in_doubt": ("pending", "rejected", "skipped"),
+    "pending": ("applied", "dead", "skipped"),
+    "dead": ("pending", "skipped"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    dataset: str
+    record: str
+    route: str
+    method: str
+    authority: str
+    stage_version: int
+    state: State
+    status: int | None
+    attempts: int
+    created_at: datetime
+    last_error: str | None
+
+
+_ENTRY_COLUMNS = (
+    "seq, dataset, record, route, method, authority, stage_version, state, status, attempts,"
+    " created_at, last_error"
+)
+
+
+def _entry(rec: asyncpg.Record) -> Entry:
+    return Entry(**dict(rec))
+
+
+class IllegalTransition(RuntimeError):
+    """An entry was asked to move to a state its current state cannot lead to."""
+
+
+class WriteSession:
+    """The session holding a write's record locks; intents are committed through it."""
+
+    def __init__(self, journal: Journal, conn: Any, dataset: str) -> None:
+        self.journal = journal
+        self.conn = conn
+        self.dataset = dataset
+
+    async def intent(
+        self,
+        *,
+        record: str,
+        route: str,
+        method: str,
+        authority: str,
+        stage_version: int,
+        request: dict[str, Any],
+    ) -> int:
+        """Commit the intent of a write before it is sent; return its sequence number."""
+        sealed = self.journal.sealer.seal(
+            json.dumps(request, separators=(",", ":")).encode(),
+            dataset=self.dataset,
+            field="request",
+        )
+        async with reaching_postgres():
+            seq: int = await self.conn.fetchval(
+                "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
+                " stage_version, writer, writer_pid, writer_started, state, request)"
+                " SELECT $1, $2, $3, $4, $5, $6, $7, pid, backend_start, 'intent', $8"
+                " FROM pg_stat_activity WHERE pid = pg_backend_pid() RETURNING seq",
+                self.dataset,
+                record,
+                route,
+                method,
+                authority,
+                stage_version,
+                self.journal.replica,
+                sealed,
+            )
+        return seq
+
+
+class Journal:
+    def __init__(self, pool: asyncpg.Pool, sealer: Sealer, replica: str) -> None:
+        self.pool = pool
+        self.sealer = sealer
+        self.replica = replica
+
+    @contextlib.asynccontextmanager
+    async def locked(
+        self, dataset: str, records: Iterable[str], *, wait: float = 10.0
+    ) -> AsyncIterator[WriteSession]:
+        """Hold the locks of ``records`` (tokens; ``*`` for the whole dataset) for one write.
+
+        A record write holds the dataset's lock shared and its records' locks exclusively, in
+        sorted order (no deadlock between writes naming several records); a dataset-wide write
+        holds the dataset's lock exclusively. Waiting longer than ``wait`` raises StoreError.
+        """
+        wanted = sorted(set(records))
+        async with reaching_postgres(), self.pool.acquire() as conn:
+            try:
+                await conn.execute(f"SET lock_timeout = '{int(wait * 1000)}ms'")
+                whole = lock_id(dataset, DATASET_WIDE)
+                if DATASET_WIDE in wanted:
+                    await conn.execute("SELECT pg_advisory_lock($1)", whole)
+                else:
+                    await conn.execute("SELECT pg_advisory_lock_shared($1)", whole)
+                    for record in wanted:
+                        await conn.execute("SELECT pg_advisory_lock($1)", lock_id(dataset, record))
+                yield WriteSession(self, conn, dataset)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+
+    async def decide(
+        self,
+        seq: int,
+        state: State,
+        *,
+        status: int | None = None,
+        answer: bytes | None = None,
+        dataset: str,
+        stage_version: int | None = None,
+    ) -> None:
+        """Record an entry's outcome. With ``stage_version``, only if the entry was written
+        under that stage version (the epoch check of the outcome transaction)."""
+        sealed = self.sealer.seal(answer, dataset=dataset, field="answer") if answer else None
+        await self._move(seq, state, status=status, answer=sealed, stage_version=stage_version)
+
+    async def _move(
+        self,
+        seq: int,
+        state: State,
+        *,
+        status: int | None = None,
+        answer: bytes | None = None,
+        error: str | None = None,
+        stage_version: int | None = None,
+        retry_in: float | None = None,
+    ) -> None:
+        allowed = [s for s, nexts in _NEXT.items() if state in nexts]
+        async with reaching_postgres():
+            done = await self.pool.fetchval(
+                "UPDATE bascule_journal SET state = $2,"
+                " status = coalesce($3, status), answer = coalesce($4, answer),"
+                " last_error = coalesce($5, last_error),"
+                " decided_at = CASE WHEN state = 'intent' THEN now() ELSE decided_at END,"
+                " applied_at = CASE WHEN $2 IN ('applied', 'skipped') THEN now() END,"
+                " attempts = attempts + CASE WHEN $7::float8 IS NULL THEN 0 ELSE 1 END,"
+                " next_attempt_at = now() + make_interval(secs => coalesce($7::float8, 0))"
+                " WHERE seq = $1 AND state = ANY($6::text[])"
+                " AND ($8::bigint IS NULL OR stage_version = $8) RETURNING seq",
+                seq,
+                state,
+                status,
+                answer,
+                error,
+                allowed,
+                retry_in,
+                stage_version,
+            )
+        if done is None:
+            raise IllegalTransition(f"journal entry {seq} cannot move to {state!r} from its state")
+
+    async def applied(self, seq: int) -> None:
+        await self._move(seq, "applied")
+
+    async def retry_later(self, seq: int, error: str, delay: float) -> None:
+        """Keep a pending entry pending, to be tried again after ``delay`` seconds."""
+        async with reaching_postgres():
+            await self.pool.execute(
+                "UPDATE bascule_journal SET attempts = attempts + 1, last_error = $2,"
+                " next_attempt_at = now() + make_interval(secs => $3) WHERE seq = $1"
+                " AND state = 'pending'",
+                seq,
+                error,
+                delay,
+            )
+
+    async def dead(self, seq: int, error: str) -> None:
+        await self._move(seq, "dead", error=error)
+
+    async def replayable(self, dataset: str, limit: int = 100) -> list[Entry]:
+        """Pending entries whose every earlier open entry of the same record — or of the whole
+        dataset, when either is dataset-wide — has settled; in order."""
+        async with reaching_postgres():
+            rows = await self.pool.fetch(
+                f"SELECT {_ENTRY_COLUMNS} FROM bascule_journal j"
+                " WHERE j.dataset = $1 AND j.state = 'pending' AND j.next_attempt_at <= now()"
+                " AND NOT EXISTS (SELECT 1 FROM bascule_journal o"
+                "   WHERE o.dataset = j.dataset AND o.seq < j.seq AND o.state = ANY($3::text[])"
+                "   AND (o.record = j.record OR o.record = '*' OR j.record = '*'))"
+                " ORDER BY j.seq LIMIT $2",
+                dataset,
+                limit,
+                list(OPEN),
+            )
+        return [_entry(r) for r in rows]
+
+    async def request_of(self, entry: Entry) -> dict[str, Any]:
+        async with reaching_postgres():
+            sealed = await self.pool.fetchval(
+                "SELECT request FROM bascule_journal WHERE seq = $1", entry.seq
+            )
+        result: dict[str, Any] = json.loads(
+            self.sealer.open(sealed, dataset=entry.dataset, field="request")
+        )
+        return result
+
+    async def answer_of(self, entry: Entry) -> bytes | None:
+        async with reaching_postgres():
+            sealed = await self.pool.fetchval(
+                "SELECT answer FROM bascule_journal WHERE seq = $1", entry.seq
+            )
+        if sealed is None:
+            return None
+        return self.sealer.open(sealed, dataset=entry.dataset, field="answer")
+
+    async def orphans(self, dataset: str | None = None) -> list[Entry]:
+        """Entries still at ``intent`` whose writer's session has ended: its lock is gone with
+        it, so nobody else will ever record their outcome."""
+        async with reaching_postgres():
+            rows = await self.pool.fetch(
+                f"SELECT {_ENTRY_COLUMNS} FROM bascule_journal j"
+                " WHERE j.state = 'intent' AND ($1::text IS NULL OR j.dataset = $1)"
+                " AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
+                "   WHERE a.pid = j.writer_pid AND a.backend_start = j.writer_started)"
+                " ORDER BY j.seq",
+                dataset,
+            )
+        return [_entry(r) for r in rows]
+
+    async def counts(self, dataset: str) -> dict[str, Any]:
+        """Backlog figures: entries by open state and the age of the oldest pending one."""
+        async with reaching_postgres():
+            rows = await self.pool.fetch(
+                "SELECT state, count(*) AS n, extract(epoch FROM now() - min(created_at)) AS age"
+                " FROM bascule_journal WHERE dataset = $1 AND state = ANY($2::text[])"
+                " GROUP BY state",
+                dataset,
+                list(OPEN),
+            )
+        by_state = {r["state"]: r for r in rows}
+        pending = by_state.get("pending")
+        return {
+            "backlog": sum(r["n"] for r in rows if r["state"] in ("intent", "pending")),
+            "pending": pending["n"] if pending else 0,
+            "oldest_pending_seconds": float(pending["age"]) if pending else None,
+            "in_doubt": by_state["in_doubt"]["n"] if "in_doubt" in by_state else 0,
+            "dead": by_state["dead"]["n"] if "dead" in by_state else 0,
+            "intent": by_state["intent"]["n"] if "intent" in by_state else 0,
+        }

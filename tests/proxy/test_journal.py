@@ -1,0 +1,184 @@
+"""The journal on real Postgres: per-record order from each entry's own state, hold-backs,
+late commits of lower sequence numbers, orphans of a dead writer, and nothing in the clear."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from bascule.errors import StoreError
+from proxy.journal import IllegalTransition, Journal
+from proxy.sealing import DATASET_WIDE, Namer, Sealer
+from tests.harness import migrate_state
+
+KEY = bytes(range(32))
+NAMER = Namer(KEY)
+R1, R2 = NAMER.record("dcir", "1"), NAMER.record("dcir", "2")
+
+
+@pytest.fixture
+async def journal(pg_url: str) -> AsyncIterator[Journal]:
+    await migrate_state(pg_url)
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=10)
+    yield Journal(pool, Sealer(KEY), replica="test-replica")
+    await pool.close()
+
+
+async def write(journal: Journal, record: str, state: str = "pending", body: str = "{}") -> int:
+    async with journal.locked("dcir", [record]) as session:
+        seq = await session.intent(
+            record=record,
+            route="/v1/datasets/{dataset}/records/{id}",
+            method="PUT",
+            authority="source",
+            stage_version=2,
+            request={"target": "/v1/datasets/dcir/records/1", "body": body},
+        )
+    if state != "intent":
+        await journal.decide(seq, state, status=200, dataset="dcir")  # type: ignore[arg-type]
+    return seq
+
+
+async def seqs(journal: Journal) -> list[int]:
+    return [e.seq for e in await journal.replayable("dcir")]
+
+
+async def test_one_record_replays_in_order_others_do_not_wait(journal: Journal) -> None:
+    a1, a2 = await write(journal, R1), await write(journal, R1)
+    b1 = await write(journal, R2)
+    assert await seqs(journal) == [a1, b1]  # a2 waits for a1; b1 does not
+    await journal.applied(a1)
+    assert await seqs(journal) == [a2, b1]
+
+
+async def test_unsettled_entries_hold_back_their_record_only(journal: Journal) -> None:
+    held = await write(journal, R1, state="intent")
+    later = await write(journal, R1)
+    other = await write(journal, R2)
+    assert await seqs(journal) == [other]
+    await journal.decide(held, "in_doubt", dataset="dcir")
+    assert await seqs(journal) == [other]  # in doubt still holds its record back
+    await journal.decide(held, "rejected", dataset="dcir")
+    assert await seqs(journal) == [later, other]
+
+
+async def test_a_dataset_wide_write_orders_with_everything(journal: Journal) -> None:
+    before = await write(journal, R1)
+    wide = await write(journal, DATASET_WIDE)
+    after = await write(journal, R2)
+    assert await seqs(journal) == [before]
+    await journal.applied(before)
+    assert await seqs(journal) == [wide]
+    await journal.applied(wide)
+    assert await seqs(journal) == [after]
+
+
+async def test_a_lower_seq_committed_late_is_still_replayed(journal: Journal, pg_url: str) -> None:
+    slow = await asyncpg.connect(pg_url)
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        low = await slow.fetchval(
+            "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
+            " stage_version, writer, writer_pid, writer_started, state, request)"
+            " VALUES ('dcir', $1, '/r', 'PUT', 'source', 2, 'x', 0, now(), 'pending', '\\x00')"
+            " RETURNING seq",
+            R2,
+        )
+        high = await write(journal, R1)
+        assert high > low
+        assert await seqs(journal) == [high]  # the lower one is not visible yet
+        await journal.applied(high)
+        await tx.commit()
+        assert await seqs(journal) == [low]  # no high-water mark skipped it
+    finally:
+        await slow.close()
+
+
+async def test_transitions_are_checked(journal: Journal) -> None:
+    seq = await write(journal, R1)
+    await journal.applied(seq)
+    with pytest.raises(IllegalTransition):
+        await journal.decide(seq, "pending", dataset="dcir")
+    intent = await write(journal, R2, state="intent")
+    with pytest.raises(IllegalTransition):
+        await journal.decide(intent, "pending", dataset="dcir", stage_version=99)  # epoch moved
+
+
+async def test_a_write_holds_its_record_lock_against_other_replicas(journal: Journal) -> None:
+    order: list[str] = []
+
+    async def hold() -> None:
+        async with journal.locked("dcir", [R1]):
+            order.append("first in")
+            await asyncio.sleep(0.3)
+            order.append("first out")
+
+    async def wait_then_take() -> None:
+        await asyncio.sleep(0.05)
+        async with journal.locked("dcir", [R1]):
+            order.append("second in")
+
+    async def other_record() -> None:
+        await asyncio.sleep(0.05)
+        async with journal.locked("dcir", [R2]):
+            order.append("other record")
+
+    await asyncio.gather(hold(), wait_then_take(), other_record())
+    assert order == ["first in", "other record", "first out", "second in"]
+    with pytest.raises(StoreError):
+        async with journal.locked("dcir", [R1]):
+            async with journal.locked("dcir", [R1], wait=0.2):
+                pass
+
+
+async def test_a_dead_writer_leaves_orphans_at_once(journal: Journal, pg_url: str) -> None:
+    async with journal.locked("dcir", [R1]) as session:
+        seq = await session.intent(
+            record=R1,
+            route="/r",
+            method="PUT",
+            authority="source",
+            stage_version=2,
+            request={"body": "x"},
+        )
+        assert [e.seq for e in await journal.orphans("dcir")] == []  # its writer is alive
+        pid = await session.conn.fetchval("SELECT pg_backend_pid()")
+        admin = await asyncpg.connect(pg_url)
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await admin.close()
+        await asyncio.sleep(0.2)
+        assert [e.seq for e in await journal.orphans("dcir")] == [seq]
+        # The lock went with the session: another writer can take the record now.
+        async with journal.locked("dcir", [R1], wait=1.0):
+            pass
+
+
+async def test_nothing_readable_in_the_journal_table(journal: Journal, pg_url: str) -> None:
+    secret = '{"patient_id": "P00c0ffee0000beef", "amount": 42.5}'
+    seq = await write(journal, NAMER.record("dcir", "P00c0ffee0000beef"), "intent", secret)
+    await journal.decide(seq, "pending", status=201, answer=secret.encode(), dataset="dcir")
+    conn = await asyncpg.connect(pg_url)
+    try:
+        dump = " ".join(
+            str(v)
+            for row in await conn.fetch("SELECT * FROM bascule_journal")
+            for v in row.values()
+        )
+        raw = b"".join(
+            bytes(v)
+            for row in await conn.fetch("SELECT request, answer FROM bascule_journal")
+            for v in row.values()
+            if v is not None
+        )
+    finally:
+        await conn.close()
+    for needle in ("P00c0ffee0000beef", "42.5", "patient_id"):
+        assert needle not in dump
+        assert needle.encode() not in raw
+    entry = (await journal.replayable("dcir"))[0]
+    assert (await journal.request_of(entry))["body"] == secret
+    assert await journal.answer_of(entry) == secret.encode()
