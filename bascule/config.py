@@ -118,7 +118,10 @@ class Route(_Record, frozen=True):
     create_id: str | None = None
     """JSON pointer to the server-assigned id in the authoritative answer to a create."""
     replay_as: str | None = None
-    """How a create is replayed on the other side: ``PUT /v1/datasets/{dataset}/records/{id}``."""
+    """How the write is replayed on the other side, carrying the authoritative side's answer as
+    its body (``PUT /v1/datasets/{dataset}/records/{id}``): for creates, whose id the server
+    assigns, and for writes whose server-set fields (``updated_at``) must be the same on both
+    sides. Without it, the researcher's request is replayed as it was."""
     idempotent_backend: bool = False
     """The backend honours ``Idempotency-Key`` here, so an in-doubt write may be re-sent."""
     compare: CompareRules | None = None
@@ -476,23 +479,30 @@ def _check_route(src: str, key: str, route: Route, datasets: Mapping[str, Datase
             )
     if route.key is not None and route.key not in params:
         raise ConfigError(src, f"{key}.key", f"{route.key!r} is not a parameter of {route.path!r}")
-    if (route.create_id is None) != (route.replay_as is None):
-        raise ConfigError(src, key, "create_id and replay_as go together")
     if route.create_id is not None:
+        if route.replay_as is None:
+            raise ConfigError(src, key, "create_id and replay_as go together")
         if route.kind != "write":
             raise ConfigError(src, f"{key}.create_id", "only a write route creates records")
         if not route.create_id.startswith("/"):
             raise ConfigError(src, f"{key}.create_id", "expected a JSON pointer such as '/id'")
-        assert route.replay_as is not None
+    if route.replay_as is not None:
+        if route.kind != "write":
+            raise ConfigError(src, f"{key}.replay_as", "only a write route is replayed")
+        if route.create_id is None and route.key is None:
+            raise ConfigError(
+                src, f"{key}.replay_as", "needs create_id or key: which record does it replay?"
+            )
         method, _, path = route.replay_as.partition(" ")
         if method not in HTTP_METHODS or not path.startswith("/"):
             raise ConfigError(
                 src, f"{key}.replay_as", f"expected 'METHOD /path/{{id}}', got {route.replay_as!r}"
             )
         replay_params = Route(path=path, methods=(method,), kind="write").params
-        if "id" not in replay_params:
+        if route.create_id is not None and "id" not in replay_params:
             raise ConfigError(src, f"{key}.replay_as", "the replay path must contain {id}")
-        missing = set(replay_params) - set(params) - {"id"}
+        allowed = set(params) | ({"id"} if route.create_id is not None else set())
+        missing = set(replay_params) - allowed
         if missing:
             raise ConfigError(
                 src,

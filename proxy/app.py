@@ -8,21 +8,27 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bascule.config import Config, Secrets, load_config
+from bascule.config import Backend, Config, Secrets, load_config
 from bascule.errors import UsageError
 from bascule.stores import provide_stores
+from bascule.tasks import spawn
 from cutover.admin import AdminDeps, create_admin_app
 from cutover.fleet import RedisAnnouncer, StageView
 from cutover.store import StageStore, open_pool, schema_check
+from proxy.dualwrite import DualWriter
 from proxy.forward import Forwarder
+from proxy.journal import Journal
 from proxy.plan import Side
+from proxy.replayer import Replayer
 from proxy.routing import Router
+from proxy.sealing import Namer, Sealer
 from proxy.server import Server
 from proxy.upstream import Upstream
 
@@ -50,6 +56,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _credential(backend: Backend) -> str | None:
+    """bascule's service credential for a backend, from the variable the config names."""
+    if backend.credential_env is None:
+        return None
+    value = os.environ.get(backend.credential_env)
+    if not value:
+        log.warning(
+            "%s is not set: replays to that backend carry no credential", backend.credential_env
+        )
+    return value or None
+
+
 def create_proxy_server(forwarder: Forwarder, max_body_bytes: int) -> Server:
     return Server(forwarder.handle, max_body_bytes=max_body_bytes, dataset_of=forwarder.dataset_of)
 
@@ -62,6 +80,8 @@ class Replica:
     secrets: Secrets
     postgres_url: str
     redis_url: str
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    """This replica, as recorded in the journal and leases."""
 
     async def __aenter__(self) -> Replica:
         self.pool = await open_pool(self.postgres_url)
@@ -83,9 +103,39 @@ class Replica:
         for upstream in self.upstreams.values():
             await upstream.open()
         await self.view.start()
+        self.dual: DualWriter | None = None
+        self.replayer_task: asyncio.Task[None] | None = None
+        if self.secrets.journal_key and self.secrets.hmac_key:
+            # One session per write in flight holds its record lock: a pool of its own.
+            self.journal_pool = await open_pool(self.postgres_url, max_size=100)
+            journal = Journal(self.journal_pool, Sealer(self.secrets.journal_key), self.name)
+            self.dual = DualWriter(journal, Namer(self.secrets.hmac_key), self.upstreams)
+            replayer = Replayer(
+                journal,
+                self.view,
+                self.upstreams,
+                {(r.path, m): r for r in self.config.routes for m in r.methods},
+                {
+                    Side.SOURCE: _credential(self.config.source_backend),
+                    Side.TARGET: _credential(self.config.target_backend),
+                },
+                self.name,
+            )
+            self.replayer_task = spawn(replayer.run(), name="replayer")
+        else:
+            log.warning(
+                "BASCULE_JOURNAL_KEY or BASCULE_HMAC_KEY is not set: writes to datasets in "
+                "dual-write stages will be refused"
+            )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.replayer_task is not None:
+            self.replayer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.replayer_task
+        if self.dual is not None:
+            await self.journal_pool.close()
         await self.view.stop()
         for upstream in self.upstreams.values():
             await upstream.close()
@@ -93,9 +143,8 @@ class Replica:
         await self.pool.close()
 
     def forwarder(self) -> Forwarder:
-        return Forwarder(
-            Router(self.config.routes, self.config.datasets), self.view, self.upstreams
-        )
+        router = Router(self.config.routes, self.config.datasets)
+        return Forwarder(router, self.view, self.upstreams, self.dual)
 
     def server(self) -> Server:
         return create_proxy_server(self.forwarder(), self.config.proxy.max_body_bytes)

@@ -12,10 +12,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import orjson
-
 from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
 from cutover.fleet import StageView
+from proxy.answers import HOP_BY_HOP, dropped, error, response_headers, without
+from proxy.dualwrite import DualWriter
 from proxy.plan import Side, plan
 from proxy.routing import Match, Router
 from proxy.server import Request, Responder
@@ -23,20 +23,6 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("bascule.proxy")
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Recomputed by the HTTP client or server for the message they actually send; and headers only
 # bascule may set (a researcher must not be able to claim another host, scheme or client, or
 # pose as a shadow read).
@@ -49,7 +35,6 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "forwarded",
     "x-real-ip",
 }
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 STREAM_ABOVE = 64 * 1024
 
 
@@ -58,6 +43,9 @@ class Forwarder:
     router: Router
     view: StageView
     upstreams: Mapping[Side, Upstream]
+    dual: DualWriter | None = None
+    """The journaled write path; None when the journal keys are not configured, in which case
+    writes in dual-write stages are refused (503) rather than left unjournaled."""
     scheme: str = "http"
 
     def dataset_of(self, method: str, target: str) -> str | None:
@@ -94,8 +82,20 @@ class Forwarder:
                 "it could not be journaled safely, so it is refused",
                 match.dataset,
             )
-        side = plan(row.stage, match.kind).serve
-        await self.forward(request, out, match, self.upstreams[side])
+        planned = plan(row.stage, match.kind)
+        if planned.replicate is not None:
+            if self.dual is None:
+                return await error(
+                    out,
+                    503,
+                    "journal_unavailable",
+                    f"dataset {match.dataset!r} is in a dual-write stage but this replica has no "
+                    "journal (BASCULE_JOURNAL_KEY and BASCULE_HMAC_KEY are needed): refused",
+                    match.dataset,
+                )
+            headers = self.request_headers(request)
+            return await self.dual.write(request, out, match, row, planned, headers)
+        await self.forward(request, out, match, self.upstreams[planned.serve])
 
     async def forward(
         self, request: Request, out: Responder, match: Match, upstream: Upstream
@@ -109,10 +109,10 @@ class Forwarder:
                     # The backend's Content-Length describes the body it did not send: keep it.
                     await resp.read()
                     await out.send(
-                        resp.status, _without(resp.raw_headers, HOP_BY_HOP), b"", keep_length=True
+                        resp.status, without(resp.raw_headers, HOP_BY_HOP), b"", keep_length=True
                     )
                     return
-                out_headers = _without(resp.raw_headers, _RESPONSE_DROP)
+                out_headers = response_headers(resp.raw_headers)
                 length = resp.content_length
                 if length is not None and length <= STREAM_ABOVE:
                     await out.send(resp.status, out_headers, await resp.read())
@@ -139,7 +139,7 @@ class Forwarder:
     def request_headers(self, request: Request) -> list[tuple[str, str]]:
         """End-to-end headers of the researcher's request, plus ``X-Forwarded-*``."""
         connection = request.header("Connection")
-        drop = _dropped(connection, _REQUEST_DROP)
+        drop = dropped(connection, _REQUEST_DROP)
         prior = None
         headers = []
         for name, value in request.headers:
@@ -155,27 +155,3 @@ class Forwarder:
         headers.append(("X-Forwarded-Proto", self.scheme))
         headers.append(("X-Forwarded-Host", request.host))
         return headers
-
-
-def _without(raw: list[tuple[str, str]], always: frozenset[str]) -> list[tuple[str, str]]:
-    connection = next((v for k, v in raw if k.lower() == "connection"), None)
-    drop = _dropped(connection, always)
-    return [(k, v) for k, v in raw if k.lower() not in drop]
-
-
-def _dropped(connection: str | None, always: frozenset[str]) -> frozenset[str]:
-    """Hop-by-hop names, with those the ``Connection`` header lists."""
-    if not connection:
-        return always
-    return always | {t.strip().lower() for t in connection.split(",") if t.strip()}
-
-
-async def error(out: Responder, status: int, code: str, message: str, dataset: str | None) -> None:
-    payload: dict[str, object] = {"code": code, "message": message}
-    if dataset is not None:
-        payload["dataset"] = dataset
-    await out.send(
-        status,
-        [("Content-Type", "application/json"), ("X-Bascule-Error", code)],
-        orjson.dumps({"error": payload}),
-    )

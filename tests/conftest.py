@@ -6,6 +6,7 @@ tests run in any order and never see each other's data.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
@@ -22,6 +23,10 @@ _endpoints: StoreEndpoints | None = None
 def pytest_configure(config: pytest.Config) -> None:
     global _endpoints
     _endpoints = _stack.enter_context(provide_stores())
+    from tests.harness import PROXY_ENV
+
+    # Proxies started in-process read their service credential from the environment.
+    os.environ.update(PROXY_ENV)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

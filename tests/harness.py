@@ -24,6 +24,14 @@ OPERATOR_TOKEN = "operator-token-0123456789"
 VIEWER_TOKEN = "viewer-token-0123456789"
 DATASETS = ("default", "dcir", "pmsi", "cepidc")
 AUTH = {"Authorization": f"Bearer {RESEARCHER_TOKEN}"}
+JOURNAL_KEY = "11" * 32
+HMAC_KEY = "22" * 32
+# What a proxy process in the tests is started with: the journal keys and the service token.
+PROXY_ENV = {
+    "BASCULE_JOURNAL_KEY": JOURNAL_KEY,
+    "BASCULE_HMAC_KEY": HMAC_KEY,
+    "BASCULE_TEST_SERVICE_TOKEN": SERVICE_TOKEN,
+}
 
 
 @asynccontextmanager
@@ -101,11 +109,13 @@ target = "scaleway"
 url = "{source_url}"
 connect_timeout = 1.0
 read_timeout = {read_timeout}
+credential_env = "BASCULE_TEST_SERVICE_TOKEN"
 
 [backends.scaleway]
 url = "{target_url}"
 connect_timeout = 1.0
 read_timeout = {read_timeout}
+credential_env = "BASCULE_TEST_SERVICE_TOKEN"
 
 [datasets.default]
 [datasets.dcir]
@@ -138,7 +148,14 @@ key = "id"
 
 [[routes]]
 path = "/v1/datasets/{{dataset}}/records/{{id}}"
-methods = ["PUT", "PATCH", "DELETE"]
+methods = ["PUT", "PATCH"]
+kind = "write"
+key = "id"
+replay_as = "PUT /v1/datasets/{{dataset}}/records/{{id}}"
+
+[[routes]]
+path = "/v1/datasets/{{dataset}}/records/{{id}}"
+methods = ["DELETE"]
 kind = "write"
 key = "id"
 

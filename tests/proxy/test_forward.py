@@ -22,6 +22,7 @@ from cutover.store import StageStore, open_pool
 from proxy.app import Replica
 from tests.harness import (
     AUTH,
+    PROXY_ENV,
     closed_port_url,
     dcir_record,
     garbage_server,
@@ -115,7 +116,7 @@ async def _setup(
         **kwargs,  # type: ignore[arg-type]
     )
     replica = await stack.enter_async_context(
-        Replica(config, Secrets.from_env(os.environ), pg_url, redis_url)
+        Replica(config, Secrets.from_env({**os.environ, **PROXY_ENV}), pg_url, redis_url)
     )
     url = await stack.enter_async_context(serve_proxy(replica.server()))
     return Setup(replica, url, pg_url)

@@ -1,0 +1,158 @@
+"""The write path in dual-write stages: lock, intent, authoritative call, outcome, answer.
+
+For a write whose plan has a side to replicate to, under the record's lock:
+
+1. the intent is committed to the journal (sealed; never the researcher's ``Authorization``);
+2. the authoritative side is called, and its answer read whole;
+3. the outcome is recorded: a 2xx is *pending* (to be replayed), a non-retryable 4xx is
+   *rejected* (never replayed), and a 5xx, a 408/429, a timeout or a broken connection after
+   the request was sent is *in doubt* (the backend may have committed it);
+4. the researcher gets the authoritative side's answer.
+
+If the intent cannot be committed the write is refused (503) before anything is sent: no
+write is ever accepted unjournaled. If only the outcome cannot be recorded, the write did
+happen: the researcher gets its answer, and the entry, left at *intent* with its writer's
+session gone, is an orphan for the resolver. The handler is never cancelled by its client
+hanging up (``proxy/server.py``), so a write once sent is finished and journaled.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import orjson
+
+from bascule.errors import StoreError, UpstreamError, UpstreamTimeout
+from cutover.store import StageRow
+from proxy.answers import error, response_headers
+from proxy.journal import Journal, State
+from proxy.plan import Plan, Side
+from proxy.routing import Match
+from proxy.sealing import Namer
+from proxy.server import Request, Responder
+from proxy.upstream import Upstream
+
+log = logging.getLogger("bascule.dualwrite")
+
+Answer = tuple[int, list[tuple[str, str]], bytes]
+"""The authoritative side's status, end-to-end headers and body."""
+
+# Never journaled: credentials of the researcher, and what only concerns one connection.
+_NOT_JOURNALED = frozenset({"authorization", "cookie", "proxy-authorization"})
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+def outcome_of(status: int) -> State:
+    if 200 <= status < 300:
+        return "pending"
+    if 400 <= status < 500 and status not in _RETRYABLE_4XX:
+        return "rejected"
+    return "in_doubt"  # 5xx, 408, 429, 1xx/3xx: the backend may or may not have applied it
+
+
+@dataclass
+class DualWriter:
+    journal: Journal
+    namer: Namer
+    upstreams: Mapping[Side, Upstream]
+
+    async def write(
+        self,
+        request: Request,
+        out: Responder,
+        match: Match,
+        row: StageRow,
+        plan: Plan,
+        headers: list[tuple[str, str]],
+    ) -> None:
+        upstream = self.upstreams[plan.serve]
+        token = self.namer.record(match.dataset, match.key)
+        journaled = {
+            "method": request.method,
+            "target": request.target,
+            "key": match.key,
+            "headers": [[k, v] for k, v in headers if k.lower() not in _NOT_JOURNALED],
+            "body": base64.b64encode(request.body).decode("ascii"),
+        }
+        answer: Answer | UpstreamError | None = None
+        try:
+            async with self.journal.locked(match.dataset, [token]) as session:
+                seq = await session.intent(
+                    record=token,
+                    route=match.template,
+                    method=request.method,
+                    authority=plan.serve.value,
+                    stage_version=row.version,
+                    request=journaled,
+                )
+                answer = await self._call_authority(request, upstream, headers)
+                await self._record(seq, match.dataset, row, answer)
+        except StoreError as exc:
+            if answer is not None:
+                # The write was sent; only its outcome is missing: the entry is an orphan.
+                log.error("journal outcome not recorded (%s); entry left for the resolver", exc)
+            else:
+                await error(
+                    out,
+                    503,
+                    "journal_unavailable",
+                    f"this write was refused before reaching any backend: the journal could not "
+                    f"record it ({exc}); writes resume when it is back",
+                    match.dataset,
+                )
+                return
+        assert answer is not None
+        if isinstance(answer, UpstreamError):
+            timeout = isinstance(answer, UpstreamTimeout)
+            await error(
+                out,
+                504 if timeout else 502,
+                "backend_timeout" if timeout else "backend_unreachable",
+                str(answer),
+                match.dataset,
+            )
+            return
+        status, answer_headers, body = answer
+        await out.send(status, answer_headers, body)
+
+    async def _call_authority(
+        self, request: Request, upstream: Upstream, headers: list[tuple[str, str]]
+    ) -> Answer | UpstreamError:
+        try:
+            async with upstream.request(
+                request.method, request.target, headers, request.body
+            ) as resp:
+                body = await resp.read()
+                return resp.status, response_headers(resp.raw_headers), body
+        except UpstreamError as exc:
+            return exc
+
+    async def _record(
+        self,
+        seq: int,
+        dataset: str,
+        row: StageRow,
+        answer: Answer | UpstreamError,
+    ) -> None:
+        if isinstance(answer, UpstreamError):
+            # Not sent: nothing happened anywhere. Sent: it may have been applied.
+            state: State = "in_doubt" if answer.sent else "rejected"
+            await self.journal.decide(seq, state, dataset=dataset, stage_version=row.version)
+            return
+        status, headers, body = answer
+        stored = orjson.dumps({"status": status, "headers": headers, "body": _b64(body)})
+        await self.journal.decide(
+            seq,
+            outcome_of(status),
+            status=status,
+            answer=stored,
+            dataset=dataset,
+            stage_version=row.version,
+        )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,181 @@
+"""The replayer: applies journaled writes to the other side, in per-record order.
+
+One replayer is active per dataset across the fleet, by a Postgres lease; if its replica dies
+the lease expires and another takes over. Each round it takes the replayable entries (the head
+of each record's chain: see ``proxy/journal.py``), applies them concurrently — they concern
+distinct records — and marks each *applied*, *retry later* (with exponential backoff and
+jitter, for 5xx, timeouts and unreachable backends: the other side may be down for a while),
+or *dead* (a refusal the other side would repeat, or an answer of another kind than the
+authoritative side's: it blocks the gate and is shown to SREs).
+
+A replay carries bascule's own idempotency key (``bascule:{dataset}:{seq}``) and the backend's
+service credential from the environment, never a researcher's ``Authorization``. A route with
+``replay_as`` is replayed as that request carrying the authoritative side's answer, so both
+sides store identical rows (server-assigned ids and server-set fields included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bascule.config import Route
+from bascule.errors import StoreError, UpstreamError
+from cutover.fleet import StageView
+from cutover.store import reaching_postgres
+from proxy.journal import Entry, Journal
+from proxy.plan import Side, plan
+from proxy.upstream import Upstream
+
+log = logging.getLogger("bascule.replayer")
+
+_RETRYABLE = frozenset({408, 425, 429})
+
+
+@dataclass
+class Replayer:
+    journal: Journal
+    view: StageView
+    upstreams: Mapping[Side, Upstream]
+    routes: Mapping[tuple[str, str], Route]
+    """(route template, method) -> the route, to know how to replay an entry."""
+    credentials: Mapping[Side, str | None]
+    replica: str
+    lease_seconds: float = 5.0
+    concurrency: int = 32
+    idle_wait: float = 0.05
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    sleep: Callable[[float], Any] = asyncio.sleep
+
+    async def run(self) -> None:
+        """Replay until cancelled."""
+        while True:
+            busy = False
+            for dataset, row in list(self.view.stages.items()):
+                other = plan(row.stage, "write").replicate
+                if other is None:
+                    continue
+                try:
+                    if not await self._lease(f"replay:{dataset}"):
+                        continue
+                    busy |= await self.round(dataset) > 0
+                except StoreError as exc:
+                    log.warning("replayer: %s", exc)
+                    await self.sleep(1.0)
+            if not busy:
+                await self.sleep(self.idle_wait)
+
+    async def _lease(self, name: str) -> bool:
+        async with reaching_postgres():
+            holder = await self.journal.pool.fetchval(
+                "INSERT INTO bascule_lease (name, holder, expires_at)"
+                " VALUES ($1, $2, now() + make_interval(secs => $3))"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+                " expires_at = excluded.expires_at"
+                " WHERE bascule_lease.holder = excluded.holder OR bascule_lease.expires_at < now()"
+                " RETURNING holder",
+                name,
+                self.replica,
+                self.lease_seconds,
+            )
+        return bool(holder == self.replica)
+
+    async def round(self, dataset: str) -> int:
+        """Apply one batch of replayable entries of ``dataset``; return how many were tried."""
+        entries = await self.journal.replayable(dataset, limit=self.concurrency * 4)
+        if not entries:
+            return 0
+        limit = asyncio.Semaphore(self.concurrency)
+
+        async def one(entry: Entry) -> None:
+            async with limit:
+                await self.apply(entry)
+
+        await asyncio.gather(*(one(e) for e in entries))
+        return len(entries)
+
+    async def apply(self, entry: Entry) -> None:
+        target = Side.TARGET if entry.authority == Side.SOURCE.value else Side.SOURCE
+        upstream = self.upstreams[target]
+        try:
+            method, path, headers, body = await self._replay_request(entry, target)
+        except (ValueError, KeyError) as exc:
+            await self.journal.dead(entry.seq, f"cannot build the replay: {type(exc).__name__}")
+            return
+        try:
+            async with upstream.request(method, path, headers, body) as resp:
+                await resp.read()
+                status = resp.status
+        except UpstreamError as exc:
+            await self._later(entry, type(exc).__name__)
+            return
+        if 200 <= status < 300 or (method == "DELETE" and status == 404):
+            # A DELETE of what the other side does not have leaves both sides equal.
+            await self.journal.applied(entry.seq)
+        elif status >= 500 or status in _RETRYABLE:
+            await self._later(entry, f"status {status}")
+        else:
+            await self.journal.dead(entry.seq, f"the other side answered {status}")
+
+    async def _later(self, entry: Entry, error: str) -> None:
+        delay = min(self.max_delay, self.base_delay * 2 ** min(entry.attempts, 10))
+        await self.journal.retry_later(entry.seq, error, delay * random.uniform(0.5, 1.0))
+
+    async def _replay_request(
+        self, entry: Entry, side: Side
+    ) -> tuple[str, str, list[tuple[str, str]], bytes]:
+        original = await self.journal.request_of(entry)
+        route = self.routes.get((entry.route, entry.method))
+        headers = [(k, v) for k, v in original["headers"] if not _ours(k)]
+        headers.append(("Idempotency-Key", f"bascule:{entry.dataset}:{entry.seq}"))
+        credential = self.credentials.get(side)
+        if credential:
+            headers.append(("Authorization", f"Bearer {credential}"))
+        if route is None or route.replay_as is None:
+            body = base64.b64decode(original["body"])
+            return original["method"], original["target"], headers, body
+        answer = await self.journal.answer_of(entry)
+        if answer is None:
+            raise ValueError("no authoritative answer to replay")
+        stored = orjson.loads(answer)
+        body = base64.b64decode(stored["body"])
+        method, _, template = route.replay_as.partition(" ")
+        values = {"dataset": entry.dataset}
+        values.update(_path_values(route.path, original["target"]))
+        if route.create_id is not None:
+            values["id"] = str(_pointer(orjson.loads(body), route.create_id))
+        path = template
+        for name, value in values.items():
+            path = path.replace("{" + name + "}", value)
+        headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
+        content_type = next(
+            (v for k, v in stored["headers"] if k.lower() == "content-type"), "application/json"
+        )
+        headers.append(("Content-Type", content_type))
+        return method, path, headers, body
+
+
+def _ours(name: str) -> bool:
+    return name.lower() in ("idempotency-key", "authorization", "content-length")
+
+
+def _path_values(pattern: str, target: str) -> dict[str, str]:
+    """Raw (still escaped) parameter values of ``target`` under ``pattern``."""
+    parts = pattern.strip("/").split("/")
+    given = target.split("?", 1)[0].strip("/").split("/")
+    return {p[1:-1]: g for p, g in zip(parts, given, strict=False) if p.startswith("{")}
+
+
+def _pointer(doc: Any, pointer: str) -> Any:
+    for token in pointer.lstrip("/").split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        doc = doc[int(token)] if isinstance(doc, list) else doc[token]
+    return doc
