@@ -27,6 +27,7 @@ from proxy.forward import Forwarder
 from proxy.journal import Journal
 from proxy.plan import Side
 from proxy.replayer import Replayer
+from proxy.resolver import Resolver
 from proxy.routing import Router
 from proxy.sealing import Namer, Sealer
 from proxy.server import Server
@@ -110,16 +111,19 @@ class Replica:
             self.journal_pool = await open_pool(self.postgres_url, max_size=100)
             journal = Journal(self.journal_pool, Sealer(self.secrets.journal_key), self.name)
             self.dual = DualWriter(journal, Namer(self.secrets.hmac_key), self.upstreams)
+            routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
+            credentials = {
+                Side.SOURCE: _credential(self.config.source_backend),
+                Side.TARGET: _credential(self.config.target_backend),
+            }
             replayer = Replayer(
                 journal,
                 self.view,
                 self.upstreams,
-                {(r.path, m): r for r in self.config.routes for m in r.methods},
-                {
-                    Side.SOURCE: _credential(self.config.source_backend),
-                    Side.TARGET: _credential(self.config.target_backend),
-                },
+                routes,
+                credentials,
                 self.name,
+                resolver=Resolver(journal, self.upstreams, routes, credentials),
             )
             self.replayer_task = spawn(replayer.run(), name="replayer")
         else:

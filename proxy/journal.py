@@ -226,6 +226,16 @@ class Journal:
             )
         return [_entry(r) for r in rows]
 
+    async def in_state(self, dataset: str, state: State) -> list[Entry]:
+        async with reaching_postgres():
+            rows = await self.pool.fetch(
+                f"SELECT {_ENTRY_COLUMNS} FROM bascule_journal"
+                " WHERE dataset = $1 AND state = $2 ORDER BY seq",
+                dataset,
+                state,
+            )
+        return [_entry(r) for r in rows]
+
     async def request_of(self, entry: Entry) -> dict[str, Any]:
         async with reaching_postgres():
             sealed = await self.pool.fetchval(

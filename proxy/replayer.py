@@ -22,7 +22,7 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -33,6 +33,9 @@ from cutover.store import reaching_postgres
 from proxy.journal import Entry, Journal
 from proxy.plan import Side, plan
 from proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from proxy.resolver import Resolver
 
 log = logging.getLogger("bascule.replayer")
 
@@ -49,6 +52,7 @@ class Replayer:
     credentials: Mapping[Side, str | None]
     replica: str
     lease_seconds: float = 5.0
+    resolver: Resolver | None = None
     concurrency: int = 32
     idle_wait: float = 0.05
     base_delay: float = 0.2
@@ -66,6 +70,8 @@ class Replayer:
                 try:
                     if not await self._lease(f"replay:{dataset}"):
                         continue
+                    if self.resolver is not None:
+                        busy |= await self.resolver.round(dataset) > 0
                     busy |= await self.round(dataset) > 0
                 except StoreError as exc:
                     log.warning("replayer: %s", exc)
@@ -139,17 +145,25 @@ class Replayer:
         credential = self.credentials.get(side)
         if credential:
             headers.append(("Authorization", f"Bearer {credential}"))
+        answer = await self.journal.answer_of(entry)
+        stored = orjson.loads(answer) if answer is not None else {}
+        if "resolved" in stored:
+            # Settled by the resolver: write back the authoritative side's current state.
+            resolved = stored["resolved"]
+            body = base64.b64decode(stored["body"])
+            headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
+            if resolved["method"] != "DELETE":
+                headers.append(("Content-Type", stored["headers"][0][1]))
+            return resolved["method"], resolved["path"], headers, body
         if route is None or route.replay_as is None:
             body = base64.b64decode(original["body"])
             return original["method"], original["target"], headers, body
-        answer = await self.journal.answer_of(entry)
         if answer is None:
             raise ValueError("no authoritative answer to replay")
-        stored = orjson.loads(answer)
         body = base64.b64decode(stored["body"])
         method, _, template = route.replay_as.partition(" ")
         values = {"dataset": entry.dataset}
-        values.update(_path_values(route.path, original["target"]))
+        values.update(path_values(route.path, original["target"]))
         if route.create_id is not None:
             values["id"] = str(_pointer(orjson.loads(body), route.create_id))
         path = template
@@ -167,7 +181,7 @@ def _ours(name: str) -> bool:
     return name.lower() in ("idempotency-key", "authorization", "content-length")
 
 
-def _path_values(pattern: str, target: str) -> dict[str, str]:
+def path_values(pattern: str, target: str) -> dict[str, str]:
     """Raw (still escaped) parameter values of ``target`` under ``pattern``."""
     parts = pattern.strip("/").split("/")
     given = target.split("?", 1)[0].strip("/").split("/")

@@ -8,13 +8,14 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from bascule.config import Secrets
 from cutover.stages import Stage
@@ -27,6 +28,7 @@ from tests.harness import (
     dcir_record,
     migrate_state,
     refapi,
+    serve_app,
     serve_proxy,
     write_config,
 )
@@ -196,3 +198,75 @@ async def test_without_the_journal_a_write_is_refused_and_reads_go_on(
         async with session.get(f"{world.proxy}/v1/datasets/dcir/records/1") as resp:
             assert resp.status == 200
     assert await table_digest(world.source_db) == await table_digest(world.target_db)
+
+
+@asynccontextmanager
+async def answers_504_after_commit(backend: str, methods: set[str]) -> AsyncIterator[str]:
+    """An HTTP proxy in front of ``backend`` that forwards every request, lets the backend
+    commit it, then answers 504 instead of the backend's answer for ``methods``."""
+
+    async def relay(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host",)}
+        async with aiohttp.ClientSession() as session:
+            async with session.request(
+                request.method, backend + request.path_qs, data=body, headers=headers
+            ) as resp:
+                data = await resp.read()
+                if request.method in methods:
+                    return web.Response(status=504, text="gateway timeout")
+                return web.Response(status=resp.status, body=data, content_type=resp.content_type)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    async with serve_app(app) as url:
+        yield url
+
+
+async def test_a_504_after_the_source_committed_is_resolved_and_replayed(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    src, tgt = await make_database("src"), await make_database("tgt")
+    for db in (src, tgt):
+        await seed_database(db, 20, seed=7)
+    await migrate_state(pg_url)
+    async with AsyncExitStack() as stack:
+        source = await stack.enter_async_context(refapi("azure", src))
+        faulty = await stack.enter_async_context(answers_504_after_commit(source, {"PATCH"}))
+        target = await stack.enter_async_context(refapi("scaleway", tgt))
+        config = write_config(
+            tmp_path / "bascule.toml",
+            source_url=faulty,
+            target_url=target,
+            postgres_url=pg_url,
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+        )
+        secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
+        replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
+        url = await stack.enter_async_context(serve_proxy(replica.server()))
+        world = World(url, src, tgt, pg_url, replica)
+        await world.to_stage(Stage.DUALWRITE)
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async with session.patch(
+                f"{url}/v1/datasets/dcir/records/3", json={"amount": 777}
+            ) as resp:
+                assert resp.status == 504  # the researcher sees what the source's gateway said
+        conn = await asyncpg.connect(pg_url)
+        try:
+            states = [r["state"] for r in await conn.fetch("SELECT state FROM bascule_journal")]
+        finally:
+            await conn.close()
+        assert states in (["in_doubt"], ["pending"], ["applied"])  # the resolver may be quick
+        counts = await world.drained()
+        deadline = time.monotonic() + 10
+        while counts.get("in_doubt") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            counts = await world.drained()
+        assert counts == {"applied": 1}, counts
+        # The source committed the PATCH; the target got it through the resolution.
+        assert await table_digest(src) == await table_digest(tgt)

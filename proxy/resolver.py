@@ -1,0 +1,130 @@
+"""The resolver: settles writes whose fate is unknown, never by a blind re-send.
+
+An entry is *in doubt* when the authoritative side answered 5xx, timed out or broke the
+connection after the request was sent; an entry left at *intent* by a writer whose session
+ended (the replica died) is an orphan, and is first marked in doubt. Either may or may not
+have been applied. The resolver settles them by asking the authoritative side for the record's
+current state, and queues the replay of that state: a PUT of what it holds (through the
+record's ``replay_as`` route), or a DELETE if it holds nothing. Later writes to the record,
+held back meanwhile, then replay on top, so both sides end with the authoritative state. A
+write that names no record (a create whose answer was lost, a bulk write) cannot be read back:
+it stays in doubt, shown to SREs, blocking the gate, unless its route declares
+``idempotent_backend`` — then it is re-sent to the authoritative side with the idempotency key
+it first carried, which the backend answers without applying it twice.
+
+An orphan is only read back once its writer's call to the backend could no longer be in
+flight (``read_timeout`` plus a margin after its intent): a replica that lost its state
+session but not its life may still be waiting for that answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+
+from bascule.config import Route
+from bascule.errors import StoreError, UpstreamError
+from proxy.journal import Entry, Journal
+from proxy.plan import Side
+from proxy.replayer import path_values
+from proxy.upstream import Upstream
+
+log = logging.getLogger("bascule.resolver")
+
+ORPHAN_MARGIN = 5.0
+
+
+@dataclass
+class Resolver:
+    journal: Journal
+    upstreams: Mapping[Side, Upstream]
+    routes: Mapping[tuple[str, str], Route]
+    credentials: Mapping[Side, str | None]
+    every: float = 0.5
+    """Seconds between two looks at one dataset (the replayer calls often)."""
+    _last: dict[str, float] = field(default_factory=dict)
+
+    async def round(self, dataset: str) -> int:
+        """Try to settle every unsettled entry of ``dataset``; return how many were settled."""
+        now = time.monotonic()
+        if now - self._last.get(dataset, 0.0) < self.every:
+            return 0
+        self._last[dataset] = now
+        settled = 0
+        for orphan in await self.journal.orphans(dataset):
+            age = (datetime.now(UTC) - orphan.created_at).total_seconds()
+            read_timeout = self.upstreams[Side(orphan.authority)].backend.read_timeout
+            if age > read_timeout + ORPHAN_MARGIN:
+                await self.journal.decide(orphan.seq, "in_doubt", dataset=dataset)
+        for entry in await self.journal.in_state(dataset, "in_doubt"):
+            try:
+                settled += await self.settle(entry)
+            except (UpstreamError, StoreError) as exc:
+                log.warning("could not settle journal entry %d yet: %s", entry.seq, exc)
+        return settled
+
+    async def settle(self, entry: Entry) -> int:
+        original = await self.journal.request_of(entry)
+        route = self.routes.get((entry.route, entry.method))
+        authority = Side(entry.authority)
+        if original.get("key") is not None and route is not None:
+            values = {"dataset": entry.dataset, **path_values(route.path, original["target"])}
+            record_path = _apply(route.path, values)
+            put = self._put_route(route)
+            if put is None:
+                return 0  # no way to write a record's state back: stays in doubt, shown
+            headers = []
+            credential = self.credentials.get(authority)
+            if credential:
+                headers.append(("Authorization", f"Bearer {credential}"))
+            async with self.upstreams[authority].request("GET", record_path, headers, b"") as resp:
+                body = await resp.read()
+                status = resp.status
+            if status == 200:
+                replay = {"method": put[0], "path": _apply(put[1], values)}
+            elif status == 404:
+                replay = {"method": "DELETE", "path": record_path}
+            else:
+                log.warning("entry %d: the authoritative side answered %d", entry.seq, status)
+                return 0
+            stored = orjson.dumps(
+                {
+                    "status": status,
+                    "headers": [["Content-Type", _ctype(resp.raw_headers)]],
+                    "body": _b64(body if status == 200 else b""),
+                    "resolved": replay,
+                }
+            )
+            await self.journal.decide(entry.seq, "pending", answer=stored, dataset=entry.dataset)
+            return 1
+        return 0
+
+    def _put_route(self, route: Route) -> tuple[str, str] | None:
+        """The request that writes a record's whole state: this route's ``replay_as``, or that
+        of another route on the same path."""
+        candidates = [route, *(r for r in self.routes.values() if r.path == route.path)]
+        for candidate in candidates:
+            if candidate.replay_as is not None and candidate.create_id is None:
+                method, _, path = candidate.replay_as.partition(" ")
+                return method, path
+        return None
+
+
+def _apply(template: str, values: Mapping[str, str]) -> str:
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", value)
+    return template
+
+
+def _ctype(raw: list[tuple[str, str]]) -> str:
+    return next((v for k, v in raw if k.lower() == "content-type"), "application/json")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
