@@ -10,10 +10,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 
@@ -21,10 +23,12 @@ from bascule.config import Secrets
 from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
 from proxy.app import Replica
+from proxy.plan import Side
 from refapi.seed import seed_database
 from tests.harness import (
     AUTH,
     PROXY_ENV,
+    RESEARCHER_TOKEN,
     dcir_record,
     migrate_state,
     refapi,
@@ -270,3 +274,67 @@ async def test_a_504_after_the_source_committed_is_resolved_and_replayed(
         assert counts == {"applied": 1}, counts
         # The source committed the PATCH; the target got it through the resolution.
         assert await table_digest(src) == await table_digest(tgt)
+
+
+async def test_a_write_whose_client_hangs_up_still_lands_on_both_sides(world: World) -> None:
+    await world.to_stage(Stage.DUALWRITE)
+    body = orjson.dumps({"amount": 321.5})
+    port = int(world.proxy.rsplit(":", 1)[1])
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"PATCH /v1/datasets/dcir/records/5 HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {RESEARCHER_TOKEN}\r\n".encode()
+        + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    writer.close()  # hang up before any answer
+    await asyncio.sleep(0.5)
+    counts = await world.drained()
+    assert counts == {"applied": 1}, counts
+    for db in (world.source_db, world.target_db):
+        conn = await asyncpg.connect(db)
+        try:
+            assert await conn.fetchval("SELECT amount FROM dcir WHERE id = 5") == Decimal("321.50")
+        finally:
+            await conn.close()
+    assert await table_digest(world.source_db) == await table_digest(world.target_db)
+
+
+async def test_the_other_side_down_for_a_while_grows_then_drains_the_backlog(
+    world: World,
+) -> None:
+    await world.to_stage(Stage.DUALWRITE)
+    target = world.replica.upstreams[Side.TARGET]
+    real_port = target.port
+    target.port = _closed_port()  # the target is unreachable from now on
+    await target.close()
+    await target.open()
+    try:
+        statuses = await researchers(world, writers=10, ops=10, records=10)
+        assert not [s for s in statuses if s >= 500]  # researchers notice nothing
+        await asyncio.sleep(1.0)
+        conn = await asyncpg.connect(world.state_db)
+        try:
+            pending = await conn.fetchval(
+                "SELECT count(*) FROM bascule_journal WHERE state = 'pending'"
+            )
+        finally:
+            await conn.close()
+        assert pending > 0  # the backlog grew while the target was away
+    finally:
+        target.port = real_port
+        await target.close()
+        await target.open()
+    counts = await world.drained()
+    assert counts.get("dead", 0) == 0, counts
+    assert await table_digest(world.source_db) == await table_digest(world.target_db)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
