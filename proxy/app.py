@@ -108,8 +108,14 @@ class Replica:
         self.replayer_task: asyncio.Task[None] | None = None
         if self.secrets.journal_key and self.secrets.hmac_key:
             # One session per write in flight holds its record lock: a pool of its own.
-            self.journal_pool = await open_pool(self.postgres_url, max_size=100)
-            journal = Journal(self.journal_pool, Sealer(self.secrets.journal_key), self.name)
+            # Writes hold their sessions (and record locks) for their whole life: a pool of
+            # their own, so the replayer and resolver are never starved by writers.
+            self.journal_pool = await open_pool(
+                self.postgres_url, max_size=self.config.state.journal_sessions
+            )
+            journal = Journal(
+                self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool
+            )
             self.dual = DualWriter(journal, Namer(self.secrets.hmac_key), self.upstreams)
             routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
             credentials = {

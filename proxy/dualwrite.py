@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
 from bascule.errors import StoreError, UpstreamError, UpstreamTimeout
 from cutover.store import StageRow
 from proxy.answers import error, response_headers
-from proxy.journal import Journal, State
+from proxy.journal import Journal, State, WriteSession
 from proxy.plan import Plan, Side
 from proxy.routing import Match
 from proxy.sealing import Namer
@@ -53,11 +55,20 @@ def outcome_of(status: int) -> State:
     return "in_doubt"  # 5xx, 408, 429, 1xx/3xx: the backend may or may not have applied it
 
 
+FAILPOINT = "BASCULE_FAILPOINT"
+"""Fault injection for tests of the worst moment: ``kill-after-send:METHOD`` makes the process
+kill itself (SIGKILL) once the authoritative side has answered such a write, before its
+outcome is journaled. Never set in production."""
+
+
 @dataclass
 class DualWriter:
     journal: Journal
     namer: Namer
     upstreams: Mapping[Side, Upstream]
+    kill_after_send: str | None = field(
+        default_factory=lambda: _failpoint(os.environ.get(FAILPOINT, ""))
+    )
 
     async def write(
         self,
@@ -89,7 +100,10 @@ class DualWriter:
                     request=journaled,
                 )
                 answer = await self._call_authority(request, upstream, headers)
-                await self._record(seq, match.dataset, row, answer)
+                if self.kill_after_send == request.method:
+                    log.error("failpoint kill-after-send: killing this process")
+                    os.kill(os.getpid(), signal.SIGKILL)
+                await self._record(session, seq, row, answer)
         except StoreError as exc:
             if answer is not None:
                 # The write was sent; only its outcome is missing: the entry is an orphan.
@@ -131,27 +145,23 @@ class DualWriter:
             return exc
 
     async def _record(
-        self,
-        seq: int,
-        dataset: str,
-        row: StageRow,
-        answer: Answer | UpstreamError,
+        self, session: WriteSession, seq: int, row: StageRow, answer: Answer | UpstreamError
     ) -> None:
         if isinstance(answer, UpstreamError):
             # Not sent: nothing happened anywhere. Sent: it may have been applied.
             state: State = "in_doubt" if answer.sent else "rejected"
-            await self.journal.decide(seq, state, dataset=dataset, stage_version=row.version)
+            await session.decide(seq, state, stage_version=row.version)
             return
         status, headers, body = answer
         stored = orjson.dumps({"status": status, "headers": headers, "body": _b64(body)})
-        await self.journal.decide(
-            seq,
-            outcome_of(status),
-            status=status,
-            answer=stored,
-            dataset=dataset,
-            stage_version=row.version,
+        await session.decide(
+            seq, outcome_of(status), status=status, answer=stored, stage_version=row.version
         )
+
+
+def _failpoint(value: str) -> str | None:
+    kind, _, method = value.partition(":")
+    return method.upper() if kind == "kill-after-send" and method else None
 
 
 def _b64(data: bytes) -> str:

@@ -108,10 +108,40 @@ class WriteSession:
             )
         return seq
 
+    async def decide(
+        self,
+        seq: int,
+        state: State,
+        *,
+        status: int | None = None,
+        answer: bytes | None = None,
+        stage_version: int | None = None,
+    ) -> None:
+        """Record the outcome on this session: a write never needs a second connection (with
+        every session of the pool held by writers, waiting for another would deadlock)."""
+        await self.journal.decide(
+            seq,
+            state,
+            status=status,
+            answer=answer,
+            dataset=self.dataset,
+            stage_version=stage_version,
+            conn=self.conn,
+        )
+
 
 class Journal:
-    def __init__(self, pool: asyncpg.Pool, sealer: Sealer, replica: str) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        sealer: Sealer,
+        replica: str,
+        sessions: asyncpg.Pool | None = None,
+    ) -> None:
         self.pool = pool
+        """For reading and settling entries (the replayer, the resolver, status)."""
+        self.sessions = sessions or pool
+        """For writes: each holds one session, with its record lock, for its whole life."""
         self.sealer = sealer
         self.replica = replica
 
@@ -126,7 +156,7 @@ class Journal:
         holds the dataset's lock exclusively. Waiting longer than ``wait`` raises StoreError.
         """
         wanted = sorted(set(records))
-        async with reaching_postgres(), self.pool.acquire() as conn:
+        async with reaching_postgres(), self.sessions.acquire() as conn:
             try:
                 await conn.execute(f"SET lock_timeout = '{int(wait * 1000)}ms'")
                 whole = lock_id(dataset, DATASET_WIDE)
@@ -150,11 +180,14 @@ class Journal:
         answer: bytes | None = None,
         dataset: str,
         stage_version: int | None = None,
+        conn: Any = None,
     ) -> None:
         """Record an entry's outcome. With ``stage_version``, only if the entry was written
         under that stage version (the epoch check of the outcome transaction)."""
         sealed = self.sealer.seal(answer, dataset=dataset, field="answer") if answer else None
-        await self._move(seq, state, status=status, answer=sealed, stage_version=stage_version)
+        await self._move(
+            seq, state, status=status, answer=sealed, stage_version=stage_version, conn=conn
+        )
 
     async def _move(
         self,
@@ -166,10 +199,11 @@ class Journal:
         error: str | None = None,
         stage_version: int | None = None,
         retry_in: float | None = None,
+        conn: Any = None,
     ) -> None:
         allowed = [s for s, nexts in _NEXT.items() if state in nexts]
         async with reaching_postgres():
-            done = await self.pool.fetchval(
+            done = await (conn or self.pool).fetchval(
                 "UPDATE bascule_journal SET state = $2,"
                 " status = coalesce($3, status), answer = coalesce($4, answer),"
                 " last_error = coalesce($5, last_error),"
