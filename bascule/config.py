@@ -54,6 +54,8 @@ class StateSettings(_Record, frozen=True):
     journal_sessions: int = 20
     """State-database sessions per replica for writes in dual-write stages: each write in
     flight holds one (it holds the record's lock). More concurrent writes wait for one."""
+    journal_retention: float = 7 * 24 * 3600.0
+    """Seconds settled journal entries (sealed bodies of health data) are kept, then purged."""
     stale_after: float = 30.0
     """Seconds a replica that cannot read the stages keeps reporting ready (it keeps serving
     reads on its last known stages either way)."""
@@ -370,6 +372,8 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "proxy.max_body_bytes", "expected a positive number of bytes")
     if config.state.poll_interval <= 0:
         raise ConfigError(src, "state.poll_interval", "expected a positive number of seconds")
+    if config.state.journal_retention < 0:
+        raise ConfigError(src, "state.journal_retention", "must not be negative")
     if config.state.journal_sessions < 2:
         raise ConfigError(src, "state.journal_sessions", "expected at least 2")
     if config.state.stale_after <= config.state.poll_interval:

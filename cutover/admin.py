@@ -22,6 +22,7 @@ from cutover.controller import Announcer, check_name, check_text
 from cutover.fleet import StageView
 from cutover.stages import Stage
 from cutover.store import StageStore
+from proxy import journal
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -99,8 +100,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 @_requires("viewer")
 async def list_datasets(request: web.Request) -> web.Response:
-    rows = await request.app[DEPS].store.all()
-    return json_response({"datasets": [rows[name].as_json() for name in sorted(rows)]})
+    store = request.app[DEPS].store
+    rows = await store.all()
+    counts = await journal.backlog(store.pool)
+    return json_response(
+        {
+            "datasets": [
+                {**rows[n].as_json(), **counts.get(n, journal.EMPTY_BACKLOG)} for n in sorted(rows)
+            ]
+        }
+    )
 
 
 @_requires("viewer")

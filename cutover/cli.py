@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from rich.console import Console
@@ -35,6 +36,7 @@ from cutover import controller
 from cutover.fleet import RedisAnnouncer
 from cutover.stages import Stage
 from cutover.store import StageStore, open_pool, reaching_postgres, schema_check
+from proxy import journal
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,6 +78,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--reason", help="why (required; goes into the audit trail)")
     p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
     p.set_defaults(func=lambda a: _run(_rollback(a)))
+
+    jp = sub.add_parser("journal", help="the dual-write journal: backlog, entries, retry, skip")
+    jsub = jp.add_subparsers(dest="journal_command", metavar="ACTION")
+    jsub.required = True
+    p = jsub.add_parser("status", parents=[common], help="backlog per dataset")
+    p.add_argument("dataset", nargs="?")
+    p.set_defaults(func=lambda a: _run(_journal_status(a)))
+    p = jsub.add_parser("list", parents=[common], help="entries in a state (never their bodies)")
+    p.add_argument("--state", required=True, choices=["pending", "dead", "in-doubt", "intent"])
+    p.add_argument("--dataset")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=lambda a: _run(_journal_list(a)))
+    p = jsub.add_parser("retry", parents=[common], help="send dead entries back to the replayer")
+    p.add_argument("seq", nargs="?", type=int)
+    p.add_argument("--all-dead", action="store_true")
+    p.set_defaults(func=lambda a: _run(_journal_retry(a)))
+    p = jsub.add_parser("skip", parents=[common], help="give up replaying an entry (audited)")
+    p.add_argument("seq", type=int)
+    p.add_argument("--reason", help="why (required; goes into the audit trail)")
+    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
+    p.set_defaults(func=lambda a: _run(_journal_skip(a)))
 
     p = sub.add_parser("history", parents=[common], help="the audit trail of stage changes")
     p.add_argument("dataset", nargs="?")
@@ -121,7 +144,8 @@ class DirectClient:
 
     async def datasets(self) -> list[dict[str, Any]]:
         rows = await self.store.all()
-        return [rows[n].as_json() for n in sorted(rows)]
+        counts = await journal.backlog(self.store.pool)
+        return [{**rows[n].as_json(), **counts.get(n, journal.EMPTY_BACKLOG)} for n in sorted(rows)]
 
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         return [r.as_json() for r in await self.store.history(dataset, limit)]
@@ -263,9 +287,21 @@ async def _status(args: argparse.Namespace) -> int:
         _print_json({"datasets": rows})
         return 0
     table = Table(title="datasets")
-    for col in ("dataset", "stage", "version", "since", "by", "reason"):
+    for col in (
+        "dataset",
+        "stage",
+        "version",
+        "since",
+        "by",
+        "reason",
+        "backlog",
+        "oldest",
+        "in doubt",
+        "dead",
+    ):
         table.add_column(col)
     for r in rows:
+        oldest = r.get("oldest_pending_seconds")
         cells = (
             r["dataset"],
             r["stage"],
@@ -273,9 +309,13 @@ async def _status(args: argparse.Namespace) -> int:
             _when(r["updated_at"]),
             r["updated_by"],
             r["reason"],
+            str(r.get("backlog", 0)),
+            f"{oldest:.1f}s" if oldest is not None else "-",
+            str(r.get("in_doubt", 0)),
+            str(r.get("dead", 0)),
         )
         table.add_row(*(Text(c) for c in cells))  # Text: audit free text is never markup
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -332,8 +372,130 @@ async def _history(args: argparse.Namespace) -> int:
             r["reason"],
         )
         table.add_row(*(Text(c) for c in cells))
-    Console().print(table)
+    _console().print(table)
     return 0
+
+
+@asynccontextmanager
+async def _state_pool(args: argparse.Namespace) -> AsyncIterator[asyncpg.Pool]:
+    if args.admin:
+        raise UsageError("journal commands work on the stores: drop --admin/BASCULE_ADMIN_URL")
+    config = _config(args)
+    with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
+        pool = await open_pool(found.postgres_url, max_size=2)
+        try:
+            await schema_check(pool)
+            yield pool
+        finally:
+            await pool.close()
+
+
+async def _journal_status(args: argparse.Namespace) -> int:
+    async with _state_pool(args) as pool:
+        counts = await journal.backlog(pool)
+        names = sorted(await StageStore(pool).names())
+    if args.dataset:
+        if args.dataset not in names:
+            raise Refused(f"unknown dataset {args.dataset!r}")
+        names = [args.dataset]
+    rows = [{"dataset": n, **counts.get(n, journal.EMPTY_BACKLOG)} for n in names]
+    if args.json:
+        _print_json({"journal": rows})
+        return 0
+    table = Table(title="journal")
+    for col in ("dataset", "backlog", "oldest pending", "in doubt", "dead"):
+        table.add_column(col)
+    for r in rows:
+        oldest = r["oldest_pending_seconds"]
+        table.add_row(
+            r["dataset"],
+            str(r["backlog"]),
+            f"{oldest:.1f}s" if oldest is not None else "-",
+            str(r["in_doubt"]),
+            str(r["dead"]),
+        )
+    _console().print(table)
+    return 0
+
+
+async def _journal_list(args: argparse.Namespace) -> int:
+    state = args.state.replace("-", "_")
+    async with _state_pool(args) as pool:
+        rows = await journal.listing(pool, state, args.dataset, args.limit)
+    if args.json:
+        _print_json({"entries": rows})
+        return 0
+    table = Table(title=f"journal entries: {args.state}")
+    for col in (
+        "seq",
+        "dataset",
+        "record",
+        "route",
+        "method",
+        "status",
+        "attempts",
+        "error",
+        "since",
+    ):
+        table.add_column(col)
+    for r in rows:
+        cells = (
+            str(r["seq"]),
+            r["dataset"],
+            r["record"],
+            r["route"],
+            r["method"],
+            str(r["status"] or "-"),
+            str(r["attempts"]),
+            r["last_error"] or "",
+            _when(r["created_at"]),
+        )
+        table.add_row(*(Text(c) for c in cells))
+    _console().print(table)
+    return 0
+
+
+async def _journal_retry(args: argparse.Namespace) -> int:
+    if (args.seq is None) == (not args.all_dead):
+        raise UsageError("name one entry (SEQ) or pass --all-dead")
+    async with _state_pool(args) as pool:
+        count = await journal.retry(pool, args.seq, all_dead=args.all_dead)
+    if args.seq is not None and count == 0:
+        raise Refused(f"journal entry {args.seq} does not exist or is not dead")
+    _say(
+        args,
+        {"retried": count},
+        f"{count} dead entr{'y' if count == 1 else 'ies'} sent back to the replayer",
+    )
+    return 0
+
+
+async def _journal_skip(args: argparse.Namespace) -> int:
+    reason = controller.require_reason(args.reason)
+    controller.check_text("by", args.by)
+    async with _state_pool(args) as pool:
+        try:
+            dataset = await journal.skip(pool, args.seq, actor=args.by, reason=reason)
+        except journal.IllegalTransition as exc:
+            raise Refused(str(exc)) from None
+    _say(
+        args,
+        {"skipped": args.seq, "dataset": dataset},
+        f"journal entry {args.seq} of {dataset} skipped (audited)",
+    )
+    return 0
+
+
+def _say(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    if args.json:
+        _print_json(payload)
+    else:
+        print(text)
+
+
+def _console() -> Console:
+    """The terminal's width on a terminal; wide enough for every column in a pipe or a log."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _when(iso: str) -> str:

@@ -65,7 +65,7 @@ def check_text(what: str, text: str) -> str:
     return text
 
 
-def _require_reason(reason: str | None) -> str:
+def require_reason(reason: str | None) -> str:
     if reason is None or not reason.strip():
         raise UsageError("a reason is required (--reason TEXT): it goes into the audit trail")
     return check_text("reason", reason.strip())
@@ -85,7 +85,7 @@ async def move(
 ) -> MoveResult:
     """Move ``dataset`` to ``wanted`` if the rules allow it. Raises IllegalMove, StaleVersion,
     UnknownDataset or UsageError (all refusals: nothing changes)."""
-    why = _require_reason(reason)
+    why = require_reason(reason)
     if not actor.strip():
         raise UsageError("who makes the change must be named (--by)")
     check_text("by", actor)
@@ -111,7 +111,7 @@ async def rollback(
     details: Mapping[str, Any] | None = None,
 ) -> MoveResult:
     """Move back: to the previous stage, or to ``to`` (any earlier stage)."""
-    _require_reason(reason)
+    require_reason(reason)
     before = await store.get(check_name(dataset))
     wanted = to if to is not None else previous(before.stage)
     if wanted is None:

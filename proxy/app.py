@@ -130,6 +130,7 @@ class Replica:
                 credentials,
                 self.name,
                 resolver=Resolver(journal, self.upstreams, routes, credentials),
+                retention=self.config.state.journal_retention,
             )
             self.replayer_task = spawn(replayer.run(), name="replayer")
         else:

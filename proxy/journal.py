@@ -323,3 +323,108 @@ class Journal:
             "dead": by_state["dead"]["n"] if "dead" in by_state else 0,
             "intent": by_state["intent"]["n"] if "intent" in by_state else 0,
         }
+
+
+async def backlog(pool: asyncpg.Pool) -> dict[str, dict[str, Any]]:
+    """Per dataset: backlog (intent + pending), oldest pending age, in doubt, dead."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT dataset,"
+            " count(*) FILTER (WHERE state IN ('intent', 'pending')) AS backlog,"
+            " extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending'))"
+            "   AS oldest_pending_seconds,"
+            " count(*) FILTER (WHERE state = 'in_doubt') AS in_doubt,"
+            " count(*) FILTER (WHERE state = 'dead') AS dead"
+            " FROM bascule_journal WHERE state = ANY($1::text[]) GROUP BY dataset",
+            list(OPEN),
+        )
+    return {
+        r["dataset"]: {
+            "backlog": r["backlog"],
+            "oldest_pending_seconds": (
+                round(float(r["oldest_pending_seconds"]), 3)
+                if r["oldest_pending_seconds"] is not None
+                else None
+            ),
+            "in_doubt": r["in_doubt"],
+            "dead": r["dead"],
+        }
+        for r in rows
+    }
+
+
+EMPTY_BACKLOG: dict[str, Any] = {
+    "backlog": 0,
+    "oldest_pending_seconds": None,
+    "in_doubt": 0,
+    "dead": 0,
+}
+
+
+async def listing(
+    pool: asyncpg.Pool, state: str, dataset: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Entries in ``state``: what SREs see (never a body: those stay sealed)."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT seq, dataset, record, route, method, authority, state, status, attempts,"
+            " last_error, created_at FROM bascule_journal"
+            " WHERE state = $1 AND ($2::text IS NULL OR dataset = $2) ORDER BY seq LIMIT $3",
+            state,
+            dataset,
+            limit,
+        )
+    return [
+        {**dict(r), "record": r["record"][:12], "created_at": r["created_at"].isoformat()}
+        for r in rows
+    ]
+
+
+async def retry(pool: asyncpg.Pool, seq: int | None, *, all_dead: bool = False) -> int:
+    """Send dead entries (one, or all) back to the replayer; return how many."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "UPDATE bascule_journal SET state = 'pending', attempts = 0, next_attempt_at = now()"
+            " WHERE state = 'dead' AND ($1::bigint IS NULL OR seq = $1) AND ($2 OR seq = $1)"
+            " RETURNING seq",
+            seq,
+            all_dead,
+        )
+    return len(rows)
+
+
+async def skip(pool: asyncpg.Pool, seq: int, *, actor: str, reason: str) -> str:
+    """Give up replaying an entry, audited in the same transaction; return its dataset."""
+    async with reaching_postgres(), pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE bascule_journal SET state = 'skipped', applied_at = now()"
+            " WHERE seq = $1 AND state IN ('pending', 'in_doubt', 'dead')"
+            " RETURNING dataset, state",
+            seq,
+        )
+        if row is None:
+            raise IllegalTransition(
+                f"journal entry {seq} does not exist or is not pending, in doubt or dead"
+            )
+        await conn.execute(
+            "INSERT INTO bascule_audit (dataset, action, actor, reason, details)"
+            " VALUES ($1, 'journal-skip', $2, $3, $4::jsonb)",
+            row["dataset"],
+            actor,
+            reason,
+            json.dumps({"seq": seq}),
+        )
+        return str(row["dataset"])
+
+
+async def purge(pool: asyncpg.Pool, retention_seconds: float) -> int:
+    """Delete settled entries older than the retention period; return how many."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "DELETE FROM bascule_journal WHERE seq IN (SELECT seq FROM bascule_journal"
+            " WHERE state IN ('applied', 'rejected', 'skipped')"
+            " AND coalesce(applied_at, decided_at, created_at)"
+            "   < now() - make_interval(secs => $1) LIMIT 10000) RETURNING seq",
+            retention_seconds,
+        )
+    return len(rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -30,7 +31,7 @@ from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
 from cutover.fleet import StageView
 from cutover.store import reaching_postgres
-from proxy.journal import Entry, Journal
+from proxy.journal import Entry, Journal, purge
 from proxy.plan import Side, plan
 from proxy.upstream import Upstream
 
@@ -53,6 +54,8 @@ class Replayer:
     replica: str
     lease_seconds: float = 5.0
     resolver: Resolver | None = None
+    retention: float | None = None
+    """Seconds settled entries are kept; None: never purged here."""
     concurrency: int = 32
     idle_wait: float = 0.05
     base_delay: float = 0.2
@@ -61,8 +64,17 @@ class Replayer:
 
     async def run(self) -> None:
         """Replay until cancelled."""
+        last_purge = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             busy = False
+            if self.retention is not None and loop.time() - last_purge > 60.0:
+                last_purge = loop.time()
+                with contextlib.suppress(StoreError):
+                    if await self._lease("purge"):
+                        purged = await purge(self.journal.pool, self.retention)
+                        if purged:
+                            log.info("purged %d settled journal entries", purged)
             for dataset, row in list(self.view.stages.items()):
                 other = plan(row.stage, "write").replicate
                 if other is None:

@@ -1,0 +1,128 @@
+"""`bascule journal …` and the backlog in `bascule status`, on real entries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from bascule.procs import bascule_argv
+from proxy import journal as journal_module
+from proxy.journal import Journal
+from proxy.sealing import Namer, Sealer
+from tests.harness import migrate_state, write_config
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture
+async def entries(pg_url: str) -> dict[str, int]:
+    """One pending, one dead and one in-doubt entry of dcir."""
+    await migrate_state(pg_url)
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=4)
+    j = Journal(pool, Sealer(KEY), replica="t")
+    namer = Namer(KEY)
+    seqs = {}
+    for name, key in (("pending", "1"), ("dead", "2"), ("in_doubt", "3")):
+        token = namer.record("dcir", key)
+        async with j.locked("dcir", [token]) as session:
+            seq = await session.intent(
+                record=token,
+                route="/v1/datasets/{dataset}/records/{id}",
+                method="PATCH",
+                authority="source",
+                stage_version=2,
+                request={"target": f"/v1/datasets/dcir/records/{key}", "body": "e30="},
+            )
+            await session.decide(seq, "in_doubt" if name == "in_doubt" else "pending", status=200)
+        if name == "dead":
+            await j.dead(seq, "the other side answered 409")
+        seqs[name] = seq
+    await pool.close()
+    return seqs
+
+
+@pytest.fixture
+def env(tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
+    config = tmp_path / "bascule.toml"
+    write_config(
+        config,
+        source_url="http://127.0.0.1:9",
+        target_url="http://127.0.0.1:9",
+        postgres_url=pg_url,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+    )
+    return {**os.environ, "BASCULE_CONFIG": str(config)}
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        bascule_argv(*args), env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_status_and_journal_status_show_the_backlog(
+    entries: dict[str, int], env: dict[str, str]
+) -> None:
+    status = orjson.loads(run(env, "status", "--json").stdout)
+    dcir = next(d for d in status["datasets"] if d["dataset"] == "dcir")
+    assert (dcir["backlog"], dcir["in_doubt"], dcir["dead"]) == (1, 1, 1)
+    assert dcir["oldest_pending_seconds"] >= 0
+    table = run(env, "status").stdout
+    assert "backlog" in table and "dead" in table
+    journal = orjson.loads(run(env, "journal", "status", "--json").stdout)["journal"]
+    assert {r["dataset"]: r["dead"] for r in journal}["dcir"] == 1
+    assert {r["dataset"]: r["backlog"] for r in journal}["pmsi"] == 0
+
+
+def test_list_retry_and_skip(entries: dict[str, int], env: dict[str, str], pg_url: str) -> None:
+    dead = orjson.loads(run(env, "journal", "list", "--state", "dead", "--json").stdout)
+    assert [e["seq"] for e in dead["entries"]] == [entries["dead"]]
+    assert dead["entries"][0]["last_error"] == "the other side answered 409"
+    listing = run(env, "journal", "list", "--state", "in-doubt").stdout
+    assert str(entries["in_doubt"]) in listing and "e30=" not in listing  # no body, ever
+    done = run(env, "journal", "retry", str(entries["dead"]))
+    assert done.returncode == 0 and "1 dead entry sent back" in done.stdout
+    assert run(env, "journal", "retry", str(entries["dead"])).returncode == 3  # not dead now
+    assert run(env, "journal", "retry").returncode == 2  # neither SEQ nor --all-dead
+    refused = run(env, "journal", "skip", str(entries["in_doubt"]))
+    assert refused.returncode == 2 and "a reason is required" in refused.stderr
+    done = run(
+        env,
+        "journal",
+        "skip",
+        str(entries["in_doubt"]),
+        "--reason",
+        "checked by hand",
+        "--by",
+        "alice",
+    )
+    assert done.returncode == 0, done.stderr
+    history = orjson.loads(run(env, "history", "dcir", "--json").stdout)["history"]
+    assert (history[-1]["action"], history[-1]["actor"], history[-1]["details"]) == (
+        "journal-skip",
+        "alice",
+        {"seq": entries["in_doubt"]},
+    )
+    again = run(env, "journal", "skip", str(entries["in_doubt"]), "--reason", "x")
+    assert again.returncode == 3
+
+
+async def test_settled_entries_are_purged_after_retention(
+    entries: dict[str, int], pg_url: str
+) -> None:
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2)
+    try:
+        j = Journal(pool, Sealer(KEY), replica="t")
+        await j.applied(entries["pending"])
+        assert await journal_module.purge(pool, 3600) == 0  # too recent
+        assert await journal_module.purge(pool, 0) == 1
+        left = {r["state"] for r in await pool.fetch("SELECT state FROM bascule_journal")}
+        assert left == {"dead", "in_doubt"}  # unsettled entries are never purged
+    finally:
+        await pool.close()
