@@ -98,6 +98,9 @@ UNREACHABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    # A pooled connection caught mid-operation by a server restart can be left in a state
+    # asyncpg reports this way; to the caller it is the same: the store is not usable now.
+    asyncpg.InternalClientError,
 )
 
 

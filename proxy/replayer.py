@@ -87,9 +87,18 @@ class Replayer:
                     busy |= await self.round(dataset) > 0
                 except StoreError as exc:
                     log.warning("replayer: %s", exc)
-                    await self.sleep(1.0)
+                    await self._recover()
+                except Exception as exc:  # the replayer must outlive any one bad round
+                    log.error("replayer round failed: %s", type(exc).__name__, exc_info=exc)
+                    await self._recover()
             if not busy:
                 await self.sleep(self.idle_wait)
+
+    async def _recover(self) -> None:
+        # Connections that lived through a store outage may be unusable: start afresh.
+        with contextlib.suppress(Exception):
+            await self.journal.pool.expire_connections()
+        await self.sleep(1.0)
 
     async def _lease(self, name: str) -> bool:
         async with reaching_postgres():

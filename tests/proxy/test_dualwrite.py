@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -20,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from bascule.config import Secrets
+from bascule.stores import EmbeddedPostgres
 from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
 from proxy.app import Replica
@@ -301,11 +303,18 @@ async def test_a_write_whose_client_hangs_up_still_lands_on_both_sides(world: Wo
     assert await table_digest(world.source_db) == await table_digest(world.target_db)
 
 
+@pytest.mark.parametrize(
+    ("stages", "down"),
+    [
+        ((Stage.DUALWRITE,), Side.TARGET),
+        ((Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE), Side.SOURCE),  # roles swapped
+    ],
+)
 async def test_the_other_side_down_for_a_while_grows_then_drains_the_backlog(
-    world: World,
+    world: World, stages: tuple[Stage, ...], down: Side
 ) -> None:
-    await world.to_stage(Stage.DUALWRITE)
-    target = world.replica.upstreams[Side.TARGET]
+    await world.to_stage(*stages)
+    target = world.replica.upstreams[down]
     real_port = target.port
     target.port = _closed_port()  # the target is unreachable from now on
     await target.close()
@@ -338,3 +347,65 @@ def _closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+async def test_with_the_state_postgres_stopped_writes_are_refused_and_reads_served(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    src, tgt = await make_database("src"), await make_database("tgt")
+    for db in (src, tgt):
+        await seed_database(db, 20, seed=7)
+    state_pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="bt-state-")))
+    state_url = state_pg.start()
+    try:
+        await migrate_state(state_url)
+        async with AsyncExitStack() as stack:
+            source = await stack.enter_async_context(refapi("azure", src))
+            target = await stack.enter_async_context(refapi("scaleway", tgt))
+            config = write_config(
+                tmp_path / "bascule.toml",
+                source_url=source,
+                target_url=target,
+                postgres_url=state_url,
+                redis_url=redis_url,
+                redis_prefix=redis_prefix,
+            )
+            secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
+            replica = await stack.enter_async_context(
+                Replica(config, secrets, state_url, redis_url)
+            )
+            url = await stack.enter_async_context(serve_proxy(replica.server()))
+            world = World(url, src, tgt, state_url, replica)
+            await world.to_stage(Stage.DUALWRITE)
+            before = await table_digest(src)
+            state_pg.stop()
+            async with aiohttp.ClientSession(headers=AUTH) as session:
+                for i in range(5):
+                    async with session.patch(
+                        f"{url}/v1/datasets/dcir/records/{i + 1}", json={"amount": 1}
+                    ) as resp:
+                        body = await resp.json()
+                        assert resp.status == 503, body
+                        assert body["error"]["code"] == "journal_unavailable"
+                        assert "refused before reaching any backend" in body["error"]["message"]
+                    async with session.get(f"{url}/v1/datasets/dcir/records/{i + 1}") as resp:
+                        assert resp.status == 200  # reads are served all along
+                assert await table_digest(src) == before  # nothing accepted unjournaled
+                state_pg.start()
+                deadline = time.monotonic() + 15
+                while True:
+                    async with session.patch(
+                        f"{url}/v1/datasets/dcir/records/1", json={"amount": 2}
+                    ) as resp:
+                        if resp.status == 200:
+                            break
+                        assert time.monotonic() < deadline, await resp.text()
+                    await asyncio.sleep(0.2)
+            counts = await world.drained()
+            assert counts.get("dead", 0) == 0, counts
+            assert await table_digest(src) == await table_digest(tgt)
+    finally:
+        state_pg.stop()
