@@ -54,6 +54,9 @@ class StateSettings(_Record, frozen=True):
     journal_sessions: int = 20
     """State-database sessions per replica for writes in dual-write stages: each write in
     flight holds one (it holds the record's lock). More concurrent writes wait for one."""
+    orphan_grace: float = 30.0
+    """Seconds past a write's deadline before the write of a vanished replica is read back from
+    the authoritative side (a backend may finish a request its client gave up on)."""
     journal_retention: float = 7 * 24 * 3600.0
     """Seconds settled journal entries (sealed bodies of health data) are kept, then purged."""
     stale_after: float = 30.0
@@ -120,6 +123,9 @@ class Route(_Record, frozen=True):
     """Fixed dataset, for a path with no ``{dataset}`` parameter."""
     key: str | None = None
     """Path parameter naming the record written or read (writes without one lock the dataset)."""
+    key_format: Literal["text", "integer"] = "text"
+    """How the backend reads the key: with ``integer``, ``7``, ``07`` and ``007`` are one record
+    (locked and ordered as one), and a key that is not digits is refused."""
     create_id: str | None = None
     """JSON pointer to the server-assigned id in the authoritative answer to a create."""
     replay_as: str | None = None

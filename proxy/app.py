@@ -129,7 +129,13 @@ class Replica:
                 routes,
                 credentials,
                 self.name,
-                resolver=Resolver(journal, self.upstreams, routes, credentials),
+                resolver=Resolver(
+                    journal,
+                    self.upstreams,
+                    routes,
+                    credentials,
+                    orphan_grace=self.config.state.orphan_grace,
+                ),
                 retention=self.config.state.journal_retention,
             )
             self.replayer_task = spawn(replayer.run(), name="replayer")

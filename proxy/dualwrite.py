@@ -18,6 +18,7 @@ hanging up (``proxy/server.py``), so a write once sent is finished and journaled
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -135,14 +136,19 @@ class DualWriter:
     async def _call_authority(
         self, request: Request, upstream: Upstream, headers: list[tuple[str, str]]
     ) -> Answer | UpstreamError:
+        # A hard deadline on the whole call (pool wait, connect, answer), not only on silence:
+        # the resolver counts on a write never being in flight past it (ORPHAN_AFTER).
         try:
-            async with upstream.request(
-                request.method, request.target, headers, request.body
-            ) as resp:
-                body = await resp.read()
-                return resp.status, response_headers(resp.raw_headers), body
+            async with asyncio.timeout(call_deadline(upstream)):
+                async with upstream.request(
+                    request.method, request.target, headers, request.body
+                ) as resp:
+                    body = await resp.read()
+                    return resp.status, response_headers(resp.raw_headers), body
         except UpstreamError as exc:
             return exc
+        except TimeoutError:
+            return UpstreamTimeout(upstream.name, "did not answer within the write deadline")
 
     async def _record(
         self, session: WriteSession, seq: int, row: StageRow, answer: Answer | UpstreamError
@@ -153,10 +159,26 @@ class DualWriter:
             await session.decide(seq, state, stage_version=row.version)
             return
         status, headers, body = answer
+        state = outcome_of(status)
+        if state == "pending" and _replayed(headers):
+            # The backend recognised a repeated Idempotency-Key and answered its *first* answer
+            # without applying anything: that old body must never be replayed (it would
+            # overwrite later writes on the other side). Whether the first attempt reached the
+            # other side is unknown here, so the resolver settles it from the current state.
+            state = "in_doubt"
         stored = orjson.dumps({"status": status, "headers": headers, "body": _b64(body)})
-        await session.decide(
-            seq, outcome_of(status), status=status, answer=stored, stage_version=row.version
-        )
+        await session.decide(seq, state, status=status, answer=stored, stage_version=row.version)
+
+
+def call_deadline(upstream: Upstream) -> float:
+    """The longest a write to ``upstream`` may be in flight."""
+    return upstream.backend.connect_timeout + upstream.backend.read_timeout
+
+
+def _replayed(headers: list[tuple[str, str]]) -> bool:
+    return any(
+        k.lower() == "idempotency-replayed" and v.strip().lower() == "true" for k, v in headers
+    )
 
 
 def _failpoint(value: str) -> str | None:

@@ -146,6 +146,8 @@ class Forwarder:
             lower = name.lower()
             if lower in drop or lower.startswith("x-bascule-"):
                 continue
+            if lower == "idempotency-key" and value.startswith("bascule:"):
+                continue  # bascule's own keys (its replays): a researcher cannot borrow one
             if lower == "x-forwarded-for":
                 prior = value if prior is None else f"{prior}, {value}"
                 continue

@@ -167,6 +167,12 @@ class Journal:
                     for record in wanted:
                         await conn.execute("SELECT pg_advisory_lock($1)", lock_id(dataset, record))
                 yield WriteSession(self, conn, dataset)
+            except BaseException:
+                # A write whose outcome could not be recorded: end the session now, so its
+                # entry is an orphan at once instead of when the pool drops the connection.
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+                raise
             finally:
                 with contextlib.suppress(Exception):
                     await conn.execute("SELECT pg_advisory_unlock_all()")
@@ -289,17 +295,20 @@ class Journal:
             return None
         return self.sealer.open(sealed, dataset=entry.dataset, field="answer")
 
-    async def orphans(self, dataset: str | None = None) -> list[Entry]:
+    async def orphans(self, dataset: str | None = None, older_than: float = 0.0) -> list[Entry]:
         """Entries still at ``intent`` whose writer's session has ended: its lock is gone with
-        it, so nobody else will ever record their outcome."""
+        it, so nobody else will ever record their outcome. ``older_than``: only those whose
+        intent is at least that many seconds old, by the database's clock (no skew)."""
         async with reaching_postgres():
             rows = await self.pool.fetch(
                 f"SELECT {_ENTRY_COLUMNS} FROM bascule_journal j"
                 " WHERE j.state = 'intent' AND ($1::text IS NULL OR j.dataset = $1)"
+                " AND j.created_at < now() - make_interval(secs => $2)"
                 " AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
                 "   WHERE a.pid = j.writer_pid AND a.backend_start = j.writer_started)"
                 " ORDER BY j.seq",
                 dataset,
+                older_than,
             )
         return [_entry(r) for r in rows]
 

@@ -31,8 +31,10 @@ from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
 from cutover.fleet import StageView
 from cutover.store import reaching_postgres
+from proxy.dualwrite import call_deadline
 from proxy.journal import Entry, Journal, purge
 from proxy.plan import Side, plan
+from proxy.sealing import SealError
 from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -88,6 +90,16 @@ class Replayer:
                 except StoreError as exc:
                     log.warning("replayer: %s", exc)
                     await self._recover()
+                except SealError:
+                    # Nothing is marked dead for it: give the lease up and let a replica with
+                    # the right key replay.
+                    log.error(
+                        "ALARM: this replica cannot open journal entries: wrong "
+                        "BASCULE_JOURNAL_KEY? It stops replaying %s",
+                        dataset,
+                    )
+                    await self._release(f"replay:{dataset}")
+                    await self.sleep(30.0)
                 except Exception as exc:  # the replayer must outlive any one bad round
                     log.error("replayer round failed: %s", type(exc).__name__, exc_info=exc)
                     await self._recover()
@@ -100,33 +112,44 @@ class Replayer:
             await self.journal.pool.expire_connections()
         await self.sleep(1.0)
 
+    async def _release(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            async with reaching_postgres():
+                await self.journal.pool.execute(
+                    "DELETE FROM bascule_lease WHERE name = $1 AND holder = $2", name, self.replica
+                )
+
     async def _lease(self, name: str) -> bool:
+        # A round is one wave of replays, each held to the call deadline, so it ends within
+        # the lease. Another replica takes an expired lease only a further deadline later: by
+        # then every call of the previous holder has finished or been abandoned, and no two
+        # replicas ever have replays of one record in flight at once.
+        deadline = self._deadline()
         async with reaching_postgres():
             holder = await self.journal.pool.fetchval(
                 "INSERT INTO bascule_lease (name, holder, expires_at)"
                 " VALUES ($1, $2, now() + make_interval(secs => $3))"
                 " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
                 " expires_at = excluded.expires_at"
-                " WHERE bascule_lease.holder = excluded.holder OR bascule_lease.expires_at < now()"
+                " WHERE bascule_lease.holder = excluded.holder"
+                " OR bascule_lease.expires_at < now() - make_interval(secs => $4)"
                 " RETURNING holder",
                 name,
                 self.replica,
-                self.lease_seconds,
+                max(self.lease_seconds, deadline + 1.0),
+                deadline,
             )
         return bool(holder == self.replica)
 
+    def _deadline(self) -> float:
+        return max(call_deadline(u) for u in self.upstreams.values())
+
     async def round(self, dataset: str) -> int:
         """Apply one batch of replayable entries of ``dataset``; return how many were tried."""
-        entries = await self.journal.replayable(dataset, limit=self.concurrency * 4)
+        entries = await self.journal.replayable(dataset, limit=self.concurrency)
         if not entries:
             return 0
-        limit = asyncio.Semaphore(self.concurrency)
-
-        async def one(entry: Entry) -> None:
-            async with limit:
-                await self.apply(entry)
-
-        await asyncio.gather(*(one(e) for e in entries))
+        await asyncio.gather(*(self.apply(e) for e in entries))
         return len(entries)
 
     async def apply(self, entry: Entry) -> None:
@@ -134,15 +157,21 @@ class Replayer:
         upstream = self.upstreams[target]
         try:
             method, path, headers, body = await self._replay_request(entry, target)
+        except SealError:
+            raise  # this replica's key is wrong: the entry is fine, this replica is not
         except (ValueError, KeyError) as exc:
             await self.journal.dead(entry.seq, f"cannot build the replay: {type(exc).__name__}")
             return
         try:
-            async with upstream.request(method, path, headers, body) as resp:
-                await resp.read()
-                status = resp.status
+            async with asyncio.timeout(call_deadline(upstream)):
+                async with upstream.request(method, path, headers, body) as resp:
+                    await resp.read()
+                    status = resp.status
         except UpstreamError as exc:
             await self._later(entry, type(exc).__name__)
+            return
+        except TimeoutError:
+            await self._later(entry, "deadline")
             return
         if 200 <= status < 300 or (method == "DELETE" and status == 404):
             # A DELETE of what the other side does not have leaves both sides equal.

@@ -13,8 +13,11 @@ it stays in doubt, shown to SREs, blocking the gate, unless its route declares
 it first carried, which the backend answers without applying it twice.
 
 An orphan is only read back once its writer's call to the backend could no longer be in
-flight (``read_timeout`` plus a margin after its intent): a replica that lost its state
-session but not its life may still be waiting for that answer.
+flight: the write path holds every call to a hard deadline (connect plus read timeout), and
+the orphan must be older than that plus a margin, by the database's clock. A replica that
+lost its state session but not its life may still be waiting for that answer until then. A
+backend that applies a request after its client gave up on it can still defeat this; the
+data verification catches what that leaves behind.
 """
 
 from __future__ import annotations
@@ -24,20 +27,19 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import orjson
 
 from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
+from proxy.dualwrite import call_deadline
 from proxy.journal import Entry, Journal
 from proxy.plan import Side
 from proxy.replayer import path_values
+from proxy.sealing import SealError
 from proxy.upstream import Upstream
 
 log = logging.getLogger("bascule.resolver")
-
-ORPHAN_MARGIN = 5.0
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Resolver:
     upstreams: Mapping[Side, Upstream]
     routes: Mapping[tuple[str, str], Route]
     credentials: Mapping[Side, str | None]
+    orphan_grace: float = 30.0
+    """Seconds past a write's deadline before an orphan is read back (``[state] orphan_grace``)."""
     every: float = 0.5
     """Seconds between two looks at one dataset (the replayer calls often)."""
     _last: dict[str, float] = field(default_factory=dict)
@@ -57,14 +61,14 @@ class Resolver:
             return 0
         self._last[dataset] = now
         settled = 0
-        for orphan in await self.journal.orphans(dataset):
-            age = (datetime.now(UTC) - orphan.created_at).total_seconds()
-            read_timeout = self.upstreams[Side(orphan.authority)].backend.read_timeout
-            if age > read_timeout + ORPHAN_MARGIN:
-                await self.journal.decide(orphan.seq, "in_doubt", dataset=dataset)
+        deadline = max(call_deadline(u) for u in self.upstreams.values())
+        for orphan in await self.journal.orphans(dataset, older_than=deadline + self.orphan_grace):
+            await self.journal.decide(orphan.seq, "in_doubt", dataset=dataset)
         for entry in await self.journal.in_state(dataset, "in_doubt"):
             try:
                 settled += await self.settle(entry)
+            except SealError:
+                raise  # this replica's key is wrong: the replayer gives the dataset up
             except (UpstreamError, StoreError) as exc:
                 log.warning("could not settle journal entry %d yet: %s", entry.seq, exc)
         return settled

@@ -87,6 +87,10 @@ class Router:
                 f"unknown dataset {shown!r}: not declared in bascule's configuration",
             )
         key = values.get(route.key) if route.key is not None else None
+        if key is not None and route.key_format == "integer":
+            if not key.isascii() or not key.isdigit():
+                raise RouteError(400, "bad_key", "this record key must be a whole number")
+            key = str(int(key))  # the record the backend will read, whatever its spelling
         return Match(dataset, route.kind, route.path, route, key)
 
 

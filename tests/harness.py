@@ -82,6 +82,7 @@ def write_config(
     redis_prefix: str,
     poll_interval: float = 0.5,
     stale_after: float = 30.0,
+    orphan_grace: float = 5.0,
     read_timeout: float = 5.0,
     max_body_bytes: int = 1024 * 1024,
     extra: str = "",
@@ -100,6 +101,7 @@ redis_url = "{redis_url}"
 redis_prefix = "{redis_prefix}"
 poll_interval = {poll_interval}
 stale_after = {stale_after}
+orphan_grace = {orphan_grace}
 
 [migration]
 source = "azure"
@@ -145,12 +147,14 @@ path = "/v1/datasets/{{dataset}}/records/{{id}}"
 methods = ["GET"]
 kind = "read"
 key = "id"
+key_format = "integer"
 
 [[routes]]
 path = "/v1/datasets/{{dataset}}/records/{{id}}"
 methods = ["PUT", "PATCH"]
 kind = "write"
 key = "id"
+key_format = "integer"
 replay_as = "PUT /v1/datasets/{{dataset}}/records/{{id}}"
 
 [[routes]]
@@ -158,6 +162,7 @@ path = "/v1/datasets/{{dataset}}/records/{{id}}"
 methods = ["DELETE"]
 kind = "write"
 key = "id"
+key_format = "integer"
 
 [[routes]]
 path = "/v1/datasets/{{dataset}}/query"

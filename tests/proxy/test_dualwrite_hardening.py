@@ -1,0 +1,355 @@
+"""Hardening of the dual-write core found by a red-team review: each test was first written
+failing, as the reproduction of a way a write could be lost, reordered or left divergent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from bascule.config import Secrets
+from bascule.tasks import spawn
+from cutover.stages import Stage
+from proxy.app import Replica
+from proxy.plan import Side
+from proxy.replayer import Replayer
+from proxy.sealing import SealError
+from refapi.seed import seed_database
+from tests.harness import (
+    AUTH,
+    PROXY_ENV,
+    migrate_state,
+    refapi,
+    serve_app,
+    serve_proxy,
+    write_config,
+)
+from tests.proxy.test_dualwrite import World
+
+pytestmark = pytest.mark.timeout(90)
+
+Delay = Callable[[web.Request], float]
+
+
+@asynccontextmanager
+async def delaying_relay(backend: str, delay: Delay) -> AsyncIterator[str]:
+    """An HTTP relay in front of ``backend`` that waits ``delay(request)`` s before forwarding."""
+
+    async def relay(request: web.Request) -> web.Response:
+        body = await request.read()
+        wait = delay(request)
+        if wait:
+            await asyncio.sleep(wait)
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            async with session.request(
+                request.method, backend + request.raw_path, data=body, headers=headers
+            ) as resp:
+                data = await resp.read()
+                return web.Response(
+                    status=resp.status, body=data, headers={"Content-Type": resp.content_type}
+                )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    async with serve_app(app) as url:
+        yield url
+
+
+@asynccontextmanager
+async def processing_relay(backend: str, hold: float) -> AsyncIterator[str]:
+    """A raw relay that answers ``102 Processing`` every 0.3 s for ``hold`` seconds (a
+    long-running request, legal HTTP/1.1), then forwards the request and relays the answer."""
+    host, port = backend.rsplit("/", 1)[1].split(":")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length) if length else b""
+                if head.split(b" ", 1)[0] in (b"PUT", b"PATCH", b"POST", b"DELETE"):
+                    deadline = time.monotonic() + hold
+                    while time.monotonic() < deadline:
+                        writer.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+                        await writer.drain()
+                        await asyncio.sleep(0.3)
+                r, w = await asyncio.open_connection(host, int(port))
+                w.write(head[:-2] + b"Connection: close\r\n\r\n" + body)
+                await w.drain()
+                answer = await r.read()
+                w.close()
+                writer.write(answer)
+                await writer.drain()
+                break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@asynccontextmanager
+async def make_world(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    *,
+    source_idem: bool = True,
+    target_idem: bool = True,
+    source_wrap: Callable[[str], object] | None = None,
+    target_wrap: Callable[[str], object] | None = None,
+    read_timeout: float = 5.0,
+    orphan_grace: float = 5.0,
+) -> AsyncIterator[World]:
+    src, tgt = await make_database("src"), await make_database("tgt")
+    for db in (src, tgt):
+        await seed_database(db, 20, seed=7)
+    await migrate_state(pg_url)
+    async with AsyncExitStack() as stack:
+        source = await stack.enter_async_context(
+            refapi("azure", src, honour_idempotency=source_idem)
+        )
+        target = await stack.enter_async_context(
+            refapi("scaleway", tgt, honour_idempotency=target_idem)
+        )
+        if source_wrap:
+            source = await stack.enter_async_context(source_wrap(source))  # type: ignore[arg-type]
+        if target_wrap:
+            target = await stack.enter_async_context(target_wrap(target))  # type: ignore[arg-type]
+        config = write_config(
+            tmp_path / "bascule.toml",
+            source_url=source,
+            target_url=target,
+            postgres_url=pg_url,
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            read_timeout=read_timeout,
+            orphan_grace=orphan_grace,
+        )
+        secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
+        replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
+        url = await stack.enter_async_context(serve_proxy(replica.server()))
+        yield World(url, src, tgt, pg_url, replica)
+
+
+async def amount(db: str, rid: int) -> Decimal | None:
+    conn = await asyncpg.connect(db)
+    try:
+        value: Decimal | None = await conn.fetchval("SELECT amount FROM dcir WHERE id = $1", rid)
+        return value
+    finally:
+        await conn.close()
+
+
+async def journal(db: str) -> list[dict[str, Any]]:
+    conn = await asyncpg.connect(db)
+    try:
+        rows = await conn.fetch(
+            "SELECT seq, record, method, state, status, last_error FROM bascule_journal"
+            " ORDER BY seq"
+        )
+        return [dict(r) for r in rows]
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def env(tmp_path, make_database, pg_url, redis_url, redis_prefix):  # type: ignore[no-untyped-def]
+    def build(**kw):  # type: ignore[no-untyped-def]
+        return make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix, **kw)
+
+    return build
+
+
+# --- 1. A researcher retry under its own Idempotency-Key replays a STALE answer ------------------
+
+
+async def test_researcher_idempotent_retry_replays_stale_state(env) -> None:  # type: ignore[no-untyped-def]
+    # live: the target is authoritative and honours Idempotency-Key (like the World fixture).
+    async with env() as world:
+        await world.to_stage(Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE)
+        url = f"{world.proxy}/v1/datasets/dcir/records/3"
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            for key, value in (("k1", 1), ("k2", 2), ("k1", 1)):  # the 3rd is a client retry
+                async with s.patch(
+                    url, json={"amount": value}, headers={"Idempotency-Key": key}
+                ) as r:
+                    assert r.status == 200
+        await world.drained()
+        authority, other = await amount(world.target_db, 3), await amount(world.source_db, 3)
+        print("journal:", await journal(world.state_db))
+        assert authority == Decimal(2)
+        assert other == authority, f"target (authority)={authority} source={other}"
+
+
+# --- 2. The same record under two spellings of its key is not serialized ------------------------
+
+
+async def test_same_record_two_key_spellings_replayed_out_of_order(env) -> None:  # type: ignore[no-untyped-def]
+    # The target is slow for the path spelled /7 only (one slow replay, nothing else).
+    def delay(req: web.Request) -> float:
+        return 1.0 if req.method == "PUT" and req.raw_path.endswith("/records/7") else 0.0
+
+    async with env(target_wrap=lambda u: delaying_relay(u, delay)) as world:
+        await world.to_stage(Stage.DUALWRITE)
+        world.replica.replayer_task.cancel()
+        await asyncio.sleep(0.1)
+        base = f"{world.proxy}/v1/datasets/dcir/records"
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            async with s.patch(f"{base}/7", json={"amount": 1}) as r:
+                assert r.status == 200
+            async with s.patch(f"{base}/007", json={"amount": 2}) as r:  # refapi: same record 7
+                assert r.status == 200
+        rows = await journal(world.state_db)
+        assert rows[0]["record"] == rows[1]["record"]  # one record: one token, lock and chain
+        journal_ = world.replica.dual.journal
+        assert [e.seq for e in await journal_.replayable("dcir")] == [rows[0]["seq"]]
+        replayer = _replayer(world, "solo")
+        await replayer.round("dcir")
+        await replayer.round("dcir")
+        assert await amount(world.source_db, 7) == Decimal(2)
+        assert await amount(world.target_db, 7) == Decimal(2), "target got the writes reordered"
+
+
+def _replayer(world: World, name: str, lease: float = 5.0) -> Replayer:
+    r = world.replica
+    routes = {(rt.path, m): rt for rt in r.config.routes for m in rt.methods}
+    creds = {
+        Side.SOURCE: PROXY_ENV["BASCULE_TEST_SERVICE_TOKEN"],
+        Side.TARGET: PROXY_ENV["BASCULE_TEST_SERVICE_TOKEN"],
+    }
+    assert r.dual is not None
+    return Replayer(
+        r.dual.journal,
+        r.view,
+        r.upstreams,
+        routes,
+        creds,
+        name,
+        lease_seconds=lease,
+    )
+
+
+# --- 3. Lease expiry during a round: two replayers apply one record's entries concurrently ------
+
+
+async def test_lease_expiry_mid_round_reorders_and_kills_replayer(env) -> None:  # type: ignore[no-untyped-def]
+    first = {"done": False}
+
+    def delay(req: web.Request) -> float:  # the first replay is slow (network stall, GC, ...)
+        if req.method == "PUT" and not first["done"]:
+            first["done"] = True
+            return 2.0
+        return 0.0
+
+    # The target does not honour Idempotency-Key (the design only relies on it where declared).
+    async with env(target_idem=False, target_wrap=lambda u: delaying_relay(u, delay)) as world:
+        await world.to_stage(Stage.DUALWRITE)
+        world.replica.replayer_task.cancel()
+        await asyncio.sleep(0.1)
+        base = f"{world.proxy}/v1/datasets/dcir/records/3"
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            for value in (1, 2):
+                async with s.patch(base, json={"amount": value}) as r:
+                    assert r.status == 200
+        a, b = _replayer(world, "replica-a", lease=0.3), _replayer(world, "replica-b", lease=0.3)
+        task_a = spawn(a.run(), name="test")
+        await asyncio.sleep(0.6)  # A's lease expired while its round is in flight
+        task_b = spawn(b.run(), name="test")
+        await asyncio.sleep(3.0)
+        task_b.cancel()
+        a_error = task_a.exception() if task_a.done() else None
+        task_a.cancel()
+        print("journal:", await journal(world.state_db), "replayer A died with:", repr(a_error))
+        assert a_error is None, f"replayer A crashed: {a_error!r}"
+        assert await amount(world.source_db, 3) == Decimal(2)
+        assert await amount(world.target_db, 3) == Decimal(2), "stale replay landed last"
+
+
+# --- 4. Orphan false positive: writer alive, its state session lost, call still in flight -------
+
+
+async def test_orphan_resolved_while_its_write_is_still_in_flight(env) -> None:  # type: ignore[no-untyped-def]
+    # The source keeps the request 8 s, far past the writer's deadline (2 s): only a grace
+    # longer than a backend's own delay keeps the resolver from reading too early.
+    async with env(
+        source_wrap=lambda u: processing_relay(u, hold=8.0), read_timeout=1.0, orphan_grace=10.0
+    ) as world:
+        await world.to_stage(Stage.DUALWRITE)
+        before = await amount(world.source_db, 3)
+        url = f"{world.proxy}/v1/datasets/dcir/records/3"
+
+        async def write() -> int:
+            async with aiohttp.ClientSession(headers=AUTH) as s:
+                async with s.patch(url, json={"amount": 999}) as r:
+                    await r.read()
+                    return r.status
+
+        task = spawn(write(), name="test")
+        await asyncio.sleep(1.0)
+        conn = await asyncpg.connect(world.state_db)
+        try:  # the replica's state session drops (PG failover, network blip, idle timeout, ...)
+            pid = await conn.fetchval("SELECT writer_pid FROM bascule_journal WHERE seq = 1")
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await conn.close()
+        status = await task
+        await asyncio.sleep(1.0)
+        await world.drained()
+        print("status", status, "journal:", await journal(world.state_db), "before", before)
+        src, tgt = await amount(world.source_db, 3), await amount(world.target_db, 3)
+        # The writer's deadline (2 s) passed: the researcher is told it timed out (in doubt),
+        # and whatever the source ended up holding, the orphan was only read back after it.
+        assert status == 504
+        assert tgt == src, f"source={src} target={tgt}: the other side lost the write"
+
+
+# --- 5. A replica with a wrong journal key that wins the lease dead-letters the backlog ---------
+
+
+async def test_replica_with_wrong_journal_key_dead_letters_entries(env) -> None:  # type: ignore[no-untyped-def]
+    from proxy.journal import Journal
+    from proxy.sealing import Sealer
+
+    async with env() as world:
+        await world.to_stage(Stage.DUALWRITE)
+        world.replica.replayer_task.cancel()
+        await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            async with s.patch(
+                f"{world.proxy}/v1/datasets/dcir/records/4", json={"amount": 5}
+            ) as r:
+                assert r.status == 200
+        bad = _replayer(world, "misconfigured")
+        good = world.replica.dual.journal
+        bad.journal = Journal(
+            good.pool, Sealer(b"\x33" * 32), "misconfigured", sessions=good.sessions
+        )
+        with pytest.raises(SealError):  # the replica stops; the entry is not its fault
+            await bad.round("dcir")
+        rows = await journal(world.state_db)
+        print("journal:", rows)
+        assert rows[0]["state"] != "dead", (
+            "a key problem on one replica must not dead-letter entries"
+        )
