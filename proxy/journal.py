@@ -59,6 +59,9 @@ _ENTRY_COLUMNS = (
 )
 
 
+_J_COLUMNS = ", ".join(f"j.{c.strip()}" for c in _ENTRY_COLUMNS.split(",")).replace("j.seq", "seq")
+
+
 def _entry(rec: asyncpg.Record) -> Entry:
     return Entry(**dict(rec))
 
@@ -252,13 +255,23 @@ class Journal:
     async def replayable(self, dataset: str, limit: int = 100) -> list[Entry]:
         """Pending entries whose every earlier open entry of the same record — or of the whole
         dataset, when either is dataset-wide — has settled; in order."""
+        # One pass over the open entries (a partial index): the head of each record's chain,
+        # held back by any earlier open dataset-wide entry; a dataset-wide head goes only when
+        # it is the dataset's first open entry. A correlated NOT EXISTS per pending entry took
+        # seconds on a 10,000-entry backlog.
         async with reaching_postgres():
             rows = await self.pool.fetch(
-                f"SELECT {_ENTRY_COLUMNS} FROM bascule_journal j"
-                " WHERE j.dataset = $1 AND j.state = 'pending' AND j.next_attempt_at <= now()"
-                " AND NOT EXISTS (SELECT 1 FROM bascule_journal o"
-                "   WHERE o.dataset = j.dataset AND o.seq < j.seq AND o.state = ANY($3::text[])"
-                "   AND (o.record = j.record OR o.record = '*' OR j.record = '*'))"
+                "WITH open AS (SELECT seq, record, state, next_attempt_at FROM bascule_journal"
+                "   WHERE dataset = $1 AND state = ANY($3::text[])),"
+                " heads AS (SELECT DISTINCT ON (record) seq, record, state, next_attempt_at"
+                "   FROM open ORDER BY record, seq),"
+                " bounds AS (SELECT min(seq) AS first,"
+                "   min(seq) FILTER (WHERE record = '*') AS first_wide FROM open)"
+                f" SELECT {_J_COLUMNS} FROM bascule_journal j JOIN heads h USING (seq),"
+                "   bounds b"
+                " WHERE h.state = 'pending' AND h.next_attempt_at <= now()"
+                " AND ((h.record <> '*' AND (b.first_wide IS NULL OR h.seq < b.first_wide))"
+                "   OR (h.record = '*' AND h.seq = b.first))"
                 " ORDER BY j.seq LIMIT $2",
                 dataset,
                 limit,
