@@ -12,9 +12,9 @@ the target comes back, and the time to replay the whole backlog gives the replay
 from __future__ import annotations
 
 import argparse
-import signal
 import asyncio
 import random
+import signal
 import statistics
 import sys
 import tempfile

@@ -12,10 +12,10 @@ and prints req/s, p50, p99, the proxy's CPU-µs per request (from /proc), and ra
 from __future__ import annotations
 
 import argparse
-import signal
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
