@@ -93,6 +93,54 @@ async def table_digest(database_url: str, table: str = "dcir") -> tuple[int, str
         await conn.close()
 
 
+@asynccontextmanager
+async def make_world(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    *,
+    source_idem: bool = True,
+    target_idem: bool = True,
+    source_wrap: Callable[[str], object] | None = None,
+    target_wrap: Callable[[str], object] | None = None,
+    read_timeout: float = 5.0,
+    orphan_grace: float = 5.0,
+) -> AsyncIterator[World]:
+    """Two reference APIs over seeded databases, a Replica with its journal, and the proxy
+    server in front: one dual-write world. ``*_wrap`` put a fault injector before a side."""
+    src, tgt = await make_database("src"), await make_database("tgt")
+    for db in (src, tgt):
+        await seed_database(db, 20, seed=7)
+    await migrate_state(pg_url)
+    async with AsyncExitStack() as stack:
+        source = await stack.enter_async_context(
+            refapi("azure", src, honour_idempotency=source_idem)
+        )
+        target = await stack.enter_async_context(
+            refapi("scaleway", tgt, honour_idempotency=target_idem)
+        )
+        if source_wrap:
+            source = await stack.enter_async_context(source_wrap(source))  # type: ignore[arg-type]
+        if target_wrap:
+            target = await stack.enter_async_context(target_wrap(target))  # type: ignore[arg-type]
+        config = write_config(
+            tmp_path / "bascule.toml",
+            source_url=source,
+            target_url=target,
+            postgres_url=pg_url,
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            read_timeout=read_timeout,
+            orphan_grace=orphan_grace,
+        )
+        secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
+        replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
+        url = await stack.enter_async_context(serve_proxy(replica.server()))
+        yield World(url, src, tgt, pg_url, replica)
+
+
 @pytest.fixture
 async def world(
     tmp_path: Path,
@@ -101,34 +149,23 @@ async def world(
     redis_url: str,
     redis_prefix: str,
 ) -> AsyncIterator[World]:
-    src, tgt = await make_database("src"), await make_database("tgt")
-    for db in (src, tgt):
-        await seed_database(db, 20, seed=7)
-    await migrate_state(pg_url)
-    async with AsyncExitStack() as stack:
-        source = await stack.enter_async_context(refapi("azure", src, honour_idempotency=False))
-        target = await stack.enter_async_context(refapi("scaleway", tgt))
-        config = write_config(
-            tmp_path / "bascule.toml",
-            source_url=source,
-            target_url=target,
-            postgres_url=pg_url,
-            redis_url=redis_url,
-            redis_prefix=redis_prefix,
-        )
-        secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
-        replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
-        url = await stack.enter_async_context(serve_proxy(replica.server()))
-        yield World(url, src, tgt, pg_url, replica)
+    async with make_world(
+        tmp_path, make_database, pg_url, redis_url, redis_prefix, source_idem=False
+    ) as built:
+        yield built
 
 
-async def researchers(world: World, writers: int, ops: int, records: int) -> list[int]:
-    """Concurrent writers doing creates, PUTs, PATCHes and DELETEs on shared records."""
+async def researchers(
+    proxies: World | list[str], writers: int, ops: int, records: int
+) -> list[int]:
+    """Concurrent writers doing creates, PUTs, PATCHes and DELETEs on shared records, spread
+    over the proxies given (or the world's one)."""
     statuses: list[int] = []
-    base = f"{world.proxy}/v1/datasets/dcir/records"
+    urls = [proxies.proxy] if isinstance(proxies, World) else proxies
 
     async def writer(n: int) -> None:
         rng = random.Random(n)
+        base = f"{urls[n % len(urls)]}/v1/datasets/dcir/records"
         async with aiohttp.ClientSession(headers=AUTH) as session:
             for i in range(ops):
                 rid = rng.randint(1, records)
@@ -236,26 +273,15 @@ async def test_a_504_after_the_source_committed_is_resolved_and_replayed(
     redis_url: str,
     redis_prefix: str,
 ) -> None:
-    src, tgt = await make_database("src"), await make_database("tgt")
-    for db in (src, tgt):
-        await seed_database(db, 20, seed=7)
-    await migrate_state(pg_url)
-    async with AsyncExitStack() as stack:
-        source = await stack.enter_async_context(refapi("azure", src))
-        faulty = await stack.enter_async_context(answers_504_after_commit(source, {"PATCH"}))
-        target = await stack.enter_async_context(refapi("scaleway", tgt))
-        config = write_config(
-            tmp_path / "bascule.toml",
-            source_url=faulty,
-            target_url=target,
-            postgres_url=pg_url,
-            redis_url=redis_url,
-            redis_prefix=redis_prefix,
-        )
-        secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
-        replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
-        url = await stack.enter_async_context(serve_proxy(replica.server()))
-        world = World(url, src, tgt, pg_url, replica)
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        source_wrap=lambda url: answers_504_after_commit(url, {"PATCH"}),
+    ) as world:
+        url, src, tgt = world.proxy, world.source_db, world.target_db
         await world.to_stage(Stage.DUALWRITE)
         async with aiohttp.ClientSession(headers=AUTH) as session:
             async with session.patch(

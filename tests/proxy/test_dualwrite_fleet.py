@@ -19,7 +19,7 @@ from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
 from refapi.seed import seed_database
 from tests.harness import AUTH, PROXY_ENV, dcir_record, migrate_state, refapi, write_config
-from tests.proxy.test_dualwrite import World, table_digest
+from tests.proxy.test_dualwrite import World, researchers, table_digest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -98,39 +98,11 @@ async def fleet(
         yield make
 
 
-async def mixed_writes(urls: list[str], writers: int, ops: int, records: int) -> list[int]:
-    statuses: list[int] = []
-
-    async def writer(n: int) -> None:
-        import random
-
-        rng = random.Random(n)
-        base = f"{urls[n % len(urls)]}/v1/datasets/dcir/records"
-        async with aiohttp.ClientSession(headers=AUTH) as session:
-            for i in range(ops):
-                rid = rng.randint(1, records)
-                op = rng.choice(["put", "patch", "patch", "delete", "create"])
-                if op == "put":
-                    req = session.put(f"{base}/{rid}", json={"id": rid, **dcir_record(rid, i)})
-                elif op == "patch":
-                    req = session.patch(f"{base}/{rid}", json={"amount": rng.randint(1, 999)})
-                elif op == "delete":
-                    req = session.delete(f"{base}/{rid}")
-                else:
-                    req = session.post(base, json=dcir_record(5000 + n, i))
-                async with req as resp:
-                    await resp.read()
-                    statuses.append(resp.status)
-
-    await asyncio.gather(*(writer(n) for n in range(writers)))
-    return statuses
-
-
 async def test_200_writers_through_two_replicas_leave_identical_databases(
     fleet: Callable[..., Awaitable[Fleet]],
 ) -> None:
     f = await fleet([None, None])
-    statuses = await mixed_writes(f.urls, writers=200, ops=5, records=20)
+    statuses = await researchers(f.urls, writers=200, ops=5, records=20)
     assert not [s for s in statuses if s >= 500], sorted(set(statuses))
     counts = await f.world.drained(within=60)
     assert counts.get("dead", 0) == 0 and counts.get("in_doubt", 0) == 0, counts

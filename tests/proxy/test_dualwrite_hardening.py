@@ -4,12 +4,10 @@ failing, as the reproduction of a way a write could be lost, reordered or left d
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,24 +15,17 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from bascule.config import Secrets
 from bascule.tasks import spawn
 from cutover.stages import Stage
-from proxy.app import Replica
 from proxy.plan import Side
 from proxy.replayer import Replayer
 from proxy.sealing import SealError
-from refapi.seed import seed_database
 from tests.harness import (
     AUTH,
     PROXY_ENV,
-    migrate_state,
-    refapi,
     serve_app,
-    serve_proxy,
-    write_config,
 )
-from tests.proxy.test_dualwrite import World
+from tests.proxy.test_dualwrite import World, make_world
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -105,52 +96,6 @@ async def processing_relay(backend: str, hold: float) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
-
-
-@asynccontextmanager
-async def make_world(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    *,
-    source_idem: bool = True,
-    target_idem: bool = True,
-    source_wrap: Callable[[str], object] | None = None,
-    target_wrap: Callable[[str], object] | None = None,
-    read_timeout: float = 5.0,
-    orphan_grace: float = 5.0,
-) -> AsyncIterator[World]:
-    src, tgt = await make_database("src"), await make_database("tgt")
-    for db in (src, tgt):
-        await seed_database(db, 20, seed=7)
-    await migrate_state(pg_url)
-    async with AsyncExitStack() as stack:
-        source = await stack.enter_async_context(
-            refapi("azure", src, honour_idempotency=source_idem)
-        )
-        target = await stack.enter_async_context(
-            refapi("scaleway", tgt, honour_idempotency=target_idem)
-        )
-        if source_wrap:
-            source = await stack.enter_async_context(source_wrap(source))  # type: ignore[arg-type]
-        if target_wrap:
-            target = await stack.enter_async_context(target_wrap(target))  # type: ignore[arg-type]
-        config = write_config(
-            tmp_path / "bascule.toml",
-            source_url=source,
-            target_url=target,
-            postgres_url=pg_url,
-            redis_url=redis_url,
-            redis_prefix=redis_prefix,
-            read_timeout=read_timeout,
-            orphan_grace=orphan_grace,
-        )
-        secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
-        replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
-        url = await stack.enter_async_context(serve_proxy(replica.server()))
-        yield World(url, src, tgt, pg_url, replica)
 
 
 async def amount(db: str, rid: int) -> Decimal | None:
