@@ -41,6 +41,7 @@ class ServerProcess:
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop them
+                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
@@ -87,6 +88,16 @@ class ServerProcess:
                 self.signal(signal.SIGKILL)
                 await self.proc.wait()
         return self.proc.returncode
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the parent dies, however it dies
+    (a benchmark killed by `timeout`, a test runner killed by CI), so no server outlives it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def bascule_argv(*args: str) -> list[str]:
