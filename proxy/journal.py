@@ -289,6 +289,39 @@ class Journal:
             )
         return [_entry(r) for r in rows]
 
+    async def payloads(
+        self, entries: list[Entry]
+    ) -> dict[int, tuple[dict[str, Any], bytes | None]]:
+        """The opened request and answer of several entries, in one query (the replayer's)."""
+        async with reaching_postgres():
+            rows = await self.pool.fetch(
+                "SELECT seq, request, answer FROM bascule_journal WHERE seq = ANY($1::bigint[])",
+                [e.seq for e in entries],
+            )
+        datasets = {e.seq: e.dataset for e in entries}
+        opened: dict[int, tuple[dict[str, Any], bytes | None]] = {}
+        for r in rows:
+            dataset = datasets[r["seq"]]
+            request = json.loads(self.sealer.open(r["request"], dataset=dataset, field="request"))
+            answer = (
+                self.sealer.open(r["answer"], dataset=dataset, field="answer")
+                if r["answer"] is not None
+                else None
+            )
+            opened[r["seq"]] = (request, answer)
+        return opened
+
+    async def applied_many(self, seqs: list[int]) -> None:
+        """Mark pending entries applied, in one statement."""
+        if not seqs:
+            return
+        async with reaching_postgres():
+            await self.pool.execute(
+                "UPDATE bascule_journal SET state = 'applied', applied_at = now()"
+                " WHERE seq = ANY($1::bigint[]) AND state = 'pending'",
+                seqs,
+            )
+
     async def request_of(self, entry: Entry) -> dict[str, Any]:
         async with reaching_postgres():
             sealed = await self.pool.fetchval(

@@ -58,7 +58,7 @@ class Replayer:
     resolver: Resolver | None = None
     retention: float | None = None
     """Seconds settled entries are kept; None: never purged here."""
-    concurrency: int = 32
+    concurrency: int = 64
     idle_wait: float = 0.05
     base_delay: float = 0.2
     max_delay: float = 5.0
@@ -145,23 +145,38 @@ class Replayer:
         return max(call_deadline(u) for u in self.upstreams.values())
 
     async def round(self, dataset: str) -> int:
-        """Apply one batch of replayable entries of ``dataset``; return how many were tried."""
+        """Apply one wave of replayable entries of ``dataset``; return how many were tried.
+
+        The wave's requests and answers come in one query and the successes are marked in one
+        statement: per entry, only the replay itself is a round trip."""
         entries = await self.journal.replayable(dataset, limit=self.concurrency)
         if not entries:
             return 0
-        await asyncio.gather(*(self.apply(e) for e in entries))
+        payloads = await self.journal.payloads(entries)
+        outcomes = await asyncio.gather(*(self.apply(e, payloads.get(e.seq)) for e in entries))
+        await self.journal.applied_many(
+            [e.seq for e, ok in zip(entries, outcomes, strict=True) if ok]
+        )
         return len(entries)
 
-    async def apply(self, entry: Entry) -> None:
+    async def apply(
+        self, entry: Entry, payload: tuple[dict[str, Any], bytes | None] | None = None
+    ) -> bool:
+        """Replay one entry; True when it was applied (the caller marks it so)."""
         target = Side.TARGET if entry.authority == Side.SOURCE.value else Side.SOURCE
         upstream = self.upstreams[target]
         try:
-            method, path, headers, body = await self._replay_request(entry, target)
+            if payload is None:
+                payload = (
+                    await self.journal.request_of(entry),
+                    await self.journal.answer_of(entry),
+                )
+            method, path, headers, body = self._replay_request(entry, target, *payload)
         except SealError:
             raise  # this replica's key is wrong: the entry is fine, this replica is not
         except (ValueError, KeyError) as exc:
             await self.journal.dead(entry.seq, f"cannot build the replay: {type(exc).__name__}")
-            return
+            return False
         try:
             async with asyncio.timeout(call_deadline(upstream)):
                 async with upstream.request(method, path, headers, body) as resp:
@@ -169,33 +184,32 @@ class Replayer:
                     status = resp.status
         except UpstreamError as exc:
             await self._later(entry, type(exc).__name__)
-            return
+            return False
         except TimeoutError:
             await self._later(entry, "deadline")
-            return
+            return False
         if 200 <= status < 300 or (method == "DELETE" and status == 404):
             # A DELETE of what the other side does not have leaves both sides equal.
-            await self.journal.applied(entry.seq)
-        elif status >= 500 or status in _RETRYABLE:
+            return True
+        if status >= 500 or status in _RETRYABLE:
             await self._later(entry, f"status {status}")
         else:
             await self.journal.dead(entry.seq, f"the other side answered {status}")
+        return False
 
     async def _later(self, entry: Entry, error: str) -> None:
         delay = min(self.max_delay, self.base_delay * 2 ** min(entry.attempts, 10))
         await self.journal.retry_later(entry.seq, error, delay * random.uniform(0.5, 1.0))
 
-    async def _replay_request(
-        self, entry: Entry, side: Side
+    def _replay_request(
+        self, entry: Entry, side: Side, original: dict[str, Any], answer: bytes | None
     ) -> tuple[str, str, list[tuple[str, str]], bytes]:
-        original = await self.journal.request_of(entry)
         route = self.routes.get((entry.route, entry.method))
         headers = [(k, v) for k, v in original["headers"] if not _ours(k)]
         headers.append(("Idempotency-Key", f"bascule:{entry.dataset}:{entry.seq}"))
         credential = self.credentials.get(side)
         if credential:
             headers.append(("Authorization", f"Bearer {credential}"))
-        answer = await self.journal.answer_of(entry)
         stored = orjson.loads(answer) if answer is not None else {}
         if "resolved" in stored:
             # Settled by the resolver: write back the authoritative side's current state.
