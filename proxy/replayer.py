@@ -58,7 +58,7 @@ class Replayer:
     resolver: Resolver | None = None
     retention: float | None = None
     """Seconds settled entries are kept; None: never purged here."""
-    concurrency: int = 64
+    concurrency: int = 256
     idle_wait: float = 0.05
     base_delay: float = 0.2
     max_delay: float = 5.0
