@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -178,17 +177,7 @@ async def main(args: argparse.Namespace) -> None:
     print("\ntargets: added p50 <= 3 ms; replay >= 2,000 writes/s")
 
 
-def _stop_on_sigterm() -> None:
-    # A bench stopped by `timeout` or a CI limit must still stop the servers it started (they
-    # run in sessions of their own): turn SIGTERM into the exit path that cleans up.
-    def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-
-
 if __name__ == "__main__":
-    _stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writes", type=int, default=500, help="per latency row")
     parser.add_argument("--backlog", type=int, default=10_000, help="writes in the backlog")

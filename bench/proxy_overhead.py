@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -287,17 +286,7 @@ def report(rows: list[Row], with_nginx: bool) -> None:
     print("\ntargets: proxy CPU <= 150 µs/request; added p50 <= 0.5 ms at concurrency 1")
 
 
-def _stop_on_sigterm() -> None:
-    # A bench stopped by `timeout` or a CI limit must still stop the servers it started (they
-    # run in sessions of their own): turn SIGTERM into the exit path that cleans up.
-    def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-
-
 if __name__ == "__main__":
-    _stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000, help="per row (default 3000)")
     parser.add_argument("--rows", type=int, default=1000, help="rows per dataset (default 1000)")

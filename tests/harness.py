@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from bascule import schema
 from bascule.config import Config, load_config
+from bascule.procs import ServerProcess, bascule_argv
 from bascule.stores import free_port
 from cutover.store import StageStore, open_pool
 from proxy.server import Server
@@ -224,3 +226,37 @@ def dcir_record(n: int, amount: float = 25.0) -> dict[str, object]:
         "prescriber_speciality": "01",
         "department": "75",
     }
+
+
+@dataclass
+class ProxyProcess:
+    """A `bascule proxy` process started by a test."""
+
+    proc: ServerProcess
+    url: str
+    admin_url: str
+
+
+async def start_proxy(
+    stack: AsyncExitStack, config: Path, log: Path, env: dict[str, str]
+) -> ProxyProcess:
+    """Start `bascule proxy` on free ports, ready; it is stopped when ``stack`` closes."""
+    port, admin = free_port(), free_port()
+    proc = ServerProcess(
+        name=log.stem,
+        argv=bascule_argv(
+            "proxy",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin-listen",
+            f"127.0.0.1:{admin}",
+        ),
+        health_url=f"http://127.0.0.1:{admin}/readyz",
+        log_path=log,
+        env=env,
+    )
+    stack.push_async_callback(proc.stop)
+    await proc.start()
+    return ProxyProcess(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")

@@ -24,9 +24,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.stores import EmbeddedPostgres, EmbeddedRedis, create_database, free_port
+from bascule.stores import EmbeddedPostgres, EmbeddedRedis, create_database
 from tests.conftest import MakeDatabase
-from tests.harness import AUTH, OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state, refapi, write_config
+from tests.harness import (
+    AUTH,
+    OPERATOR_TOKEN,
+    VIEWER_TOKEN,
+    migrate_state,
+    refapi,
+    start_proxy,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -133,27 +141,10 @@ async def fleet_factory(
             env = {"BASCULE_ADMIN_TOKEN": OPERATOR_TOKEN, "BASCULE_VIEWER_TOKEN": VIEWER_TOKEN}
             fleet = Fleet(config_path, [], [], [], env)
             for i in range(3):
-                port, admin = free_port(), free_port()
-                proc = ServerProcess(
-                    name=f"proxy{i}",
-                    argv=bascule_argv(
-                        "proxy",
-                        "--config",
-                        str(config_path),
-                        "--listen",
-                        f"127.0.0.1:{port}",
-                        "--admin-listen",
-                        f"127.0.0.1:{admin}",
-                    ),
-                    health_url=f"http://127.0.0.1:{admin}/readyz",
-                    log_path=tmp_path / f"proxy{i}.log",
-                    env=env,
-                )
-                stack.push_async_callback(proc.stop)
-                await proc.start()
-                fleet.proxies.append(proc)
-                fleet.urls.append(f"http://127.0.0.1:{port}")
-                fleet.admin_urls.append(f"http://127.0.0.1:{admin}")
+                started = await start_proxy(stack, config_path, tmp_path / f"proxy{i}.log", env)
+                fleet.proxies.append(started.proc)
+                fleet.urls.append(started.url)
+                fleet.admin_urls.append(started.admin_url)
             return fleet
 
         yield make

@@ -13,12 +13,19 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bascule.procs import ServerProcess, bascule_argv
-from bascule.stores import free_port
+from bascule.procs import ServerProcess
 from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
 from refapi.seed import seed_database
-from tests.harness import AUTH, PROXY_ENV, dcir_record, migrate_state, refapi, write_config
+from tests.harness import (
+    AUTH,
+    PROXY_ENV,
+    dcir_record,
+    migrate_state,
+    refapi,
+    start_proxy,
+    write_config,
+)
 from tests.proxy.test_dualwrite import World, researchers, table_digest
 
 pytestmark = pytest.mark.timeout(180)
@@ -61,29 +68,12 @@ async def fleet(
             )
             urls, procs = [], []
             for i, failpoint in enumerate(failpoints):
-                port, admin = free_port(), free_port()
                 env = dict(PROXY_ENV)
                 if failpoint:
                     env["BASCULE_FAILPOINT"] = failpoint
-                proc = ServerProcess(
-                    name=f"proxy{i}",
-                    argv=bascule_argv(
-                        "proxy",
-                        "--config",
-                        str(config),
-                        "--listen",
-                        f"127.0.0.1:{port}",
-                        "--admin-listen",
-                        f"127.0.0.1:{admin}",
-                    ),
-                    health_url=f"http://127.0.0.1:{admin}/readyz",
-                    log_path=tmp_path / f"proxy{i}.log",
-                    env=env,
-                )
-                stack.push_async_callback(proc.stop)
-                await proc.start()
-                urls.append(f"http://127.0.0.1:{port}")
-                procs.append(proc)
+                started = await start_proxy(stack, config, tmp_path / f"proxy{i}.log", env)
+                urls.append(started.url)
+                procs.append(started.proc)
             pool = await open_pool(pg_url, max_size=1)
             try:
                 store = StageStore(pool)
