@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -260,3 +262,24 @@ async def start_proxy(
     stack.push_async_callback(proc.stop)
     await proc.start()
     return ProxyProcess(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
+
+
+def cli_env(tmp_path: Path, postgres_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
+    """The environment of an SRE running `bascule` against these stores (no backend needed)."""
+    config = tmp_path / "bascule.toml"
+    write_config(
+        config,
+        source_url="http://127.0.0.1:9",
+        target_url="http://127.0.0.1:9",
+        postgres_url=postgres_url,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+    )
+    return {**os.environ, "BASCULE_CONFIG": str(config)}
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `bascule ARGS` as a separate process, as an SRE would."""
+    return subprocess.run(
+        bascule_argv(*args), env=env, capture_output=True, text=True, timeout=60, check=False
+    )

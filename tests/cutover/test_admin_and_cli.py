@@ -18,7 +18,14 @@ from bascule.procs import bascule_argv
 from cutover.admin import AdminDeps, create_admin_app
 from cutover.fleet import RedisAnnouncer
 from cutover.store import StageStore, open_pool
-from tests.harness import OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state, serve_app, write_config
+from tests.harness import (
+    OPERATOR_TOKEN,
+    VIEWER_TOKEN,
+    migrate_state,
+    run_cli,
+    serve_app,
+)
+from tests.harness import cli_env as harness_cli_env
 
 OP = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 ALICE_TOKEN = "alice-token-0123456789abcdef"
@@ -170,22 +177,10 @@ async def test_operator_moves_and_rolls_back_and_the_token_names_who(admin: Admi
 
 @pytest.fixture
 def cli_env(tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
-    config = tmp_path / "bascule.toml"
-    write_config(
-        config,
-        source_url="http://127.0.0.1:9",
-        target_url="http://127.0.0.1:9",
-        postgres_url=pg_url,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-    )
-    return {**os.environ, "BASCULE_CONFIG": str(config)}
+    return harness_cli_env(tmp_path, pg_url, redis_url, redis_prefix)
 
 
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        bascule_argv(*args), env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+run = run_cli
 
 
 def test_cli_migrate_status_stage_history(cli_env: dict[str, str]) -> None:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import asyncpg
 import orjson
 import pytest
 
-from bascule.procs import bascule_argv
 from proxy import journal as journal_module
 from proxy.journal import Journal
 from proxy.sealing import Namer, Sealer
-from tests.harness import migrate_state, write_config
+from tests.harness import cli_env as harness_cli_env
+from tests.harness import migrate_state, run_cli
 
 KEY = bytes(range(32))
 
@@ -48,22 +46,10 @@ async def entries(pg_url: str) -> dict[str, int]:
 
 @pytest.fixture
 def env(tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
-    config = tmp_path / "bascule.toml"
-    write_config(
-        config,
-        source_url="http://127.0.0.1:9",
-        target_url="http://127.0.0.1:9",
-        postgres_url=pg_url,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-    )
-    return {**os.environ, "BASCULE_CONFIG": str(config)}
+    return harness_cli_env(tmp_path, pg_url, redis_url, redis_prefix)
 
 
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        bascule_argv(*args), env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+run = run_cli
 
 
 def test_status_and_journal_status_show_the_backlog(

@@ -6,7 +6,6 @@ Each test was written failing, as the reproduction of a defect, before its fix.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -16,21 +15,16 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bascule.config import Secrets
 from bascule.errors import RouteError
 from cutover.stages import Stage
-from proxy.app import Replica
 from tests.harness import (
     AUTH,
     RESEARCHER_TOKEN,
     dcir_record,
-    migrate_state,
     refapi,
     serve_app,
-    serve_proxy,
-    write_config,
 )
-from tests.proxy.test_forward import Setup
+from tests.proxy.test_forward import Setup, _setup
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,32 +53,6 @@ def seeing_backend(name: str) -> web.Application:
     return app
 
 
-async def _proxy(
-    stack: AsyncExitStack,
-    tmp_path: Path,
-    pg_url: str,
-    redis_url: str,
-    prefix: str,
-    src: str,
-    tgt: str,
-) -> Setup:
-    await migrate_state(pg_url)
-    config = write_config(
-        tmp_path / "bascule.toml",
-        source_url=src,
-        target_url=tgt,
-        postgres_url=pg_url,
-        redis_url=redis_url,
-        redis_prefix=prefix,
-        read_timeout=2.0,
-    )
-    replica = await stack.enter_async_context(
-        Replica(config, Secrets.from_env(os.environ), pg_url, redis_url)
-    )
-    url = await stack.enter_async_context(serve_proxy(replica.server()))
-    return Setup(replica, url, pg_url)
-
-
 @pytest.fixture
 async def seeing(
     tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
@@ -92,7 +60,9 @@ async def seeing(
     async with AsyncExitStack() as stack:
         src = await stack.enter_async_context(serve_app(seeing_backend("azure")))
         tgt = await stack.enter_async_context(serve_app(seeing_backend("scaleway")))
-        yield await _proxy(stack, tmp_path, pg_url, redis_url, redis_prefix, src, tgt)
+        yield await _setup(
+            stack, tmp_path, pg_url, redis_url, redis_prefix, src, tgt, read_timeout=2.0
+        )
 
 
 async def raw_request(url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes, bytes]:
@@ -173,7 +143,9 @@ async def test_head_keeps_the_backends_content_length(
     app.router.add_get("/{tail:.*}", page)  # aiohttp answers HEAD for GET routes
     async with AsyncExitStack() as stack:
         url = await stack.enter_async_context(serve_app(app))
-        setup = await _proxy(stack, tmp_path, pg_url, redis_url, redis_prefix, url, url)
+        setup = await _setup(
+            stack, tmp_path, pg_url, redis_url, redis_prefix, url, url, read_timeout=2.0
+        )
         head = b"HEAD /v1/datasets/dcir/records/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         status, headers, _ = await raw_request(setup.url, head)
         assert status == 200
@@ -200,7 +172,9 @@ async def test_http10_client_never_gets_chunked(
     app.router.add_get("/{tail:.*}", streamed)
     async with AsyncExitStack() as stack:
         url = await stack.enter_async_context(serve_app(app))
-        setup = await _proxy(stack, tmp_path, pg_url, redis_url, redis_prefix, url, url)
+        setup = await _setup(
+            stack, tmp_path, pg_url, redis_url, redis_prefix, url, url, read_timeout=2.0
+        )
         status, headers, body = await raw_request(
             setup.url, b"GET /v1/datasets/dcir/records HTTP/1.0\r\nHost: x\r\n\r\n"
         )
@@ -222,7 +196,9 @@ async def test_fragment_create_lands_on_the_retired_side_with_the_reference_api(
     async with AsyncExitStack() as stack:
         source = await stack.enter_async_context(refapi("azure", src_db))
         target = await stack.enter_async_context(refapi("scaleway", tgt_db))
-        setup = await _proxy(stack, tmp_path, pg_url, redis_url, redis_prefix, source, target)
+        setup = await _setup(
+            stack, tmp_path, pg_url, redis_url, redis_prefix, source, target, read_timeout=2.0
+        )
         await _to_live(setup, "dcir")
         body = orjson.dumps(dcir_record(1))
         head = (
