@@ -381,30 +381,11 @@ async def test_with_the_state_postgres_stopped_writes_are_refused_and_reads_serv
     redis_url: str,
     redis_prefix: str,
 ) -> None:
-    src, tgt = await make_database("src"), await make_database("tgt")
-    for db in (src, tgt):
-        await seed_database(db, 20, seed=7)
     state_pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="bt-state-")))
-    state_url = state_pg.start()
+    state_url = state_pg.start()  # the state store of our own, to really stop
     try:
-        await migrate_state(state_url)
-        async with AsyncExitStack() as stack:
-            source = await stack.enter_async_context(refapi("azure", src))
-            target = await stack.enter_async_context(refapi("scaleway", tgt))
-            config = write_config(
-                tmp_path / "bascule.toml",
-                source_url=source,
-                target_url=target,
-                postgres_url=state_url,
-                redis_url=redis_url,
-                redis_prefix=redis_prefix,
-            )
-            secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
-            replica = await stack.enter_async_context(
-                Replica(config, secrets, state_url, redis_url)
-            )
-            url = await stack.enter_async_context(serve_proxy(replica.server()))
-            world = World(url, src, tgt, state_url, replica)
+        async with make_world(tmp_path, make_database, state_url, redis_url, redis_prefix) as world:
+            url, src, tgt = world.proxy, world.source_db, world.target_db
             await world.to_stage(Stage.DUALWRITE)
             before = await table_digest(src)
             state_pg.stop()
