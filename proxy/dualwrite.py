@@ -166,7 +166,7 @@ class DualWriter:
             # overwrite later writes on the other side). Whether the first attempt reached the
             # other side is unknown here, so the resolver settles it from the current state.
             state = "in_doubt"
-        stored = orjson.dumps({"status": status, "headers": headers, "body": _b64(body)})
+        stored = orjson.dumps({"status": status, "headers": headers, "body": b64(body)})
         await session.decide(seq, state, status=status, answer=stored, stage_version=row.version)
 
 
@@ -186,5 +186,6 @@ def _failpoint(value: str) -> str | None:
     return method.upper() if kind == "kill-after-send" and method else None
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
+    """Bytes as base64 text, as journal payloads store them."""
     return base64.b64encode(data).decode("ascii")

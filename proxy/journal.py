@@ -358,27 +358,6 @@ class Journal:
             )
         return [_entry(r) for r in rows]
 
-    async def counts(self, dataset: str) -> dict[str, Any]:
-        """Backlog figures: entries by open state and the age of the oldest pending one."""
-        async with reaching_postgres():
-            rows = await self.pool.fetch(
-                "SELECT state, count(*) AS n, extract(epoch FROM now() - min(created_at)) AS age"
-                " FROM bascule_journal WHERE dataset = $1 AND state = ANY($2::text[])"
-                " GROUP BY state",
-                dataset,
-                list(OPEN),
-            )
-        by_state = {r["state"]: r for r in rows}
-        pending = by_state.get("pending")
-        return {
-            "backlog": sum(r["n"] for r in rows if r["state"] in ("intent", "pending")),
-            "pending": pending["n"] if pending else 0,
-            "oldest_pending_seconds": float(pending["age"]) if pending else None,
-            "in_doubt": by_state["in_doubt"]["n"] if "in_doubt" in by_state else 0,
-            "dead": by_state["dead"]["n"] if "dead" in by_state else 0,
-            "intent": by_state["intent"]["n"] if "intent" in by_state else 0,
-        }
-
 
 async def backlog(pool: asyncpg.Pool) -> dict[str, dict[str, Any]]:
     """Per dataset: backlog (intent + pending), oldest pending age, in doubt, dead."""

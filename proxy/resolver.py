@@ -22,7 +22,6 @@ data verification catches what that leaves behind.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ import orjson
 
 from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
-from proxy.dualwrite import call_deadline
+from proxy.dualwrite import b64, call_deadline
 from proxy.journal import Entry, Journal
 from proxy.plan import Side
 from proxy.replayer import path_values
@@ -101,7 +100,7 @@ class Resolver:
                 {
                     "status": status,
                     "headers": [["Content-Type", _ctype(resp.raw_headers)]],
-                    "body": _b64(body if status == 200 else b""),
+                    "body": b64(body if status == 200 else b""),
                     "resolved": replay,
                 }
             )
@@ -128,7 +127,3 @@ def _apply(template: str, values: Mapping[str, str]) -> str:
 
 def _ctype(raw: list[tuple[str, str]]) -> str:
     return next((v for k, v in raw if k.lower() == "content-type"), "application/json")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
