@@ -264,7 +264,9 @@ async def _audit(
     )
 
 
-async def open_pool(url: str, *, max_size: int = 10) -> asyncpg.Pool:
+async def open_pool(
+    url: str, *, max_size: int = 10, connection_class: type[asyncpg.Connection] = asyncpg.Connection
+) -> asyncpg.Pool:
     """A pool on the state database that fails fast when Postgres is away (no 60 s hangs).
 
     ``min_size=0``: creating the pool connects nothing, so a replica can start, and keep
@@ -277,6 +279,7 @@ async def open_pool(url: str, *, max_size: int = 10) -> asyncpg.Pool:
         timeout=2.0,
         command_timeout=5.0,
         max_inactive_connection_lifetime=60.0,
+        connection_class=connection_class,
     )
     async with reaching_postgres():
         return await pool

@@ -24,7 +24,7 @@ from cutover.fleet import RedisAnnouncer, StageView
 from cutover.store import StageStore, open_pool, schema_check
 from proxy.dualwrite import DualWriter
 from proxy.forward import Forwarder
-from proxy.journal import Journal
+from proxy.journal import Journal, WriterConnection
 from proxy.plan import Side
 from proxy.replayer import Replayer
 from proxy.resolver import Resolver
@@ -107,11 +107,12 @@ class Replica:
         self.dual: DualWriter | None = None
         self.replayer_task: asyncio.Task[None] | None = None
         if self.secrets.journal_key and self.secrets.hmac_key:
-            # One session per write in flight holds its record lock: a pool of its own.
             # Writes hold their sessions (and record locks) for their whole life: a pool of
             # their own, so the replayer and resolver are never starved by writers.
             self.journal_pool = await open_pool(
-                self.postgres_url, max_size=self.config.state.journal_sessions
+                self.postgres_url,
+                max_size=self.config.state.journal_sessions,
+                connection_class=WriterConnection,
             )
             journal = Journal(
                 self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool

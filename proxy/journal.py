@@ -70,6 +70,19 @@ class IllegalTransition(RuntimeError):
     """An entry was asked to move to a state its current state cannot lead to."""
 
 
+class WriterConnection(asyncpg.Connection):
+    """A writer's session. Its locks are released by the outcome statement itself, or the
+    session is ended on failure (:meth:`Journal.locked`), and it holds no other state: handing
+    it back to the pool needs no reset round trip (asyncpg's ``RESET ALL; UNLISTEN *; ...``)."""
+
+    backend_start: datetime | None = None
+    """When this session's backend started: with its pid, what names the writer of an entry
+    (a pid alone can be reused). Read once per session, not in every intent."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 class WriteSession:
     """The session holding a write's record locks; intents are committed through it."""
 
@@ -77,6 +90,8 @@ class WriteSession:
         self.journal = journal
         self.conn = conn
         self.dataset = dataset
+        self.unlocked = False
+        """Set once the outcome statement has released the locks."""
 
     async def intent(
         self,
@@ -95,11 +110,11 @@ class WriteSession:
             field="request",
         )
         async with reaching_postgres():
+            started = await _backend_start(self.conn)
             seq: int = await self.conn.fetchval(
                 "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
                 " stage_version, writer, writer_pid, writer_started, state, request)"
-                " SELECT $1, $2, $3, $4, $5, $6, $7, pid, backend_start, 'intent', $8"
-                " FROM pg_stat_activity WHERE pid = pg_backend_pid() RETURNING seq",
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'intent', $10) RETURNING seq",
                 self.dataset,
                 record,
                 route,
@@ -107,6 +122,8 @@ class WriteSession:
                 authority,
                 stage_version,
                 self.journal.replica,
+                self.conn.get_server_pid(),
+                started,
                 sealed,
             )
         return seq
@@ -120,17 +137,45 @@ class WriteSession:
         answer: bytes | None = None,
         stage_version: int | None = None,
     ) -> None:
-        """Record the outcome on this session: a write never needs a second connection (with
-        every session of the pool held by writers, waiting for another would deadlock)."""
-        await self.journal.decide(
-            seq,
-            state,
-            status=status,
-            answer=answer,
-            dataset=self.dataset,
-            stage_version=stage_version,
-            conn=self.conn,
+        """Record the outcome on this session, and release its locks in the same statement.
+
+        On this session: a write never needs a second connection (with every session of the
+        pool held by writers, waiting for another would deadlock). The outcome is committed
+        without waiting for its WAL flush (``synchronous_commit = off`` for that transaction
+        only): if Postgres crashed before the flush, the entry would be back at *intent* with
+        its writer's session gone — an orphan, settled by the resolver from the authoritative
+        side's state. The intent itself is always flushed before the write is sent.
+        """
+        sealed = (
+            self.journal.sealer.seal(answer, dataset=self.dataset, field="answer")
+            if answer
+            else None
         )
+        try:
+            await self.journal._move(
+                seq,
+                state,
+                status=status,
+                answer=sealed,
+                stage_version=stage_version,
+                conn=self.conn,
+                release=True,
+            )
+        finally:
+            # Released whether or not the entry moved: the statement ran to its end.
+            self.unlocked = True
+
+
+async def _backend_start(conn: Any) -> datetime:
+    started: datetime | None = getattr(conn, "backend_start", None)
+    if started is None:
+        started = await conn.fetchval(
+            "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        with contextlib.suppress(AttributeError):  # a plain asyncpg connection: no cache
+            conn.backend_start = started
+    assert started is not None
+    return started
 
 
 class Journal:
@@ -159,17 +204,21 @@ class Journal:
         holds the dataset's lock exclusively. Waiting longer than ``wait`` raises StoreError.
         """
         wanted = sorted(set(records))
+        whole = lock_id(dataset, DATASET_WIDE)
+        if DATASET_WIDE in wanted:
+            takes = [f"SELECT pg_advisory_lock({whole})"]
+        else:
+            takes = [f"SELECT pg_advisory_lock_shared({whole})"]
+            takes += [f"SELECT pg_advisory_lock({lock_id(dataset, r)})" for r in wanted]
+        # One round trip for the timeout and every lock, taken in this order (the ids are
+        # integers computed here, never text from a request).
+        statement = "; ".join([f"SET lock_timeout = '{int(wait * 1000)}ms'", *takes])
         async with reaching_postgres(), self.sessions.acquire() as conn:
+            session: WriteSession | None = None
             try:
-                await conn.execute(f"SET lock_timeout = '{int(wait * 1000)}ms'")
-                whole = lock_id(dataset, DATASET_WIDE)
-                if DATASET_WIDE in wanted:
-                    await conn.execute("SELECT pg_advisory_lock($1)", whole)
-                else:
-                    await conn.execute("SELECT pg_advisory_lock_shared($1)", whole)
-                    for record in wanted:
-                        await conn.execute("SELECT pg_advisory_lock($1)", lock_id(dataset, record))
-                yield WriteSession(self, conn, dataset)
+                await conn.execute(statement)
+                session = WriteSession(self, conn, dataset)
+                yield session
             except BaseException:
                 # A write whose outcome could not be recorded: end the session now, so its
                 # entry is an orphan at once instead of when the pool drops the connection.
@@ -177,8 +226,9 @@ class Journal:
                     conn.terminate()
                 raise
             finally:
-                with contextlib.suppress(Exception):
-                    await conn.execute("SELECT pg_advisory_unlock_all()")
+                if session is None or not session.unlocked:
+                    with contextlib.suppress(Exception):
+                        await conn.execute("SELECT pg_advisory_unlock_all()")
 
     async def decide(
         self,
@@ -209,19 +259,32 @@ class Journal:
         stage_version: int | None = None,
         retry_in: float | None = None,
         conn: Any = None,
+        release: bool = False,
     ) -> None:
+        """Move one entry to ``state`` if its state allows it. ``release``: the writer's own
+        outcome statement, which also releases its session's locks and commits without
+        waiting for the WAL flush (see :meth:`WriteSession.decide`)."""
         allowed = [s for s, nexts in _NEXT.items() if state in nexts]
+        update = (
+            "UPDATE bascule_journal SET state = $2,"
+            " status = coalesce($3, status), answer = coalesce($4, answer),"
+            " last_error = coalesce($5, last_error),"
+            " decided_at = CASE WHEN state = 'intent' THEN now() ELSE decided_at END,"
+            " applied_at = CASE WHEN $2 IN ('applied', 'skipped') THEN now() END,"
+            " attempts = attempts + CASE WHEN $7::float8 IS NULL THEN 0 ELSE 1 END,"
+            " next_attempt_at = now() + make_interval(secs => coalesce($7::float8, 0))"
+            " WHERE seq = $1 AND state = ANY($6::text[])"
+            " AND ($8::bigint IS NULL OR stage_version = $8) RETURNING seq"
+        )
+        if release:
+            # A data-modifying WITH runs to completion whatever the outer query reads.
+            update = (
+                f"WITH moved AS ({update}) SELECT (SELECT seq FROM moved),"
+                " set_config('synchronous_commit', 'off', true), pg_advisory_unlock_all()"
+            )
         async with reaching_postgres():
             done = await (conn or self.pool).fetchval(
-                "UPDATE bascule_journal SET state = $2,"
-                " status = coalesce($3, status), answer = coalesce($4, answer),"
-                " last_error = coalesce($5, last_error),"
-                " decided_at = CASE WHEN state = 'intent' THEN now() ELSE decided_at END,"
-                " applied_at = CASE WHEN $2 IN ('applied', 'skipped') THEN now() END,"
-                " attempts = attempts + CASE WHEN $7::float8 IS NULL THEN 0 ELSE 1 END,"
-                " next_attempt_at = now() + make_interval(secs => coalesce($7::float8, 0))"
-                " WHERE seq = $1 AND state = ANY($6::text[])"
-                " AND ($8::bigint IS NULL OR stage_version = $8) RETURNING seq",
+                update,
                 seq,
                 state,
                 status,

@@ -10,7 +10,8 @@ import asyncpg
 import pytest
 
 from bascule.errors import StoreError
-from proxy.journal import IllegalTransition, Journal
+from cutover.store import open_pool
+from proxy.journal import IllegalTransition, Journal, WriterConnection, WriteSession
 from proxy.sealing import DATASET_WIDE, Namer, Sealer
 from tests.harness import migrate_state
 
@@ -155,6 +156,54 @@ async def test_a_dead_writer_leaves_orphans_at_once(journal: Journal, pg_url: st
         # The lock went with the session: another writer can take the record now.
         async with journal.locked("dcir", [R1], wait=1.0):
             pass
+
+
+async def test_the_outcome_statement_releases_the_writers_locks(
+    journal: Journal, pg_url: str
+) -> None:
+    # The proxy's writer pool: connections handed back with no reset round trip, one session.
+    sessions = await open_pool(pg_url, max_size=1, connection_class=WriterConnection)
+    writers = Journal(journal.pool, journal.sealer, "writer", sessions=sessions)
+
+    async def intent(session: WriteSession, record: str) -> int:
+        return await session.intent(
+            record=record,
+            route="/r",
+            method="PUT",
+            authority="source",
+            stage_version=2,
+            request={"body": "x"},
+        )
+
+    try:
+        async with writers.locked("dcir", [R1]) as session:
+            done = await intent(session, R1)
+            await session.decide(done, "pending", status=200, stage_version=2)
+            # Still inside the write: another replica can already take the record.
+            async with journal.locked("dcir", [R1], wait=0.5):
+                pass
+        async with sessions.acquire() as conn:  # reused with no reset: it holds no lock
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+                conn.get_server_pid(),
+            )
+            # The outcome's asynchronous commit was for its own transaction: the next intent
+            # on this session is flushed before its write is sent.
+            flushed = await conn.fetchval("SHOW synchronous_commit")
+        assert (held, flushed) == (0, "on")
+        with pytest.raises(IllegalTransition):
+            async with writers.locked("dcir", [R1]) as session:
+                refused = await intent(session, R1)
+                await session.decide(refused, "pending", status=200, stage_version=99)
+        # A write whose outcome was refused ends its session: an orphan at once, named by the
+        # pid and start time read once per session.
+        await asyncio.sleep(0.2)
+        assert [e.seq for e in await journal.orphans("dcir")] == [refused]
+        rows = await journal.pool.fetch("SELECT seq, state FROM bascule_journal")
+        states = {r["seq"]: r["state"] for r in rows}
+        assert states == {done: "pending", refused: "intent"}
+    finally:
+        await sessions.close()
 
 
 async def test_nothing_readable_in_the_journal_table(journal: Journal, pg_url: str) -> None:
