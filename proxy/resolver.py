@@ -9,8 +9,13 @@ record's ``replay_as`` route), or a DELETE if it holds nothing. Later writes to 
 held back meanwhile, then replay on top, so both sides end with the authoritative state. A
 write that names no record (a create whose answer was lost, a bulk write) cannot be read back:
 it stays in doubt, shown to SREs, blocking the gate, unless its route declares
-``idempotent_backend`` — then it is re-sent to the authoritative side with the idempotency key
-it first carried, which the backend answers without applying it twice.
+``idempotent_backend`` and the researcher sent it with an ``Idempotency-Key`` — then it is
+re-sent to the authoritative side with that key, which the backend answers without applying it
+twice: the first answer if it had applied it, else it applies it now. That is exactly what the
+researcher's own retry under that key would do. A write sent without a key is never re-sent:
+had it not been applied, bascule would be creating what the researcher was told had failed
+(and may have created again). Only writes naming no record are re-sent: all later writes of the
+dataset are held back behind them (dataset-wide lock), so the re-send cannot overtake one.
 
 An orphan is only read back once its writer's call to the backend could no longer be in
 flight: the write path holds every call to a hard deadline (connect plus read timeout), and
@@ -22,16 +27,20 @@ data verification catches what that leaves behind.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
 from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
-from proxy.dualwrite import b64, call_deadline
+from proxy.answers import response_headers
+from proxy.dualwrite import b64, call_deadline, outcome_of
 from proxy.journal import Entry, Journal
 from proxy.plan import Side
 from proxy.replayer import path_values
@@ -76,6 +85,8 @@ class Resolver:
         original = await self.journal.request_of(entry)
         route = self.routes.get((entry.route, entry.method))
         authority = Side(entry.authority)
+        if original.get("key") is None and route is not None and route.idempotent_backend:
+            return await self._resend(entry, original, authority)
         if original.get("key") is not None and route is not None:
             values = {"dataset": entry.dataset, **path_values(route.path, original["target"])}
             record_path = _apply(route.path, values)
@@ -107,6 +118,45 @@ class Resolver:
             await self.journal.decide(entry.seq, "pending", answer=stored, dataset=entry.dataset)
             return 1
         return 0
+
+    async def _resend(self, entry: Entry, original: dict[str, Any], authority: Side) -> int:
+        """Re-send a write naming no record under the idempotency key it first carried."""
+        headers = [(k, v) for k, v in original["headers"] if k.lower() != "content-length"]
+        if not any(k.lower() == "idempotency-key" for k, _ in headers):
+            log.warning("entry %d: sent without an Idempotency-Key; it stays in doubt", entry.seq)
+            return 0
+        credential = self.credentials.get(authority)
+        if credential:
+            headers.append(("Authorization", f"Bearer {credential}"))
+        upstream = self.upstreams[authority]
+        try:
+            async with asyncio.timeout(call_deadline(upstream)):
+                async with upstream.request(
+                    original["method"],
+                    original["target"],
+                    headers,
+                    base64.b64decode(original["body"]),
+                ) as resp:
+                    body = await resp.read()
+                    status = resp.status
+                    answer_headers = response_headers(resp.raw_headers)
+        except TimeoutError:
+            log.warning("entry %d: the re-send timed out; it stays in doubt", entry.seq)
+            return 0
+        state = outcome_of(status)
+        if state == "in_doubt":
+            log.warning(
+                "entry %d: the re-send was answered %d; it stays in doubt", entry.seq, status
+            )
+            return 0
+        # A 2xx, first answer or fresh, is what the authoritative side holds for this write; a
+        # refusal means it had not applied it (else it would answer its stored first answer).
+        stored = orjson.dumps({"status": status, "headers": answer_headers, "body": b64(body)})
+        await self.journal.decide(
+            entry.seq, state, status=status, answer=stored, dataset=entry.dataset
+        )
+        log.info("entry %d settled by an idempotent re-send: %s", entry.seq, state)
+        return 1
 
     def _put_route(self, route: Route) -> tuple[str, str] | None:
         """The request that writes a record's whole state: this route's ``replay_as``, or that

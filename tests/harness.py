@@ -89,8 +89,11 @@ def write_config(
     orphan_grace: float = 5.0,
     read_timeout: float = 5.0,
     max_body_bytes: int = 1024 * 1024,
+    idempotent_creates: bool = False,
     extra: str = "",
 ) -> Config:
+    """A proxy config over the two backends. ``idempotent_creates``: the create route declares
+    ``idempotent_backend`` (the backend honours Idempotency-Key there)."""
     listen, admin = free_port(), free_port()
     path.write_text(
         f"""
@@ -145,6 +148,7 @@ methods = ["POST"]
 kind = "write"
 create_id = "/record/id"
 replay_as = "PUT /v1/datasets/{{dataset}}/records/{{id}}"
+idempotent_backend = {str(idempotent_creates).lower()}
 
 [[routes]]
 path = "/v1/datasets/{{dataset}}/records/{{id}}"

@@ -107,6 +107,7 @@ async def make_world(
     target_wrap: Callable[[str], object] | None = None,
     read_timeout: float = 5.0,
     orphan_grace: float = 5.0,
+    idempotent_creates: bool = False,
 ) -> AsyncIterator[World]:
     """Two reference APIs over seeded databases, a Replica with its journal, and the proxy
     server in front: one dual-write world. ``*_wrap`` put a fault injector before a side."""
@@ -134,6 +135,7 @@ async def make_world(
             redis_prefix=redis_prefix,
             read_timeout=read_timeout,
             orphan_grace=orphan_grace,
+            idempotent_creates=idempotent_creates,
         )
         secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
         replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))

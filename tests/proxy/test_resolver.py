@@ -1,0 +1,121 @@
+"""The resolver's idempotent re-send: a create whose answer was lost, on a route declaring
+``idempotent_backend``, is settled by re-sending it under the researcher's own key — and only
+then; without a key, or on a route that does not declare it, it stays in doubt."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from cutover.stages import Stage
+from tests.harness import AUTH, dcir_record, serve_app
+from tests.proxy.test_dualwrite import World, make_world, table_digest
+
+
+@asynccontextmanager
+async def first_answer_lost(backend: str) -> AsyncIterator[str]:
+    """An HTTP proxy in front of ``backend`` that forwards everything and lets the backend
+    commit, but answers 504 instead of the backend's answer to the *first* POST it relays."""
+    lost: list[str] = []
+
+    async def relay(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with aiohttp.ClientSession() as session:
+            async with session.request(
+                request.method, backend + request.path_qs, data=body, headers=headers
+            ) as resp:
+                data = await resp.read()
+                if request.method == "POST" and not lost:
+                    lost.append(request.path)
+                    return web.Response(status=504, text="gateway timeout")
+                out = web.Response(status=resp.status, body=data, content_type=resp.content_type)
+                for name in ("Idempotency-Replayed", "X-Served-By"):
+                    if name in resp.headers:
+                        out.headers[name] = resp.headers[name]
+                return out
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    async with serve_app(app) as url:
+        yield url
+
+
+async def journal_states(pg_url: str) -> list[str]:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        return [r["state"] for r in await conn.fetch("SELECT state FROM bascule_journal")]
+    finally:
+        await conn.close()
+
+
+async def create_through(world: World, key: str | None) -> int:
+    headers = {"Idempotency-Key": key} if key else {}
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        async with session.post(
+            f"{world.proxy}/v1/datasets/dcir/records", json=dcir_record(900), headers=headers
+        ) as resp:
+            await resp.read()
+            return resp.status
+
+
+async def settled(world: World, within: float = 10.0) -> dict[str, int]:
+    deadline = time.monotonic() + within
+    while True:
+        counts = await world.drained()
+        if not counts.get("in_doubt") or time.monotonic() > deadline:
+            return counts
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("declared", "key", "resolved"),
+    [
+        (True, "researcher-key-1", True),
+        (True, None, False),  # no key: a re-send could create what the researcher saw fail
+        (False, "researcher-key-2", False),  # the route does not say the backend is idempotent
+    ],
+)
+async def test_a_create_whose_answer_was_lost_is_resent_under_its_key_only_when_safe(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    declared: bool,
+    key: str | None,
+    resolved: bool,
+) -> None:
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        source_wrap=first_answer_lost,
+        idempotent_creates=declared,
+    ) as world:
+        await world.to_stage(Stage.DUALWRITE)
+        before = (await table_digest(world.source_db))[0]
+        assert await create_through(world, key) == 504  # the source committed; answer lost
+        assert (await table_digest(world.source_db))[0] == before + 1
+        if resolved:
+            counts = await settled(world)
+            assert counts == {"applied": 1}, counts
+            # Applied once on the source (the re-send got the first answer back), and the
+            # target holds the same row with the same server-assigned id.
+            assert (await table_digest(world.source_db))[0] == before + 1
+            assert await table_digest(world.source_db) == await table_digest(world.target_db)
+        else:
+            await asyncio.sleep(2.0)  # several resolver rounds
+            assert await journal_states(pg_url) == ["in_doubt"]
+            assert (await table_digest(world.source_db))[0] == before + 1  # never re-sent
+            assert (await table_digest(world.target_db))[0] == before
