@@ -93,7 +93,11 @@ class Forwarder:
                     "journal (BASCULE_JOURNAL_KEY and BASCULE_HMAC_KEY are needed): refused",
                     match.dataset,
                 )
-            headers = self.request_headers(request)
+            # The journaled answer is read back (replay_as, the resolver): ask for it as is,
+            # never content-coded. HTTP lets the answer go to the researcher uncoded.
+            headers = [
+                (k, v) for k, v in self.request_headers(request) if k.lower() != "accept-encoding"
+            ]
             return await self.dual.write(request, out, match, row, planned, headers)
         await self.forward(request, out, match, self.upstreams[planned.serve])
 
