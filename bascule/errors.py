@@ -10,6 +10,7 @@
     │   └── StaleVersion                 the compare-and-set lost: someone changed it first
     ├── RouteError(ValueError)           a researcher request the proxy will not route (4xx)
     ├── StoreError(ConnectionError)      a state store (Postgres, Redis) cannot be reached/started
+    │   ├── RecordBusy                   a write waited too long for its record's lock (503)
     │   └── SchemaError                  the state schema is not the version this bascule expects
     ├── UpstreamError                    a backend did not answer properly
     │   ├── UpstreamUnreachable(ConnectionError)   nothing answered (502)
@@ -86,6 +87,10 @@ class RouteError(BasculeError, ValueError):
 
 class StoreError(BasculeError, ConnectionError):
     """A state store cannot be reached or started."""
+
+
+class RecordBusy(StoreError):
+    """A write waited too long for the lock of its record (another write held it)."""
 
 
 class SchemaError(StoreError):

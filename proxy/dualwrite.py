@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from bascule.errors import StoreError, UpstreamError, UpstreamTimeout
+from bascule.errors import RecordBusy, StoreError, UpstreamError, UpstreamTimeout
 from cutover.store import StageRow
 from proxy.answers import error, response_headers
 from proxy.journal import Journal, State, WriteSession
@@ -105,6 +105,15 @@ class DualWriter:
                     log.error("failpoint kill-after-send: killing this process")
                     os.kill(os.getpid(), signal.SIGKILL)
                 await self._record(session, seq, row, answer)
+        except RecordBusy as exc:
+            await error(
+                out,
+                503,
+                "record_busy",
+                f"this write was refused before reaching any backend: {exc}; try again",
+                match.dataset,
+            )
+            return
         except StoreError as exc:
             if answer is not None:
                 # The write was sent; only its outcome is missing: the entry is an orphan.

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from bascule.errors import RecordBusy
 from cutover.store import reaching_postgres
 from proxy.sealing import DATASET_WIDE, Sealer, lock_id
 
@@ -75,9 +76,14 @@ class WriterConnection(asyncpg.Connection):
     session is ended on failure (:meth:`Journal.locked`), and it holds no other state: handing
     it back to the pool needs no reset round trip (asyncpg's ``RESET ALL; UNLISTEN *; ...``)."""
 
-    backend_start: datetime | None = None
-    """When this session's backend started: with its pid, what names the writer of an entry
-    (a pid alone can be reused). Read once per session, not in every intent."""
+    _started: datetime | None = None
+
+    async def backend_start(self) -> datetime:
+        """When this session's backend started: with its pid, what names the writer of an
+        entry (a pid alone can be reused). Read once per session, not in every intent."""
+        if self._started is None:
+            self._started = await _read_backend_start(self)
+        return self._started
 
     def get_reset_query(self) -> str:
         return ""
@@ -140,11 +146,9 @@ class WriteSession:
         """Record the outcome on this session, and release its locks in the same statement.
 
         On this session: a write never needs a second connection (with every session of the
-        pool held by writers, waiting for another would deadlock). The outcome is committed
-        without waiting for its WAL flush (``synchronous_commit = off`` for that transaction
-        only): if Postgres crashed before the flush, the entry would be back at *intent* with
-        its writer's session gone — an orphan, settled by the resolver from the authoritative
-        side's state. The intent itself is always flushed before the write is sent.
+        pool held by writers, waiting for another would deadlock). The outcome is flushed like
+        the intent: were it lost in a crash, the entry would be back at *intent* as an orphan
+        whose answer is unknown — a refused write would then look like one to settle.
         """
         sealed = (
             self.journal.sealer.seal(answer, dataset=self.dataset, field="answer")
@@ -161,21 +165,26 @@ class WriteSession:
                 conn=self.conn,
                 release=True,
             )
-        finally:
-            # Released whether or not the entry moved: the statement ran to its end.
-            self.unlocked = True
+        except IllegalTransition:
+            self.unlocked = True  # the statement ran to its end, unlock included
+            raise
+        self.unlocked = True
+
+
+async def _read_backend_start(conn: Any) -> datetime:
+    started: datetime = await conn.fetchval(
+        "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    )
+    return started
 
 
 async def _backend_start(conn: Any) -> datetime:
-    started: datetime | None = getattr(conn, "backend_start", None)
-    if started is None:
-        started = await conn.fetchval(
-            "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-        )
-        with contextlib.suppress(AttributeError):  # a plain asyncpg connection: no cache
-            conn.backend_start = started
-    assert started is not None
-    return started
+    # Through the pool's proxy, a method call reaches the connection itself (attributes set
+    # on the proxy would not).
+    if hasattr(conn, "backend_start"):
+        started: datetime = await conn.backend_start()
+        return started
+    return await _read_backend_start(conn)
 
 
 class Journal:
@@ -212,11 +221,18 @@ class Journal:
             takes += [f"SELECT pg_advisory_lock({lock_id(dataset, r)})" for r in wanted]
         # One round trip for the timeout and every lock, taken in this order (the ids are
         # integers computed here, never text from a request).
-        statement = "; ".join([f"SET lock_timeout = '{int(wait * 1000)}ms'", *takes])
+        statement = "; ".join([f"SET lock_timeout = '{max(1, int(wait * 1000))}ms'", *takes])
         async with reaching_postgres(), self.sessions.acquire() as conn:
             session: WriteSession | None = None
             try:
-                await conn.execute(statement)
+                try:
+                    # The statement's own timeout outlasts the lock wait (the pool's default
+                    # command timeout would cut it short, as if Postgres were unreachable).
+                    await conn.execute(statement, timeout=wait + 5.0)
+                except asyncpg.LockNotAvailableError:
+                    raise RecordBusy(
+                        f"another write to this record held it for more than {wait:g} s"
+                    ) from None
                 session = WriteSession(self, conn, dataset)
                 yield session
             except BaseException:
@@ -240,12 +256,19 @@ class Journal:
         dataset: str,
         stage_version: int | None = None,
         conn: Any = None,
+        error: str | None = None,
     ) -> None:
         """Record an entry's outcome. With ``stage_version``, only if the entry was written
         under that stage version (the epoch check of the outcome transaction)."""
         sealed = self.sealer.seal(answer, dataset=dataset, field="answer") if answer else None
         await self._move(
-            seq, state, status=status, answer=sealed, stage_version=stage_version, conn=conn
+            seq,
+            state,
+            status=status,
+            answer=sealed,
+            stage_version=stage_version,
+            conn=conn,
+            error=error,
         )
 
     async def _move(
@@ -279,8 +302,7 @@ class Journal:
         if release:
             # A data-modifying WITH runs to completion whatever the outer query reads.
             update = (
-                f"WITH moved AS ({update}) SELECT (SELECT seq FROM moved),"
-                " set_config('synchronous_commit', 'off', true), pg_advisory_unlock_all()"
+                f"WITH moved AS ({update}) SELECT (SELECT seq FROM moved), pg_advisory_unlock_all()"
             )
         async with reaching_postgres():
             done = await (conn or self.pool).fetchval(
@@ -490,7 +512,14 @@ async def retry(pool: asyncpg.Pool, seq: int | None, *, all_dead: bool = False) 
     return len(rows)
 
 
-async def skip(pool: asyncpg.Pool, seq: int, *, actor: str, reason: str) -> str:
+async def skip(
+    pool: asyncpg.Pool,
+    seq: int,
+    *,
+    actor: str,
+    reason: str,
+    details: dict[str, str] | None = None,
+) -> str:
     """Give up replaying an entry, audited in the same transaction; return its dataset."""
     async with reaching_postgres(), pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
@@ -509,7 +538,7 @@ async def skip(pool: asyncpg.Pool, seq: int, *, actor: str, reason: str) -> str:
             row["dataset"],
             actor,
             reason,
-            json.dumps({"seq": seq}),
+            json.dumps({**(details or {}), "seq": seq}),
         )
         return str(row["dataset"])
 

@@ -10,7 +10,8 @@ held back meanwhile, then replay on top, so both sides end with the authoritativ
 write that names no record (a create whose answer was lost, a bulk write) cannot be read back:
 it stays in doubt, shown to SREs, blocking the gate, unless its route declares
 ``idempotent_backend`` and the researcher sent it with an ``Idempotency-Key`` — then it is
-re-sent to the authoritative side with that key, which the backend answers without applying it
+re-sent to the authoritative side with that key (never an orphan: its answer is unknown, and
+may have been a refusal the researcher was owed), which the backend answers without applying it
 twice: the first answer if it had applied it, else it applies it now. That is exactly what the
 researcher's own retry under that key would do. A write sent without a key is never re-sent:
 had it not been applied, bascule would be creating what the researcher was told had failed
@@ -49,6 +50,9 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("bascule.resolver")
 
+ORPHANED = "orphan: its writer died before recording the answer"
+"""The error of an in-doubt entry that was an orphan: what the backend answered is unknown."""
+
 
 @dataclass
 class Resolver:
@@ -71,7 +75,7 @@ class Resolver:
         settled = 0
         deadline = max(call_deadline(u) for u in self.upstreams.values())
         for orphan in await self.journal.orphans(dataset, older_than=deadline + self.orphan_grace):
-            await self.journal.decide(orphan.seq, "in_doubt", dataset=dataset)
+            await self.journal.decide(orphan.seq, "in_doubt", dataset=dataset, error=ORPHANED)
         for entry in await self.journal.in_state(dataset, "in_doubt"):
             try:
                 settled += await self.settle(entry)
@@ -121,6 +125,11 @@ class Resolver:
 
     async def _resend(self, entry: Entry, original: dict[str, Any], authority: Side) -> int:
         """Re-send a write naming no record under the idempotency key it first carried."""
+        if entry.last_error == ORPHANED:
+            # Its answer is unknown: it may have been a refusal (403, 409) the researcher was
+            # owed, which a re-send under the service credential would turn into a write.
+            log.warning("entry %d: its writer died; it is never re-sent, stays in doubt", entry.seq)
+            return 0
         headers = [(k, v) for k, v in original["headers"] if k.lower() != "content-length"]
         if not any(k.lower() == "idempotency-key" for k, _ in headers):
             log.warning("entry %d: sent without an Idempotency-Key; it stays in doubt", entry.seq)

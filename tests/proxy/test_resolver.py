@@ -5,6 +5,8 @@ then; without a key, or on a route that does not declare it, it stays in doubt."
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -12,10 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 
 from cutover.stages import Stage
+from proxy.resolver import ORPHANED
+from proxy.sealing import DATASET_WIDE
 from tests.harness import AUTH, dcir_record, serve_app
 from tests.proxy.test_dualwrite import World, make_world, table_digest
 
@@ -119,3 +124,53 @@ async def test_a_create_whose_answer_was_lost_is_resent_under_its_key_only_when_
             assert await journal_states(pg_url) == ["in_doubt"]
             assert (await table_digest(world.source_db))[0] == before + 1  # never re-sent
             assert (await table_digest(world.target_db))[0] == before
+
+
+async def test_an_orphaned_create_is_never_resent(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """Its writer died before recording the answer, which may have been a refusal owed to the
+    researcher (403, 409): a re-send under the service credential would make it a write."""
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        idempotent_creates=True,
+        orphan_grace=0.0,
+        read_timeout=1.0,
+    ) as world:
+        await world.to_stage(Stage.DUALWRITE)
+        before = (await table_digest(world.source_db))[0]
+        journal = world.replica.dual.journal  # type: ignore[union-attr]
+        body = orjson.dumps(dcir_record(901))
+        with contextlib.suppress(Exception):
+            async with journal.locked("dcir", [DATASET_WIDE]) as session:
+                await session.intent(
+                    record=DATASET_WIDE,
+                    route="/v1/datasets/{dataset}/records",
+                    method="POST",
+                    authority="source",
+                    stage_version=2,
+                    request={
+                        "method": "POST",
+                        "target": "/v1/datasets/dcir/records",
+                        "key": None,
+                        "headers": [
+                            ["Content-Type", "application/json"],
+                            ["Idempotency-Key", "k9"],
+                        ],
+                        "body": base64.b64encode(body).decode(),
+                    },
+                )
+                session.conn.terminate()  # the writer dies with the request maybe sent
+        backend = world.replica.config.source_backend
+        await asyncio.sleep(backend.connect_timeout + backend.read_timeout + 2.0)
+        rows = await journal.pool.fetch("SELECT state, last_error FROM bascule_journal")
+        assert [(r["state"], r["last_error"]) for r in rows] == [("in_doubt", ORPHANED)]
+        assert (await table_digest(world.source_db))[0] == before  # never re-sent
