@@ -201,6 +201,93 @@ async def _change(request: web.Request, *, rollback: bool) -> web.Response:
     return json_response(result.as_json())
 
 
+_LISTED_STATES = {
+    "pending": "pending",
+    "dead": "dead",
+    "in-doubt": "in_doubt",
+    "in_doubt": "in_doubt",
+    "intent": "intent",
+}
+
+
+@_requires("viewer")
+async def journal_status(request: web.Request) -> web.Response:
+    store = request.app[DEPS].store
+    counts = await journal.backlog(store.pool)
+    names = sorted(await store.names())
+    return json_response(
+        {"journal": [{"dataset": n, **counts.get(n, journal.EMPTY_BACKLOG)} for n in names]}
+    )
+
+
+@_requires("viewer")
+async def journal_entries(request: web.Request) -> web.Response:
+    state = _LISTED_STATES.get(request.query.get("state", ""))
+    if state is None:
+        return json_error(
+            400, "bad_request", "state must be one of pending, dead, in-doubt, intent"
+        )
+    dataset = request.query.get("dataset")
+    try:
+        limit = int(request.query.get("limit", "100"))
+        if dataset is not None:
+            check_name(dataset)
+    except ValueError as exc:
+        return json_error(400, "bad_request", str(exc) or "limit must be a whole number")
+    rows = await journal.listing(
+        request.app[DEPS].store.pool, state, dataset, max(1, min(limit, 1000))
+    )
+    return json_response({"entries": rows})
+
+
+@_requires("operator")
+async def journal_retry(request: web.Request) -> web.Response:
+    try:
+        body = await _body(request)
+        seq, all_dead = body.get("seq"), body.get("all_dead", False)
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+            raise UsageError("'seq' must be a whole number")
+        if not isinstance(all_dead, bool) or (seq is None) == (not all_dead):
+            raise UsageError("name one entry ('seq') or set 'all_dead': true")
+    except UsageError as exc:
+        return json_error(400, "bad_request", str(exc))
+    try:
+        count = await journal.retry(request.app[DEPS].store.pool, seq, all_dead=all_dead)
+    except StoreError as exc:
+        return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
+    if seq is not None and count == 0:
+        return json_error(409, "refused", f"journal entry {seq} does not exist or is not dead")
+    return json_response({"retried": count})
+
+
+@_requires("operator")
+async def journal_skip(request: web.Request) -> web.Response:
+    identity: str = request[IDENTITY]
+    raw_seq = request.match_info["seq"]
+    if not raw_seq.isdigit():
+        return json_error(400, "bad_request", "the journal entry must be a whole number")
+    seq = int(raw_seq)
+    try:
+        body = await _body(request)
+        reason = controller.require_reason(_text(body, "reason"))
+        on_behalf_of = _text(body, "by")
+        details = {"via": "admin-api"}
+        if on_behalf_of and on_behalf_of != identity:
+            details["on_behalf_of"] = check_text("by", on_behalf_of)
+        dataset = await journal.skip(
+            request.app[DEPS].store.pool, seq, actor=identity, reason=reason, details=details
+        )
+    except ValueError as exc:  # UsageError is one
+        return json_error(400, "bad_request", str(exc))
+    except Refused as exc:
+        return json_error(409, "refused", str(exc))
+    except journal.IllegalTransition as exc:
+        return json_error(409, "refused", str(exc))
+    except StoreError as exc:
+        return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
+    return json_response({"skipped": seq, "dataset": dataset})
+
+
 def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> web.Application:
     app = web.Application(client_max_size=client_max_size)
     app[DEPS] = deps
@@ -210,4 +297,8 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     app.router.add_get("/v1/history", history)
     app.router.add_post("/v1/datasets/{dataset}/stage", change_stage)
     app.router.add_post("/v1/datasets/{dataset}/rollback", rollback)
+    app.router.add_get("/v1/journal", journal_status)
+    app.router.add_get("/v1/journal/entries", journal_entries)
+    app.router.add_post("/v1/journal/retry", journal_retry)
+    app.router.add_post("/v1/journal/{seq}/skip", journal_skip)
     return app

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
-import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from rich.console import Console
@@ -127,6 +126,12 @@ class Client(Protocol):
     async def rollback(
         self, dataset: str, to: str | None, by: str, reason: str | None
     ) -> dict[str, Any]: ...
+    async def journal_status(self) -> dict[str, dict[str, Any]]: ...
+    async def journal_list(
+        self, state: str, dataset: str | None, limit: int
+    ) -> list[dict[str, Any]]: ...
+    async def journal_retry(self, seq: int | None, all_dead: bool) -> int: ...
+    async def journal_skip(self, seq: int, by: str, reason: str) -> str: ...
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -168,6 +173,24 @@ class DirectClient:
             reason=reason,
         )
         return result.as_json()
+
+    async def journal_status(self) -> dict[str, dict[str, Any]]:
+        counts = await journal.backlog(self.store.pool)
+        return {n: counts.get(n, journal.EMPTY_BACKLOG) for n in await self.store.names()}
+
+    async def journal_list(
+        self, state: str, dataset: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return await journal.listing(self.store.pool, state, dataset, limit)
+
+    async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
+        return await journal.retry(self.store.pool, seq, all_dead=all_dead)
+
+    async def journal_skip(self, seq: int, by: str, reason: str) -> str:
+        try:
+            return await journal.skip(self.store.pool, seq, actor=by, reason=reason)
+        except journal.IllegalTransition as exc:
+            raise Refused(str(exc)) from None
 
 
 class AdminClient:
@@ -226,6 +249,31 @@ class AdminClient:
         path = f"/v1/datasets/{quote(dataset, safe='')}/rollback"
         result: dict[str, Any] = await self._call("POST", path, body)
         return result
+
+    async def journal_status(self) -> dict[str, dict[str, Any]]:
+        rows = (await self._call("GET", "/v1/journal"))["journal"]
+        return {r.pop("dataset"): r for r in rows}
+
+    async def journal_list(
+        self, state: str, dataset: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        query = f"?state={quote(state, safe='')}&limit={limit}"
+        if dataset:
+            query += f"&dataset={quote(dataset, safe='')}"
+        result: list[dict[str, Any]] = (await self._call("GET", "/v1/journal/entries" + query))[
+            "entries"
+        ]
+        return result
+
+    async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
+        body = {"seq": seq, "all_dead": all_dead}
+        count: int = (await self._call("POST", "/v1/journal/retry", body))["retried"]
+        return count
+
+    async def journal_skip(self, seq: int, by: str, reason: str) -> str:
+        body = {"by": by, "reason": reason}
+        dataset: str = (await self._call("POST", f"/v1/journal/{seq}/skip", body))["dataset"]
+        return dataset
 
 
 @asynccontextmanager
@@ -376,24 +424,10 @@ async def _history(args: argparse.Namespace) -> int:
     return 0
 
 
-@asynccontextmanager
-async def _state_pool(args: argparse.Namespace) -> AsyncIterator[asyncpg.Pool]:
-    if args.admin:
-        raise UsageError("journal commands work on the stores: drop --admin/BASCULE_ADMIN_URL")
-    config = _config(args)
-    with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
-        pool = await open_pool(found.postgres_url, max_size=2)
-        try:
-            await schema_check(pool)
-            yield pool
-        finally:
-            await pool.close()
-
-
 async def _journal_status(args: argparse.Namespace) -> int:
-    async with _state_pool(args) as pool:
-        counts = await journal.backlog(pool)
-        names = sorted(await StageStore(pool).names())
+    async with client_for(args, change=False) as client:
+        counts = await client.journal_status()
+    names = sorted(counts)
     if args.dataset:
         if args.dataset not in names:
             raise Refused(f"unknown dataset {args.dataset!r}")
@@ -420,8 +454,8 @@ async def _journal_status(args: argparse.Namespace) -> int:
 
 async def _journal_list(args: argparse.Namespace) -> int:
     state = args.state.replace("-", "_")
-    async with _state_pool(args) as pool:
-        rows = await journal.listing(pool, state, args.dataset, args.limit)
+    async with client_for(args, change=False) as client:
+        rows = await client.journal_list(state, args.dataset, args.limit)
     if args.json:
         _print_json({"entries": rows})
         return 0
@@ -458,8 +492,8 @@ async def _journal_list(args: argparse.Namespace) -> int:
 async def _journal_retry(args: argparse.Namespace) -> int:
     if (args.seq is None) == (not args.all_dead):
         raise UsageError("name one entry (SEQ) or pass --all-dead")
-    async with _state_pool(args) as pool:
-        count = await journal.retry(pool, args.seq, all_dead=args.all_dead)
+    async with client_for(args, change=True) as client:
+        count = await client.journal_retry(args.seq, args.all_dead)
     if args.seq is not None and count == 0:
         raise Refused(f"journal entry {args.seq} does not exist or is not dead")
     _say(
@@ -473,11 +507,8 @@ async def _journal_retry(args: argparse.Namespace) -> int:
 async def _journal_skip(args: argparse.Namespace) -> int:
     reason = controller.require_reason(args.reason)
     controller.check_text("by", args.by)
-    async with _state_pool(args) as pool:
-        try:
-            dataset = await journal.skip(pool, args.seq, actor=args.by, reason=reason)
-        except journal.IllegalTransition as exc:
-            raise Refused(str(exc)) from None
+    async with client_for(args, change=True) as client:
+        dataset = await client.journal_skip(args.seq, args.by, reason)
     _say(
         args,
         {"skipped": args.seq, "dataset": dataset},

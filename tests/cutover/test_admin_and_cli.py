@@ -69,6 +69,13 @@ async def call(
             return resp.status, orjson.loads(await resp.read())
 
 
+async def test_journal_listing_refuses_an_unknown_state(admin: Admin) -> None:
+    status, body = await call("GET", admin.url + "/v1/journal/entries?state=lost", VIEW)
+    assert status == 400 and "state must be one of" in body["error"]["message"]
+    status, body = await call("GET", admin.url + "/v1/journal", VIEW)
+    assert status == 200 and {r["dataset"] for r in body["journal"]} >= {"dcir", "pmsi"}
+
+
 async def test_health_is_open_and_reads_need_a_token(admin: Admin) -> None:
     assert (await call("GET", admin.url + "/healthz"))[0] == 200
     status, body = await call("GET", admin.url + "/v1/datasets")
@@ -125,6 +132,14 @@ async def test_health_is_open_and_reads_need_a_token(admin: Admin) -> None:
         (OP, "/v1/datasets/dcir/stage", [1, 2], 400, "JSON object"),
         (OP, "/v1/datasets/dcir/rollback", {"reason": "r"}, 409, "already at the first stage"),
         (OP, "/v1/datasets/dcir/stage", {"stage": 3, "reason": "r"}, 400, "must be a string"),
+        (VIEW, "/v1/journal/retry", {"all_dead": True}, 403, "operator token"),
+        (OP, "/v1/journal/retry", {}, 400, "name one entry"),
+        (OP, "/v1/journal/retry", {"seq": "7"}, 400, "'seq' must be a whole number"),
+        (OP, "/v1/journal/retry", {"seq": 7}, 409, "journal entry 7 does not exist"),
+        (VIEW, "/v1/journal/7/skip", {"reason": "r"}, 403, "operator token"),
+        (OP, "/v1/journal/7/skip", {}, 400, "a reason is required"),
+        (OP, "/v1/journal/seven/skip", {"reason": "r"}, 400, "whole number"),
+        (OP, "/v1/journal/7/skip", {"reason": "r"}, 409, "journal entry 7 does not exist"),
     ],
 )
 async def test_bad_changes_are_refused_and_change_nothing(

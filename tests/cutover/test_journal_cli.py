@@ -11,6 +11,7 @@ import pytest
 from proxy import journal as journal_module
 from proxy.journal import Journal
 from proxy.sealing import Namer, Sealer
+from tests.cutover.test_admin_and_cli import OPERATOR_TOKEN, Admin, admin, arun
 from tests.harness import cli_env as harness_cli_env
 from tests.harness import migrate_state, run_cli
 
@@ -50,6 +51,7 @@ def env(tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str) -> dict[
 
 
 run = run_cli
+__all__ = ["admin"]  # the admin API fixture, shared
 
 
 def test_status_and_journal_status_show_the_backlog(
@@ -66,36 +68,45 @@ def test_status_and_journal_status_show_the_backlog(
     assert {r["dataset"]: r["backlog"] for r in journal}["pmsi"] == 0
 
 
-def test_list_retry_and_skip(entries: dict[str, int], env: dict[str, str], pg_url: str) -> None:
-    dead = orjson.loads(run(env, "journal", "list", "--state", "dead", "--json").stdout)
+@pytest.mark.parametrize("via", ["stores", "admin API"])
+async def test_list_retry_and_skip(
+    entries: dict[str, int], env: dict[str, str], admin: Admin, via: str
+) -> None:
+    if via == "admin API":  # the same commands, through a proxy's admin port and its token
+        env = {**env, "BASCULE_ADMIN_URL": admin.url, "BASCULE_ADMIN_TOKEN": OPERATOR_TOKEN}
+    done = await arun(env, "journal", "list", "--state", "dead", "--json")
+    dead = orjson.loads(done.stdout)
     assert [e["seq"] for e in dead["entries"]] == [entries["dead"]]
     assert dead["entries"][0]["last_error"] == "the other side answered 409"
-    listing = run(env, "journal", "list", "--state", "in-doubt").stdout
+    listing = (await arun(env, "journal", "list", "--state", "in-doubt")).stdout
     assert str(entries["in_doubt"]) in listing and "e30=" not in listing  # no body, ever
-    done = run(env, "journal", "retry", str(entries["dead"]))
-    assert done.returncode == 0 and "1 dead entry sent back" in done.stdout
-    assert run(env, "journal", "retry", str(entries["dead"])).returncode == 3  # not dead now
-    assert run(env, "journal", "retry").returncode == 2  # neither SEQ nor --all-dead
-    refused = run(env, "journal", "skip", str(entries["in_doubt"]))
+    backlog = orjson.loads((await arun(env, "journal", "status", "dcir", "--json")).stdout)
+    assert backlog["journal"][0]["dead"] == 1
+    done = await arun(env, "journal", "retry", str(entries["dead"]))
+    assert done.returncode == 0 and "1 dead entry sent back" in done.stdout, done.stderr
+    assert (await arun(env, "journal", "retry", str(entries["dead"]))).returncode == 3  # not dead
+    assert (await arun(env, "journal", "retry")).returncode == 2  # neither SEQ nor --all-dead
+    refused = await arun(env, "journal", "skip", str(entries["in_doubt"]))
     assert refused.returncode == 2 and "a reason is required" in refused.stderr
-    done = run(
-        env,
-        "journal",
-        "skip",
-        str(entries["in_doubt"]),
-        "--reason",
-        "checked by hand",
-        "--by",
-        "alice",
+    done = await arun(
+        env, "journal", "skip", str(entries["in_doubt"]), "--reason", "checked", "--by", "alice"
     )
     assert done.returncode == 0, done.stderr
-    history = orjson.loads(run(env, "history", "dcir", "--json").stdout)["history"]
-    assert (history[-1]["action"], history[-1]["actor"], history[-1]["details"]) == (
-        "journal-skip",
-        "alice",
-        {"seq": entries["in_doubt"]},
-    )
-    again = run(env, "journal", "skip", str(entries["in_doubt"]), "--reason", "x")
+    history = orjson.loads((await arun(env, "history", "dcir", "--json")).stdout)["history"]
+    last = history[-1]
+    if via == "stores":
+        assert (last["action"], last["actor"], last["details"]) == (
+            "journal-skip",
+            "alice",
+            {"seq": entries["in_doubt"]},
+        )
+    else:  # the audit names the token's owner, and whom it acted for
+        assert (last["action"], last["actor"], last["details"]) == (
+            "journal-skip",
+            "operator",
+            {"seq": entries["in_doubt"], "via": "admin-api", "on_behalf_of": "alice"},
+        )
+    again = await arun(env, "journal", "skip", str(entries["in_doubt"]), "--reason", "x")
     assert again.returncode == 3
 
 
