@@ -1,12 +1,12 @@
 """The replayer: applies journaled writes to the other side, in per-record order.
 
 One replayer is active per dataset across the fleet, by a Postgres lease; if its replica dies
-the lease expires and another takes over. Each round it takes the replayable entries (the head
-of each record's chain: see ``proxy/journal.py``), applies them concurrently — they concern
-distinct records — and marks each *applied*, *retry later* (with exponential backoff and
-jitter, for 5xx, timeouts and unreachable backends: the other side may be down for a while),
-or *dead* (a refusal the other side would repeat, or an answer of another kind than the
-authoritative side's: it blocks the gate and is shown to SREs).
+the lease expires and another takes over. Each round it takes the replayable entries (the first
+pending entries of each record's chain: see ``proxy/journal.py``), applies each record's in
+order and distinct records concurrently, and marks each *applied*, *retry later* (with
+exponential backoff and jitter, for 5xx, timeouts and unreachable backends: the other side may
+be down for a while), or *dead* (a refusal the other side would repeat, or an answer of
+another kind than the authoritative side's: it blocks the gate and is shown to SREs).
 
 A replay carries bascule's own idempotency key (``bascule:{dataset}:{seq}``) and the backend's
 service credential from the environment, never a researcher's ``Authorization``. A route with
@@ -22,7 +22,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -59,10 +59,17 @@ class Replayer:
     retention: float | None = None
     """Seconds settled entries are kept; None: never purged here."""
     concurrency: int = 256
+    """Records replayed at once (each one's entries in order)."""
+    wave: int = 1024
+    """Entries taken per round."""
+    run_length: int = 16
+    """Consecutive entries of one record taken per round."""
     idle_wait: float = 0.05
     base_delay: float = 0.2
     max_delay: float = 5.0
     sleep: Callable[[float], Any] = asyncio.sleep
+    _held: dict[str, float] = field(default_factory=dict)
+    """Per dataset: the loop time at which this replica's replay lease may have expired."""
 
     async def run(self) -> None:
         """Replay until cancelled."""
@@ -120,11 +127,14 @@ class Replayer:
                 )
 
     async def _lease(self, name: str) -> bool:
-        # A round is one wave of replays, each held to the call deadline, so it ends within
-        # the lease. Another replica takes an expired lease only a further deadline later: by
+        # A round starts no call once the lease has expired, and each call is held to the call
+        # deadline. Another replica takes an expired lease only a further deadline later: by
         # then every call of the previous holder has finished or been abandoned, and no two
         # replicas ever have replays of one record in flight at once.
         deadline = self._deadline()
+        duration = max(self.lease_seconds, deadline + 1.0)
+        # Measured from before the database set the expiry, less a margin: never later than it.
+        asked = asyncio.get_running_loop().time()
         async with reaching_postgres():
             holder = await self.journal.pool.fetchval(
                 "INSERT INTO bascule_lease (name, holder, expires_at)"
@@ -136,10 +146,14 @@ class Replayer:
                 " RETURNING holder",
                 name,
                 self.replica,
-                max(self.lease_seconds, deadline + 1.0),
+                duration,
                 deadline,
             )
-        return bool(holder == self.replica)
+        if holder != self.replica:
+            return False
+        if name.startswith("replay:"):
+            self._held[name.removeprefix("replay:")] = asked + duration - 0.5
+        return True
 
     def _deadline(self) -> float:
         return max(call_deadline(u) for u in self.upstreams.values())
@@ -147,16 +161,38 @@ class Replayer:
     async def round(self, dataset: str) -> int:
         """Apply one wave of replayable entries of ``dataset``; return how many were tried.
 
-        The wave's requests and answers come in one query and the successes are marked in one
-        statement: per entry, only the replay itself is a round trip."""
-        entries = await self.journal.replayable(dataset, limit=self.concurrency)
+        A wave holds up to ``run`` consecutive entries of each record: a record's entries are
+        applied one after the other, stopping at its first failure (the entries after it stay
+        pending, held back by it); records go concurrently. The wave's requests and answers
+        come in one query and the successes are marked in one statement: per entry, only the
+        replay itself is a round trip."""
+        entries = await self.journal.replayable(dataset, limit=self.wave, run=self.run_length)
         if not entries:
             return 0
         payloads = await self.journal.payloads(entries)
-        outcomes = await asyncio.gather(*(self.apply(e, payloads.get(e.seq)) for e in entries))
-        await self.journal.applied_many(
-            [e.seq for e, ok in zip(entries, outcomes, strict=True) if ok]
-        )
+        chains: dict[str, list[Entry]] = {}
+        for entry in entries:  # in seq order, so each chain is in its record's order
+            chains.setdefault(entry.record, []).append(entry)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        loop = asyncio.get_running_loop()
+        held = self._held.get(dataset)
+
+        async def chain(run: list[Entry]) -> list[int]:
+            done: list[int] = []
+            async with gate:
+                for entry in run:
+                    # No call starts past the lease: each ends within its deadline, and another
+                    # replica takes the lease over only a deadline after it expired.
+                    if held is not None and loop.time() >= held:
+                        break
+                    if not await self.apply(entry, payloads.get(entry.seq)):
+                        break
+                    done.append(entry.seq)
+            return done
+
+        applied = await asyncio.gather(*(chain(run) for run in chains.values()))
+        await self.journal.applied_many([seq for done in applied for seq in done])
         return len(entries)
 
     async def apply(

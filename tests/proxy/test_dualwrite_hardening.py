@@ -232,6 +232,27 @@ async def test_lease_expiry_mid_round_reorders_and_kills_replayer(env) -> None: 
         assert await amount(world.target_db, 3) == Decimal(2), "stale replay landed last"
 
 
+async def test_no_replay_starts_once_the_lease_may_have_expired(env) -> None:  # type: ignore[no-untyped-def]
+    async with env() as world:
+        await world.to_stage(Stage.DUALWRITE)
+        world.replica.replayer_task.cancel()
+        await asyncio.sleep(0.1)
+        base = f"{world.proxy}/v1/datasets/dcir/records/3"
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            for value in (11, 12):
+                async with s.patch(base, json={"amount": value}) as r:
+                    assert r.status == 200
+        replayer = _replayer(world, "late")
+        replayer._held["dcir"] = 0.0  # the lease this replica took has run out
+        await replayer.round("dcir")
+        assert [r["state"] for r in await journal(world.state_db)] == ["pending", "pending"]
+        assert await amount(world.target_db, 3) != Decimal(12)
+        assert await replayer._lease("replay:dcir")  # taken again: the run goes, in order
+        await replayer.round("dcir")
+        assert [r["state"] for r in await journal(world.state_db)] == ["applied", "applied"]
+        assert await amount(world.target_db, 3) == Decimal(12)
+
+
 # --- 4. Orphan false positive: writer alive, its state session lost, call still in flight -------
 
 

@@ -77,6 +77,33 @@ async def test_a_dataset_wide_write_orders_with_everything(journal: Journal) -> 
     assert await seqs(journal) == [after]
 
 
+async def test_runs_of_one_record_come_in_order_and_stop_at_what_holds_them(
+    journal: Journal,
+) -> None:
+    a1, a2, a3 = [await write(journal, R1) for _ in range(3)]
+    held = await write(journal, R1, state="in_doubt")
+    a5 = await write(journal, R1)
+    b1, b2 = await write(journal, R2), await write(journal, R2)
+    wide = await write(journal, DATASET_WIDE)
+    c1 = await write(journal, NAMER.record("dcir", "3"))
+    runs = [e.seq for e in await journal.replayable("dcir", run=16)]
+    # R1's entries up to the one in doubt; R2's whole chain; nothing at or after the
+    # dataset-wide entry, which waits for every earlier one.
+    assert runs == [a1, a2, a3, b1, b2]
+    assert [e.seq for e in await journal.replayable("dcir", run=2)] == [a1, a2, b1, b2]
+    assert [e.seq for e in await journal.replayable("dcir", run=16, limit=4)] == [a1, a2, a3, b1]
+    await journal.retry_later(b1, "status 503", 60.0)  # not due: holds b2 back too
+    assert [e.seq for e in await journal.replayable("dcir", run=16)] == [a1, a2, a3]
+    for seq in (a1, a2, a3, b1, b2):
+        await journal._move(seq, "skipped")
+    await journal.decide(held, "rejected", dataset="dcir")
+    assert [e.seq for e in await journal.replayable("dcir", run=16)] == [a5]
+    await journal.applied(a5)
+    assert [e.seq for e in await journal.replayable("dcir", run=16)] == [wide]
+    await journal.applied(wide)
+    assert [e.seq for e in await journal.replayable("dcir", run=16)] == [c1]
+
+
 async def test_a_lower_seq_committed_late_is_still_replayed(journal: Journal, pg_url: str) -> None:
     slow = await asyncpg.connect(pg_url)
     try:
