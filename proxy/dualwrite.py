@@ -1,6 +1,10 @@
-"""The write path in dual-write stages: lock, intent, authoritative call, outcome, answer.
+"""The write path: fence, lock, plan, intent, authoritative call, outcome, answer.
 
-For a write whose plan has a side to replicate to, under the record's lock:
+Every write, in every stage, takes its dataset's write fence (shared) and its record's lock on
+a session of its own, and reads its plan from the stage under that fence: a replica whose view
+of the stages is stale never writes under an old authority, and a change that alters writes
+(taking the fence exclusively) waits for writes in flight. In a stage that writes one side only
+that is all. For a write whose plan has a side to replicate to:
 
 1. the intent is committed to the journal (sealed; never the researcher's ``Authorization``);
 2. the authoritative side is called, and its answer read whole;
@@ -29,10 +33,10 @@ from dataclasses import dataclass, field
 import orjson
 
 from bascule.errors import RecordBusy, StoreError, UpstreamError, UpstreamTimeout
-from cutover.store import StageRow
+from cutover.stages import Stage
 from proxy.answers import error, response_headers
 from proxy.journal import Journal, State, WriteSession
-from proxy.plan import Plan, Side
+from proxy.plan import Side, plan
 from proxy.routing import Match
 from proxy.sealing import Namer
 from proxy.server import Request, Responder
@@ -76,11 +80,10 @@ class DualWriter:
         request: Request,
         out: Responder,
         match: Match,
-        row: StageRow,
-        plan: Plan,
         headers: list[tuple[str, str]],
     ) -> None:
-        upstream = self.upstreams[plan.serve]
+        """Any write, in any stage: its plan is read under the dataset's fence, never from
+        this replica's view of the stages (which may be stale)."""
         token = self.namer.record(match.dataset, match.key)
         journaled = {
             "method": request.method,
@@ -92,19 +95,16 @@ class DualWriter:
         answer: Answer | UpstreamError | None = None
         try:
             async with self.journal.locked(match.dataset, [token]) as session:
-                seq = await session.intent(
-                    record=token,
-                    route=match.template,
-                    method=request.method,
-                    authority=plan.serve.value,
-                    stage_version=row.version,
-                    request=journaled,
+                fenced = await session.plan(
+                    record=token, route=match.template, method=request.method, request=journaled
                 )
+                upstream = self.upstreams[plan(Stage(fenced.stage), "write").serve]
                 answer = await self._call_authority(request, upstream, headers)
-                if self.kill_after_send == request.method:
-                    log.error("failpoint kill-after-send: killing this process")
-                    os.kill(os.getpid(), signal.SIGKILL)
-                await self._record(session, seq, row, answer)
+                if fenced.seq is not None:
+                    if self.kill_after_send == request.method:
+                        log.error("failpoint kill-after-send: killing this process")
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    await self._record(session, fenced.seq, answer)
         except RecordBusy as exc:
             await error(
                 out,
@@ -123,8 +123,9 @@ class DualWriter:
                     out,
                     503,
                     "journal_unavailable",
-                    f"this write was refused before reaching any backend: the journal could not "
-                    f"record it ({exc}); writes resume when it is back",
+                    f"this write was refused before reaching any backend: its dataset's stage "
+                    f"could not be read under the write fence, or the journal could not record "
+                    f"it ({exc}); writes resume when the state Postgres is back",
                     match.dataset,
                 )
                 return
@@ -160,12 +161,12 @@ class DualWriter:
             return UpstreamTimeout(upstream.name, "did not answer within the write deadline")
 
     async def _record(
-        self, session: WriteSession, seq: int, row: StageRow, answer: Answer | UpstreamError
+        self, session: WriteSession, seq: int, answer: Answer | UpstreamError
     ) -> None:
         if isinstance(answer, UpstreamError):
             # Not sent: nothing happened anywhere. Sent: it may have been applied.
             state: State = "in_doubt" if answer.sent else "rejected"
-            await session.decide(seq, state, stage_version=row.version)
+            await session.decide(seq, state, fenced=True)
             return
         status, headers, body = answer
         state = outcome_of(status)
@@ -176,7 +177,7 @@ class DualWriter:
             # other side is unknown here, so the resolver settles it from the current state.
             state = "in_doubt"
         stored = orjson.dumps({"status": status, "headers": headers, "body": b64(body)})
-        await session.decide(seq, state, status=status, answer=stored, stage_version=row.version)
+        await session.decide(seq, state, status=status, answer=stored, fenced=True)
 
 
 def call_deadline(upstream: Upstream) -> float:

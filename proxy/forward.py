@@ -44,8 +44,9 @@ class Forwarder:
     view: StageView
     upstreams: Mapping[Side, Upstream]
     dual: DualWriter | None = None
-    """The journaled write path; None when the journal keys are not configured, in which case
-    writes in dual-write stages are refused (503) rather than left unjournaled."""
+    """The fenced, journaled write path, taken by every write; None when the journal keys are
+    not configured: writes in dual-write stages are then refused (503) rather than left
+    unjournaled, and the others go by this replica's view of the stages, unfenced."""
     scheme: str = "http"
 
     def dataset_of(self, method: str, target: str) -> str | None:
@@ -82,6 +83,13 @@ class Forwarder:
                 "it could not be journaled safely, so it is refused",
                 match.dataset,
             )
+        if match.kind == "write" and self.dual is not None:
+            # The journaled answer is read back (replay_as, the resolver): ask for it as is,
+            # never content-coded. HTTP lets the answer go to the researcher uncoded.
+            headers = [
+                (k, v) for k, v in self.request_headers(request) if k.lower() != "accept-encoding"
+            ]
+            return await self.dual.write(request, out, match, headers)
         planned = plan(row.stage, match.kind)
         if planned.replicate is not None:
             if self.dual is None:
@@ -93,12 +101,6 @@ class Forwarder:
                     "journal (BASCULE_JOURNAL_KEY and BASCULE_HMAC_KEY are needed): refused",
                     match.dataset,
                 )
-            # The journaled answer is read back (replay_as, the resolver): ask for it as is,
-            # never content-coded. HTTP lets the answer go to the researcher uncoded.
-            headers = [
-                (k, v) for k, v in self.request_headers(request) if k.lower() != "accept-encoding"
-            ]
-            return await self.dual.write(request, out, match, row, planned, headers)
         await self.forward(request, out, match, self.upstreams[planned.serve])
 
     async def forward(

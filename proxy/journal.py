@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import asyncpg
 
-from bascule.errors import RecordBusy
+from bascule.errors import RecordBusy, StoreError
 from cutover.store import reaching_postgres
-from proxy.sealing import DATASET_WIDE, Sealer, lock_id
+from proxy.sealing import DATASET_WIDE, Sealer, fence_id, lock_id
 
 State = Literal["intent", "pending", "applied", "rejected", "in_doubt", "dead", "skipped"]
 OPEN: tuple[State, ...] = ("intent", "pending", "in_doubt", "dead")
@@ -65,6 +65,17 @@ _J_COLUMNS = ", ".join(f"j.{c.strip()}" for c in _ENTRY_COLUMNS.split(",")).repl
 
 def _entry(rec: asyncpg.Record) -> Entry:
     return Entry(**dict(rec))
+
+
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """A write's plan as read under its dataset's fence."""
+
+    stage: str
+    version: int
+    epoch: int
+    seq: int | None
+    """The journal entry of its intent; None in a stage that writes one side only."""
 
 
 class IllegalTransition(RuntimeError):
@@ -134,6 +145,44 @@ class WriteSession:
             )
         return seq
 
+    async def plan(
+        self, *, record: str, route: str, method: str, request: dict[str, Any]
+    ) -> Fenced:
+        """Read the dataset's stage under the fence this session holds and, in a dual-write
+        stage, commit the write's intent — in one statement. Under the fence, no change that
+        alters writes can commit until this write's outcome is recorded."""
+        sealed = self.journal.sealer.seal(
+            json.dumps(request, separators=(",", ":")).encode(),
+            dataset=self.dataset,
+            field="request",
+        )
+        async with reaching_postgres():
+            started = await _backend_start(self.conn)
+            row = await self.conn.fetchrow(
+                "WITH s AS (SELECT stage, version, write_epoch FROM bascule_stage"
+                "   WHERE dataset = $1),"
+                " ins AS (INSERT INTO bascule_journal (dataset, record, route, method, authority,"
+                "   stage_version, write_epoch, writer, writer_pid, writer_started, state,"
+                "   request)"
+                "   SELECT $1, $2, $3, $4,"
+                "     CASE WHEN s.stage IN ('dualwrite', 'shadow') THEN 'source' ELSE 'target' END,"
+                "     s.version, s.write_epoch, $5, $6, $7, 'intent', $8"
+                "   FROM s WHERE s.stage IN ('dualwrite', 'shadow', 'live', 'rampdown')"
+                "   RETURNING seq)"
+                " SELECT s.stage, s.version, s.write_epoch, (SELECT seq FROM ins) AS seq FROM s",
+                self.dataset,
+                record,
+                route,
+                method,
+                self.journal.replica,
+                self.conn.get_server_pid(),
+                started,
+                sealed,
+            )
+        if row is None:
+            raise StoreError(f"no stage is recorded for dataset {self.dataset!r}")
+        return Fenced(row["stage"], row["version"], row["write_epoch"], row["seq"])
+
     async def decide(
         self,
         seq: int,
@@ -142,6 +191,7 @@ class WriteSession:
         status: int | None = None,
         answer: bytes | None = None,
         stage_version: int | None = None,
+        fenced: bool = False,
     ) -> None:
         """Record the outcome on this session, and release its locks in the same statement.
 
@@ -164,6 +214,7 @@ class WriteSession:
                 stage_version=stage_version,
                 conn=self.conn,
                 release=True,
+                fenced=fenced,
             )
         except IllegalTransition:
             self.unlocked = True  # the statement ran to its end, unlock included
@@ -214,10 +265,13 @@ class Journal:
         """
         wanted = sorted(set(records))
         whole = lock_id(dataset, DATASET_WIDE)
+        # The dataset's write fence first (shared: writes do not exclude each other; a stage
+        # change that alters writes takes it exclusively), then the record locks.
+        takes = [f"SELECT pg_advisory_lock_shared({fence_id(dataset)})"]
         if DATASET_WIDE in wanted:
-            takes = [f"SELECT pg_advisory_lock({whole})"]
+            takes.append(f"SELECT pg_advisory_lock({whole})")
         else:
-            takes = [f"SELECT pg_advisory_lock_shared({whole})"]
+            takes.append(f"SELECT pg_advisory_lock_shared({whole})")
             takes += [f"SELECT pg_advisory_lock({lock_id(dataset, r)})" for r in wanted]
         # One round trip for the timeout and every lock, taken in this order (the ids are
         # integers computed here, never text from a request).
@@ -231,7 +285,8 @@ class Journal:
                     await conn.execute(statement, timeout=wait + 5.0)
                 except asyncpg.LockNotAvailableError:
                     raise RecordBusy(
-                        f"another write to this record held it for more than {wait:g} s"
+                        f"waited more than {wait:g} s for this record: another write to it, or "
+                        "a stage switch of its dataset, held it"
                     ) from None
                 session = WriteSession(self, conn, dataset)
                 yield session
@@ -283,6 +338,7 @@ class Journal:
         retry_in: float | None = None,
         conn: Any = None,
         release: bool = False,
+        fenced: bool = False,
     ) -> None:
         """Move one entry to ``state`` if its state allows it. ``release``: the writer's own
         outcome statement, which also releases its session's locks and commits without
@@ -297,7 +353,14 @@ class Journal:
             " attempts = attempts + CASE WHEN $7::float8 IS NULL THEN 0 ELSE 1 END,"
             " next_attempt_at = now() + make_interval(secs => coalesce($7::float8, 0))"
             " WHERE seq = $1 AND state = ANY($6::text[])"
-            " AND ($8::bigint IS NULL OR stage_version = $8) RETURNING seq"
+            " AND ($8::bigint IS NULL OR stage_version = $8)"
+            + (
+                " AND write_epoch = (SELECT s.write_epoch FROM bascule_stage s"
+                "   WHERE s.dataset = bascule_journal.dataset)"
+                if fenced
+                else ""
+            )
+            + " RETURNING seq"
         )
         if release:
             # A data-modifying WITH runs to completion whatever the outer query reads.

@@ -68,6 +68,13 @@ class Namer:
         return mac.hexdigest()[:32]
 
 
+def fence_id(dataset: str) -> int:
+    """The advisory-lock id of a dataset's write fence: every write holds it shared from before
+    it reads its plan until its outcome; a change that alters writes holds it exclusively."""
+    digest = hashlib.blake2b(f"fence\x00{dataset}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def lock_id(dataset: str, token: str) -> int:
     """A signed 64-bit advisory-lock id for a record token (or the dataset, for ``*``).
 

@@ -20,3 +20,6 @@ CREATE TABLE bascule_replica (
     seen_at     timestamptz NOT NULL DEFAULT now(),
     expires_at  timestamptz NOT NULL
 );
+
+-- The write epoch each journaled write was planned under (read under the dataset's fence).
+ALTER TABLE bascule_journal ADD COLUMN write_epoch bigint;
