@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import subprocess
@@ -74,6 +75,83 @@ async def refapi(name: str, database_url: str, **kwargs: bool) -> AsyncIterator[
     app = create_app(name, database_url, [RESEARCHER_TOKEN, SERVICE_TOKEN], **kwargs)
     async with serve_app(app) as url:
         yield url
+
+
+class RestartableRefapi:
+    """A reference API on a fixed loopback port that a test can really stop and start again.
+
+    ``stop()`` closes the listening socket and ends every connection (idle keep-alives
+    included, in-flight requests after ``shutdown_timeout``), so a client gets *connection
+    refused*, as from a backend that went down; ``start()`` serves a fresh app on the *same*
+    port over the same database. ``async with`` starts it and stops it at the end.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        database_url: str,
+        *,
+        port: int | None = None,
+        shutdown_timeout: float = 1.0,
+        **kwargs: bool,
+    ) -> None:
+        self.name = name
+        self.database_url = database_url
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.shutdown_timeout = shutdown_timeout
+        self.kwargs = kwargs
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    async def start(self) -> None:
+        """Serve on :attr:`port` (again); waits up to 5 s for the port to be free."""
+        if self._runner is not None:
+            return
+        app = create_app(
+            self.name, self.database_url, [RESEARCHER_TOKEN, SERVICE_TOKEN], **self.kwargs
+        )
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout)
+        await runner.setup()
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while True:
+            try:
+                await web.TCPSite(runner, "127.0.0.1", self.port).start()
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
+                    await runner.cleanup()
+                    raise
+                await asyncio.sleep(0.05)
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Close the listening socket and every connection; nothing answers on the port."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> RestartableRefapi:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def refuses_connections(url: str) -> bool:
+    """True when nothing listens at ``url``'s loopback port (the connection is refused)."""
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
 
 
 def write_config(

@@ -1,28 +1,34 @@
-"""Dual write with real proxy processes: many writers through two replicas, and a replica
-killed (SIGKILL) between the backend's answer and the journal's outcome."""
+"""Dual write with real proxy processes: many writers through two replicas (in `dualwrite` and
+in `live`), a replica killed (SIGKILL) between the backend's answer and the journal's outcome,
+and the non-authoritative side really stopped for 10 s while 200 writers keep writing."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from bascule.procs import ServerProcess
+from bascule.tasks import spawn
 from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
 from refapi.seed import seed_database
 from tests.harness import (
     AUTH,
     PROXY_ENV,
+    RestartableRefapi,
     dcir_record,
     migrate_state,
-    refapi,
+    refuses_connections,
     start_proxy,
     write_config,
 )
@@ -36,6 +42,10 @@ class Fleet:
     world: World
     urls: list[str]
     procs: list[ServerProcess]
+    admin_urls: list[str]
+    source: RestartableRefapi
+    """The reference API of each side: ``stop()`` and ``start()`` it on the same port."""
+    target: RestartableRefapi
 
 
 @pytest.fixture
@@ -48,25 +58,29 @@ async def fleet(
 ) -> AsyncIterator[Callable[..., Awaitable[Fleet]]]:
     async with AsyncExitStack() as stack:
 
-        async def make(failpoints: list[str | None]) -> Fleet:
+        async def make(
+            failpoints: list[str | None], stages: tuple[Stage, ...] = (Stage.DUALWRITE,)
+        ) -> Fleet:
             src, tgt = await make_database("src"), await make_database("tgt")
             for db in (src, tgt):
                 await seed_database(db, 30, seed=11)
             await migrate_state(pg_url)
             # The source ignores idempotency keys: a re-sent write would apply twice there.
-            source = await stack.enter_async_context(refapi("azure", src, honour_idempotency=False))
-            target = await stack.enter_async_context(refapi("scaleway", tgt))
+            source = await stack.enter_async_context(
+                RestartableRefapi("azure", src, honour_idempotency=False)
+            )
+            target = await stack.enter_async_context(RestartableRefapi("scaleway", tgt))
             config = tmp_path / "bascule.toml"
             write_config(
                 config,
-                source_url=source,
-                target_url=target,
+                source_url=source.url,
+                target_url=target.url,
                 postgres_url=pg_url,
                 redis_url=redis_url,
                 redis_prefix=redis_prefix,
                 read_timeout=2.0,
             )
-            urls, procs = [], []
+            urls, procs, admin_urls = [], [], []
             for i, failpoint in enumerate(failpoints):
                 env = dict(PROXY_ENV)
                 if failpoint:
@@ -74,24 +88,46 @@ async def fleet(
                 started = await start_proxy(stack, config, tmp_path / f"proxy{i}.log", env)
                 urls.append(started.url)
                 procs.append(started.proc)
+                admin_urls.append(started.admin_url)
             pool = await open_pool(pg_url, max_size=1)
             try:
                 store = StageStore(pool)
-                row = await store.get("dcir")
-                await store.change("dcir", row.version, Stage.DUALWRITE, actor="t", reason="t")
+                for stage in stages:  # dualwrite -> shadow -> live: one stage at a time
+                    row = await store.get("dcir")
+                    await store.change("dcir", row.version, stage, actor="t", reason="t")
             finally:
                 await pool.close()
-            await asyncio.sleep(1.0)  # every replica polls the new stage
+            await replicas_see(admin_urls, "dcir", stages[-1])
             world = World(urls[0], src, tgt, pg_url, None)  # type: ignore[arg-type]
-            return Fleet(world, urls, procs)
+            return Fleet(world, urls, procs, admin_urls, source, target)
 
         yield make
 
 
+async def replicas_see(admin_urls: list[str], dataset: str, stage: Stage) -> None:
+    """Wait until every replica's /readyz reports ``dataset`` in ``stage``."""
+    deadline = time.monotonic() + 15
+    async with aiohttp.ClientSession() as session:
+        for admin in admin_urls:
+            while True:
+                async with session.get(f"{admin}/readyz") as resp:
+                    seen = (await resp.json()).get("stages", {}).get(dataset)
+                if seen == stage.value:
+                    break
+                assert time.monotonic() < deadline, f"{admin} still sees {dataset} in {seen}"
+                await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [(Stage.DUALWRITE,), (Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE)],
+    ids=["dualwrite", "live"],
+)
 async def test_200_writers_through_two_replicas_leave_identical_databases(
-    fleet: Callable[..., Awaitable[Fleet]],
+    fleet: Callable[..., Awaitable[Fleet]], stages: tuple[Stage, ...]
 ) -> None:
-    f = await fleet([None, None])
+    # In `live` the target is authoritative and the source follows: the same must hold.
+    f = await fleet([None, None], stages)
     statuses = await researchers(f.urls, writers=200, ops=5, records=20)
     assert not [s for s in statuses if s >= 500], sorted(set(statuses))
     counts = await f.world.drained(within=60)
@@ -148,3 +184,181 @@ async def test_a_replica_killed_after_the_backend_answered_loses_nothing(
         finally:
             await conn.close()
     assert os.environ.get("BASCULE_FAILPOINT") is None  # never leaks into the test process
+
+
+# --- One side really stopped for a while under load -------------------------------------------
+
+WRITERS, RECORDS = 200, 20
+BEFORE, OUTAGE, AFTER = 2.0, 10.0, 2.0
+"""Seconds of load before the outage, of outage, and of load after the side is back."""
+CALL_DEADLINE = 1.0 + 2.0
+"""connect_timeout + read_timeout of the fleet's backends: no replay is in flight longer."""
+
+
+@dataclass
+class Load:
+    """What the researchers saw: each answer's status with when it came, and each request
+    that got no HTTP answer at all."""
+
+    answers: list[tuple[float, int]] = field(default_factory=list)
+    failures: list[tuple[float, str]] = field(default_factory=list)
+
+    def between(self, start: float, end: float) -> list[int]:
+        return [status for t, status in self.answers if start <= t <= end]
+
+
+async def keep_writing(urls: list[str], writers: int, records: int, stop: asyncio.Event) -> Load:
+    """``researchers()``'s writers (creates, PUTs, PATCHes, DELETEs on ``records`` shared
+    records, spread over ``urls``), writing without pause until ``stop`` is set."""
+    load = Load()
+
+    async def writer(n: int) -> None:
+        rng = random.Random(n)
+        base = f"{urls[n % len(urls)]}/v1/datasets/dcir/records"
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(headers=AUTH, timeout=timeout) as session:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                rid = rng.randint(1, records)
+                op = rng.choice(["put", "patch", "patch", "delete", "create"])
+                if op == "put":
+                    req = session.put(f"{base}/{rid}", json={"id": rid, **dcir_record(rid, i)})
+                elif op == "patch":
+                    req = session.patch(f"{base}/{rid}", json={"amount": rng.randint(1, 999)})
+                elif op == "delete":
+                    req = session.delete(f"{base}/{rid}")
+                else:
+                    req = session.post(base, json=dcir_record(1000 + n, i))
+                try:
+                    async with req as resp:
+                        await resp.read()
+                        load.answers.append((time.monotonic(), resp.status))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    load.failures.append((time.monotonic(), type(exc).__name__))
+
+    await asyncio.gather(*(writer(n) for n in range(writers)))
+    return load
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float
+    pending: int
+    applied: int
+    sessions: int
+    """Client sessions on the whole Postgres server (max_connections is shared)."""
+
+
+async def watch_journal(state_db: str, stop: asyncio.Event, every: float = 0.2) -> list[Sample]:
+    """Sample dcir's journal (entries pending replay, entries applied) until ``stop``."""
+    samples: list[Sample] = []
+    conn = await asyncpg.connect(state_db)
+    try:
+        while not stop.is_set():
+            row = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE state = 'pending') AS pending,"
+                " count(*) FILTER (WHERE state = 'applied') AS applied,"
+                " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+                " AS sessions FROM bascule_journal WHERE dataset = 'dcir'"
+            )
+            assert row is not None
+            samples.append(
+                Sample(time.monotonic(), row["pending"], row["applied"], row["sessions"])
+            )
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except TimeoutError:
+                pass
+    finally:
+        await conn.close()
+    return samples
+
+
+async def stopped_under_load(f: Fleet, down: RestartableRefapi) -> None:
+    """200 writers through both replicas; ``down`` (the side that is not authoritative) is
+    stopped for OUTAGE seconds while they write, then started again on the same port."""
+    stop_load, stop_watch = asyncio.Event(), asyncio.Event()
+    watcher = spawn(watch_journal(f.world.state_db, stop_watch), name="journal-watch")
+    writers = spawn(keep_writing(f.urls, WRITERS, RECORDS, stop_load), name="researchers")
+    started = time.monotonic()
+    try:
+        try:
+            await asyncio.sleep(BEFORE)
+            await down.stop()
+            down_at = time.monotonic()
+            assert await refuses_connections(down.url)  # really down: connections refused
+            await asyncio.sleep(OUTAGE)
+            assert await refuses_connections(down.url)
+            await down.start()
+            up_at = time.monotonic()
+            await asyncio.sleep(AFTER)
+        finally:
+            if not down.running:
+                await down.start()
+            stop_load.set()
+            load = await writers
+        load_ended = time.monotonic()
+        counts = await f.world.drained(within=60)
+        drained_at = time.monotonic()
+    finally:
+        stop_watch.set()
+        samples = await watcher
+
+    # Researchers noticed nothing: every write was answered, none with a 5xx, also while the
+    # other side was away (the authoritative side answers; the other one is caught up later).
+    assert not load.failures, load.failures[:10]
+    statuses = [status for _, status in load.answers]
+    # 404: a PATCH or DELETE of a record another writer had deleted, answered as is.
+    assert set(statuses) <= {200, 201, 204, 404}, sorted(set(statuses))
+    during = load.between(down_at, up_at)
+    assert load.between(up_at, load_ended), "no write after the side came back"
+
+    # While the side was down nothing reached it, and every write accepted meanwhile joined
+    # the backlog: once the calls in flight at the stop were over (CALL_DEADLINE), no entry
+    # was applied, and the pending entries grew by the writes answered 2xx (give or take the
+    # writes in flight at either end of the window: at most one per writer).
+    settled = [s for s in samples if down_at + CALL_DEADLINE + 0.5 <= s.at <= up_at]
+    assert len(settled) >= 10, len(settled)
+    assert len({s.applied for s in settled}) == 1, "replays applied to a side that was down"
+    first, last = settled[0], settled[-1]
+    accepted = len([st for t, st in load.answers if first.at < t <= last.at and 200 <= st < 300])
+    assert accepted >= 200, accepted  # the outage really happened under load
+    grew = last.pending - first.pending
+    assert abs(grew - accepted) <= WRITERS, (first, last, accepted)
+    peak = max(s.pending for s in samples if down_at <= s.at <= up_at)
+    assert peak >= 200, peak
+
+    # Once back, the backlog drains to zero: nothing dead, nothing in doubt.
+    assert counts.get("dead", 0) == 0 and counts.get("in_doubt", 0) == 0, counts
+    assert counts.get("applied", 0) > 0, counts
+    caught_up = next((s.at for s in samples if s.at > up_at and s.pending < peak / 10), None)
+    assert caught_up is not None
+    assert await table_digest(f.world.source_db) == await table_digest(f.world.target_db)
+    print(
+        f"\n{down.name} down {up_at - down_at:.1f}s under {WRITERS} writers:"
+        f" {len(statuses)} writes ({len(during)} during the outage), statuses"
+        f" {sorted(set(statuses))}; backlog +{grew} for {accepted} accepted in"
+        f" {last.at - first.at:.1f}s, peak {peak} pending; caught up (<10% of peak)"
+        f" {caught_up - up_at:.1f}s after the restart; drained {drained_at - load_ended:.1f}s"
+        f" after the load stopped; journal {counts}; at most {max(s.sessions for s in samples)}"
+        f" Postgres sessions; total {drained_at - started:.1f}s"
+    )
+
+
+@pytest.mark.timeout(90)
+async def test_the_target_stopped_10s_under_200_writers_through_two_replicas(
+    fleet: Callable[..., Awaitable[Fleet]],
+) -> None:
+    # dualwrite: the source is authoritative, the target follows through the journal.
+    f = await fleet([None, None], (Stage.DUALWRITE,))
+    await stopped_under_load(f, f.target)
+
+
+@pytest.mark.timeout(90)
+async def test_in_live_the_source_stopped_10s_under_200_writers_through_two_replicas(
+    fleet: Callable[..., Awaitable[Fleet]],
+) -> None:
+    # live: roles swapped, the target is authoritative and the source follows.
+    f = await fleet([None, None], (Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE))
+    await stopped_under_load(f, f.source)
