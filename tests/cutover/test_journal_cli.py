@@ -11,9 +11,9 @@ import pytest
 from proxy import journal as journal_module
 from proxy.journal import Journal
 from proxy.sealing import Namer, Sealer
-from tests.cutover.test_admin_and_cli import OPERATOR_TOKEN, Admin, admin, arun
+from tests.cutover.test_admin_and_cli import Admin, admin, arun
+from tests.harness import OPERATOR_TOKEN, migrate_state, run_cli
 from tests.harness import cli_env as harness_cli_env
-from tests.harness import migrate_state, run_cli
 
 KEY = bytes(range(32))
 
