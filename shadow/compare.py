@@ -1,0 +1,154 @@
+"""The comparison engine: two answers and the rules of their route in, a diff without values out.
+
+Pure: no I/O, no clock. The proxy calls :func:`compile_rules` once per dataset or route and
+:func:`compare` once per shadow read. A diff (:mod:`shadow.diff`) says where and how the answers
+differ, never what they hold.
+
+The status, then the allow-listed headers, then the body: JSON when both bodies parse as JSON,
+their bytes otherwise. A JSON body is parsed (msgspec: integers of any size stay exact), made
+ready by the rules along their patterns only (:mod:`shadow.normalize`), and walked where ``==``
+says it differs (:mod:`shadow.walk`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from bascule.config import CompareRules
+from shadow.diff import COUNT_CAP, PLAIN_NAME, Diff, Difference, Found, Full, Kind, Part
+from shadow.normalize import prepare
+from shadow.pointers import Node, compile_patterns
+from shadow.walk import walk
+
+_DECODE = msgspec.json.Decoder()
+_NOT_JSON = object()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One side's answer, as the proxy received it."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Names in any case; a multidict's repeated names are all compared."""
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Comparison rules compiled once: the trie of pointer patterns, lower-cased header names."""
+
+    headers: tuple[str, ...]
+    ignore: tuple[str, ...]
+    unordered: tuple[tuple[str, str], ...]
+    tolerance: float
+    instants: bool
+    trie: Node | None = field(default=None, compare=False, repr=False)
+    """Built from ``ignore`` and ``unordered``, which stand for it in ``==`` and ``repr``."""
+
+
+def compile_rules(rules: CompareRules) -> Rules:
+    """Raises ValueError for a malformed pointer or a negative tolerance."""
+    if rules.numeric_tolerance < 0:
+        raise ValueError("numeric_tolerance must not be negative")
+    return Rules(
+        headers=tuple(sorted({name.lower() for name in rules.headers})),
+        ignore=tuple(rules.ignore),
+        unordered=tuple(sorted(rules.unordered.items())),
+        tolerance=float(rules.numeric_tolerance),
+        instants=rules.timestamps_as_instants,
+        trie=compile_patterns(rules.ignore, rules.unordered),
+    )
+
+
+def compare(
+    serving: Answer,
+    other: Answer,
+    rules: Rules,
+    token: Callable[[str], str],
+    limit: int = 100,
+) -> Diff:
+    """How ``other`` differs from ``serving`` under ``rules``.
+
+    ``token`` names a member that is not a plain field name (a keyed HMAC in the proxy). At most
+    ``limit`` differences are listed: the first found in document order (members by name,
+    elements by position); ``truncated`` counts the others.
+    """
+    if limit < 0:
+        raise ValueError("limit must not be negative")
+    found = Found(limit, token)
+    try:
+        if serving.status != other.status:
+            found.add("status", (), "changed")
+        _headers(serving.headers, other.headers, rules.headers, found)
+        _body(serving.body, other.body, rules, found)
+    except Full:
+        pass
+    return found.diff()
+
+
+def _headers(
+    serving: Mapping[str, str], other: Mapping[str, str], names: tuple[str, ...], found: Found
+) -> None:
+    if not names:
+        return
+    ours, theirs = _values(serving), _values(other)
+    for name in names:
+        a, b = ours.get(name), theirs.get(name)
+        if a != b:
+            kind: Kind = "missing" if b is None else "extra" if a is None else "changed"
+            found.add("header", (name,), kind, plain=True)
+
+
+def _values(headers: Mapping[str, str]) -> dict[str, list[str]]:
+    """Every value of each header, in order: a multidict (aiohttp's) repeats a name in items()."""
+    values: dict[str, list[str]] = {}
+    for name, value in headers.items():
+        values.setdefault(name.lower(), []).append(value)
+    return values
+
+
+def _body(serving: bytes, other: bytes, rules: Rules, found: Found) -> None:
+    # Byte-equal bodies are equal under any rules. Two bodies that are not JSON are compared by
+    # their bytes: both are in hand, so no digest need stand for them.
+    if serving == other:
+        return
+    a, b = _parse(serving), _parse(other)
+    if a is _NOT_JSON or b is _NOT_JSON:
+        found.add("body", (), "changed" if a is b else "type")
+        return
+    mark = found.mark()
+    try:
+        if rules.trie is not None:
+            a, b = prepare(a, rules.trie), prepare(b, rules.trie)
+        walk(a, b, found, tolerance=rules.tolerance, instants=rules.instants)
+    except RecursionError:
+        # Nesting deeper than the interpreter's stack allows: the bytes differ, and saying so
+        # at the root never calls two different answers equal.
+        found.reset(mark)
+        found.add("body", (), "changed")
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return _DECODE.decode(body)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return _NOT_JSON
+
+
+__all__ = [
+    "COUNT_CAP",
+    "PLAIN_NAME",
+    "Answer",
+    "Diff",
+    "Difference",
+    "Kind",
+    "Part",
+    "Rules",
+    "compare",
+    "compile_rules",
+]
