@@ -5,7 +5,8 @@ One run measures, with the same writes (PATCH of one record's amount, concurrenc
   dualwrite   through `bascule proxy` with dcir in `dualwrite` (lock, intent, call, outcome)
 measures the target API's own keyed-write capacity (concurrency 32, the replay's baseline),
 then builds a backlog: the target is stopped, N writes go through the proxy (concurrency 32),
-the target comes back, and the time to replay the whole backlog gives the replay rate.
+the target comes back, and the time to replay the whole backlog gives the replay rate; then
+a second backlog drains into bench/sink.py, a backend that stores nothing: the replayer's ceiling.
 
     .venv/bin/python bench/dual_write.py [--writes 500] [--backlog 10000]
 """
@@ -89,6 +90,19 @@ async def open_entries(state_db: str) -> int:
         await conn.close()
 
 
+async def drained(state_db: str) -> float:
+    """Seconds until no entry is open, from now; the outage's backoff released first."""
+    conn = await asyncpg.connect(state_db)
+    await conn.execute(  # measure replay, not the retry delays the outage built up
+        "UPDATE bascule_journal SET next_attempt_at = now() WHERE state = 'pending'"
+    )
+    await conn.close()
+    started = time.perf_counter()
+    while await open_entries(state_db):
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - started
+
+
 async def main(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bascule-bench-dw-"))
     with provide_stores() as stores:
@@ -165,15 +179,26 @@ async def main(args: argparse.Namespace) -> None:
             fill = time.perf_counter() - started
             backlog = await open_entries(state)
             await target.start()
-            conn = await asyncpg.connect(state)
-            await conn.execute(  # release the backoff the outage built up: measure replay only
-                "UPDATE bascule_journal SET next_attempt_at = now() WHERE state = 'pending'"
+            drain = await drained(state)
+
+            # The same again into a backend that stores nothing: the replayer's own ceiling.
+            await target.stop()
+            await writes(proxy_url, args.backlog, 32)
+            sink_backlog = await open_entries(state)
+            sink = ServerProcess(
+                "sink",
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("sink.py")),
+                    "--port",
+                    str(ports["tgt"]),
+                ],
+                f"http://127.0.0.1:{ports['tgt']}/",
+                workdir / "sink.log",
             )
-            await conn.close()
-            started = time.perf_counter()
-            while await open_entries(state):
-                await asyncio.sleep(0.05)
-            drain = time.perf_counter() - started
+            stack.push_async_callback(sink.stop)
+            await sink.start()
+            sink_drain = await drained(state)
 
     print(f"\ndual write — PATCH of one record, {ROWS} records, 2 cores")
     print(f"{'path':<12}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}")
@@ -183,10 +208,14 @@ async def main(args: argparse.Namespace) -> None:
         f"\nbacklog: {backlog} writes accepted in {fill:.1f}s with the target down "
         f"({args.backlog / fill:.0f} writes/s through the proxy, concurrency 32)"
     )
-    print(f"replay: drained in {drain:.1f}s = {backlog / drain:.0f} writes/s")
+    print(f"replay into the target API: drained in {drain:.1f}s = {backlog / drain:.0f} writes/s")
     print(
-        f"target API alone, keyed PATCHes from 32 clients: {capacity:.0f} writes/s; "
+        f"  the target API alone, keyed PATCHes from 32 clients: {capacity:.0f} writes/s; "
         f"replay/target = {backlog / drain / capacity:.2f}"
+    )
+    print(
+        f"replay into a sink that stores nothing (bench/sink.py): {sink_backlog} writes in "
+        f"{sink_drain:.1f}s = {sink_backlog / sink_drain:.0f} writes/s (the replayer's ceiling)"
     )
     print("\ntargets: added p50 <= 3 ms; replay >= 2,000 writes/s")
 
