@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from bascule.errors import StoreError
 from bascule.tasks import spawn
+from cutover import replicas
 from cutover.stages import Stage
 from cutover.store import StageRow, StageStore
 
@@ -91,6 +92,7 @@ class StageView:
         poll_interval: float,
         datasets: Collection[str],
         stale_after: float = 30.0,
+        replica: str | None = None,
     ) -> None:
         self.store = store
         self.redis_url = redis_url
@@ -105,6 +107,9 @@ class StageView:
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.replica = replica
+        """This replica's name: set, it reports the versions it runs (``cutover/replicas.py``)."""
+        self.report_lease = max(3 * poll_interval, 2.0)
 
     async def start(self) -> None:
         await self.reload()
@@ -115,6 +120,9 @@ class StageView:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.replica is not None:
+            with contextlib.suppress(StoreError):
+                await replicas.withdraw(self.store.pool, self.replica)
         for task in self._tasks:
             # redis-py can swallow a cancellation that lands inside its read timeout
             # (redis/redis-py#2028, #2551): cancel until the task has really ended.
@@ -195,6 +203,15 @@ class StageView:
                 log.error("ALARM: the stage row of %s disappeared from Postgres", name)
             self.stages = dict(rows)
             self.loaded_at = time.time()
+            if self.replica is not None:
+                # Right after a reload, so a flip announced through Redis is confirmed at once.
+                with contextlib.suppress(StoreError):
+                    await replicas.report(
+                        self.store.pool,
+                        self.replica,
+                        {name: row.version for name, row in rows.items()},
+                        self.report_lease,
+                    )
             return True
 
     async def _poll(self) -> None:

@@ -96,6 +96,7 @@ class Replica:
             self.config.state.poll_interval,
             self.config.datasets,
             self.config.state.stale_after,
+            replica=self.name,
         )
         self.upstreams = {
             Side.SOURCE: Upstream(self.config.migration.source, self.config.source_backend),
