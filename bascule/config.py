@@ -64,6 +64,22 @@ class StateSettings(_Record, frozen=True):
     reads on its last known stages either way)."""
 
 
+class SwitchSettings(_Record, frozen=True):
+    """How a change that alters writes behaves (``[switch]``); see ``cutover/switch.py``."""
+
+    hold: float = 5.0
+    """Seconds new writes may be held during a change (waiting for writes in flight, then
+    draining the backlog toward a new authority); past it the change gives up."""
+    small_backlog: int = 100
+    """An authority switch starts its barrier once the backlog toward the new authority is
+    under this many entries."""
+    backlog_wait: float = 60.0
+    """Seconds an authority switch waits for that before giving up."""
+    confirm_wait: float = 30.0
+    """Seconds a change waits for every live replica to confirm it (a replica stops counting
+    once its lease runs out)."""
+
+
 class MigrationSettings(_Record, frozen=True):
     source: str
     target: str
@@ -103,6 +119,15 @@ class GateSettings(_Record, frozen=True):
     """Mismatches tolerated in ``live`` before an automatic rollback to ``shadow``."""
 
 
+class IdAllocation(_Record, frozen=True):
+    """Where a backend allocates a dataset's ids: at an authority switch, the new authority's
+    sequence is moved past every id the other side holds (through the backends' ``database``)."""
+
+    table: str
+    sequence: str
+    column: str = "id"
+
+
 class Dataset(_Record, frozen=True):
     name: str = ""
     auto_promote: bool = False
@@ -112,6 +137,8 @@ class Dataset(_Record, frozen=True):
     """Datasets in the same group move through the stages together."""
     compare: CompareRules = CompareRules()
     gate: GateSettings = GateSettings()
+    ids: IdAllocation | None = None
+    """How ids are allocated, if the backends assign them (see :class:`IdAllocation`)."""
 
 
 class Route(_Record, frozen=True):
@@ -229,6 +256,7 @@ class Config(_Record, frozen=True):
     backends: dict[str, Backend]
     routes: tuple[Route, ...]
     datasets: dict[str, Dataset]
+    switch: SwitchSettings = SwitchSettings()
 
     @property
     def source_backend(self) -> Backend:
@@ -243,7 +271,7 @@ class Config(_Record, frozen=True):
         return self.datasets.get(name) or self.datasets[DEFAULT_DATASET]
 
 
-_TOP_KEYS = ("proxy", "state", "migration", "backends", "routes", "datasets", "defaults")
+_TOP_KEYS = ("proxy", "state", "migration", "backends", "routes", "datasets", "defaults", "switch")
 
 
 def load_config(path: str | Path) -> Config:
@@ -274,6 +302,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             source, "migration", "missing; expected a table with `source` and `target`"
         )
     migration = _convert(raw["migration"], MigrationSettings, source, "migration")
+    switch = _convert(raw.get("switch", {}), SwitchSettings, source, "switch")
 
     backends_raw = _table(raw.get("backends", {}), source, "backends")
     backends = {
@@ -310,6 +339,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         backends=backends,
         routes=routes,
         datasets=datasets,
+        switch=switch,
     )
     _check(config)
     return config
@@ -384,6 +414,11 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "state.journal_sessions", "expected at least 2")
     if config.state.stale_after <= config.state.poll_interval:
         raise ConfigError(src, "state.stale_after", "must be longer than state.poll_interval")
+    for field in ("hold", "backlog_wait", "confirm_wait"):
+        if getattr(config.switch, field) <= 0:
+            raise ConfigError(src, f"switch.{field}", "expected a positive number of seconds")
+    if config.switch.small_backlog < 1:
+        raise ConfigError(src, "switch.small_backlog", "expected at least 1 entry")
 
     for role in ("source", "target"):
         name = getattr(config.migration, role)
@@ -441,6 +476,17 @@ def _check_dataset(src: str, name: str, dataset: Dataset) -> None:
     if dataset.gate.window <= 0:
         raise ConfigError(src, f"{key}.gate.window", "expected a positive number of seconds")
     _check_compare(src, f"{key}.compare", dataset.compare)
+    if dataset.ids is not None:
+        for part in ("table", "sequence", "column"):
+            if not _SQL_NAME.match(getattr(dataset.ids, part)):
+                raise ConfigError(
+                    src,
+                    f"{key}.ids.{part}",
+                    "expected a plain SQL name (lower case, digits, _; optionally schema.name)",
+                )
+
+
+_SQL_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?$")
 
 
 def _check_compare(src: str, key: str, rules: CompareRules) -> None:

@@ -132,6 +132,15 @@ def test_unknown_keys_are_errors(extra: str, key: str, problem: str) -> None:
             "routes[0].kind",
             "invalid enum value `fetch`; expected one of `read`, `write`",
         ),
+        ("[switch]\nhold = 0\n", "switch.hold", "expected a positive number of seconds"),
+        ("[switch]\nsmall_backlog = 0\n", "switch.small_backlog", "expected at least 1"),
+        ("[switch]\nholds = 5\n", "switch.holds", "unknown key"),
+        (
+            "[datasets.dcir.ids]\ntable = 'dcir; drop table x'\nsequence = 's'\n",
+            "datasets.dcir.ids.table",
+            "expected a plain SQL name",
+        ),
+        ("[datasets.dcir.ids]\ntable = 'dcir'\n", "datasets.dcir.ids", "sequence"),
     ],
 )
 def test_wrong_types_are_errors(extra: str, key: str, problem: str) -> None:
