@@ -157,9 +157,7 @@ async def test_a_write_holds_its_record_lock_against_other_replicas(journal: Jou
 
     await asyncio.gather(hold(), wait_then_take(), other_record())
     assert order == ["first in", "other record", "first out", "second in"]
-    with pytest.raises(
-        RecordBusy, match=r"waited more than 0.2 s for this record"
-    ):
+    with pytest.raises(RecordBusy, match=r"waited more than 0.2 s for this record"):
         async with journal.locked("dcir", [R1]):
             async with journal.locked("dcir", [R1], wait=0.2):
                 pass
