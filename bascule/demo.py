@@ -173,8 +173,9 @@ class Demo:
         self.processes.append(proxy)
         await proxy.start()
 
-    async def _bascule(self, *args: str) -> str:
-        """Run a bascule command as an SRE would; its output, or UsageError if it failed."""
+    async def _bascule(self, *args: str, check: bool = True) -> str:
+        """Run a bascule command as an SRE would; its output, or UsageError if it failed
+        (``check=False``: its output whatever its exit code)."""
         proc = await asyncio.create_subprocess_exec(
             *bascule_argv(*args, "--config", str(self.config_path)),
             stdin=asyncio.subprocess.DEVNULL,
@@ -184,7 +185,7 @@ class Demo:
         )
         out, _ = await proc.communicate()
         text = out.decode(errors="replace")
-        if proc.returncode != 0:
+        if check and proc.returncode != 0:
             raise UsageError(f"`bascule {' '.join(args)}` failed:\n{text[-2000:]}")
         return text.strip()
 
@@ -231,6 +232,8 @@ class Demo:
 
             await show("before", {"dcir": src, "pmsi": src})
             for stage in ("dualwrite", "shadow", "live"):
+                if stage == "shadow":
+                    await self._close_target_gap()
                 say(f"  $ bascule stage dcir {stage} --reason demo")
                 out = await self._bascule("stage", "dcir", stage, "--reason", "demo", "--by", "sre")
                 say(f"    {out}")
@@ -246,6 +249,23 @@ class Demo:
             await show("after rollback", {"dcir": src, "pmsi": src})
         say(await self._bascule("history", "dcir"))
         return ok
+
+    async def _close_target_gap(self) -> None:
+        """The target starts with a gap (never backfilled nor verified): `shadow` is refused until
+        it is closed. Here both databases were seeded identically, so the demo closes it, and
+        says in the audit on what grounds."""
+        say = self.console.print
+        reason = "demo: both sides were seeded identically; no verification has been run yet"
+        say("  $ bascule stage dcir shadow --dry-run")
+        refused = await self._bascule("stage", "dcir", "shadow", "--dry-run", check=False)
+        for line in refused.splitlines():
+            if line.startswith("bascule: refused:"):
+                say(f"    {line}")
+        say(f"  $ bascule gap close dcir target --reason {reason!r}")
+        out = await self._bascule(
+            "gap", "close", "dcir", "target", "--reason", reason, "--by", "sre"
+        )
+        say(f"    {out}")
 
     async def _check_redis(self, url: str) -> None:
         client = aioredis.Redis.from_url(url)

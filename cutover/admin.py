@@ -16,11 +16,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bascule.errors import Refused, StoreError, UnknownDataset, UnknownStage, UsageError
+from bascule.errors import (
+    BasculeError,
+    Refused,
+    StoreError,
+    UnknownDataset,
+    UnknownStage,
+    UsageError,
+)
 from cutover import controller
 from cutover.controller import Announcer, check_name, check_text
 from cutover.fleet import StageView
-from cutover.stages import Stage
+from cutover.stages import GapOpen, Side, Stage
 from cutover.store import StageStore
 from proxy import journal
 
@@ -142,6 +149,23 @@ def _text(body: dict[str, Any], key: str, default: str | None = None) -> str | N
     return value
 
 
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"{key!r} must be true or false")
+    return value
+
+
+def _only(body: dict[str, Any], *keys: str) -> None:
+    """Refuse fields this endpoint does not know: a misspelt ``dry_run`` must never turn a
+    dry run into a real change."""
+    unknown = sorted(set(body) - set(keys))
+    if unknown:
+        raise UsageError(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(keys)}"
+        )
+
+
 @_requires("operator")
 async def change_stage(request: web.Request) -> web.Response:
     return await _change(request, rollback=False)
@@ -159,12 +183,12 @@ async def _change(request: web.Request, *, rollback: bool) -> web.Response:
     try:
         check_name(dataset)
         body = await _body(request)
-        on_behalf_of = _text(body, "by")
+        stage_key = "to" if rollback else "stage"
+        _only(body, stage_key, "by", "reason", "force", "dry_run")
+        force, dry_run = _flag(body, "force"), _flag(body, "dry_run")
         reason = _text(body, "reason")
-        details = {"via": "admin-api"}
-        if on_behalf_of and on_behalf_of != identity:
-            details["on_behalf_of"] = check_text("by", on_behalf_of)
-        stage_text = _text(body, "to" if rollback else "stage")
+        details = _on_behalf(body, identity)
+        stage_text = _text(body, stage_key)
         if rollback:
             to = Stage.parse(stage_text) if stage_text else None
             result = await controller.rollback(
@@ -175,6 +199,8 @@ async def _change(request: web.Request, *, rollback: bool) -> web.Response:
                 actor=identity,
                 reason=reason,
                 details=details,
+                force=force,
+                dry_run=dry_run,
             )
         else:
             if not stage_text:
@@ -187,18 +213,65 @@ async def _change(request: web.Request, *, rollback: bool) -> web.Response:
                 actor=identity,
                 reason=reason,
                 details=details,
+                force=force,
+                dry_run=dry_run,
             )
-    except UnknownDataset as exc:
-        return json_error(404, "unknown_dataset", str(exc))
-    except UnknownStage as exc:
-        return json_error(400, "unknown_stage", str(exc))
-    except Refused as exc:
-        return json_error(409, "refused", str(exc))
-    except UsageError as exc:
-        return json_error(400, "bad_request", str(exc))
-    except StoreError as exc:
-        return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
+    except BasculeError as exc:
+        return _refusal(exc)
+    if result.dry_run and not result.allowed:
+        # As a real move would be: 409, with what the dry run found.
+        payload = {"error": {"code": "refused", "message": result.refusal}}
+        return json_response({**payload, "dry_run": result.as_json()}, 409)
     return json_response(result.as_json())
+
+
+def _on_behalf(body: dict[str, Any], identity: str) -> dict[str, str]:
+    """The audit's details: the token names who; a name the caller typed is kept apart."""
+    details = {"via": "admin-api"}
+    on_behalf_of = _text(body, "by")
+    if on_behalf_of and on_behalf_of != identity:
+        details["on_behalf_of"] = check_text("by", on_behalf_of)
+    return details
+
+
+def _refusal(exc: BasculeError) -> web.Response:
+    """The answer to a change that did not happen; anything else is raised again."""
+    if isinstance(exc, UnknownDataset):
+        return json_error(404, "unknown_dataset", str(exc))
+    if isinstance(exc, UnknownStage):
+        return json_error(400, "unknown_stage", str(exc))
+    if isinstance(exc, GapOpen):
+        return json_error(409, "gap_open", str(exc))
+    if isinstance(exc, Refused):
+        return json_error(409, "refused", str(exc))
+    if isinstance(exc, UsageError):
+        return json_error(400, "bad_request", str(exc))
+    if isinstance(exc, StoreError):
+        return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
+    raise exc
+
+
+@_requires("operator")
+async def close_gap(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    dataset = request.match_info["dataset"]
+    identity: str = request[IDENTITY]
+    try:
+        check_name(dataset)
+        side = Side.parse(request.match_info["side"])
+        body = await _body(request)
+        _only(body, "by", "reason")
+        closed = await controller.close_gap(
+            deps.store,
+            dataset,
+            side,
+            actor=identity,
+            reason=_text(body, "reason"),
+            details=_on_behalf(body, identity),
+        )
+    except BasculeError as exc:
+        return _refusal(exc)
+    return json_response(closed.as_json())
 
 
 _LISTED_STATES = {
@@ -297,6 +370,7 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     app.router.add_get("/v1/history", history)
     app.router.add_post("/v1/datasets/{dataset}/stage", change_stage)
     app.router.add_post("/v1/datasets/{dataset}/rollback", rollback)
+    app.router.add_post("/v1/datasets/{dataset}/gaps/{side}/close", close_gap)
     app.router.add_get("/v1/journal", journal_status)
     app.router.add_get("/v1/journal/entries", journal_entries)
     app.router.add_post("/v1/journal/retry", journal_retry)

@@ -1,4 +1,4 @@
-"""SRE commands: migrate, status, stage, rollback, history.
+"""SRE commands: migrate, status, stage, rollback, gap close, history, journal.
 
 Each works either directly on the state stores named by the configuration, or through a
 proxy's admin API (``--admin URL``, token from ``BASCULE_ADMIN_TOKEN``/``BASCULE_VIEWER_TOKEN``);
@@ -33,7 +33,7 @@ from bascule.errors import Refused, StoreError, UsageError
 from bascule.stores import provide_stores
 from cutover import controller
 from cutover.fleet import RedisAnnouncer
-from cutover.stages import Stage
+from cutover.stages import Side, Stage
 from cutover.store import StageStore, open_pool, reaching_postgres, schema_check
 from proxy import journal
 
@@ -64,19 +64,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("dataset", nargs="?")
     p.set_defaults(func=lambda a: _run(_status(a)))
 
-    p = sub.add_parser("stage", parents=[common], help="move a dataset to a stage")
+    moving = argparse.ArgumentParser(add_help=False)
+    moving.add_argument("--reason", help="why (required; goes into the audit trail)")
+    moving.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
+    moving.add_argument(
+        "--force",
+        action="store_true",
+        help="override the gap rule (a side that missed writes would serve, be authoritative "
+        "or be compared); audited as forced",
+    )
+    moving.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the checks and the steps a real move would take; change nothing "
+        "(exit 0 if it would be allowed, 3 if refused)",
+    )
+
+    p = sub.add_parser("stage", parents=[common, moving], help="move a dataset to a stage")
     p.add_argument("dataset")
     p.add_argument("stage")
-    p.add_argument("--reason", help="why (required; goes into the audit trail)")
-    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
     p.set_defaults(func=lambda a: _run(_stage(a)))
 
-    p = sub.add_parser("rollback", parents=[common], help="move a dataset back")
+    p = sub.add_parser("rollback", parents=[common, moving], help="move a dataset back")
     p.add_argument("dataset")
     p.add_argument("--to", help="stage to go back to (default: the previous one)")
+    p.set_defaults(func=lambda a: _run(_rollback(a)))
+
+    gp = sub.add_parser("gap", help="gap markers: a side that missed writes")
+    gsub = gp.add_subparsers(dest="gap_command", metavar="ACTION")
+    gsub.required = True
+    p = gsub.add_parser(
+        "close",
+        parents=[common],
+        help="close a side's gap once it is verified complete (audited)",
+    )
+    p.add_argument("dataset")
+    p.add_argument("side", choices=[s.value for s in Side])
     p.add_argument("--reason", help="why (required; goes into the audit trail)")
     p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
-    p.set_defaults(func=lambda a: _run(_rollback(a)))
+    p.set_defaults(func=lambda a: _run(_gap_close(a)))
 
     jp = sub.add_parser("journal", help="the dual-write journal: backlog, entries, retry, skip")
     jsub = jp.add_subparsers(dest="journal_command", metavar="ACTION")
@@ -121,11 +147,19 @@ class Client(Protocol):
     async def datasets(self) -> list[dict[str, Any]]: ...
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]: ...
     async def stage(
-        self, dataset: str, stage: str, by: str, reason: str | None
+        self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
     ) -> dict[str, Any]: ...
     async def rollback(
-        self, dataset: str, to: str | None, by: str, reason: str | None
+        self,
+        dataset: str,
+        to: str | None,
+        by: str,
+        reason: str | None,
+        *,
+        force: bool,
+        dry_run: bool,
     ) -> dict[str, Any]: ...
+    async def gap_close(self, dataset: str, side: str, by: str, reason: str) -> dict[str, Any]: ...
     async def journal_status(self) -> dict[str, dict[str, Any]]: ...
     async def journal_list(
         self, state: str, dataset: str | None, limit: int
@@ -155,14 +189,30 @@ class DirectClient:
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         return [r.as_json() for r in await self.store.history(dataset, limit)]
 
-    async def stage(self, dataset: str, stage: str, by: str, reason: str | None) -> dict[str, Any]:
+    async def stage(
+        self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
+    ) -> dict[str, Any]:
         result = await controller.move(
-            self.store, self.announcer, dataset, Stage.parse(stage), actor=by, reason=reason
+            self.store,
+            self.announcer,
+            dataset,
+            Stage.parse(stage),
+            actor=by,
+            reason=reason,
+            force=force,
+            dry_run=dry_run,
         )
         return result.as_json()
 
     async def rollback(
-        self, dataset: str, to: str | None, by: str, reason: str | None
+        self,
+        dataset: str,
+        to: str | None,
+        by: str,
+        reason: str | None,
+        *,
+        force: bool,
+        dry_run: bool,
     ) -> dict[str, Any]:
         result = await controller.rollback(
             self.store,
@@ -171,8 +221,16 @@ class DirectClient:
             to=Stage.parse(to) if to else None,
             actor=by,
             reason=reason,
+            force=force,
+            dry_run=dry_run,
         )
         return result.as_json()
+
+    async def gap_close(self, dataset: str, side: str, by: str, reason: str) -> dict[str, Any]:
+        closed = await controller.close_gap(
+            self.store, dataset, Side.parse(side), actor=by, reason=reason
+        )
+        return closed.as_json()
 
     async def journal_status(self) -> dict[str, dict[str, Any]]:
         counts = await journal.backlog(self.store.pool)
@@ -200,7 +258,16 @@ class AdminClient:
         self.session = session
         self.base = base.rstrip("/")
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        refused_with: str | None = None,
+    ) -> Any:
+        """The answer's JSON. ``refused_with``: on a 409 whose body carries that key (a dry
+        run's findings), return it rather than raising :class:`Refused`."""
         try:
             async with self.session.request(
                 method,
@@ -221,6 +288,8 @@ class AdminClient:
         if status < 400:
             return payload
         message = payload.get("error", {}).get("message", raw.decode(errors="replace"))
+        if status == 409 and refused_with is not None and refused_with in payload:
+            return payload[refused_with]
         if status in (404, 409):
             raise Refused(message)
         if status in (400, 401, 403):
@@ -236,18 +305,32 @@ class AdminClient:
         result: list[dict[str, Any]] = (await self._call("GET", "/v1/history" + query))["history"]
         return result
 
-    async def stage(self, dataset: str, stage: str, by: str, reason: str | None) -> dict[str, Any]:
-        body = {"stage": stage, "by": by, "reason": reason}
+    async def stage(
+        self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
+    ) -> dict[str, Any]:
+        body = {"stage": stage, "by": by, "reason": reason, "force": force, "dry_run": dry_run}
         path = f"/v1/datasets/{quote(dataset, safe='')}/stage"
-        result: dict[str, Any] = await self._call("POST", path, body)
+        result: dict[str, Any] = await self._call("POST", path, body, refused_with="dry_run")
         return result
 
     async def rollback(
-        self, dataset: str, to: str | None, by: str, reason: str | None
+        self,
+        dataset: str,
+        to: str | None,
+        by: str,
+        reason: str | None,
+        *,
+        force: bool,
+        dry_run: bool,
     ) -> dict[str, Any]:
-        body = {"to": to, "by": by, "reason": reason}
+        body = {"to": to, "by": by, "reason": reason, "force": force, "dry_run": dry_run}
         path = f"/v1/datasets/{quote(dataset, safe='')}/rollback"
-        result: dict[str, Any] = await self._call("POST", path, body)
+        result: dict[str, Any] = await self._call("POST", path, body, refused_with="dry_run")
+        return result
+
+    async def gap_close(self, dataset: str, side: str, by: str, reason: str) -> dict[str, Any]:
+        path = f"/v1/datasets/{quote(dataset, safe='')}/gaps/{quote(side, safe='')}/close"
+        result: dict[str, Any] = await self._call("POST", path, {"by": by, "reason": reason})
         return result
 
     async def journal_status(self) -> dict[str, dict[str, Any]]:
@@ -346,10 +429,13 @@ async def _status(args: argparse.Namespace) -> int:
         "oldest",
         "in doubt",
         "dead",
+        "gaps",
     ):
         table.add_column(col)
     for r in rows:
         oldest = r.get("oldest_pending_seconds")
+        gaps = r.get("gaps") or {}
+        open_gaps = ", ".join(f"{side} since {_when(gaps[side])}" for side in gaps if gaps[side])
         cells = (
             r["dataset"],
             r["stage"],
@@ -361,6 +447,7 @@ async def _status(args: argparse.Namespace) -> int:
             f"{oldest:.1f}s" if oldest is not None else "-",
             str(r.get("in_doubt", 0)),
             str(r.get("dead", 0)),
+            open_gaps or "-",
         )
         table.add_row(*(Text(c) for c in cells))  # Text: audit free text is never markup
     _console().print(table)
@@ -369,29 +456,78 @@ async def _status(args: argparse.Namespace) -> int:
 
 async def _stage(args: argparse.Namespace) -> int:
     async with client_for(args, change=True) as client:
-        result = await client.stage(args.dataset, args.stage, args.by, args.reason)
+        result = await client.stage(
+            args.dataset,
+            args.stage,
+            args.by,
+            args.reason,
+            force=args.force,
+            dry_run=args.dry_run,
+        )
     return _report_move(args, result)
 
 
 async def _rollback(args: argparse.Namespace) -> int:
     async with client_for(args, change=True) as client:
-        result = await client.rollback(args.dataset, args.to, args.by, args.reason)
+        result = await client.rollback(
+            args.dataset, args.to, args.by, args.reason, force=args.force, dry_run=args.dry_run
+        )
     return _report_move(args, result)
 
 
 def _report_move(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    if result.get("dry_run"):
+        return _report_dry_run(args, result)
+    if args.json:
+        _print_json(result)
+        return 0
+    note = ""
+    if not result["announced"]:
+        note = " (Redis unreachable: replicas will pick it up by polling)"
+    forced = result.get("forced_gaps") or {}
+    if forced:
+        sides = ", ".join(f"the {side}'s gap (open since {_when(t)})" for side, t in forced.items())
+        note += f"; forced over {sides}: audited"
+    print(
+        f"{result['dataset']}: {result['from']} -> {result['to']} "
+        f"(version {result['version']}){note}"
+    )
+    return 0
+
+
+def _report_dry_run(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    """What a real move would do; exit 3 when it would be refused (nothing changed either way)."""
+    allowed = bool(result["allowed"])
     if args.json:
         _print_json(result)
     else:
-        note = (
-            ""
-            if result["announced"]
-            else " (Redis unreachable: replicas will pick it up by polling)"
-        )
         print(
-            f"{result['dataset']}: {result['from']} -> {result['to']} "
-            f"(version {result['version']}){note}"
+            f"{result['dataset']}: dry run of {result['from']} -> {result['to']} "
+            f"(version {result['version']}, write epoch {result['write_epoch']}): nothing changed"
         )
+        print("checks:")
+        for check in result["checks"]:
+            print(f"  {'ok' if check['ok'] else 'REFUSED':8} {check['check']}: {check['detail']}")
+        print("a real move would:")
+        for i, step in enumerate(result["steps"], 1):
+            print(f"  {i}. {step}")
+        print("it would be allowed" if allowed else "it would be refused:")
+    if not allowed:
+        raise Refused(result["refusal"])  # exit 3, the refusal on stderr like any other
+    return 0
+
+
+async def _gap_close(args: argparse.Namespace) -> int:
+    reason = controller.require_reason(args.reason)
+    controller.check_actor(args.by)
+    async with client_for(args, change=True) as client:
+        closed = await client.gap_close(args.dataset, args.side, args.by, reason)
+    _say(
+        args,
+        closed,
+        f"{closed['dataset']}: the {closed['side']}'s gap (open since {_when(closed['since'])}) "
+        f"is closed, in {closed['stage']} (audited)",
+    )
     return 0
 
 
@@ -408,12 +544,18 @@ async def _history(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         by = r["actor"]
-        if r.get("details", {}).get("on_behalf_of"):
-            by += f" for {r['details']['on_behalf_of']}"
+        details = r.get("details", {})
+        if details.get("on_behalf_of"):
+            by += f" for {details['on_behalf_of']}"
+        action = r["action"]
+        if action == "gap-close" and details.get("side"):
+            action += f" {details['side']}"
+        if r.get("forced"):
+            action += " (forced)"
         cells = (
             _when(r["at"]),
             r["dataset"],
-            r["action"],
+            action,
             r["from_stage"] or "",
             r["to_stage"] or "",
             by,

@@ -1,18 +1,35 @@
 """Stage changes as SREs ask for them: checked, compare-and-set with audit, then announced.
 
 The CLI (directly on the stores) and the admin API both call :func:`move`, so a change made
-either way is checked and audited the same way.
+either way is checked and audited the same way. A move is first *assessed* (a pure function:
+the checks and the steps a real move takes); a dry run stops there.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
-from bascule.errors import StaleVersion, UsageError
-from cutover.stages import Stage, check_move, illegal, is_rollback, previous
+from bascule.errors import IllegalMove, Refused, StaleVersion, UsageError
+from cutover.stages import (
+    GapOpen,
+    Side,
+    Stage,
+    alters_writes,
+    authority,
+    blocking_gaps,
+    check_move,
+    illegal,
+    is_rollback,
+    opens_gaps,
+    previous,
+    role,
+    switches_authority,
+    when,
+)
 from cutover.store import StageRow, StageStore
 
 
@@ -22,24 +39,64 @@ class Announcer(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One rule a move was checked against, and what it found."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the rules say of a move, and what a real move would do. Pure (see :func:`assess`)."""
+
+    checks: tuple[Check, ...]
+    refusal: Refused | None
+    """The first rule that refuses the move, or None."""
+    forced_gaps: dict[Side, datetime]
+    """Open gaps that ``force`` overrides (audited)."""
+    steps: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class MoveResult:
     before: StageRow
+    wanted: Stage
     after: StageRow | None
     """None for a dry run."""
     announced: bool
     dry_run: bool = False
-    steps: list[str] = field(default_factory=list)
+    checks: tuple[Check, ...] = ()
+    steps: tuple[str, ...] = ()
+    refusal: str | None = None
+    """Why the move would be refused (dry runs only; a real refused move raises)."""
+    forced_gaps: Mapping[Side, datetime] | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None
 
     def as_json(self) -> dict[str, Any]:
+        row = self.after or self.before
         return {
             "dataset": self.before.dataset,
             "from": self.before.stage.value,
-            "to": (self.after.stage.value if self.after else None),
-            "version": (self.after.version if self.after else self.before.version),
+            "to": self.wanted.value,
+            "version": row.version,
+            "write_epoch": row.write_epoch,
             "announced": self.announced,
             "dry_run": self.dry_run,
-            "steps": self.steps,
+            "allowed": self.allowed,
+            "refusal": self.refusal,
+            "forced": bool(self.forced_gaps),
+            "forced_gaps": {s.value: t.isoformat() for s, t in (self.forced_gaps or {}).items()},
+            "checks": [c.as_json() for c in self.checks],
+            "steps": list(self.steps),
         }
 
 
@@ -71,6 +128,90 @@ def require_reason(reason: str | None) -> str:
     return check_text("reason", reason.strip())
 
 
+def check_actor(actor: str) -> str:
+    if not actor.strip():
+        raise UsageError("who makes the change must be named (--by)")
+    return check_text("by", actor)
+
+
+def assess(
+    row: StageRow, wanted: Stage, *, force: bool, illegal_move: IllegalMove | None = None
+) -> Assessment:
+    """Check ``row.stage -> wanted`` against the stage rules and the gap rule, and say what a
+    real move would do. Pure: the same answer for a dry run and a real move.
+    ``illegal_move``: a refusal found before (a rollback that does not go back)."""
+    dataset, current = row.dataset, row.stage
+    checks: list[Check] = []
+    refusal: Refused | None = None
+    try:
+        if illegal_move is not None:
+            raise illegal_move
+        check_move(dataset, current, wanted)
+        how = "a rollback" if is_rollback(current, wanted) else "forward one stage"
+        checks.append(Check("legal move", True, f"{current.value} -> {wanted.value}: {how}"))
+    except IllegalMove as exc:
+        checks.append(Check("legal move", False, str(exc)))
+        refusal = exc
+    blocking = blocking_gaps(wanted, row.gaps)
+    forced: dict[Side, datetime] = {}
+    if not blocking:
+        harmless = [
+            f"the {side.value}'s gap (open since {when(since)}) does not block {wanted.value}: "
+            f"there it would {role(side, wanted)}"
+            for side, since in sorted(row.gaps.items())
+        ]
+        checks.append(Check("gaps", True, "; ".join(harmless) or "no open gap"))
+    else:
+        gap_refusal = GapOpen(dataset, current, wanted, blocking)
+        if force:
+            forced = blocking
+            detail = f"overridden by force (audited): {gap_refusal.why}"
+            checks.append(Check("gaps", True, detail))
+        else:
+            checks.append(Check("gaps", False, gap_refusal.why))
+            refusal = refusal or gap_refusal
+    legal = checks[0].ok
+    steps = planned_steps(row, wanted) if legal else ()  # an illegal move has no steps
+    return Assessment(tuple(checks), refusal, forced, steps)
+
+
+def planned_steps(row: StageRow, wanted: Stage) -> tuple[str, ...]:
+    """The steps a real move takes, in order (DESIGN: *Fencing, and switching authority*)."""
+    d, current = row.dataset, row.stage
+    version, epoch = row.version, row.write_epoch
+    steps: list[str] = []
+    alters = alters_writes(current, wanted)
+    switch = switches_authority(current, wanted)
+    if switch:
+        new, old = authority(wanted).value, authority(current).value
+        steps.append(f"wait until the backlog of {d}'s writes toward the {new} is small")
+    if alters:
+        steps.append(
+            f"take {d}'s write fence exclusively: new writes to {d} wait (bounded; past it 503) "
+            "and writes in flight finish"
+        )
+    if switch:
+        steps.append(f"drain the backlog toward the {new} to zero")
+        steps.append(f"advance the {new}'s id sequence past every id the {old} holds")
+    commit = f"compare-and-set the stage {current.value} -> {wanted.value} (version {version} -> "
+    commit += f"{version + 1})"
+    if alters:
+        commit += f", bump the write epoch ({epoch} -> {epoch + 1})"
+    for side in sorted(opens_gaps(current, wanted)):
+        if side not in row.gaps:
+            commit += f", open the {side.value}'s gap marker (writes stop reaching it)"
+    steps.append(commit + ", with its audit row, in one transaction")
+    steps.append("announce the change on Redis (replicas also poll Postgres)")
+    if alters:
+        steps.append(
+            f"wait until every live replica has confirmed version {version + 1} (or its lease "
+            f"has expired); {d}'s writes resume under the new stage"
+        )
+    else:
+        steps.append("writes are unaffected: same authority, same sides written")
+    return tuple(steps)
+
+
 async def move(
     store: StageStore,
     announcer: Announcer,
@@ -82,22 +223,30 @@ async def move(
     expected_version: int | None = None,
     action: str = "stage",
     details: Mapping[str, Any] | None = None,
+    force: bool = False,
+    dry_run: bool = False,
 ) -> MoveResult:
-    """Move ``dataset`` to ``wanted`` if the rules allow it. Raises IllegalMove, StaleVersion,
-    UnknownDataset or UsageError (all refusals: nothing changes)."""
-    why = require_reason(reason)
-    if not actor.strip():
-        raise UsageError("who makes the change must be named (--by)")
-    check_text("by", actor)
+    """Move ``dataset`` to ``wanted`` if the rules allow it. Raises IllegalMove, GapOpen,
+    StaleVersion, UnknownDataset or UsageError (all refusals: nothing changes). A dry run
+    changes nothing, announces nothing, and returns what was found instead of raising it.
+    ``force`` overrides the gap rule only, and is audited."""
+    why = _reason(reason, dry_run)
+    check_actor(actor)
     before = await store.get(check_name(dataset))
     if expected_version is not None and expected_version != before.version:
         raise StaleVersion(dataset, expected_version, before.version)
-    check_move(dataset, before.stage, wanted)
-    after = await store.change(
-        dataset, before.version, wanted, actor=actor, reason=why, action=action, details=details
+    return await _move(
+        store,
+        announcer,
+        before,
+        wanted,
+        actor=actor,
+        reason=why,
+        action=action,
+        details=details,
+        force=force,
+        dry_run=dry_run,
     )
-    announced = await announcer.announce(after)
-    return MoveResult(before, after, announced)
 
 
 async def rollback(
@@ -109,23 +258,130 @@ async def rollback(
     actor: str,
     reason: str | None,
     details: Mapping[str, Any] | None = None,
+    force: bool = False,
+    dry_run: bool = False,
 ) -> MoveResult:
     """Move back: to the previous stage, or to ``to`` (any earlier stage)."""
-    require_reason(reason)
+    why = _reason(reason, dry_run)
+    check_actor(actor)
     before = await store.get(check_name(dataset))
     wanted = to if to is not None else previous(before.stage)
+    bad = None
     if wanted is None:
-        raise illegal(dataset, before.stage, before.stage, "it is already at the first stage")
-    if not is_rollback(before.stage, wanted):
-        raise illegal(dataset, before.stage, wanted, "a rollback moves to an earlier stage")
-    return await move(
+        wanted = before.stage
+        bad = illegal(dataset, before.stage, wanted, "it is already at the first stage")
+    elif not is_rollback(before.stage, wanted):
+        bad = illegal(dataset, before.stage, wanted, "a rollback moves to an earlier stage")
+    return await _move(
         store,
         announcer,
-        dataset,
+        before,
+        wanted,
+        actor=actor,
+        reason=why,
+        action="rollback",
+        details=details,
+        force=force,
+        dry_run=dry_run,
+        illegal_move=bad,
+    )
+
+
+def _reason(reason: str | None, dry_run: bool) -> str:
+    """Required for a change; optional for a dry run (which writes no audit)."""
+    if dry_run and (reason is None or not reason.strip()):
+        return ""
+    return require_reason(reason)
+
+
+async def _move(
+    store: StageStore,
+    announcer: Announcer,
+    before: StageRow,
+    wanted: Stage,
+    *,
+    actor: str,
+    reason: str,
+    action: str,
+    details: Mapping[str, Any] | None,
+    force: bool,
+    dry_run: bool,
+    illegal_move: IllegalMove | None = None,
+) -> MoveResult:
+    found = assess(before, wanted, force=force, illegal_move=illegal_move)
+    if dry_run:
+        return MoveResult(
+            before,
+            wanted,
+            None,
+            False,
+            dry_run=True,
+            checks=found.checks,
+            steps=found.steps,
+            refusal=None if found.refusal is None else str(found.refusal),
+            forced_gaps=found.forced_gaps,
+        )
+    if found.refusal is not None:
+        raise found.refusal
+    recorded = dict(details or {})
+    if found.forced_gaps:
+        recorded["forced_gaps"] = {s.value: t.isoformat() for s, t in found.forced_gaps.items()}
+    # The gaps were checked on ``before``; the compare-and-set on its version keeps that sound:
+    # a gap opens only with a stage change (which bumps the version), and a gap closed meanwhile
+    # only makes the check stricter than needed.
+    after = await store.change(
+        before.dataset,
+        before.version,
         wanted,
         actor=actor,
         reason=reason,
-        expected_version=before.version,
-        action="rollback",
-        details=details,
+        action=action,
+        forced=bool(found.forced_gaps),
+        details=recorded,
     )
+    announced = await announcer.announce(after)
+    return MoveResult(
+        before,
+        wanted,
+        after,
+        announced,
+        checks=found.checks,
+        steps=found.steps,
+        forced_gaps=found.forced_gaps,
+    )
+
+
+@dataclass(frozen=True)
+class GapClosed:
+    row: StageRow
+    side: Side
+    since: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.row.dataset,
+            "side": self.side.value,
+            "since": self.since.isoformat(),
+            "stage": self.row.stage.value,
+            "version": self.row.version,
+            "gaps": self.row.as_json()["gaps"],
+        }
+
+
+async def close_gap(
+    store: StageStore,
+    dataset: str,
+    side: Side,
+    *,
+    actor: str,
+    reason: str | None,
+    details: Mapping[str, Any] | None = None,
+) -> GapClosed:
+    """Close ``side``'s gap, audited. Refused (nothing changes) when it has none, or while
+    writes do not reach that side."""
+    why = require_reason(reason)
+    check_actor(actor)
+    row, since = await store.close_gap(
+        check_name(dataset), side, actor=actor, reason=why, details=details
+    )
+    return GapClosed(row, side, since)

@@ -18,7 +18,7 @@ import asyncpg
 
 from bascule import schema
 from bascule.errors import BasculeError, StaleVersion, StoreError, UnknownDataset
-from cutover.stages import Stage
+from cutover.stages import Side, Stage, alters_writes, check_gap_close, opens_gaps
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,15 +29,31 @@ class StageRow:
     updated_at: datetime
     updated_by: str
     reason: str
+    write_epoch: int = 1
+    """Bumped by every change that alters writes (see :func:`cutover.stages.alters_writes`)."""
+    gap_source_since: datetime | None = None
+    gap_target_since: datetime | None = None
+    """Since when each side has missed writes; None: no open gap."""
+
+    @property
+    def gaps(self) -> dict[Side, datetime]:
+        """The open gaps, by side."""
+        found = {Side.SOURCE: self.gap_source_since, Side.TARGET: self.gap_target_since}
+        return {side: since for side, since in found.items() if since is not None}
 
     def as_json(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
             "stage": self.stage.value,
             "version": self.version,
+            "write_epoch": self.write_epoch,
             "updated_at": self.updated_at.isoformat(),
             "updated_by": self.updated_by,
             "reason": self.reason,
+            "gaps": {
+                side.value: (self.gaps[side].isoformat() if side in self.gaps else None)
+                for side in Side
+            },
         }
 
 
@@ -73,7 +89,10 @@ class AuditRow:
         }
 
 
-_STAGE_COLUMNS = "dataset, stage, version, updated_at, updated_by, reason"
+_STAGE_COLUMNS = (
+    "dataset, stage, version, updated_at, updated_by, reason, write_epoch,"
+    " gap_source_since, gap_target_since"
+)
 
 
 def _stage_row(rec: asyncpg.Record) -> StageRow:
@@ -84,6 +103,9 @@ def _stage_row(rec: asyncpg.Record) -> StageRow:
         rec["updated_at"],
         rec["updated_by"],
         rec["reason"],
+        rec["write_epoch"],
+        rec["gap_source_since"],
+        rec["gap_target_since"],
     )
 
 
@@ -185,7 +207,12 @@ class StageStore:
         forced: bool = False,
         details: Mapping[str, Any] | None = None,
     ) -> StageRow:
-        """Compare-and-set the stage; append its audit row in the same transaction."""
+        """Compare-and-set the stage; append its audit row in the same transaction.
+
+        A change that alters writes bumps the write epoch in the same UPDATE; entering
+        ``target`` (``source``) opens the source's (target's) gap marker unless one is open.
+        The gap rule itself is the controller's: this is the mechanism, also used directly by
+        tests and tools that need a stage whatever the gaps."""
         async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
             before = await conn.fetchrow(
                 f"SELECT {_STAGE_COLUMNS} FROM bascule_stage WHERE dataset = $1 FOR UPDATE",
@@ -198,17 +225,33 @@ class StageStore:
                 )
             if before["version"] != expected_version:
                 raise StaleVersion(dataset, expected_version, before["version"])
+            current = Stage(before["stage"])
+            bump = alters_writes(current, to)
+            opened = opens_gaps(current, to)
             rec = await conn.fetchrow(
                 "UPDATE bascule_stage SET stage = $3, version = version + 1, updated_at = now(),"
-                " updated_by = $4, reason = $5 WHERE dataset = $1 AND version = $2"
-                f" RETURNING {_STAGE_COLUMNS}",
+                " updated_by = $4, reason = $5,"
+                " write_epoch = write_epoch + CASE WHEN $6 THEN 1 ELSE 0 END,"
+                " gap_source_since = CASE WHEN $7 THEN coalesce(gap_source_since, now())"
+                "  ELSE gap_source_since END,"
+                " gap_target_since = CASE WHEN $8 THEN coalesce(gap_target_since, now())"
+                "  ELSE gap_target_since END"
+                f" WHERE dataset = $1 AND version = $2 RETURNING {_STAGE_COLUMNS}",
                 dataset,
                 expected_version,
                 to.value,
                 actor,
                 reason,
+                bump,
+                Side.SOURCE in opened,
+                Side.TARGET in opened,
             )
             assert rec is not None  # the row is locked FOR UPDATE at that version
+            recorded = dict(details or {})
+            if bump:
+                recorded["write_epoch"] = rec["write_epoch"]
+            if opened:
+                recorded["gaps_opened"] = sorted(side.value for side in opened)
             await _audit(
                 conn,
                 dataset,
@@ -220,9 +263,62 @@ class StageStore:
                 rec["version"],
                 reason,
                 forced,
-                details or {},
+                recorded,
             )
             return _stage_row(rec)
+
+    async def close_gap(
+        self,
+        dataset: str,
+        side: Side,
+        *,
+        actor: str,
+        reason: str,
+        details: Mapping[str, Any] | None = None,
+    ) -> tuple[StageRow, datetime]:
+        """Close ``side``'s gap (audited as ``gap-close``); return the row and since when the
+        gap was open. Refused when there is no open gap, or while writes do not reach that side.
+        The stage's version is not bumped: what replicas run does not change."""
+        column = f"gap_{side.value}_since"  # one of two fixed names, never caller text
+        async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchrow(
+                f"SELECT {_STAGE_COLUMNS} FROM bascule_stage WHERE dataset = $1 FOR UPDATE",
+                dataset,
+            )
+            if before is None:
+                raise UnknownDataset(
+                    dataset,
+                    [r["dataset"] for r in await conn.fetch("SELECT dataset FROM bascule_stage")],
+                )
+            since: datetime | None = before[column]
+            check_gap_close(dataset, side, Stage(before["stage"]), since)
+            assert since is not None
+            rec = await conn.fetchrow(
+                f"UPDATE bascule_stage SET {column} = NULL WHERE dataset = $1"
+                f" RETURNING {_STAGE_COLUMNS}",
+                dataset,
+            )
+            assert rec is not None  # locked FOR UPDATE above
+            await _audit(
+                conn,
+                dataset,
+                "gap-close",
+                actor,
+                None,
+                None,
+                None,
+                None,
+                reason,
+                False,
+                {
+                    **(details or {}),
+                    "side": side.value,
+                    "since": since.isoformat(),
+                    "stage": before["stage"],
+                    "version": before["version"],
+                },
+            )
+            return _stage_row(rec), since
 
     async def history(self, dataset: str | None = None, limit: int = 100) -> list[AuditRow]:
         async with reaching_postgres():

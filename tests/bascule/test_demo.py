@@ -30,6 +30,10 @@ def test_demo_runs_the_story_and_exits_cleanly(tmp_path: Path) -> None:
     # Both clouds answered real queries, identically.
     assert out.count("200 by azure") == 5 and out.count("200 by scaleway") == 5
     assert re.findall(r"│ (yes|NO) +│", out) == ["yes"] * 5
+    # The target's gap refuses `shadow` until the demo closes it, saying on what grounds.
+    assert "bascule: refused: dcir: cannot move dualwrite -> shadow: the target has" in out
+    assert "seeded identically; no verification has been run yet" in out
+    assert "dcir: the target's gap (open since" in out and "is closed, in dualwrite" in out
     # Through the proxy, dcir moved to the target and back while pmsi stayed put.
     assert "dcir live: researchers calling" in out
     assert "served dcir by scaleway, pmsi by azure" in out

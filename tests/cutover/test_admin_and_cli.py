@@ -140,6 +140,10 @@ async def test_health_is_open_and_reads_need_a_token(admin: Admin) -> None:
         (OP, "/v1/journal/7/skip", {}, 400, "a reason is required"),
         (OP, "/v1/journal/seven/skip", {"reason": "r"}, 400, "whole number"),
         (OP, "/v1/journal/7/skip", {"reason": "r"}, 409, "journal entry 7 does not exist"),
+        (OP, "/v1/datasets/dcir/stage", {"stage": "dualwrite", "dry_run": "yes"}, 400, "true or"),
+        (OP, "/v1/datasets/dcir/rollback", {"reason": "r", "dry-run": True}, 400, "unknown field"),
+        (VIEW, "/v1/datasets/dcir/gaps/target/close", {"reason": "r"}, 403, "operator token"),
+        (OP, "/v1/datasets/dcir/gaps/target/close", {"reason": "r"}, 409, "cannot be closed in"),
     ],
 )
 async def test_bad_changes_are_refused_and_change_nothing(
@@ -234,6 +238,7 @@ def test_cli_migrate_status_stage_history(cli_env: dict[str, str]) -> None:
         (("rollback", "dcir", "--reason", "r"), 3, "already at the first stage"),
         (("status", "nope"), 3, "unknown dataset 'nope'"),
         (("history", "--limit", "0"), 2, "--limit must be at least 1"),
+        (("gap", "close", "dcir", "target", "--reason", "r"), 3, "writes do not reach the target"),
     ],
 )
 def test_cli_refusals_have_their_exit_code_and_change_nothing(

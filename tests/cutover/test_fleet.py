@@ -161,9 +161,19 @@ async def _seed(database_url: str) -> None:
 
 
 def _flip(fleet: Fleet, dataset: str, *stages: str) -> None:
+    """Move through ``stages``; after ``dualwrite``, close the target's gap (both sides were
+    seeded identically) so that ``shadow`` is allowed."""
     for stage in stages:
         done = fleet.cli("stage", dataset, stage, "--reason", f"test to {stage}", "--by", "ci")
         assert done.returncode == 0, done.stderr
+        if stage == "dualwrite":
+            _close_target_gap(fleet, dataset)
+
+
+def _close_target_gap(fleet: Fleet, dataset: str) -> None:
+    reason = "both sides seeded identically by the test"
+    done = fleet.cli("gap", "close", dataset, "target", "--reason", reason, "--by", "ci")
+    assert done.returncode == 0, done.stderr
 
 
 async def test_a_flip_reaches_three_proxies_fast_with_redis_up(fleet_factory: object) -> None:
@@ -193,6 +203,7 @@ async def test_with_redis_stopped_flips_arrive_by_polling_and_nobody_sees_an_err
         done = fleet.cli("stage", "dcir", "dualwrite", "--reason", "redis down", "--by", "ci")
         assert done.returncode == 0, done.stderr
         assert "replicas will pick it up by polling" in done.stdout
+        _close_target_gap(fleet, "dcir")
         _flip(fleet, "dcir", "shadow", "live")
         took = await fleet.wait_all(session, "dcir", "scaleway", within=3.0)
         print(f"flip reached 3 proxies by polling in {took * 1000:.0f} ms (poll 0.5 s)")

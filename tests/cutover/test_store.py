@@ -11,7 +11,7 @@ import pytest
 from bascule import schema
 from bascule.errors import IllegalMove, SchemaError, StaleVersion, UnknownDataset, UsageError
 from cutover import controller
-from cutover.stages import Stage
+from cutover.stages import Side, Stage
 from cutover.store import StageRow, StageStore, open_pool
 from tests.harness import migrate_state
 
@@ -88,7 +88,9 @@ async def test_refusals_change_nothing(store: StageStore) -> None:
 
 async def test_rollback_goes_back_any_number_of_stages(store: StageStore) -> None:
     rec = Recorder()
-    for stage in (Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE):
+    await controller.move(store, rec, "dcir", Stage.DUALWRITE, actor="a", reason="forward")
+    await controller.close_gap(store, "dcir", Side.TARGET, actor="a", reason="verified")
+    for stage in (Stage.SHADOW, Stage.LIVE):
         await controller.move(store, rec, "dcir", stage, actor="a", reason="forward")
     result = await controller.rollback(store, rec, "dcir", to=None, actor="b", reason="oops")
     assert result.after is not None and result.after.stage is Stage.SHADOW
