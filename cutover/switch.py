@@ -1,0 +1,199 @@
+"""Changes that alter writes: the dataset's write fence held exclusively, and the authority switch.
+
+Every write holds its dataset's fence shared, from before it reads its plan until its outcome
+(``proxy/journal.py``). A change that alters writes (``source <-> dualwrite``, ``shadow <->
+live``, ``rampdown <-> target``) is committed while this module holds the fence exclusively:
+writes in flight finish first, new ones wait behind it (bounded: past ``hold`` they get 503),
+and every write after it reads the new stage. The authority switch (``shadow <-> live``, either
+way) is a barrier, as Vitess's SwitchTraffic:
+
+1. wait until the backlog toward the new authority is small (and nothing is in doubt or dead);
+2. take the fence exclusively: new writes wait, writes in flight finish;
+3. wait for the replayers to drain that backlog to zero; move the new authority's id
+   allocation past every id the other side holds (``[datasets.X.ids]``);
+4. commit the new stage (compare-and-set, audit, write epoch), release the fence;
+5. wait until every live replica runs it, or its lease has run out.
+
+Any step that does not finish in time gives up: the fence is released, nothing is committed,
+and the refusal says which step and what was left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from bascule.config import IdAllocation, SwitchSettings
+from bascule.errors import Refused
+from cutover import replicas
+from cutover.stages import Stage, alters_writes, authority, switches_authority
+from cutover.store import StageRow, reaching_postgres
+from proxy import journal
+from proxy.sealing import fence_id
+
+log = logging.getLogger("bascule.switch")
+
+
+@dataclass
+class Outcome:
+    """What a fenced change did: the steps, in order, for the CLI and the audit."""
+
+    steps: list[str] = field(default_factory=list)
+    lagging: list[str] = field(default_factory=list)
+    """Replicas that had not confirmed when the wait ended (leases still alive)."""
+
+
+@dataclass
+class Switcher:
+    pool: asyncpg.Pool
+    settings: SwitchSettings = field(default_factory=SwitchSettings)
+    ids: dict[str, IdAllocation] = field(default_factory=dict)
+    """Per dataset: how to move the new authority's id allocation past the other side's ids."""
+    databases: dict[str, str | None] = field(default_factory=dict)
+    """Per side (``source``/``target``): the backend database's DSN (``[backends.X] database``)."""
+
+    async def change(
+        self,
+        dataset: str,
+        before: StageRow,
+        wanted: Stage,
+        commit: Callable[[], Awaitable[StageRow]],
+    ) -> tuple[StageRow, Outcome]:
+        """Run ``commit`` (the compare-and-set of the stage) as the change requires: under the
+        exclusive fence when it alters writes, after the barrier for an authority switch."""
+        done = Outcome()
+        if not alters_writes(before.stage, wanted):
+            return await commit(), done
+        switch = switches_authority(before.stage, wanted)
+        new_authority = authority(wanted).value
+        if switch:
+            await self._small_backlog(dataset, done)
+        async with reaching_postgres(), self.pool.acquire() as conn:
+            try:
+                await self._fence(conn, dataset, done)
+                if switch:
+                    await self._drained(dataset, done)
+                    await self._advance_ids(dataset, new_authority, done)
+                after = await commit()
+                done.steps.append(f"committed {wanted.value} (version {after.version})")
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock_all()")
+        done.steps.append("released the write fence: writes resume under the new stage")
+        done.lagging = await replicas.confirmed(
+            self.pool, dataset, after.version, timeout=self.settings.confirm_wait
+        )
+        if done.lagging:
+            log.warning(
+                "%s: replicas %s have not confirmed version %d yet",
+                dataset,
+                ", ".join(done.lagging),
+                after.version,
+            )
+            done.steps.append(f"replicas still to confirm: {', '.join(done.lagging)}")
+        else:
+            done.steps.append("every live replica confirmed it")
+        return after, done
+
+    async def _small_backlog(self, dataset: str, done: Outcome) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.backlog_wait
+        while True:
+            counts = (await journal.backlog(self.pool)).get(dataset, journal.EMPTY_BACKLOG)
+            if counts["in_doubt"] or counts["dead"]:
+                raise Refused(
+                    f"{dataset}: {counts['in_doubt']} in doubt and {counts['dead']} dead journal "
+                    "entries would never reach the new authority: settle them first "
+                    "(bascule journal list --state in-doubt|dead); nothing was changed"
+                )
+            if counts["backlog"] < self.settings.small_backlog:
+                done.steps.append(f"backlog toward the new authority small ({counts['backlog']})")
+                return
+            if loop.time() >= deadline:
+                raise Refused(
+                    f"{dataset}: the backlog toward the new authority is {counts['backlog']} "
+                    f"entries, not under {self.settings.small_backlog} after "
+                    f"{self.settings.backlog_wait:g} s; nothing was changed"
+                )
+            await asyncio.sleep(0.2)
+
+    async def _fence(self, conn: Any, dataset: str, done: Outcome) -> None:
+        hold = self.settings.hold
+        await conn.execute(f"SET lock_timeout = '{max(1, int(hold * 1000))}ms'")
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", fence_id(dataset))
+        except asyncpg.LockNotAvailableError:
+            raise Refused(
+                f"{dataset}: writes in flight did not finish within {hold:g} s; nothing was "
+                "changed (try again)"
+            ) from None
+        finally:
+            await conn.execute("SET lock_timeout = 0")
+        done.steps.append("took the write fence: new writes wait, writes in flight finished")
+
+    async def _drained(self, dataset: str, done: Outcome) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.hold
+        while True:
+            counts = (await journal.backlog(self.pool)).get(dataset, journal.EMPTY_BACKLOG)
+            if counts["backlog"] == 0 and not counts["in_doubt"] and not counts["dead"]:
+                done.steps.append("backlog toward the new authority drained to zero")
+                return
+            if loop.time() >= deadline:
+                raise Refused(
+                    f"{dataset}: the backlog toward the new authority did not drain within "
+                    f"{self.settings.hold:g} s ({counts['backlog']} left, {counts['in_doubt']} "
+                    f"in doubt, {counts['dead']} dead); nothing was changed"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _advance_ids(self, dataset: str, new_authority: str, done: Outcome) -> None:
+        spec = self.ids.get(dataset)
+        if spec is None:
+            done.steps.append("no id allocation configured: ids not moved")
+            return
+        other = "source" if new_authority == "target" else "target"
+        new_db, other_db = self.databases.get(new_authority), self.databases.get(other)
+        if not new_db or not other_db:
+            raise Refused(
+                f"{dataset}: moving ids needs both backends' `database` DSNs; nothing was changed"
+            )
+        highest = await _highest_id(other_db, spec)
+        value = await _advance(new_db, spec, highest)
+        done.steps.append(f"{new_authority}'s id allocation moved past the {other}'s ids")
+        log.info("%s: %s sequence now at %s", dataset, new_authority, value)
+
+
+async def _highest_id(dsn: str, spec: IdAllocation) -> int:
+    conn = await asyncpg.connect(dsn, timeout=5.0)
+    try:
+        value = await conn.fetchval(
+            f"SELECT coalesce(max({_ident(spec.column)}), 0) FROM {_ident(spec.table)}"
+        )
+        return int(value)
+    finally:
+        await conn.close()
+
+
+async def _advance(dsn: str, spec: IdAllocation, past: int) -> int:
+    """Move ``spec.sequence`` to at least ``past`` (never back): its next value is higher."""
+    conn = await asyncpg.connect(dsn, timeout=5.0)
+    try:
+        value: int = await conn.fetchval(
+            "SELECT setval($1::regclass, greatest($2::bigint,"
+            f" (SELECT last_value FROM {_ident(spec.sequence)})))",
+            spec.sequence,
+            past,
+        )
+        return value
+    finally:
+        await conn.close()
+
+
+def _ident(name: str) -> str:
+    """A configured SQL name (checked by the configuration), quoted part by part."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
