@@ -24,11 +24,12 @@ from bascule.errors import (
     UnknownStage,
     UsageError,
 )
-from cutover import controller
+from cutover import controller, replicas
 from cutover.controller import Announcer, check_name, check_text
 from cutover.fleet import StageView
 from cutover.stages import GapOpen, Side, Stage
 from cutover.store import StageStore
+from cutover.switch import Switcher
 from proxy import journal
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,6 +43,8 @@ class AdminDeps:
     operator_tokens: Mapping[str, str]
     """Operator tokens by name: the name is recorded in the audit as who made a change."""
     viewer_token: str | None
+    switcher: Switcher | None = None
+    """Takes the write fence for changes that alter writes; None only in tests of the rules."""
 
 
 DEPS = web.AppKey("admin_deps", AdminDeps)
@@ -201,6 +204,7 @@ async def _change(request: web.Request, *, rollback: bool) -> web.Response:
                 details=details,
                 force=force,
                 dry_run=dry_run,
+                switcher=deps.switcher,
             )
         else:
             if not stage_text:
@@ -215,6 +219,7 @@ async def _change(request: web.Request, *, rollback: bool) -> web.Response:
                 details=details,
                 force=force,
                 dry_run=dry_run,
+                switcher=deps.switcher,
             )
     except BasculeError as exc:
         return _refusal(exc)
@@ -361,6 +366,12 @@ async def journal_skip(request: web.Request) -> web.Response:
     return json_response({"skipped": seq, "dataset": dataset})
 
 
+@_requires("viewer")
+async def list_replicas(request: web.Request) -> web.Response:
+    listed = await replicas.listing(request.app[DEPS].store.pool)
+    return json_response({"replicas": [r.as_json() for r in listed]})
+
+
 def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> web.Application:
     app = web.Application(client_max_size=client_max_size)
     app[DEPS] = deps
@@ -368,6 +379,7 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/datasets", list_datasets)
     app.router.add_get("/v1/history", history)
+    app.router.add_get("/v1/replicas", list_replicas)
     app.router.add_post("/v1/datasets/{dataset}/stage", change_stage)
     app.router.add_post("/v1/datasets/{dataset}/rollback", rollback)
     app.router.add_post("/v1/datasets/{dataset}/gaps/{side}/close", close_gap)

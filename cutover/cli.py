@@ -31,10 +31,11 @@ from bascule import schema
 from bascule.config import Config, load_config
 from bascule.errors import Refused, StoreError, UsageError
 from bascule.stores import provide_stores
-from cutover import controller
+from cutover import controller, replicas
 from cutover.fleet import RedisAnnouncer
 from cutover.stages import Side, Stage
 from cutover.store import StageStore, open_pool, reaching_postgres, schema_check
+from cutover.switch import Switcher, switcher_for
 from proxy import journal
 
 
@@ -166,6 +167,7 @@ class Client(Protocol):
     ) -> list[dict[str, Any]]: ...
     async def journal_retry(self, seq: int | None, all_dead: bool) -> int: ...
     async def journal_skip(self, seq: int, by: str, reason: str) -> str: ...
+    async def replicas(self) -> list[dict[str, Any]]: ...
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -177,9 +179,10 @@ def _config(args: argparse.Namespace) -> Config:
 class DirectClient:
     """Works on the stores themselves."""
 
-    def __init__(self, store: StageStore, announcer: RedisAnnouncer) -> None:
+    def __init__(self, store: StageStore, announcer: RedisAnnouncer, switcher: Switcher) -> None:
         self.store = store
         self.announcer = announcer
+        self.switcher = switcher
 
     async def datasets(self) -> list[dict[str, Any]]:
         rows = await self.store.all()
@@ -188,6 +191,9 @@ class DirectClient:
 
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         return [r.as_json() for r in await self.store.history(dataset, limit)]
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        return [r.as_json() for r in await replicas.listing(self.store.pool)]
 
     async def stage(
         self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
@@ -201,6 +207,7 @@ class DirectClient:
             reason=reason,
             force=force,
             dry_run=dry_run,
+            switcher=self.switcher,
         )
         return result.as_json()
 
@@ -223,6 +230,7 @@ class DirectClient:
             reason=reason,
             force=force,
             dry_run=dry_run,
+            switcher=self.switcher,
         )
         return result.as_json()
 
@@ -300,6 +308,10 @@ class AdminClient:
         result: list[dict[str, Any]] = (await self._call("GET", "/v1/datasets"))["datasets"]
         return result
 
+    async def replicas(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._call("GET", "/v1/replicas"))["replicas"]
+        return result
+
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         query = f"?limit={limit}" + (f"&dataset={quote(dataset, safe='')}" if dataset else "")
         result: list[dict[str, Any]] = (await self._call("GET", "/v1/history" + query))["history"]
@@ -367,17 +379,24 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
         if not token:
             raise UsageError(f"--admin needs a token: set {env_name}")
         headers = {"Authorization": f"Bearer {token}"}
-        timeout = aiohttp.ClientTimeout(total=30)
+        # An authority switch may wait for its backlog, its barrier and its replicas.
+        timeout = aiohttp.ClientTimeout(total=300)
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
             yield AdminClient(session, args.admin)
         return
     config = _config(args)
     with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
-        pool = await open_pool(found.postgres_url, max_size=2)
+        # Up to 3 at once: the write fence held during a change, its commit, and the backlog
+        # and replica queries of an authority switch.
+        pool = await open_pool(found.postgres_url, max_size=4)
         redis = aioredis.Redis.from_url(found.redis_url, socket_connect_timeout=1.0)
         try:
             await schema_check(pool)
-            yield DirectClient(StageStore(pool), RedisAnnouncer(redis, config.state.redis_prefix))
+            yield DirectClient(
+                StageStore(pool),
+                RedisAnnouncer(redis, config.state.redis_prefix),
+                switcher_for(config, pool),
+            )
         finally:
             await redis.aclose()
             await pool.close()
@@ -410,12 +429,13 @@ async def _migrate(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     async with client_for(args, change=False) as client:
         rows = await client.datasets()
+        fleet = await client.replicas()
     if args.dataset:
         rows = [r for r in rows if r["dataset"] == args.dataset]
         if not rows:
             raise Refused(f"unknown dataset {args.dataset!r}")
     if args.json:
-        _print_json({"datasets": rows})
+        _print_json({"datasets": rows, "replicas": fleet})
         return 0
     table = Table(title="datasets")
     for col in (
@@ -451,6 +471,24 @@ async def _status(args: argparse.Namespace) -> int:
         )
         table.add_row(*(Text(c) for c in cells))  # Text: audit free text is never markup
     _console().print(table)
+    shown = [r["dataset"] for r in rows]
+    replica_table = Table(title="replicas (the stage version each runs)")
+    for col in ("replica", "alive", "last report", *shown):
+        replica_table.add_column(col)
+    current = {r["dataset"]: r["version"] for r in rows}
+    for rep in fleet:
+        versions = rep["versions"]
+        cells = (
+            rep["name"],
+            "yes" if rep["alive"] else "lease expired",
+            _when(rep["seen_at"]),
+            *(
+                f"{versions.get(d, '-')}" + ("" if versions.get(d) == current[d] else " (behind)")
+                for d in shown
+            ),
+        )
+        replica_table.add_row(*(Text(c) for c in cells))
+    _console().print(replica_table)
     return 0
 
 

@@ -8,7 +8,7 @@ the checks and the steps a real move takes); a dry run stops there.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -31,6 +31,7 @@ from cutover.stages import (
     when,
 )
 from cutover.store import StageRow, StageStore
+from cutover.switch import Switcher
 
 
 class Announcer(Protocol):
@@ -76,6 +77,10 @@ class MoveResult:
     refusal: str | None = None
     """Why the move would be refused (dry runs only; a real refused move raises)."""
     forced_gaps: Mapping[Side, datetime] | None = None
+    done: tuple[str, ...] = ()
+    """The steps a real move took (the fence, the barrier, confirmations), in order."""
+    lagging: tuple[str, ...] = ()
+    """Live replicas that had not confirmed the change when the wait ended."""
 
     @property
     def allowed(self) -> bool:
@@ -97,6 +102,8 @@ class MoveResult:
             "forced_gaps": {s.value: t.isoformat() for s, t in (self.forced_gaps or {}).items()},
             "checks": [c.as_json() for c in self.checks],
             "steps": list(self.steps),
+            "done": list(self.done),
+            "lagging_replicas": list(self.lagging),
         }
 
 
@@ -225,6 +232,7 @@ async def move(
     details: Mapping[str, Any] | None = None,
     force: bool = False,
     dry_run: bool = False,
+    switcher: Switcher | None = None,
 ) -> MoveResult:
     """Move ``dataset`` to ``wanted`` if the rules allow it. Raises IllegalMove, GapOpen,
     StaleVersion, UnknownDataset or UsageError (all refusals: nothing changes). A dry run
@@ -246,6 +254,7 @@ async def move(
         details=details,
         force=force,
         dry_run=dry_run,
+        switcher=switcher,
     )
 
 
@@ -260,6 +269,7 @@ async def rollback(
     details: Mapping[str, Any] | None = None,
     force: bool = False,
     dry_run: bool = False,
+    switcher: Switcher | None = None,
 ) -> MoveResult:
     """Move back: to the previous stage, or to ``to`` (any earlier stage)."""
     why = _reason(reason, dry_run)
@@ -284,6 +294,7 @@ async def rollback(
         force=force,
         dry_run=dry_run,
         illegal_move=bad,
+        switcher=switcher,
     )
 
 
@@ -307,6 +318,7 @@ async def _move(
     force: bool,
     dry_run: bool,
     illegal_move: IllegalMove | None = None,
+    switcher: Switcher | None = None,
 ) -> MoveResult:
     found = assess(before, wanted, force=force, illegal_move=illegal_move)
     if dry_run:
@@ -329,17 +341,29 @@ async def _move(
     # The gaps were checked on ``before``; the compare-and-set on its version keeps that sound:
     # a gap opens only with a stage change (which bumps the version), and a gap closed meanwhile
     # only makes the check stricter than needed.
-    after = await store.change(
-        before.dataset,
-        before.version,
-        wanted,
-        actor=actor,
-        reason=reason,
-        action=action,
-        forced=bool(found.forced_gaps),
-        details=recorded,
-    )
-    announced = await announcer.announce(after)
+
+    def commit() -> Awaitable[StageRow]:
+        return store.change(
+            before.dataset,
+            before.version,
+            wanted,
+            actor=actor,
+            reason=reason,
+            action=action,
+            forced=bool(found.forced_gaps),
+            details=recorded,
+        )
+
+    if switcher is None:  # no fence to take (tests of the stage rules alone)
+        after = await commit()
+        announced = await announcer.announce(after)
+        done: tuple[str, ...] = ()
+        lagging: tuple[str, ...] = ()
+    else:
+        after, outcome = await switcher.change(
+            before.dataset, before, wanted, commit, announcer.announce
+        )
+        announced, done, lagging = outcome.announced, tuple(outcome.steps), tuple(outcome.lagging)
     return MoveResult(
         before,
         wanted,
@@ -348,6 +372,8 @@ async def _move(
         checks=found.checks,
         steps=found.steps,
         forced_gaps=found.forced_gaps,
+        done=done,
+        lagging=lagging,
     )
 
 

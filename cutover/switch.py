@@ -28,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from bascule.config import IdAllocation, SwitchSettings
+from bascule.config import Config, IdAllocation, SwitchSettings
 from bascule.errors import Refused
 from cutover import replicas
 from cutover.stages import Stage, alters_writes, authority, switches_authority
@@ -46,6 +46,7 @@ class Outcome:
     steps: list[str] = field(default_factory=list)
     lagging: list[str] = field(default_factory=list)
     """Replicas that had not confirmed when the wait ended (leases still alive)."""
+    announced: bool = False
 
 
 @dataclass
@@ -63,12 +64,17 @@ class Switcher:
         before: StageRow,
         wanted: Stage,
         commit: Callable[[], Awaitable[StageRow]],
+        announce: Callable[[StageRow], Awaitable[bool]] | None = None,
     ) -> tuple[StageRow, Outcome]:
         """Run ``commit`` (the compare-and-set of the stage) as the change requires: under the
-        exclusive fence when it alters writes, after the barrier for an authority switch."""
+        exclusive fence when it alters writes, after the barrier for an authority switch.
+        ``announce`` tells the replicas, once the fence is released, before their
+        confirmations are awaited."""
         done = Outcome()
         if not alters_writes(before.stage, wanted):
-            return await commit(), done
+            after = await commit()
+            done.announced = await announce(after) if announce else False
+            return after, done
         switch = switches_authority(before.stage, wanted)
         new_authority = authority(wanted).value
         if switch:
@@ -84,6 +90,7 @@ class Switcher:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock_all()")
         done.steps.append("released the write fence: writes resume under the new stage")
+        done.announced = await announce(after) if announce else False
         done.lagging = await replicas.confirmed(
             self.pool, dataset, after.version, timeout=self.settings.confirm_wait
         )
@@ -166,6 +173,19 @@ class Switcher:
         value = await _advance(new_db, spec, highest)
         done.steps.append(f"{new_authority}'s id allocation moved past the {other}'s ids")
         log.info("%s: %s sequence now at %s", dataset, new_authority, value)
+
+
+def switcher_for(config: Config, pool: asyncpg.Pool) -> Switcher:
+    """The switcher a CLI or a replica's admin API uses, from the configuration."""
+    return Switcher(
+        pool,
+        config.switch,
+        ids={name: d.ids for name, d in config.datasets.items() if d.ids is not None},
+        databases={
+            "source": config.source_backend.database,
+            "target": config.target_backend.database,
+        },
+    )
 
 
 async def _highest_id(dsn: str, spec: IdAllocation) -> int:

@@ -22,6 +22,7 @@ from bascule.tasks import spawn
 from cutover.admin import AdminDeps, create_admin_app
 from cutover.fleet import RedisAnnouncer, StageView
 from cutover.store import StageStore, open_pool, schema_check
+from cutover.switch import switcher_for
 from proxy.dualwrite import DualWriter
 from proxy.forward import Forwarder
 from proxy.journal import Journal, WriterConnection
@@ -175,6 +176,7 @@ class Replica:
             view=self.view,
             operator_tokens=self.secrets.operators(),
             viewer_token=self.secrets.viewer_token,
+            switcher=switcher_for(self.config, self.pool),
         )
 
 

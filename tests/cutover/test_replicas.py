@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from cutover import replicas
 from cutover.fleet import StageView
 from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
-from tests.harness import DATASETS, migrate_state
+from tests.harness import DATASETS, cli_env, migrate_state, run_cli
 
 
 @pytest.fixture
@@ -52,3 +55,25 @@ async def test_a_replica_whose_lease_ran_out_is_not_waited_for(pool: asyncpg.Poo
     assert await replicas.confirmed(pool, "dcir", 2, timeout=0.3) == ["behind"]
     listed = {r.name: r.alive for r in await replicas.listing(pool)}
     assert listed == {"frozen": False, "behind": True}
+
+
+def test_status_shows_each_replica_and_the_version_it_runs(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    env = cli_env(tmp_path, pg_url, redis_url, redis_prefix)
+
+    async def report() -> None:
+        await migrate_state(pg_url)
+        conn_pool = await open_pool(pg_url, max_size=1)
+        try:
+            await replicas.report(conn_pool, "eu-west-1a:4242", {"dcir": 1, "pmsi": 1}, 30.0)
+            await replicas.report(conn_pool, "eu-west-1b:77", {"dcir": 0}, 30.0)
+        finally:
+            await conn_pool.close()
+
+    asyncio.run(report())
+    status = orjson.loads(run_cli(env, "status", "--json").stdout)
+    listed = {r["name"]: r["versions"] for r in status["replicas"]}
+    assert listed == {"eu-west-1a:4242": {"dcir": 1, "pmsi": 1}, "eu-west-1b:77": {"dcir": 0}}
+    table = run_cli(env, "status", "dcir").stdout
+    assert "eu-west-1a:4242" in table and "(behind)" in table

@@ -13,8 +13,8 @@ import pytest
 from bascule.config import IdAllocation, SwitchSettings
 from bascule.errors import Refused
 from bascule.tasks import spawn
-from cutover import replicas
-from cutover.stages import Stage
+from cutover import controller, replicas
+from cutover.stages import Side, Stage
 from cutover.store import StageRow, StageStore, open_pool
 from cutover.switch import Switcher
 from proxy.journal import Journal
@@ -164,3 +164,31 @@ async def test_a_change_waits_for_live_replicas_and_not_for_expired_ones(
     assert await replicas.lagging(pool, "dcir", after.version) == []
     listed = {r.name: r.alive for r in await replicas.listing(pool)}
     assert listed == {"alive": True, "frozen": False}
+
+
+async def test_a_move_through_the_controller_takes_the_fence_and_says_so(
+    pool: asyncpg.Pool,
+) -> None:
+    store = StageStore(pool)
+    announced: list[int] = []
+
+    class Heard:
+        async def announce(self, row: StageRow) -> bool:
+            announced.append(row.version)
+            return True
+
+    switcher = Switcher(pool, QUICK)
+    result = await controller.move(
+        store, Heard(), "dcir", Stage.DUALWRITE, actor="t", reason="r", switcher=switcher
+    )
+    assert result.after is not None and result.announced and announced == [result.after.version]
+    assert result.after.write_epoch == result.before.write_epoch + 1
+    assert result.done[0].startswith("took the write fence")
+    assert "every live replica confirmed it" in result.done
+    # A change that does not alter writes takes no fence.
+    await store.close_gap("dcir", Side.TARGET, actor="t", reason="r")
+    quiet = await controller.move(
+        store, Heard(), "dcir", Stage.SHADOW, actor="t", reason="r", switcher=switcher
+    )
+    assert quiet.done == () and quiet.after is not None
+    assert quiet.after.write_epoch == result.after.write_epoch
