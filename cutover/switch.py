@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from bascule.config import Config, IdAllocation, SwitchSettings
-from bascule.errors import Refused
+from bascule.errors import Refused, StoreError
 from cutover import replicas
 from cutover.stages import Stage, alters_writes, authority, switches_authority
 from cutover.store import StageRow, reaching_postgres
@@ -77,6 +77,7 @@ class Switcher:
             return after, done
         switch = switches_authority(before.stage, wanted)
         new_authority = authority(wanted).value
+        await self._no_orphans(dataset)
         if switch:
             await self._small_backlog(dataset, done)
         async with reaching_postgres(), self.pool.acquire() as conn:
@@ -88,12 +89,26 @@ class Switcher:
                 after = await commit()
                 done.steps.append(f"committed {wanted.value} (version {after.version})")
             finally:
-                await conn.execute("SELECT pg_advisory_unlock_all()")
+                # On any failure, end the session: its locks go with it, whatever state the
+                # connection is in (a cancelled statement, a broken socket).
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock_all()", timeout=5.0)
+                except BaseException:
+                    conn.terminate()
+                    raise
         done.steps.append("released the write fence: writes resume under the new stage")
-        done.announced = await announce(after) if announce else False
-        done.lagging = await replicas.confirmed(
-            self.pool, dataset, after.version, timeout=self.settings.confirm_wait
-        )
+        # Committed: from here on nothing may say "nothing was changed".
+        try:
+            done.announced = await announce(after) if announce else False
+            done.lagging = await replicas.confirmed(
+                self.pool, dataset, after.version, timeout=self.settings.confirm_wait
+            )
+        except StoreError as exc:
+            done.steps.append(
+                f"committed, but the replicas' confirmations could not be read: {exc}"
+            )
+            done.lagging = ["(unknown: the state Postgres did not answer)"]
+            return after, done
         if done.lagging:
             log.warning(
                 "%s: replicas %s have not confirmed version %d yet",
@@ -105,6 +120,24 @@ class Switcher:
         else:
             done.steps.append("every live replica confirmed it")
         return after, done
+
+    async def _no_orphans(self, dataset: str) -> None:
+        """A write whose replica died before recording its outcome holds its record back until
+        the resolver settles it (after its deadline and ``orphan_grace``): under the fence it
+        could neither drain nor be waited for."""
+        async with reaching_postgres():
+            orphans = await self.pool.fetchval(
+                "SELECT count(*) FROM bascule_journal j WHERE j.dataset = $1"
+                " AND j.state = 'intent' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
+                "   WHERE a.pid = j.writer_pid AND a.backend_start = j.writer_started)",
+                dataset,
+            )
+        if orphans:
+            raise Refused(
+                f"{dataset}: {orphans} write(s) left by a replica that died before recording "
+                "their outcome; the resolver settles them once their deadline and orphan_grace "
+                "have passed: try again then; nothing was changed"
+            )
 
     async def _small_backlog(self, dataset: str, done: Outcome) -> None:
         loop = asyncio.get_running_loop()
@@ -131,8 +164,12 @@ class Switcher:
     async def _fence(self, conn: Any, dataset: str, done: Outcome) -> None:
         hold = self.settings.hold
         await conn.execute(f"SET lock_timeout = '{max(1, int(hold * 1000))}ms'")
+        # Should this process freeze or lose its network while holding the fence, Postgres
+        # ends the session, and the fence with it, instead of leaving every write blocked.
+        idle = int((2 * hold + 30.0) * 1000)
+        await conn.execute(f"SET idle_session_timeout = '{idle}ms'")
         try:
-            await conn.execute("SELECT pg_advisory_lock($1)", fence_id(dataset))
+            await conn.execute("SELECT pg_advisory_lock($1)", fence_id(dataset), timeout=hold + 5.0)
         except asyncpg.LockNotAvailableError:
             raise Refused(
                 f"{dataset}: writes in flight did not finish within {hold:g} s; nothing was "
@@ -141,6 +178,7 @@ class Switcher:
         finally:
             await conn.execute("SET lock_timeout = 0")
         done.steps.append("took the write fence: new writes wait, writes in flight finished")
+        # Reset when the pool hands the connection back (RESET ALL).
 
     async def _drained(self, dataset: str, done: Outcome) -> None:
         loop = asyncio.get_running_loop()
@@ -161,7 +199,11 @@ class Switcher:
     async def _advance_ids(self, dataset: str, new_authority: str, done: Outcome) -> None:
         spec = self.ids.get(dataset)
         if spec is None:
-            done.steps.append("no id allocation configured: ids not moved")
+            done.steps.append(
+                "no id allocation configured ([datasets.X] ids): ids not moved — if the backends "
+                "assign ids, the new authority's may collide with the other side's"
+            )
+            log.warning("%s: authority switch with no id allocation configured", dataset)
             return
         other = "source" if new_authority == "target" else "target"
         new_db, other_db = self.databases.get(new_authority), self.databases.get(other)
@@ -169,8 +211,9 @@ class Switcher:
             raise Refused(
                 f"{dataset}: moving ids needs both backends' `database` DSNs; nothing was changed"
             )
-        highest = await _highest_id(other_db, spec)
-        value = await _advance(new_db, spec, highest)
+        timeout = self.settings.hold
+        highest = await _highest_id(other_db, spec, timeout)
+        value = await _advance(new_db, spec, highest, timeout)
         done.steps.append(f"{new_authority}'s id allocation moved past the {other}'s ids")
         log.info("%s: %s sequence now at %s", dataset, new_authority, value)
 
@@ -188,21 +231,26 @@ def switcher_for(config: Config, pool: asyncpg.Pool) -> Switcher:
     )
 
 
-async def _highest_id(dsn: str, spec: IdAllocation) -> int:
-    conn = await asyncpg.connect(dsn, timeout=5.0)
+async def _highest_id(dsn: str, spec: IdAllocation, timeout: float) -> int:
+    """The highest id the other side has given out: its rows', and its sequence's (an id
+    handed out then deleted must never be handed out again)."""
+    conn = await asyncpg.connect(dsn, timeout=timeout, command_timeout=timeout)
     try:
+        await conn.execute(f"SET lock_timeout = '{max(1, int(timeout * 1000))}ms'")
         value = await conn.fetchval(
-            f"SELECT coalesce(max({_ident(spec.column)}), 0) FROM {_ident(spec.table)}"
+            f"SELECT greatest((SELECT coalesce(max({_ident(spec.column)}), 0)"
+            f" FROM {_ident(spec.table)}), (SELECT last_value FROM {_ident(spec.sequence)}))"
         )
         return int(value)
     finally:
         await conn.close()
 
 
-async def _advance(dsn: str, spec: IdAllocation, past: int) -> int:
+async def _advance(dsn: str, spec: IdAllocation, past: int, timeout: float) -> int:
     """Move ``spec.sequence`` to at least ``past`` (never back): its next value is higher."""
-    conn = await asyncpg.connect(dsn, timeout=5.0)
+    conn = await asyncpg.connect(dsn, timeout=timeout, command_timeout=timeout)
     try:
+        await conn.execute(f"SET lock_timeout = '{max(1, int(timeout * 1000))}ms'")
         value: int = await conn.fetchval(
             "SELECT setval($1::regclass, greatest($2::bigint,"
             f" (SELECT last_value FROM {_ident(spec.sequence)})))",

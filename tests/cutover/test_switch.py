@@ -132,7 +132,11 @@ async def test_the_new_authority_allocates_ids_past_the_other_sides(
         conn = await asyncpg.connect(dbs[side])
         try:
             await conn.execute("CREATE TABLE dcir (id bigserial PRIMARY KEY)")
-            await conn.execute("INSERT INTO dcir SELECT generate_series(1, $1)", top)
+            await conn.execute(
+                "INSERT INTO dcir SELECT nextval('dcir_id_seq') FROM generate_series(1, $1)", top
+            )
+            # The source's latest record was deleted: its id was seen, and is never reused.
+            await conn.execute("DELETE FROM dcir WHERE id = $1", top)
         finally:
             await conn.close()
     store = StageStore(pool)
@@ -192,3 +196,19 @@ async def test_a_move_through_the_controller_takes_the_fence_and_says_so(
     )
     assert quiet.done == () and quiet.after is not None
     assert quiet.after.write_epoch == result.after.write_epoch
+
+
+async def test_a_write_left_by_a_dead_replica_makes_the_change_wait(pool: asyncpg.Pool) -> None:
+    store = StageStore(pool)
+    row = await store.get("dcir")
+    journal = Journal(pool, Sealer(bytes(32)), "t")
+    async with journal.locked("dcir", ["r"]) as session:
+        await session.intent(
+            record="r", route="/r", method="PUT", authority="source", stage_version=1, request={}
+        )
+        session.conn.terminate()  # the writer dies before recording the outcome
+    with pytest.raises(Refused, match="1 write\\(s\\) left by a replica that died"):
+        await Switcher(pool, QUICK).change(
+            "dcir", row, Stage.DUALWRITE, committing(store, row, Stage.DUALWRITE)
+        )
+    assert await store.get("dcir") == row
