@@ -119,7 +119,9 @@ class Replica:
             journal = Journal(
                 self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool
             )
-            self.dual = DualWriter(journal, Namer(self.secrets.hmac_key), self.upstreams)
+            self.dual = DualWriter(
+                journal, Namer(self.secrets.hmac_key), self.upstreams, view=self.view
+            )
             routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
             credentials = {
                 Side.SOURCE: _credential(self.config.source_backend),

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from bascule.errors import RecordBusy, StoreError, UpstreamError, UpstreamTimeout
+from cutover.fleet import StageView
 from cutover.stages import Stage
 from proxy.answers import error, response_headers
 from proxy.journal import Journal, State, WriteSession
@@ -74,6 +75,10 @@ class DualWriter:
     kill_after_send: str | None = field(
         default_factory=lambda: _failpoint(os.environ.get(FAILPOINT, ""))
     )
+    view: StageView | None = None
+    """This replica's view of the stages: refreshed before answering a write that found a
+    newer stage under the fence, so the researcher's next read here goes to the side that
+    now holds the write."""
 
     async def write(
         self,
@@ -130,6 +135,7 @@ class DualWriter:
                 )
                 return
         assert answer is not None
+        await self._catch_up(match.dataset, fenced.version)
         if isinstance(answer, UpstreamError):
             timeout = isinstance(answer, UpstreamTimeout)
             await error(
@@ -142,6 +148,13 @@ class DualWriter:
             return
         status, answer_headers, body = answer
         await out.send(status, answer_headers, body)
+
+    async def _catch_up(self, dataset: str, version: int) -> None:
+        if self.view is None:
+            return
+        known = self.view.get(dataset)
+        if known is None or known.version < version:
+            await self.view.reload()
 
     async def _call_authority(
         self, request: Request, upstream: Upstream, headers: list[tuple[str, str]]

@@ -134,3 +134,15 @@ async def test_an_outcome_is_refused_under_another_write_epoch(world: World) -> 
             await session.decide(fenced.seq, "pending", status=200, fenced=True)
     state = await journal.pool.fetchval("SELECT state FROM bascule_journal")
     assert state == "intent"  # an orphan now, for the resolver: never recorded as pending
+
+
+async def test_a_write_that_found_a_newer_stage_refreshes_its_replica(world: World) -> None:
+    view = world.replica.view
+    await view.stop()  # no poll, no Redis: only the write itself can tell this replica
+    before = view.get("dcir")
+    assert before is not None and before.stage is Stage.SOURCE
+    await change_stage(world.state_db, Stage.DUALWRITE)
+    assert await patch(world, 7, 707) == 200
+    after = view.get("dcir")
+    # Refreshed before the answer: the researcher's next read here is planned on it.
+    assert after is not None and after.stage is Stage.DUALWRITE
