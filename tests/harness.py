@@ -28,6 +28,9 @@ SERVICE_TOKEN = "service-token-0123456789abcdef"
 OPERATOR_TOKEN = "operator-token-0123456789"
 VIEWER_TOKEN = "viewer-token-0123456789"
 DATASETS = ("default", "dcir", "pmsi", "cepidc")
+TEST_POOL = 6
+"""Connections per reference API, and journal sessions per proxy, in tests: two workers each
+running a two-proxy fleet stay under the server's 100 connections."""
 AUTH = {"Authorization": f"Bearer {RESEARCHER_TOKEN}"}
 JOURNAL_KEY = "11" * 32
 HMAC_KEY = "22" * 32
@@ -72,7 +75,9 @@ async def serve_proxy(server: Server) -> AsyncIterator[str]:
 @asynccontextmanager
 async def refapi(name: str, database_url: str, **kwargs: bool) -> AsyncIterator[str]:
     """A reference API instance named ``name`` over ``database_url``; yields its URL."""
-    app = create_app(name, database_url, [RESEARCHER_TOKEN, SERVICE_TOKEN], **kwargs)
+    app = create_app(
+        name, database_url, [RESEARCHER_TOKEN, SERVICE_TOKEN], pool_size=TEST_POOL, **kwargs
+    )
     async with serve_app(app) as url:
         yield url
 
@@ -112,7 +117,11 @@ class RestartableRefapi:
         if self._runner is not None:
             return
         app = create_app(
-            self.name, self.database_url, [RESEARCHER_TOKEN, SERVICE_TOKEN], **self.kwargs
+            self.name,
+            self.database_url,
+            [RESEARCHER_TOKEN, SERVICE_TOKEN],
+            pool_size=TEST_POOL,
+            **self.kwargs,
         )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout)
         await runner.setup()
@@ -168,10 +177,16 @@ def write_config(
     read_timeout: float = 5.0,
     max_body_bytes: int = 1024 * 1024,
     idempotent_creates: bool = False,
+    databases: tuple[str, str] | None = None,
     extra: str = "",
 ) -> Config:
     """A proxy config over the two backends. ``idempotent_creates``: the create route declares
-    ``idempotent_backend`` (the backend honours Idempotency-Key there)."""
+    ``idempotent_backend`` (the backend honours Idempotency-Key there). ``databases``: the
+    (source, target) databases of the reference APIs, so an authority switch moves dcir's id
+    sequence past the other side's ids."""
+    source_db, target_db = databases or (None, None)
+    db_line = 'database = "{}"'
+    ids = 'ids = { table = "dcir", sequence = "dcir_id_seq" }' if databases else ""
     listen, admin = free_port(), free_port()
     path.write_text(
         f"""
@@ -187,6 +202,7 @@ redis_prefix = "{redis_prefix}"
 poll_interval = {poll_interval}
 stale_after = {stale_after}
 orphan_grace = {orphan_grace}
+journal_sessions = {TEST_POOL}
 
 [migration]
 source = "azure"
@@ -197,15 +213,18 @@ url = "{source_url}"
 connect_timeout = 1.0
 read_timeout = {read_timeout}
 credential_env = "BASCULE_TEST_SERVICE_TOKEN"
+{db_line.format(source_db) if source_db else ""}
 
 [backends.scaleway]
 url = "{target_url}"
 connect_timeout = 1.0
 read_timeout = {read_timeout}
 credential_env = "BASCULE_TEST_SERVICE_TOKEN"
+{db_line.format(target_db) if target_db else ""}
 
 [datasets.default]
 [datasets.dcir]
+{ids}
 [datasets.pmsi]
 [datasets.cepidc]
 

@@ -36,7 +36,8 @@ from tests.harness import (
     write_config,
 )
 
-pytestmark = pytest.mark.timeout(180)
+# The heavy fleet tests share one worker: two at once would exceed the server's connections.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("fleet")]
 
 
 @dataclass

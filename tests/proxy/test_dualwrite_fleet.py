@@ -34,7 +34,8 @@ from tests.harness import (
 )
 from tests.proxy.test_dualwrite import World, researchers, table_digest
 
-pytestmark = pytest.mark.timeout(180)
+# The heavy fleet tests share one worker: two at once would exceed the server's connections.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("fleet")]
 
 
 @dataclass
@@ -59,7 +60,10 @@ async def fleet(
     async with AsyncExitStack() as stack:
 
         async def make(
-            failpoints: list[str | None], stages: tuple[Stage, ...] = (Stage.DUALWRITE,)
+            failpoints: list[str | None],
+            stages: tuple[Stage, ...] = (Stage.DUALWRITE,),
+            *,
+            ids: bool = False,
         ) -> Fleet:
             src, tgt = await make_database("src"), await make_database("tgt")
             for db in (src, tgt):
@@ -79,6 +83,7 @@ async def fleet(
                 redis_url=redis_url,
                 redis_prefix=redis_prefix,
                 read_timeout=2.0,
+                databases=(src, tgt) if ids else None,
             )
             urls, procs, admin_urls = [], [], []
             for i, failpoint in enumerate(failpoints):
