@@ -361,7 +361,11 @@ async def _audit(
 
 
 async def open_pool(
-    url: str, *, max_size: int = 10, connection_class: type[asyncpg.Connection] = asyncpg.Connection
+    url: str,
+    *,
+    max_size: int = 10,
+    connection_class: type[asyncpg.Connection] = asyncpg.Connection,
+    application_name: str | None = None,
 ) -> asyncpg.Pool:
     """A pool on the state database that fails fast when Postgres is away (no 60 s hangs).
 
@@ -376,6 +380,7 @@ async def open_pool(
         command_timeout=5.0,
         max_inactive_connection_lifetime=60.0,
         connection_class=connection_class,
+        server_settings={"application_name": application_name} if application_name else None,
     )
     async with reaching_postgres():
         return await pool

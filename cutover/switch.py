@@ -171,9 +171,11 @@ class Switcher:
         try:
             await conn.execute("SELECT pg_advisory_lock($1)", fence_id(dataset), timeout=hold + 5.0)
         except asyncpg.LockNotAvailableError:
+            holders = await _fence_holders(self.pool, dataset)
             raise Refused(
-                f"{dataset}: writes in flight did not finish within {hold:g} s; nothing was "
-                "changed (try again)"
+                f"{dataset}: writes in flight did not finish within {hold:g} s (held by "
+                f"{holders or 'sessions that are gone now'}); nothing was changed (try again; a "
+                "replica that stays frozen keeps its writes' sessions and their fence: stop it)"
             ) from None
         finally:
             await conn.execute("SET lock_timeout = 0")
@@ -216,6 +218,22 @@ class Switcher:
         value = await _advance(new_db, spec, highest, timeout)
         done.steps.append(f"{new_authority}'s id allocation moved past the {other}'s ids")
         log.info("%s: %s sequence now at %s", dataset, new_authority, value)
+
+
+async def _fence_holders(pool: asyncpg.Pool, dataset: str) -> str:
+    """Who holds the dataset's fence, by session name: ``bascule writer HOST:PID (N)``."""
+    key = fence_id(dataset) & 0xFFFFFFFFFFFFFFFF  # pg_locks shows a bigint key as two oids
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT coalesce(nullif(a.application_name, ''), 'pid ' || l.pid) AS who,"
+            " count(*) AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+            " AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid"
+            " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5",
+            key >> 32,
+            key & 0xFFFFFFFF,
+        )
+    return ", ".join(f"{r['who']} ({r['n']})" for r in rows)
 
 
 def switcher_for(config: Config, pool: asyncpg.Pool) -> Switcher:

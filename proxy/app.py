@@ -115,6 +115,8 @@ class Replica:
                 self.postgres_url,
                 max_size=self.config.state.journal_sessions,
                 connection_class=WriterConnection,
+                # Names the replica holding a dataset's fence, when a change has to wait.
+                application_name=f"bascule writer {self.name}"[:63],
             )
             journal = Journal(
                 self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool

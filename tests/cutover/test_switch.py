@@ -83,8 +83,12 @@ async def test_a_write_that_never_finishes_makes_the_change_give_up(pool: asyncp
     store = StageStore(pool)
     row = await store.get("dcir")
     async with pool.acquire() as writer:
+        await writer.execute("SET application_name = 'bascule writer host-a:4242'")
         await writer.execute("SELECT pg_advisory_lock_shared($1)", fence_id("dcir"))
-        with pytest.raises(Refused, match="writes in flight did not finish within 1 s"):
+        with pytest.raises(
+            Refused,
+            match=r"did not finish within 1 s \(held by bascule writer host-a:4242 \(1\)\)",
+        ):
             await Switcher(pool, QUICK).change(
                 "dcir", row, Stage.DUALWRITE, committing(store, row, Stage.DUALWRITE)
             )
