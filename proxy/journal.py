@@ -120,12 +120,9 @@ class WriteSession:
         stage_version: int,
         request: dict[str, Any],
     ) -> int:
-        """Commit the intent of a write before it is sent; return its sequence number."""
-        sealed = self.journal.sealer.seal(
-            json.dumps(request, separators=(",", ":")).encode(),
-            dataset=self.dataset,
-            field="request",
-        )
+        """Commit the intent of a write with the plan given (tests and tools; the write path
+        uses :meth:`plan`, which reads it under the fence); return its sequence number."""
+        sealed = self._sealed(request)
         async with reaching_postgres():
             started = await _backend_start(self.conn)
             seq: int = await self.conn.fetchval(
@@ -145,17 +142,20 @@ class WriteSession:
             )
         return seq
 
+    def _sealed(self, request: dict[str, Any]) -> bytes:
+        return self.journal.sealer.seal(
+            json.dumps(request, separators=(",", ":")).encode(),
+            dataset=self.dataset,
+            field="request",
+        )
+
     async def plan(
         self, *, record: str, route: str, method: str, request: dict[str, Any]
     ) -> Fenced:
         """Read the dataset's stage under the fence this session holds and, in a dual-write
         stage, commit the write's intent — in one statement. Under the fence, no change that
         alters writes can commit until this write's outcome is recorded."""
-        sealed = self.journal.sealer.seal(
-            json.dumps(request, separators=(",", ":")).encode(),
-            dataset=self.dataset,
-            field="request",
-        )
+        sealed = self._sealed(request)
         async with reaching_postgres():
             started = await _backend_start(self.conn)
             row = await self.conn.fetchrow(

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -72,6 +73,18 @@ async def make_database(stores: StoreEndpoints) -> AsyncIterator[MakeDatabase]:
 async def pg_url(make_database: MakeDatabase) -> str:
     """One fresh database for the test."""
     return await make_database("db")
+
+
+@pytest.fixture
+async def state_pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test's database, migrated as a state database."""
+    from cutover.store import open_pool
+    from tests.harness import migrate_state
+
+    await migrate_state(pg_url)
+    pool = await open_pool(pg_url)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture

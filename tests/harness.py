@@ -7,11 +7,12 @@ import errno
 import os
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 
@@ -60,6 +61,38 @@ async def serve_app(
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+Finish = Callable[[web.Request, web.Response], web.Response]
+
+
+@asynccontextmanager
+async def relay(
+    backend: str, finish: Finish = lambda request, answer: answer
+) -> AsyncIterator[str]:
+    """An HTTP relay in front of ``backend``: every request is forwarded (so the backend
+    commits it) and ``finish`` decides what the client gets instead of the backend's answer —
+    a fault injector (a 504 after the commit, a gzipped answer...)."""
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with aiohttp.ClientSession() as session:
+            async with session.request(
+                request.method, backend + request.path_qs, data=body, headers=headers
+            ) as resp:
+                answer = web.Response(
+                    status=resp.status, body=await resp.read(), content_type=resp.content_type
+                )
+                for name in ("Idempotency-Replayed", "X-Served-By"):
+                    if name in resp.headers:
+                        answer.headers[name] = resp.headers[name]
+        return finish(request, answer)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    async with serve_app(app) as url:
+        yield url
 
 
 @asynccontextmanager

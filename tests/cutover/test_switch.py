@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -15,21 +15,12 @@ from bascule.errors import Refused
 from bascule.tasks import spawn
 from cutover import controller, replicas
 from cutover.stages import Side, Stage
-from cutover.store import StageRow, StageStore, open_pool
+from cutover.store import StageRow, StageStore
 from cutover.switch import Switcher
 from proxy.journal import Journal
 from proxy.sealing import Sealer, fence_id
-from tests.harness import migrate_state
 
 QUICK = SwitchSettings(hold=1.0, small_backlog=10, backlog_wait=1.0, confirm_wait=1.0)
-
-
-@pytest.fixture
-async def pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
-    await migrate_state(pg_url)
-    opened = await open_pool(pg_url)
-    yield opened
-    await opened.close()
 
 
 async def at(store: StageStore, *stages: Stage) -> StageRow:
@@ -43,8 +34,8 @@ def committing(store: StageStore, row: StageRow, to: Stage) -> Callable[[], Awai
     return lambda: store.change("dcir", row.version, to, actor="t", reason="t")
 
 
-async def pending_entry(pool: asyncpg.Pool, state: str = "pending") -> int:
-    journal = Journal(pool, Sealer(bytes(32)), "t")
+async def pending_entry(state_pool: asyncpg.Pool, state: str = "pending") -> int:
+    journal = Journal(state_pool, Sealer(bytes(32)), "t")
     async with journal.locked("dcir", ["r"]) as session:
         seq = await session.intent(
             record="r", route="/r", method="PUT", authority="source", stage_version=1, request={}
@@ -53,12 +44,14 @@ async def pending_entry(pool: asyncpg.Pool, state: str = "pending") -> int:
     return seq
 
 
-async def test_a_change_that_alters_writes_waits_for_writes_in_flight(pool: asyncpg.Pool) -> None:
-    store = StageStore(pool)
+async def test_a_change_that_alters_writes_waits_for_writes_in_flight(
+    state_pool: asyncpg.Pool,
+) -> None:
+    store = StageStore(state_pool)
     row = await store.get("dcir")
-    writer = await pool.acquire()
+    writer = await state_pool.acquire()
     await writer.execute("SELECT pg_advisory_lock_shared($1)", fence_id("dcir"))  # in flight
-    switcher = Switcher(pool, QUICK)
+    switcher = Switcher(state_pool, QUICK)
     started = time.monotonic()
     change = spawn(
         switcher.change("dcir", row, Stage.DUALWRITE, committing(store, row, Stage.DUALWRITE)),
@@ -68,39 +61,43 @@ async def test_a_change_that_alters_writes_waits_for_writes_in_flight(pool: asyn
     assert not change.done()  # held back by the write in flight
     assert (await store.get("dcir")).stage is Stage.SOURCE
     await writer.execute("SELECT pg_advisory_unlock_all()")
-    await pool.release(writer)
+    await state_pool.release(writer)
     after, outcome = await change
     assert after.stage is Stage.DUALWRITE and time.monotonic() - started >= 0.3
     assert any("took the write fence" in step for step in outcome.steps)
     # Released: a new write takes the fence at once.
-    async with pool.acquire() as conn:
+    async with state_pool.acquire() as conn:
         await conn.execute("SET lock_timeout = '100ms'")
         await conn.execute("SELECT pg_advisory_lock_shared($1)", fence_id("dcir"))
         await conn.execute("SELECT pg_advisory_unlock_all()")
 
 
-async def test_a_write_that_never_finishes_makes_the_change_give_up(pool: asyncpg.Pool) -> None:
-    store = StageStore(pool)
+async def test_a_write_that_never_finishes_makes_the_change_give_up(
+    state_pool: asyncpg.Pool,
+) -> None:
+    store = StageStore(state_pool)
     row = await store.get("dcir")
-    async with pool.acquire() as writer:
+    async with state_pool.acquire() as writer:
         await writer.execute("SET application_name = 'bascule writer host-a:4242'")
         await writer.execute("SELECT pg_advisory_lock_shared($1)", fence_id("dcir"))
         with pytest.raises(
             Refused,
             match=r"did not finish within 1 s \(held by bascule writer host-a:4242 \(1\)\)",
         ):
-            await Switcher(pool, QUICK).change(
+            await Switcher(state_pool, QUICK).change(
                 "dcir", row, Stage.DUALWRITE, committing(store, row, Stage.DUALWRITE)
             )
         await writer.execute("SELECT pg_advisory_unlock_all()")
     assert await store.get("dcir") == row  # nothing committed
 
 
-async def test_the_authority_switch_waits_for_the_backlog_to_drain(pool: asyncpg.Pool) -> None:
-    store = StageStore(pool)
+async def test_the_authority_switch_waits_for_the_backlog_to_drain(
+    state_pool: asyncpg.Pool,
+) -> None:
+    store = StageStore(state_pool)
     row = await at(store, Stage.DUALWRITE, Stage.SHADOW)
-    seq = await pending_entry(pool)
-    switcher = Switcher(pool, QUICK)
+    seq = await pending_entry(state_pool)
+    switcher = Switcher(state_pool, QUICK)
     with pytest.raises(Refused, match="did not drain within 1 s"):  # no replayer here
         await switcher.change("dcir", row, Stage.LIVE, committing(store, row, Stage.LIVE))
     assert (await store.get("dcir")).stage is Stage.SHADOW
@@ -108,25 +105,27 @@ async def test_the_authority_switch_waits_for_the_backlog_to_drain(pool: asyncpg
         switcher.change("dcir", row, Stage.LIVE, committing(store, row, Stage.LIVE)), name="change"
     )
     await asyncio.sleep(0.3)
-    await pool.execute("UPDATE bascule_journal SET state = 'applied' WHERE seq = $1", seq)
+    await state_pool.execute("UPDATE bascule_journal SET state = 'applied' WHERE seq = $1", seq)
     after, outcome = await change
     assert after.stage is Stage.LIVE
     assert "backlog toward the new authority drained to zero" in outcome.steps
 
 
-async def test_the_authority_switch_refuses_what_would_never_drain(pool: asyncpg.Pool) -> None:
-    store = StageStore(pool)
+async def test_the_authority_switch_refuses_what_would_never_drain(
+    state_pool: asyncpg.Pool,
+) -> None:
+    store = StageStore(state_pool)
     row = await at(store, Stage.DUALWRITE, Stage.SHADOW)
-    await pending_entry(pool, "in_doubt")
+    await pending_entry(state_pool, "in_doubt")
     with pytest.raises(Refused, match="1 in doubt and 0 dead"):
-        await Switcher(pool, QUICK).change(
+        await Switcher(state_pool, QUICK).change(
             "dcir", row, Stage.LIVE, committing(store, row, Stage.LIVE)
         )
     assert (await store.get("dcir")).stage is Stage.SHADOW
 
 
 async def test_the_new_authority_allocates_ids_past_the_other_sides(
-    pool: asyncpg.Pool, make_database: Callable[[str], Awaitable[str]]
+    state_pool: asyncpg.Pool, make_database: Callable[[str], Awaitable[str]]
 ) -> None:
     dbs: dict[str, str | None] = {
         "source": await make_database("ids_src"),
@@ -143,10 +142,13 @@ async def test_the_new_authority_allocates_ids_past_the_other_sides(
             await conn.execute("DELETE FROM dcir WHERE id = $1", top)
         finally:
             await conn.close()
-    store = StageStore(pool)
+    store = StageStore(state_pool)
     row = await at(store, Stage.DUALWRITE, Stage.SHADOW)
     switcher = Switcher(
-        pool, QUICK, ids={"dcir": IdAllocation(table="dcir", sequence="dcir_id_seq")}, databases=dbs
+        state_pool,
+        QUICK,
+        ids={"dcir": IdAllocation(table="dcir", sequence="dcir_id_seq")},
+        databases=dbs,
     )
     await switcher.change("dcir", row, Stage.LIVE, committing(store, row, Stage.LIVE))
     conn = await asyncpg.connect(dbs["target"])
@@ -157,27 +159,27 @@ async def test_the_new_authority_allocates_ids_past_the_other_sides(
 
 
 async def test_a_change_waits_for_live_replicas_and_not_for_expired_ones(
-    pool: asyncpg.Pool,
+    state_pool: asyncpg.Pool,
 ) -> None:
-    store = StageStore(pool)
+    store = StageStore(state_pool)
     row = await store.get("dcir")
-    await replicas.report(pool, "alive", {"dcir": row.version}, lease=30.0)
-    await replicas.report(pool, "frozen", {"dcir": row.version}, lease=0.5)
+    await replicas.report(state_pool, "alive", {"dcir": row.version}, lease=30.0)
+    await replicas.report(state_pool, "frozen", {"dcir": row.version}, lease=0.5)
     await asyncio.sleep(0.6)  # the frozen replica's lease ran out
-    after, outcome = await Switcher(pool, QUICK).change(
+    after, outcome = await Switcher(state_pool, QUICK).change(
         "dcir", row, Stage.DUALWRITE, committing(store, row, Stage.DUALWRITE)
     )
     assert outcome.lagging == ["alive"]  # it never reported the new version
-    await replicas.report(pool, "alive", {"dcir": after.version}, lease=30.0)
-    assert await replicas.lagging(pool, "dcir", after.version) == []
-    listed = {r.name: r.alive for r in await replicas.listing(pool)}
+    await replicas.report(state_pool, "alive", {"dcir": after.version}, lease=30.0)
+    assert await replicas.lagging(state_pool, "dcir", after.version) == []
+    listed = {r.name: r.alive for r in await replicas.listing(state_pool)}
     assert listed == {"alive": True, "frozen": False}
 
 
 async def test_a_move_through_the_controller_takes_the_fence_and_says_so(
-    pool: asyncpg.Pool,
+    state_pool: asyncpg.Pool,
 ) -> None:
-    store = StageStore(pool)
+    store = StageStore(state_pool)
     announced: list[int] = []
 
     class Heard:
@@ -185,7 +187,7 @@ async def test_a_move_through_the_controller_takes_the_fence_and_says_so(
             announced.append(row.version)
             return True
 
-    switcher = Switcher(pool, QUICK)
+    switcher = Switcher(state_pool, QUICK)
     result = await controller.move(
         store, Heard(), "dcir", Stage.DUALWRITE, actor="t", reason="r", switcher=switcher
     )
@@ -202,17 +204,19 @@ async def test_a_move_through_the_controller_takes_the_fence_and_says_so(
     assert quiet.after.write_epoch == result.after.write_epoch
 
 
-async def test_a_write_left_by_a_dead_replica_makes_the_change_wait(pool: asyncpg.Pool) -> None:
-    store = StageStore(pool)
+async def test_a_write_left_by_a_dead_replica_makes_the_change_wait(
+    state_pool: asyncpg.Pool,
+) -> None:
+    store = StageStore(state_pool)
     row = await store.get("dcir")
-    journal = Journal(pool, Sealer(bytes(32)), "t")
+    journal = Journal(state_pool, Sealer(bytes(32)), "t")
     async with journal.locked("dcir", ["r"]) as session:
         await session.intent(
             record="r", route="/r", method="PUT", authority="source", stage_version=1, request={}
         )
         session.conn.terminate()  # the writer dies before recording the outcome
     with pytest.raises(Refused, match="1 write\\(s\\) left by a replica that died"):
-        await Switcher(pool, QUICK).change(
+        await Switcher(state_pool, QUICK).change(
             "dcir", row, Stage.DUALWRITE, committing(store, row, Stage.DUALWRITE)
         )
     assert await store.get("dcir") == row

@@ -9,7 +9,7 @@ import random
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -34,7 +34,7 @@ from tests.harness import (
     dcir_record,
     migrate_state,
     refapi,
-    serve_app,
+    relay,
     serve_proxy,
     write_config,
 )
@@ -229,29 +229,16 @@ async def test_creates_get_the_same_id_and_row_on_both_sides(world: World) -> No
     assert await table_digest(world.source_db) == await table_digest(world.target_db)
 
 
-@asynccontextmanager
-async def compressing(backend: str) -> AsyncIterator[str]:
+def compressing(backend: str) -> AbstractAsyncContextManager[str]:
     """A relay in front of ``backend`` that gzips every answer whose request accepts it, as
     many API gateways do."""
 
-    async def relay(request: web.Request) -> web.Response:
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        async with aiohttp.ClientSession(auto_decompress=False) as session:
-            async with session.request(
-                request.method, backend + request.path_qs, data=body, headers=headers
-            ) as resp:
-                out = web.Response(
-                    status=resp.status, body=await resp.read(), content_type=resp.content_type
-                )
+    def finish(request: web.Request, answer: web.Response) -> web.Response:
         if "gzip" in request.headers.get("Accept-Encoding", ""):
-            out.enable_compression(web.ContentCoding.gzip)
-        return out
+            answer.enable_compression(web.ContentCoding.gzip)
+        return answer
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", relay)
-    async with serve_app(app) as url:
-        yield url
+    return relay(backend, finish)
 
 
 async def test_a_backend_that_compresses_its_answers_still_gets_identical_creates(
@@ -298,27 +285,18 @@ async def test_without_the_journal_a_write_is_refused_and_reads_go_on(
     assert await table_digest(world.source_db) == await table_digest(world.target_db)
 
 
-@asynccontextmanager
-async def answers_504_after_commit(backend: str, methods: set[str]) -> AsyncIterator[str]:
-    """An HTTP proxy in front of ``backend`` that forwards every request, lets the backend
-    commit it, then answers 504 instead of the backend's answer for ``methods``."""
+def answers_504_after_commit(backend: str, methods: set[str]) -> AbstractAsyncContextManager[str]:
+    """A relay in front of ``backend`` that lets the backend commit every request, then
+    answers 504 instead of the backend's answer for ``methods``."""
 
-    async def relay(request: web.Request) -> web.Response:
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host",)}
-        async with aiohttp.ClientSession() as session:
-            async with session.request(
-                request.method, backend + request.path_qs, data=body, headers=headers
-            ) as resp:
-                data = await resp.read()
-                if request.method in methods:
-                    return web.Response(status=504, text="gateway timeout")
-                return web.Response(status=resp.status, body=data, content_type=resp.content_type)
+    def finish(request: web.Request, answer: web.Response) -> web.Response:
+        return (
+            web.Response(status=504, text="gateway timeout")
+            if request.method in methods
+            else answer
+        )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", relay)
-    async with serve_app(app) as url:
-        yield url
+    return relay(backend, finish)
 
 
 async def test_a_504_after_the_source_committed_is_resolved_and_replayed(

@@ -22,6 +22,7 @@ from proxy.journal import IllegalTransition
 from proxy.sealing import fence_id
 from tests.harness import AUTH
 from tests.proxy.test_dualwrite import World, make_world, table_digest
+from tests.proxy.test_dualwrite_hardening import amount
 
 
 @pytest.fixture
@@ -54,15 +55,6 @@ async def change_stage(state_db: str, stage: Stage) -> None:
         await store.change("dcir", row.version, stage, actor="test", reason="test")
     finally:
         await pool.close()
-
-
-async def amount(db: str, rid: int) -> Decimal | None:
-    conn = await asyncpg.connect(db)
-    try:
-        value: Decimal | None = await conn.fetchval("SELECT amount FROM dcir WHERE id = $1", rid)
-        return value
-    finally:
-        await conn.close()
 
 
 async def patch(world: World, rid: int, value: int) -> int:

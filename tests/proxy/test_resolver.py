@@ -8,8 +8,8 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import aiohttp
@@ -21,37 +21,22 @@ from aiohttp import web
 from cutover.stages import Stage
 from proxy.resolver import ORPHANED
 from proxy.sealing import DATASET_WIDE
-from tests.harness import AUTH, dcir_record, serve_app
+from tests.harness import AUTH, dcir_record, relay
 from tests.proxy.test_dualwrite import World, make_world, table_digest
 
 
-@asynccontextmanager
-async def first_answer_lost(backend: str) -> AsyncIterator[str]:
-    """An HTTP proxy in front of ``backend`` that forwards everything and lets the backend
-    commit, but answers 504 instead of the backend's answer to the *first* POST it relays."""
+def first_answer_lost(backend: str) -> AbstractAsyncContextManager[str]:
+    """A relay in front of ``backend`` that lets the backend commit everything, but answers
+    504 instead of the backend's answer to the *first* POST it relays."""
     lost: list[str] = []
 
-    async def relay(request: web.Request) -> web.Response:
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        async with aiohttp.ClientSession() as session:
-            async with session.request(
-                request.method, backend + request.path_qs, data=body, headers=headers
-            ) as resp:
-                data = await resp.read()
-                if request.method == "POST" and not lost:
-                    lost.append(request.path)
-                    return web.Response(status=504, text="gateway timeout")
-                out = web.Response(status=resp.status, body=data, content_type=resp.content_type)
-                for name in ("Idempotency-Replayed", "X-Served-By"):
-                    if name in resp.headers:
-                        out.headers[name] = resp.headers[name]
-                return out
+    def finish(request: web.Request, answer: web.Response) -> web.Response:
+        if request.method == "POST" and not lost:
+            lost.append(request.path)
+            return web.Response(status=504, text="gateway timeout")
+        return answer
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", relay)
-    async with serve_app(app) as url:
-        yield url
+    return relay(backend, finish)
 
 
 async def journal_states(pg_url: str) -> list[str]:
