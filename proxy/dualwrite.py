@@ -36,7 +36,7 @@ from bascule.errors import RecordBusy, StoreError, UpstreamError, UpstreamTimeou
 from cutover.fleet import StageView
 from cutover.stages import Stage
 from proxy.answers import error, response_headers
-from proxy.journal import Journal, State, WriteSession
+from proxy.journal import IllegalTransition, Journal, State, WriteSession
 from proxy.plan import Side, plan
 from proxy.routing import Match
 from proxy.sealing import Namer
@@ -134,6 +134,11 @@ class DualWriter:
                     match.dataset,
                 )
                 return
+        except IllegalTransition:
+            # The outcome was refused under another write epoch (the fence should make that
+            # impossible): the write was sent, so its answer still goes back; the entry, left
+            # at intent with its session ended, is an orphan for the resolver.
+            log.error("journal outcome refused (write epoch moved); entry left for the resolver")
         assert answer is not None
         await self._catch_up(match.dataset, fenced.version)
         if isinstance(answer, UpstreamError):

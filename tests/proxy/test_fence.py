@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -138,3 +139,30 @@ async def test_a_write_that_found_a_newer_stage_refreshes_its_replica(world: Wor
     after = view.get("dcir")
     # Refreshed before the answer: the researcher's next read here is planned on it.
     assert after is not None and after.stage is Stage.DUALWRITE
+
+
+async def test_a_write_whose_outcome_is_refused_still_gets_its_answer(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    async with make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+        await world.to_stage(Stage.DUALWRITE)
+        journal = world.replica.dual.journal  # type: ignore[union-attr]
+        original = journal._move
+
+        async def epoch_moved(*args: Any, **kwargs: Any) -> None:
+            # What the fence prevents: the write epoch moving while this write is in flight.
+            await journal.pool.execute(
+                "UPDATE bascule_stage SET write_epoch = write_epoch + 1 WHERE dataset = 'dcir'"
+            )
+            await original(*args, **kwargs)
+
+        journal._move = epoch_moved  # type: ignore[method-assign]
+        assert await patch(world, 8, 808) == 200  # the source applied it: the answer goes back
+        journal._move = original  # type: ignore[method-assign]
+        assert await amount(world.source_db, 8) == Decimal(808)
+        state = await journal.pool.fetchval("SELECT state FROM bascule_journal")
+        assert state == "intent"  # an orphan for the resolver, never recorded under the new epoch
