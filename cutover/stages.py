@@ -102,6 +102,16 @@ _ROLES: dict[Stage, tuple[Side, Side | None, frozenset[Side], Side]] = {
 }
 
 
+def serving(stage: Stage) -> Side:
+    """The side that answers reads."""
+    return _ROLES[stage][0]
+
+
+def shadowed(stage: Stage) -> Side | None:
+    """The side shadow-read and compared, if any."""
+    return _ROLES[stage][1]
+
+
 def authority(stage: Stage) -> Side:
     return _ROLES[stage][3]
 

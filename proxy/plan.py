@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Literal
 
-from cutover.stages import Stage
+from cutover.stages import Side, Stage, alters_writes, authority, serving, shadowed, written
 
-
-class Side(enum.StrEnum):
-    SOURCE = "source"
-    TARGET = "target"
-
-    @property
-    def other(self) -> Side:
-        return Side.TARGET if self is Side.SOURCE else Side.SOURCE
-
+__all__ = ["Kind", "Plan", "Side", "alters_writes", "plan"]
 
 Kind = Literal["read", "write"]
 
@@ -37,36 +28,10 @@ class Plan:
         return (self.serve,) if self.replicate is None else (self.serve, self.replicate)
 
 
-# The stage table of DESIGN.md, one row per stage:
-# (reads served by, shadow-read, writes go to, authoritative for writes)
-_TABLE: dict[Stage, tuple[Side, Side | None, tuple[Side, ...], Side]] = {
-    Stage.SOURCE: (Side.SOURCE, None, (Side.SOURCE,), Side.SOURCE),
-    Stage.DUALWRITE: (Side.SOURCE, None, (Side.SOURCE, Side.TARGET), Side.SOURCE),
-    Stage.SHADOW: (Side.SOURCE, Side.TARGET, (Side.SOURCE, Side.TARGET), Side.SOURCE),
-    Stage.LIVE: (Side.TARGET, Side.SOURCE, (Side.SOURCE, Side.TARGET), Side.TARGET),
-    Stage.RAMPDOWN: (Side.TARGET, None, (Side.SOURCE, Side.TARGET), Side.TARGET),
-    Stage.TARGET: (Side.TARGET, None, (Side.TARGET,), Side.TARGET),
-}
-
-
-def authority(stage: Stage) -> Side:
-    return _TABLE[stage][3]
-
-
-def written_sides(stage: Stage) -> tuple[Side, ...]:
-    return _TABLE[stage][2]
-
-
 def plan(stage: Stage, kind: Kind) -> Plan:
-    serves, shadow, writes, auth = _TABLE[stage]
+    """The stage table of DESIGN.md (``cutover/stages.py``) applied to one request."""
     if kind == "read":
-        return Plan(stage, kind, serves, shadow, None)
-    others = tuple(s for s in writes if s is not auth)
-    return Plan(stage, kind, auth, None, others[0] if others else None)
-
-
-def alters_writes(current: Stage, wanted: Stage) -> bool:
-    """A change of authority or of the sides written (it needs the exclusive fence)."""
-    return authority(current) != authority(wanted) or written_sides(current) != written_sides(
-        wanted
-    )
+        return Plan(stage, kind, serving(stage), shadowed(stage), None)
+    auth = authority(stage)
+    others = written(stage) - {auth}
+    return Plan(stage, kind, auth, None, next(iter(others), None))
