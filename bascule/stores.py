@@ -77,6 +77,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports: each is held until all are chosen (two calls of
+    :func:`free_port` in a row can return the same port)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
 def _wait_for_port(host: str, port: int, deadline_s: float, what: str, log: Path) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

@@ -228,6 +228,7 @@ async def _fence_holders(pool: asyncpg.Pool, dataset: str) -> str:
             "SELECT coalesce(nullif(a.application_name, ''), 'pid ' || l.pid) AS who,"
             " count(*) AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid"
             " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5",
             key >> 32,

@@ -19,7 +19,7 @@ from aiohttp import web
 from bascule import schema
 from bascule.config import Config, load_config
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.stores import free_port
+from bascule.stores import free_port, free_ports
 from cutover.store import StageStore, open_pool
 from proxy.server import Server
 from refapi.app import create_app
@@ -220,7 +220,7 @@ def write_config(
     source_db, target_db = databases or (None, None)
     db_line = 'database = "{}"'
     ids = 'ids = { table = "dcir", sequence = "dcir_id_seq" }' if databases else ""
-    listen, admin = free_port(), free_port()
+    listen, admin = free_ports(2)
     path.write_text(
         f"""
 [proxy]
@@ -377,7 +377,7 @@ async def start_proxy(
     stack: AsyncExitStack, config: Path, log: Path, env: dict[str, str]
 ) -> ProxyProcess:
     """Start `bascule proxy` on free ports, ready; it is stopped when ``stack`` closes."""
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     proc = ServerProcess(
         name=log.stem,
         argv=bascule_argv(

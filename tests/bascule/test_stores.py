@@ -13,6 +13,7 @@ from bascule.stores import (
     EmbeddedPostgres,
     EmbeddedRedis,
     database_url,
+    free_ports,
     port_answers,
     provide_stores,
     redact_url,
@@ -68,3 +69,8 @@ def test_urls_are_redacted_and_retargeted() -> None:
     assert database_url("postgresql://u@h:5432/postgres?x=1", "snds") == (
         "postgresql://u@h:5432/snds?x=1"
     )
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
