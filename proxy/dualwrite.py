@@ -29,6 +29,7 @@ import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -36,7 +37,7 @@ from bascule.errors import RecordBusy, StoreError, UpstreamError, UpstreamTimeou
 from cutover.fleet import StageView
 from cutover.stages import Stage
 from proxy.answers import error, response_headers
-from proxy.journal import IllegalTransition, Journal, State, WriteSession
+from proxy.journal import JOURNALED_STAGES, IllegalTransition, Journal, State, WriteSession
 from proxy.plan import Side, plan
 from proxy.routing import Match
 from proxy.sealing import Namer
@@ -90,18 +91,26 @@ class DualWriter:
         """Any write, in any stage: its plan is read under the dataset's fence, never from
         this replica's view of the stages (which may be stale)."""
         token = self.namer.record(match.dataset, match.key)
-        journaled = {
-            "method": request.method,
-            "target": request.target,
-            "key": match.key,
-            "headers": [[k, v] for k, v in headers if k.lower() not in _NOT_JOURNALED],
-            "body": base64.b64encode(request.body).decode("ascii"),
-        }
+
+        def journaled() -> dict[str, Any]:
+            return {
+                "method": request.method,
+                "target": request.target,
+                "key": match.key,
+                "headers": [[k, v] for k, v in headers if k.lower() not in _NOT_JOURNALED],
+                "body": base64.b64encode(request.body).decode("ascii"),
+            }
+
+        known = self.view.get(match.dataset) if self.view is not None else None
         answer: Answer | UpstreamError | None = None
         try:
             async with self.journal.locked(match.dataset, [token]) as session:
                 fenced = await session.plan(
-                    record=token, route=match.template, method=request.method, request=journaled
+                    record=token,
+                    route=match.template,
+                    method=request.method,
+                    request=journaled,
+                    expect_journal=known is None or known.stage.value in JOURNALED_STAGES,
                 )
                 upstream = self.upstreams[plan(Stage(fenced.stage), "write").serve]
                 answer = await self._call_authority(request, upstream, headers)

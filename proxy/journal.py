@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -22,8 +22,12 @@ from typing import Any, Literal
 import asyncpg
 
 from bascule.errors import RecordBusy, StoreError
+from cutover.stages import Stage, authority
 from cutover.store import reaching_postgres
 from proxy.sealing import DATASET_WIDE, Sealer, fence_id, lock_id
+
+JOURNALED_STAGES = ("dualwrite", "shadow", "live", "rampdown")
+"""Stages that write both sides: their writes are journaled."""
 
 State = Literal["intent", "pending", "applied", "rejected", "in_doubt", "dead", "skipped"]
 OPEN: tuple[State, ...] = ("intent", "pending", "in_doubt", "dead")
@@ -119,6 +123,7 @@ class WriteSession:
         authority: str,
         stage_version: int,
         request: dict[str, Any],
+        write_epoch: int | None = None,
     ) -> int:
         """Commit the intent of a write with the plan given (tests and tools; the write path
         uses :meth:`plan`, which reads it under the fence); return its sequence number."""
@@ -127,8 +132,8 @@ class WriteSession:
             started = await _backend_start(self.conn)
             seq: int = await self.conn.fetchval(
                 "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
-                " stage_version, writer, writer_pid, writer_started, state, request)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'intent', $10) RETURNING seq",
+                " stage_version, writer, writer_pid, writer_started, state, request, write_epoch)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'intent', $10, $11) RETURNING seq",
                 self.dataset,
                 record,
                 route,
@@ -139,6 +144,7 @@ class WriteSession:
                 self.conn.get_server_pid(),
                 started,
                 sealed,
+                write_epoch,
             )
         return seq
 
@@ -150,12 +156,43 @@ class WriteSession:
         )
 
     async def plan(
-        self, *, record: str, route: str, method: str, request: dict[str, Any]
+        self,
+        *,
+        record: str,
+        route: str,
+        method: str,
+        request: Callable[[], dict[str, Any]],
+        expect_journal: bool = True,
     ) -> Fenced:
         """Read the dataset's stage under the fence this session holds and, in a dual-write
         stage, commit the write's intent — in one statement. Under the fence, no change that
-        alters writes can commit until this write's outcome is recorded."""
-        sealed = self._sealed(request)
+        alters writes can commit until this write's outcome is recorded.
+
+        ``expect_journal``: this replica's view says the stage journals writes. When it says
+        not, the request is neither built nor sent to Postgres (a body of up to
+        ``max_body_bytes`` for nothing); should the stage read under the fence journal it
+        after all (the view was behind), the intent follows in a second statement."""
+        if not expect_journal:
+            async with reaching_postgres():
+                stage = await self.conn.fetchrow(
+                    "SELECT stage, version, write_epoch FROM bascule_stage WHERE dataset = $1",
+                    self.dataset,
+                )
+            if stage is None:
+                raise StoreError(f"no stage is recorded for dataset {self.dataset!r}")
+            seq = None
+            if stage["stage"] in JOURNALED_STAGES:
+                seq = await self.intent(
+                    record=record,
+                    route=route,
+                    method=method,
+                    authority=authority(Stage(stage["stage"])).value,
+                    stage_version=stage["version"],
+                    request=request(),
+                    write_epoch=stage["write_epoch"],
+                )
+            return Fenced(stage["stage"], stage["version"], stage["write_epoch"], seq)
+        sealed = self._sealed(request())
         async with reaching_postgres():
             started = await _backend_start(self.conn)
             row = await self.conn.fetchrow(
@@ -167,7 +204,7 @@ class WriteSession:
                 "   SELECT $1, $2, $3, $4,"
                 "     CASE WHEN s.stage IN ('dualwrite', 'shadow') THEN 'source' ELSE 'target' END,"
                 "     s.version, s.write_epoch, $5, $6, $7, 'intent', $8"
-                "   FROM s WHERE s.stage IN ('dualwrite', 'shadow', 'live', 'rampdown')"
+                "   FROM s WHERE s.stage = ANY($9::text[])"
                 "   RETURNING seq)"
                 " SELECT s.stage, s.version, s.write_epoch, (SELECT seq FROM ins) AS seq FROM s",
                 self.dataset,
@@ -178,6 +215,7 @@ class WriteSession:
                 self.conn.get_server_pid(),
                 started,
                 sealed,
+                list(JOURNALED_STAGES),
             )
         if row is None:
             raise StoreError(f"no stage is recorded for dataset {self.dataset!r}")

@@ -91,6 +91,20 @@ async def test_a_replica_with_a_stale_view_writes_to_the_new_authority(world: Wo
         await conn.close()
 
 
+async def test_a_replica_that_believes_in_dual_write_after_a_rollback_writes_one_side(
+    world: World,
+) -> None:
+    freeze_view(world, Stage.DUALWRITE)  # the stores say source (a rollback it has not seen)
+    assert await patch(world, 9, 909) == 200
+    assert await amount(world.source_db, 9) == Decimal(909)
+    assert await amount(world.target_db, 9) != Decimal(909)
+    conn = await asyncpg.connect(world.state_db)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM bascule_journal") == 0
+    finally:
+        await conn.close()
+
+
 async def test_a_change_holding_the_fence_holds_writes_and_they_follow_it(world: World) -> None:
     freeze_view(world, Stage.SOURCE)
     flip = await asyncpg.connect(world.state_db)
@@ -117,7 +131,7 @@ async def test_an_outcome_is_refused_under_another_write_epoch(world: World) -> 
     journal = world.replica.dual.journal  # type: ignore[union-attr]
     with pytest.raises(IllegalTransition):
         async with journal.locked("dcir", ["r"]) as session:
-            fenced = await session.plan(record="r", route="/r", method="PUT", request={})
+            fenced = await session.plan(record="r", route="/r", method="PUT", request=dict)
             assert fenced.seq is not None and fenced.stage == "dualwrite"
             # Only a change holding the fence exclusively moves the epoch; were the fence ever
             # lost, the outcome check still refuses to record under the new epoch.
