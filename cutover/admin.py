@@ -122,16 +122,23 @@ async def list_datasets(request: web.Request) -> web.Response:
     )
 
 
+def _dataset_and_limit(request: web.Request) -> tuple[str | None, int]:
+    """The ``dataset`` (checked) and ``limit`` (1..1000) of a listing's query string;
+    ValueError names what is wrong."""
+    dataset = request.query.get("dataset")
+    limit = int(request.query.get("limit", "100"))
+    if dataset is not None:
+        check_name(dataset)
+    return dataset, max(1, min(limit, 1000))
+
+
 @_requires("viewer")
 async def history(request: web.Request) -> web.Response:
-    dataset = request.query.get("dataset")
     try:
-        limit = int(request.query.get("limit", "100"))
-        if dataset is not None:
-            check_name(dataset)
+        dataset, limit = _dataset_and_limit(request)
     except ValueError as exc:
         return json_error(400, "bad_request", str(exc) or "limit must be a whole number")
-    rows = await request.app[DEPS].store.history(dataset, max(1, min(limit, 1000)))
+    rows = await request.app[DEPS].store.history(dataset, limit)
     return json_response({"history": [r.as_json() for r in rows]})
 
 
@@ -305,16 +312,11 @@ async def journal_entries(request: web.Request) -> web.Response:
         return json_error(
             400, "bad_request", "state must be one of pending, dead, in-doubt, intent"
         )
-    dataset = request.query.get("dataset")
     try:
-        limit = int(request.query.get("limit", "100"))
-        if dataset is not None:
-            check_name(dataset)
+        dataset, limit = _dataset_and_limit(request)
     except ValueError as exc:
         return json_error(400, "bad_request", str(exc) or "limit must be a whole number")
-    rows = await journal.listing(
-        request.app[DEPS].store.pool, state, dataset, max(1, min(limit, 1000))
-    )
+    rows = await journal.listing(request.app[DEPS].store.pool, state, dataset, limit)
     return json_response({"entries": rows})
 
 

@@ -95,6 +95,17 @@ _STAGE_COLUMNS = (
 )
 
 
+async def _row_for_update(conn: Any, dataset: str) -> asyncpg.Record:
+    """The dataset's stage row, locked until the transaction ends; UnknownDataset if none."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {_STAGE_COLUMNS} FROM bascule_stage WHERE dataset = $1 FOR UPDATE", dataset
+    )
+    if row is None:
+        names = [r["dataset"] for r in await conn.fetch("SELECT dataset FROM bascule_stage")]
+        raise UnknownDataset(dataset, names)
+    return row
+
+
 def _stage_row(rec: asyncpg.Record) -> StageRow:
     return StageRow(
         rec["dataset"],
@@ -214,15 +225,7 @@ class StageStore:
         The gap rule itself is the controller's: this is the mechanism, also used directly by
         tests and tools that need a stage whatever the gaps."""
         async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
-            before = await conn.fetchrow(
-                f"SELECT {_STAGE_COLUMNS} FROM bascule_stage WHERE dataset = $1 FOR UPDATE",
-                dataset,
-            )
-            if before is None:
-                raise UnknownDataset(
-                    dataset,
-                    [r["dataset"] for r in await conn.fetch("SELECT dataset FROM bascule_stage")],
-                )
+            before = await _row_for_update(conn, dataset)
             if before["version"] != expected_version:
                 raise StaleVersion(dataset, expected_version, before["version"])
             current = Stage(before["stage"])
@@ -281,15 +284,7 @@ class StageStore:
         The stage's version is not bumped: what replicas run does not change."""
         column = f"gap_{side.value}_since"  # one of two fixed names, never caller text
         async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
-            before = await conn.fetchrow(
-                f"SELECT {_STAGE_COLUMNS} FROM bascule_stage WHERE dataset = $1 FOR UPDATE",
-                dataset,
-            )
-            if before is None:
-                raise UnknownDataset(
-                    dataset,
-                    [r["dataset"] for r in await conn.fetch("SELECT dataset FROM bascule_stage")],
-                )
+            before = await _row_for_update(conn, dataset)
             since: datetime | None = before[column]
             check_gap_close(dataset, side, Stage(before["stage"]), since)
             assert since is not None
