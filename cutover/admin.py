@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -31,6 +32,7 @@ from cutover.stages import GapOpen, Side, Stage
 from cutover.store import StageStore
 from cutover.switch import Switcher
 from proxy import journal
+from shadow import ledger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -369,6 +371,26 @@ async def journal_skip(request: web.Request) -> web.Response:
 
 
 @_requires("viewer")
+async def divergence(request: web.Request) -> web.Response:
+    dataset = request.match_info["dataset"]
+    try:
+        check_name(dataset)
+        since = float(request.query.get("since", str(24 * 3600)))
+        if not since > 0:
+            raise ValueError("since must be a positive number of seconds")
+    except ValueError as exc:
+        return json_error(400, "bad_request", str(exc) or "since must be a number of seconds")
+    store = request.app[DEPS].store
+    try:
+        await store.get(dataset)
+    except UnknownDataset as exc:
+        return json_error(404, "unknown_dataset", str(exc))
+    start = datetime.now(UTC) - timedelta(seconds=since)
+    rows = await ledger.divergence(store.pool, dataset, start)
+    return json_response({"dataset": dataset, "divergence": rows})
+
+
+@_requires("viewer")
 async def list_replicas(request: web.Request) -> web.Response:
     listed = await replicas.listing(request.app[DEPS].store.pool)
     return json_response({"replicas": [r.as_json() for r in listed]})
@@ -382,6 +404,7 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     app.router.add_get("/v1/datasets", list_datasets)
     app.router.add_get("/v1/history", history)
     app.router.add_get("/v1/replicas", list_replicas)
+    app.router.add_get("/v1/datasets/{dataset}/divergence", divergence)
     app.router.add_post("/v1/datasets/{dataset}/stage", change_stage)
     app.router.add_post("/v1/datasets/{dataset}/rollback", rollback)
     app.router.add_post("/v1/datasets/{dataset}/gaps/{side}/close", close_gap)

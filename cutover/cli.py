@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -37,6 +37,7 @@ from cutover.stages import Side, Stage
 from cutover.store import StageStore, open_pool, reaching_postgres, schema_check
 from cutover.switch import Switcher, switcher_for
 from proxy import journal
+from shadow import ledger
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -126,6 +127,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
     p.set_defaults(func=lambda a: _run(_journal_skip(a)))
 
+    p = sub.add_parser(
+        "divergence", parents=[common], help="recent mismatches grouped by where they differ"
+    )
+    p.add_argument("dataset")
+    p.add_argument(
+        "--since", type=float, default=24 * 3600.0, help="seconds back (default: one day)"
+    )
+    p.set_defaults(func=lambda a: _run(_divergence(a)))
+
     p = sub.add_parser("history", parents=[common], help="the audit trail of stage changes")
     p.add_argument("dataset", nargs="?")
     p.add_argument("--limit", type=int, default=100)
@@ -168,6 +178,7 @@ class Client(Protocol):
     async def journal_retry(self, seq: int | None, all_dead: bool) -> int: ...
     async def journal_skip(self, seq: int, by: str, reason: str) -> str: ...
     async def replicas(self) -> list[dict[str, Any]]: ...
+    async def divergence(self, dataset: str, since: float) -> list[dict[str, Any]]: ...
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -194,6 +205,11 @@ class DirectClient:
 
     async def replicas(self) -> list[dict[str, Any]]:
         return [r.as_json() for r in await replicas.listing(self.store.pool)]
+
+    async def divergence(self, dataset: str, since: float) -> list[dict[str, Any]]:
+        await self.store.get(controller.check_name(dataset))  # UnknownDataset names the known ones
+        start = datetime.now(UTC) - timedelta(seconds=since)
+        return await ledger.divergence(self.store.pool, dataset, start)
 
     async def stage(
         self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
@@ -310,6 +326,11 @@ class AdminClient:
 
     async def replicas(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = (await self._call("GET", "/v1/replicas"))["replicas"]
+        return result
+
+    async def divergence(self, dataset: str, since: float) -> list[dict[str, Any]]:
+        path = f"/v1/datasets/{quote(dataset, safe='')}/divergence?since={since:g}"
+        result: list[dict[str, Any]] = (await self._call("GET", path))["divergence"]
         return result
 
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
@@ -566,6 +587,34 @@ async def _gap_close(args: argparse.Namespace) -> int:
         f"{closed['dataset']}: the {closed['side']}'s gap (open since {_when(closed['since'])}) "
         f"is closed, in {closed['stage']} (audited)",
     )
+    return 0
+
+
+async def _divergence(args: argparse.Namespace) -> int:
+    if args.since <= 0:
+        raise UsageError("--since must be a positive number of seconds")
+    async with client_for(args, change=False) as client:
+        rows = await client.divergence(args.dataset, args.since)
+    if args.json:
+        _print_json({"dataset": args.dataset, "divergence": rows})
+        return 0
+    table = Table(title=f"{args.dataset}: mismatches in the last {args.since:g} s, by pointer")
+    for col in ("part", "pointer", "kind", "count", "first seen", "last seen", "traces"):
+        table.add_column(col)
+    for r in rows:
+        cells = (
+            r["part"],
+            r["pointer"] or "(whole)",
+            r["kind"],
+            str(r["count"]),
+            _when(r["first_seen"]),
+            _when(r["last_seen"]),
+            " ".join(r["trace_ids"]),
+        )
+        table.add_row(*(Text(c) for c in cells))
+    _console().print(table)
+    if not rows:
+        print("no mismatch recorded in that window")
     return 0
 
 

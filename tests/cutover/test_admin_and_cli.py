@@ -76,6 +76,18 @@ async def test_journal_listing_refuses_an_unknown_state(admin: Admin) -> None:
     assert status == 200 and {r["dataset"] for r in body["journal"]} >= {"dcir", "pmsi"}
 
 
+async def test_divergence_is_read_with_a_viewer_token_and_checks_its_input(
+    admin: Admin,
+) -> None:
+    status, body = await call("GET", admin.url + "/v1/datasets/dcir/divergence", VIEW)
+    assert (status, body["divergence"]) == (200, [])
+    status, body = await call("GET", admin.url + "/v1/datasets/nope/divergence", VIEW)
+    assert status == 404 and "nope" in body["error"]["message"]
+    status, body = await call("GET", admin.url + "/v1/datasets/dcir/divergence?since=-1", VIEW)
+    assert status == 400 and "positive" in body["error"]["message"]
+    assert (await call("GET", admin.url + "/v1/datasets/dcir/divergence"))[0] == 401
+
+
 async def test_health_is_open_and_reads_need_a_token(admin: Admin) -> None:
     assert (await call("GET", admin.url + "/healthz"))[0] == 200
     status, body = await call("GET", admin.url + "/v1/datasets")

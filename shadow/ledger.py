@@ -1,0 +1,144 @@
+"""The divergence ledger: shadow-read outcomes counted in Redis, every mismatch kept in Postgres.
+
+Counters live in Redis time buckets shared by every replica (``{prefix}ledger:{dataset}:{bucket}``,
+one hash per bucket, a field per outcome and per route and outcome). They are the fast figures
+of ``bascule status`` and the gate; losing them (a Redis restart) loses counts, never evidence:
+**every mismatch is also a row of ``bascule_mismatch``** — time, route template, the pointers
+and kinds of the diff, its trace id — so ``bascule divergence`` and the gate can always say
+what differs, where and since when. Neither holds a value: a diff has none by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from cutover.store import reaching_postgres
+from shadow.diff import Diff
+
+log = logging.getLogger("bascule.ledger")
+
+Outcome = Literal[
+    "compared",
+    "matched",
+    "mismatched",
+    "skipped_lagging",
+    "skipped_raced",
+    "errored",
+    "dropped",
+]
+OUTCOMES: tuple[Outcome, ...] = (
+    "compared",
+    "matched",
+    "mismatched",
+    "skipped_lagging",
+    "skipped_raced",
+    "errored",
+    "dropped",
+)
+
+BUCKET_SECONDS = 60
+KEEP_SECONDS = 8 * 24 * 3600  # a week of gate windows, and a day to spare
+
+
+@dataclass
+class Ledger:
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    prefix: str
+    bucket_seconds: int = BUCKET_SECONDS
+    clock: Any = time.time
+
+    def _key(self, dataset: str, bucket: int) -> str:
+        return f"{self.prefix}ledger:{dataset}:{bucket}"
+
+    async def count(self, dataset: str, route: str, outcome: Outcome, n: int = 1) -> None:
+        """Add ``n`` to an outcome's counters; Redis away only loses the count (logged)."""
+        bucket = int(self.clock()) // self.bucket_seconds * self.bucket_seconds
+        key = self._key(dataset, bucket)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(key, outcome, n)
+                pipe.hincrby(key, f"{route}|{outcome}", n)
+                pipe.expire(key, KEEP_SECONDS)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("ledger counters not updated (%s)", type(exc).__name__)
+
+    async def mismatch(
+        self, dataset: str, route: str, diff: Diff, trace_id: str | None = None
+    ) -> None:
+        """Keep a mismatch in Postgres (the evidence), then count it."""
+        rows = [[d.part, d.pointer, d.kind] for d in diff.differences]
+        async with reaching_postgres():
+            await self.pool.execute(
+                "INSERT INTO bascule_mismatch (dataset, route, differences, truncated, trace_id)"
+                " VALUES ($1, $2, $3::jsonb, $4, $5)",
+                dataset,
+                route,
+                json.dumps(rows),
+                diff.truncated,
+                trace_id,
+            )
+        await self.count(dataset, route, "mismatched")
+
+    async def counts(self, dataset: str, since: float) -> dict[str, int]:
+        """Per outcome, over the buckets from ``since`` (epoch seconds) to now; empty figures
+        when Redis is away (the mismatches themselves are in Postgres)."""
+        last = int(self.clock()) // self.bucket_seconds * self.bucket_seconds
+        # Buckets older than KEEP_SECONDS have expired: never ask for them.
+        since = max(since, last - KEEP_SECONDS)
+        first = int(since) // self.bucket_seconds * self.bucket_seconds
+        totals: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        keys = [self._key(dataset, b) for b in range(first, last + 1, self.bucket_seconds)]
+        with contextlib.suppress(RedisError, OSError):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key, list(OUTCOMES))
+                for values in await pipe.execute():
+                    for outcome, value in zip(OUTCOMES, values, strict=True):
+                        totals[outcome] += int(value or 0)
+        return totals
+
+
+async def divergence(
+    pool: asyncpg.Pool, dataset: str, since: datetime | None = None, examples: int = 3
+) -> list[dict[str, Any]]:
+    """Recent mismatches of ``dataset`` grouped by where they differ: part, pointer and kind,
+    how many, first and last seen, and a few trace ids to open."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT d ->> 0 AS part, d ->> 1 AS pointer, d ->> 2 AS kind, count(*) AS n,"
+            " min(m.at) AS first_seen, max(m.at) AS last_seen,"
+            " (array_agg(m.trace_id ORDER BY m.at DESC)"
+            "   FILTER (WHERE m.trace_id IS NOT NULL))[1:$3] AS traces,"
+            " array_agg(DISTINCT m.route) AS routes"
+            " FROM bascule_mismatch m, jsonb_array_elements(m.differences) AS d"
+            " WHERE m.dataset = $1 AND ($2::timestamptz IS NULL OR m.at >= $2)"
+            " GROUP BY 1, 2, 3 ORDER BY n DESC, pointer",
+            dataset,
+            since,
+            examples,
+        )
+    return [
+        {
+            "part": r["part"],
+            "pointer": r["pointer"],
+            "kind": r["kind"],
+            "count": r["n"],
+            "first_seen": r["first_seen"].isoformat(),
+            "last_seen": r["last_seen"].isoformat(),
+            "trace_ids": list(r["traces"] or []),
+            "routes": sorted(r["routes"]),
+        }
+        for r in rows
+    ]
