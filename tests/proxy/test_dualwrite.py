@@ -157,6 +157,27 @@ async def world(
         yield built
 
 
+def researcher_write(
+    session: aiohttp.ClientSession,
+    base: str,
+    rng: random.Random,
+    records: int,
+    n: int,
+    i: int,
+) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    """One write of the researchers' mix on ``records`` shared records of dcir: a PUT, two
+    PATCHes, a DELETE and a create in five. ``n``: the writer, ``i``: its write."""
+    rid = rng.randint(1, records)
+    op = rng.choice(["put", "patch", "patch", "delete", "create"])
+    if op == "put":
+        return session.put(f"{base}/{rid}", json={"id": rid, **dcir_record(rid, i)})
+    if op == "patch":
+        return session.patch(f"{base}/{rid}", json={"amount": rng.randint(1, 999)})
+    if op == "delete":
+        return session.delete(f"{base}/{rid}")
+    return session.post(base, json=dcir_record(1000 + n, i))
+
+
 async def researchers(
     proxies: World | list[str], writers: int, ops: int, records: int
 ) -> list[int]:
@@ -170,17 +191,7 @@ async def researchers(
         base = f"{urls[n % len(urls)]}/v1/datasets/dcir/records"
         async with aiohttp.ClientSession(headers=AUTH) as session:
             for i in range(ops):
-                rid = rng.randint(1, records)
-                op = rng.choice(["put", "patch", "patch", "delete", "create"])
-                if op == "put":
-                    req = session.put(f"{base}/{rid}", json={"id": rid, **dcir_record(rid, i)})
-                elif op == "patch":
-                    req = session.patch(f"{base}/{rid}", json={"amount": rng.randint(1, 999)})
-                elif op == "delete":
-                    req = session.delete(f"{base}/{rid}")
-                else:
-                    req = session.post(base, json=dcir_record(1000 + n, i))
-                async with req as resp:
+                async with researcher_write(session, base, rng, records, n, i) as resp:
                     await resp.read()
                     statuses.append(resp.status)
 

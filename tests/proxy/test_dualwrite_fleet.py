@@ -32,7 +32,7 @@ from tests.harness import (
     start_proxy,
     write_config,
 )
-from tests.proxy.test_dualwrite import World, researchers, table_digest
+from tests.proxy.test_dualwrite import World, researcher_write, researchers, table_digest
 
 # The heavy fleet tests share one worker: two at once would exceed the server's connections.
 pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("fleet")]
@@ -225,16 +225,7 @@ async def keep_writing(urls: list[str], writers: int, records: int, stop: asynci
             i = 0
             while not stop.is_set():
                 i += 1
-                rid = rng.randint(1, records)
-                op = rng.choice(["put", "patch", "patch", "delete", "create"])
-                if op == "put":
-                    req = session.put(f"{base}/{rid}", json={"id": rid, **dcir_record(rid, i)})
-                elif op == "patch":
-                    req = session.patch(f"{base}/{rid}", json={"amount": rng.randint(1, 999)})
-                elif op == "delete":
-                    req = session.delete(f"{base}/{rid}")
-                else:
-                    req = session.post(base, json=dcir_record(1000 + n, i))
+                req = researcher_write(session, base, rng, records, n, i)
                 try:
                     async with req as resp:
                         await resp.read()
