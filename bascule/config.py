@@ -80,6 +80,23 @@ class SwitchSettings(_Record, frozen=True):
     once its lease runs out)."""
 
 
+class ShadowSettings(_Record, frozen=True):
+    """How shadow reads run on each replica (``[shadow]``); see ``shadow/dispatch.py``. A shadow
+    read is off the researcher's path: these bound what it may cost, never what researchers see."""
+
+    queue: int = 1000
+    """Shadow reads waiting for a worker; one more is dropped (and counted ``dropped``)."""
+    concurrency: int = 16
+    """Shadow reads in flight at once on this replica."""
+    deadline: float = 5.0
+    """Seconds the shadowed side has to answer a shadow read (past it: ``errored``)."""
+    lag_wait: float = 2.0
+    """Seconds a shadow read waits for the shadowed side to apply the writes the serving side
+    had answered with (past it: ``skipped_lagging``)."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest answer compared; a larger one is not shadow-read (counted ``skipped_large``)."""
+
+
 class MigrationSettings(_Record, frozen=True):
     source: str
     target: str
@@ -133,6 +150,11 @@ class Dataset(_Record, frozen=True):
     auto_promote: bool = False
     shadow_sample: float = 1.0
     """Share of read requests shadow-read in ``shadow`` and ``live`` (0..1)."""
+    noise_sample: float = 0.01
+    """Share of shadow-read requests whose serving side is also asked twice, to learn which
+    pointers differ on their own (noise proposals; 0 turns learning off)."""
+    noise_pairs: int = 3
+    """Independent pairs a pointer must be seen differing in before it is proposed as noise."""
     group: str | None = None
     """Datasets in the same group move through the stages together."""
     compare: CompareRules = CompareRules()
@@ -257,6 +279,7 @@ class Config(_Record, frozen=True):
     routes: tuple[Route, ...]
     datasets: dict[str, Dataset]
     switch: SwitchSettings = SwitchSettings()
+    shadow: ShadowSettings = ShadowSettings()
 
     @property
     def source_backend(self) -> Backend:
@@ -271,7 +294,17 @@ class Config(_Record, frozen=True):
         return self.datasets.get(name) or self.datasets[DEFAULT_DATASET]
 
 
-_TOP_KEYS = ("proxy", "state", "migration", "backends", "routes", "datasets", "defaults", "switch")
+_TOP_KEYS = (
+    "proxy",
+    "state",
+    "migration",
+    "backends",
+    "routes",
+    "datasets",
+    "defaults",
+    "switch",
+    "shadow",
+)
 
 
 def load_config(path: str | Path) -> Config:
@@ -303,6 +336,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         )
     migration = _convert(raw["migration"], MigrationSettings, source, "migration")
     switch = _convert(raw.get("switch", {}), SwitchSettings, source, "switch")
+    shadow = _convert(raw.get("shadow", {}), ShadowSettings, source, "shadow")
 
     backends_raw = _table(raw.get("backends", {}), source, "backends")
     backends = {
@@ -340,6 +374,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         routes=routes,
         datasets=datasets,
         switch=switch,
+        shadow=shadow,
     )
     _check(config)
     return config
@@ -419,6 +454,12 @@ def _check(config: Config) -> None:
             raise ConfigError(src, f"switch.{field}", "expected a positive number of seconds")
     if config.switch.small_backlog < 1:
         raise ConfigError(src, "switch.small_backlog", "expected at least 1 entry")
+    for field in ("queue", "concurrency", "max_body_bytes"):
+        if getattr(config.shadow, field) < 1:
+            raise ConfigError(src, f"shadow.{field}", "expected a positive number")
+    for field in ("deadline", "lag_wait"):
+        if getattr(config.shadow, field) <= 0:
+            raise ConfigError(src, f"shadow.{field}", "expected a positive number of seconds")
 
     for role in ("source", "target"):
         name = getattr(config.migration, role)
@@ -471,6 +512,10 @@ def _check_dataset(src: str, name: str, dataset: Dataset) -> None:
         raise ConfigError(src, key, "dataset names are lower-case letters, digits, '-' and '_'")
     if not 0.0 <= dataset.shadow_sample <= 1.0:
         raise ConfigError(src, f"{key}.shadow_sample", "expected a share between 0 and 1")
+    if not 0.0 <= dataset.noise_sample <= 1.0:
+        raise ConfigError(src, f"{key}.noise_sample", "expected a share between 0 and 1")
+    if dataset.noise_pairs < 2:
+        raise ConfigError(src, f"{key}.noise_pairs", "expected at least 2 independent pairs")
     if dataset.gate.min_compared < 0 or dataset.gate.live_mismatch_budget < 0:
         raise ConfigError(src, f"{key}.gate", "counts must not be negative")
     if dataset.gate.window <= 0:
