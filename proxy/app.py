@@ -12,9 +12,11 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from bascule import telemetry
 from bascule.config import Backend, Config, Secrets, load_config
 from bascule.errors import UsageError
 from bascule.stores import provide_stores
@@ -33,6 +35,8 @@ from proxy.routing import Router
 from proxy.sealing import Namer, Sealer
 from proxy.server import Server
 from proxy.upstream import Upstream
+from shadow.dispatch import Dispatcher
+from shadow.ledger import Ledger
 
 log = logging.getLogger("bascule.proxy")
 
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     secrets = Secrets.from_env(os.environ)
     listen = args.listen or config.proxy.listen
     admin_listen = args.admin_listen or config.proxy.admin_listen
+    telemetry.install()
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -151,9 +156,55 @@ class Replica:
                 "BASCULE_JOURNAL_KEY or BASCULE_HMAC_KEY is not set: writes to datasets in "
                 "dual-write stages will be refused"
             )
+        self.shadow = await self._shadow_dispatcher()
         return self
 
+    async def _shadow_dispatcher(self) -> Dispatcher | None:
+        """Shadow reads, with their own pools on both sides: a slow shadowed side must not
+        take the connections researchers' reads, writes and replays need."""
+        if not self.secrets.hmac_key:
+            log.warning(
+                "BASCULE_HMAC_KEY is not set: no shadow read (a diff's pointers name members "
+                "by keyed tokens)"
+            )
+            return None
+        settings = self.config.shadow
+        self.shadow_upstreams = {
+            side: Upstream(
+                f"{upstream.name} (shadow)",
+                msgspec.structs.replace(
+                    upstream.backend,
+                    pool_size=settings.concurrency,
+                    read_timeout=settings.deadline,
+                ),
+            )
+            for side, upstream in self.upstreams.items()
+        }
+        for upstream in self.shadow_upstreams.values():
+            await upstream.open()
+        namer = Namer(self.secrets.hmac_key)
+        noise_store = None
+        with contextlib.suppress(ImportError):
+            from shadow.noise import NoiseStore
+
+            noise_store = NoiseStore(self.pool, self.redis, self.config.state.redis_prefix)
+        dispatcher = Dispatcher(
+            self.config,
+            Ledger(self.pool, self.redis, self.config.state.redis_prefix),
+            self.shadow_upstreams,
+            lambda segment: namer.record("pointer", segment),
+            guard=self.dual.journal.race if self.dual is not None else None,
+            clock_pool=self.pool,
+            noise=noise_store,
+        )
+        await dispatcher.start()
+        return dispatcher
+
     async def __aexit__(self, *exc: object) -> None:
+        if self.shadow is not None:
+            await self.shadow.stop()
+            for upstream in self.shadow_upstreams.values():
+                await upstream.close()
         if self.replayer_task is not None:
             self.replayer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -168,7 +219,14 @@ class Replica:
 
     def forwarder(self) -> Forwarder:
         router = Router(self.config.routes, self.config.datasets)
-        return Forwarder(router, self.view, self.upstreams, self.dual)
+        return Forwarder(
+            router,
+            self.view,
+            self.upstreams,
+            self.dual,
+            shadow=self.shadow,
+            namer=Namer(self.secrets.hmac_key) if self.secrets.hmac_key else None,
+        )
 
     def server(self) -> Server:
         return create_proxy_server(self.forwarder(), self.config.proxy.max_body_bytes)

@@ -11,15 +11,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
+
+from multidict import CIMultiDict
 
 from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
 from cutover.fleet import StageView
 from proxy.answers import HOP_BY_HOP, dropped, error, response_headers, without
 from proxy.dualwrite import DualWriter
-from proxy.plan import Side, plan
+from proxy.plan import Plan, Side, plan
 from proxy.routing import Match, Router
+from proxy.sealing import DATASET_WIDE, Namer
 from proxy.server import Request, Responder
 from proxy.upstream import Upstream
+from shadow.compare import Answer
+from shadow.dispatch import Dispatcher, Job
 
 log = logging.getLogger("bascule.proxy")
 
@@ -48,6 +54,10 @@ class Forwarder:
     not configured: writes in dual-write stages are then refused (503) rather than left
     unjournaled, and the others go by this replica's view of the stages, unfenced."""
     scheme: str = "http"
+    shadow: Dispatcher | None = None
+    """Shadow reads (``shadow/dispatch.py``); None: this replica shadows nothing."""
+    namer: Namer | None = None
+    """Names the record a shadowed read depends on, for its race guard."""
 
     def dataset_of(self, method: str, target: str) -> str | None:
         """The dataset a request belongs to, or None if it cannot be routed."""
@@ -101,12 +111,77 @@ class Forwarder:
                     "journal (BASCULE_JOURNAL_KEY and BASCULE_HMAC_KEY are needed): refused",
                     match.dataset,
                 )
+        if (
+            planned.shadow is not None
+            and self.shadow is not None
+            and match.route is not None  # only routes declared `read` are ever shadowed
+            and request.method != "HEAD"
+            and self.shadow.wanted(match.dataset)
+        ):
+            return await self.forward_shadowed(request, out, match, planned)
         await self.forward(request, out, match, self.upstreams[planned.serve])
 
-    async def forward(
-        self, request: Request, out: Responder, match: Match, upstream: Upstream
+    async def forward_shadowed(
+        self, request: Request, out: Responder, match: Match, planned: Plan
     ) -> None:
-        headers = self.request_headers(request)
+        """Serve a read, keep its answer, and hand both to the shadow dispatcher once the
+        researcher has it. Both sides are asked for uncoded answers (HTTP lets the researcher
+        get one): compressed bytes are not comparable (a gzip header carries a time)."""
+        assert self.shadow is not None and planned.shadow is not None
+        headers = [
+            (k, v) for k, v in self.request_headers(request) if k.lower() != "accept-encoding"
+        ]
+        t0 = self.shadow.now()
+        answer = await self.forward(
+            request,
+            out,
+            match,
+            self.upstreams[planned.serve],
+            headers=headers,
+            capture=self.shadow.settings.max_body_bytes,
+        )
+        if answer is None:
+            return
+        if answer is False:
+            self.shadow.count(match.dataset, match.template, "skipped_large")
+            return
+        records = (
+            None
+            if match.key is None or self.namer is None
+            else (self.namer.record(match.dataset, match.key), DATASET_WIDE)
+        )
+        self.shadow.submit(
+            Job(
+                dataset=match.dataset,
+                route=match.template,
+                method=request.method,
+                target=request.target,
+                headers=headers,
+                body=request.body,
+                serving=planned.serve,
+                shadowed=planned.shadow,
+                answer=answer,
+                t0=t0,
+                records=records,
+                traceparent=request.header("traceparent"),
+            )
+        )
+
+    async def forward(
+        self,
+        request: Request,
+        out: Responder,
+        match: Match,
+        upstream: Upstream,
+        *,
+        headers: list[tuple[str, str]] | None = None,
+        capture: int = 0,
+    ) -> Answer | Literal[False] | None:
+        """Forward a request and stream the answer back. ``capture``: also keep an answer of up
+        to that many bytes and return it (False when larger; None when there is no backend
+        answer to keep)."""
+        if headers is None:
+            headers = self.request_headers(request)
         try:
             async with upstream.request(
                 request.method, request.target, headers, request.body
@@ -117,16 +192,33 @@ class Forwarder:
                     await out.send(
                         resp.status, without(resp.raw_headers, HOP_BY_HOP), b"", keep_length=True
                     )
-                    return
+                    return None
                 out_headers = response_headers(resp.raw_headers)
                 length = resp.content_length
                 if length is not None and length <= STREAM_ABOVE:
-                    await out.send(resp.status, out_headers, await resp.read())
-                    return
+                    body = await resp.read()
+                    await out.send(resp.status, out_headers, body)
+                    if not capture:
+                        return None
+                    return Answer(resp.status, CIMultiDict(resp.raw_headers), body)
+                kept: list[bytes] | None = (
+                    [] if capture and (length is None or length <= capture) else None
+                )
+                size = 0
                 await out.start(resp.status, out_headers, length)
                 async for chunk in resp.iter_chunks():
                     await out.write(chunk)
+                    if kept is not None:
+                        size += len(chunk)
+                        kept = kept if size <= capture else None
+                        if kept is not None:
+                            kept.append(chunk)
                 await out.end()
+                if not capture:
+                    return None
+                if kept is None:
+                    return False
+                return Answer(resp.status, CIMultiDict(resp.raw_headers), b"".join(kept))
         except UpstreamError as exc:
             if out.started:
                 raise  # headers are gone already: the server breaks the connection
@@ -141,6 +233,7 @@ class Forwarder:
                 code,
             )
             await error(out, status, code, str(exc), match.dataset)
+            return None
 
     def request_headers(self, request: Request) -> list[tuple[str, str]]:
         """End-to-end headers of the researcher's request, plus ``X-Forwarded-*``."""

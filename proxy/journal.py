@@ -470,6 +470,37 @@ class Journal:
             )
         return [_entry(r) for r in rows]
 
+    async def race(
+        self, dataset: str, records: tuple[str, ...] | None, t0: float
+    ) -> tuple[bool, bool]:
+        """The race guard of a shadow read (``shadow/dispatch.py``): writes to ``records`` of
+        ``dataset`` (the whole dataset when None) seen from a read whose serving side was
+        asked at ``t0`` (epoch seconds, the database's clock).
+
+        ``raced``: a write was still at *intent* or was decided after ``t0``: it may be in one
+        side's answer and not the other's. ``lagging``: a write decided at or before ``t0``
+        (so in the serving side's answer) is not yet applied to the other side. One statement
+        on the open entries' index and on the recently settled ones."""
+        async with reaching_postgres():
+            row = await self.pool.fetchrow(
+                "WITH o AS (SELECT state, decided_at FROM bascule_journal"
+                "   WHERE dataset = $1 AND ($2::text[] IS NULL OR record = ANY($2))"
+                "   AND state IN ('intent', 'pending', 'in_doubt', 'dead'))"
+                " SELECT coalesce(bool_or(o.state = 'intent' OR o.decided_at > t.t0), false)"
+                "   OR EXISTS (SELECT 1 FROM bascule_journal s"
+                "     WHERE s.applied_at > t.t0 AND s.state IN ('applied', 'skipped')"
+                "     AND s.dataset = $1 AND ($2::text[] IS NULL OR s.record = ANY($2))"
+                "     AND s.decided_at > t.t0) AS raced,"
+                "   coalesce(bool_or(o.state <> 'intent' AND o.decided_at <= t.t0), false)"
+                "     AS lagging"
+                " FROM (SELECT to_timestamp($3) AS t0) t LEFT JOIN o ON true GROUP BY t.t0",
+                dataset,
+                list(records) if records is not None else None,
+                t0,
+            )
+        assert row is not None
+        return bool(row["raced"]), bool(row["lagging"])
+
     async def in_state(self, dataset: str, state: State) -> list[Entry]:
         async with reaching_postgres():
             rows = await self.pool.fetch(

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -33,6 +34,7 @@ Outcome = Literal[
     "mismatched",
     "skipped_lagging",
     "skipped_raced",
+    "skipped_large",
     "errored",
     "dropped",
 ]
@@ -42,6 +44,7 @@ OUTCOMES: tuple[Outcome, ...] = (
     "mismatched",
     "skipped_lagging",
     "skipped_raced",
+    "skipped_large",
     "errored",
     "dropped",
 )
@@ -74,10 +77,34 @@ class Ledger:
         except (RedisError, OSError) as exc:
             log.warning("ledger counters not updated (%s)", type(exc).__name__)
 
+    async def count_many(self, counts: Mapping[tuple[str, str, Outcome], int]) -> None:
+        """Add several ``(dataset, route, outcome) -> n`` at once: one pipeline."""
+        bucket = int(self.clock()) // self.bucket_seconds * self.bucket_seconds
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                keys = set()
+                for (dataset, route, outcome), n in counts.items():
+                    key = self._key(dataset, bucket)
+                    keys.add(key)
+                    pipe.hincrby(key, outcome, n)
+                    pipe.hincrby(key, f"{route}|{outcome}", n)
+                for key in keys:
+                    pipe.expire(key, KEEP_SECONDS)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("ledger counters not updated (%s)", type(exc).__name__)
+
     async def mismatch(
-        self, dataset: str, route: str, diff: Diff, trace_id: str | None = None
+        self,
+        dataset: str,
+        route: str,
+        diff: Diff,
+        trace_id: str | None = None,
+        *,
+        count: bool = True,
     ) -> None:
-        """Keep a mismatch in Postgres (the evidence), then count it."""
+        """Keep a mismatch in Postgres (the evidence), then count it (unless the caller
+        counts it itself, as the dispatcher does in batches)."""
         rows = [[d.part, d.pointer, d.kind] for d in diff.differences]
         async with reaching_postgres():
             await self.pool.execute(
@@ -89,7 +116,8 @@ class Ledger:
                 diff.truncated,
                 trace_id,
             )
-        await self.count(dataset, route, "mismatched")
+        if count:
+            await self.count(dataset, route, "mismatched")
 
     async def counts(self, dataset: str, since: float) -> dict[str, int]:
         """Per outcome, over the buckets from ``since`` (epoch seconds) to now; empty figures

@@ -256,3 +256,46 @@ async def test_nothing_readable_in_the_journal_table(journal: Journal, pg_url: s
     entry = (await journal.replayable("dcir"))[0]
     assert (await journal.request_of(entry))["body"] == secret
     assert await journal.answer_of(entry) == secret.encode()
+
+
+async def db_now(journal: Journal) -> float:
+    return float(await journal.pool.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+
+
+async def test_race_guard_of_shadow_reads(journal: Journal) -> None:
+    """What a shadow read of record 1 (or of the whole dataset) asked at t0 may compare."""
+    mine, whole = (R1, DATASET_WIDE), None
+    t_empty = await db_now(journal)
+    assert await journal.race("dcir", mine, t_empty) == (False, False)
+
+    before = await write(journal, R1)  # decided (pending) before t0
+    t0 = await db_now(journal)
+    # In the serving side's answer, not yet on the other side: wait for it.
+    assert await journal.race("dcir", mine, t0) == (False, True)
+    await journal.applied(before)
+    assert await journal.race("dcir", mine, t0) == (False, False)
+
+    # Another record's write after t0 races a read of the dataset, not of record 1.
+    other = await write(journal, R2)
+    assert await journal.race("dcir", mine, t0) == (False, False)
+    assert await journal.race("dcir", whole, t0) == (True, False)
+    await journal.applied(other)
+    assert await journal.race("dcir", whole, t0) == (True, False)  # applied, but after t0
+    assert await journal.race("pmsi", whole, t0) == (False, False)
+
+    # A write of record 1 in flight (no outcome yet) or decided after t0: raced, even applied.
+    t1 = await db_now(journal)
+    flight = await write(journal, R1, state="intent")
+    assert await journal.race("dcir", mine, t1) == (True, False)
+    await journal.decide(flight, "pending", status=200, dataset="dcir")
+    await journal.applied(flight)
+    assert await journal.race("dcir", mine, t1) == (True, False)
+
+    # A refused write changed nothing on either side.
+    t2 = await db_now(journal)
+    await write(journal, R1, state="rejected")
+    assert await journal.race("dcir", mine, t2) == (False, False)
+
+    # A dataset-wide write (a create) after t2 races every read of the dataset.
+    await write(journal, DATASET_WIDE)
+    assert await journal.race("dcir", mine, t2) == (True, False)
