@@ -95,7 +95,10 @@ async def make_world(
     rows: int = 50,
     extra: str = "",
     target_wrap: Callable[[str], Any] | None = None,
+    stages: tuple[Stage, ...] = (Stage.DUALWRITE, Stage.SHADOW),
 ) -> AsyncIterator[World]:
+    """Two reference APIs over identical seeded databases, a replica, and the proxy in front,
+    dcir moved through ``stages``. ``target_wrap`` puts a fault injector before the target."""
     src, tgt = await make_database("src"), await make_database("tgt")
     for db in (src, tgt):
         await seed_database(db, rows, seed=11)
@@ -118,7 +121,7 @@ async def make_world(
         replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
         url = await stack.enter_async_context(serve_proxy(replica.server()))
         world = World(url, src, tgt, pg_url, replica, time.time() - 1)
-        await world.to_stage(Stage.DUALWRITE, Stage.SHADOW)
+        await world.to_stage(*stages)
         yield world
 
 
