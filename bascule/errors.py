@@ -7,6 +7,7 @@
     │   ├── IllegalMove(ValueError)      a stage change the stage rules forbid; names legal moves
     │   ├── UnknownDataset(LookupError)  no such dataset; names the known ones
     │   ├── UnknownStage(ValueError)     no such stage; names the stages
+    │   ├── UnknownProposal(LookupError) no such noise proposal for that dataset and pointer
     │   └── StaleVersion                 the compare-and-set lost: someone changed it first
     ├── RouteError(ValueError)           a researcher request the proxy will not route (4xx)
     ├── StoreError(ConnectionError)      a state store (Postgres, Redis) cannot be reached/started
@@ -64,6 +65,17 @@ class UnknownStage(Refused, ValueError):
     def __init__(self, text: str, stages: list[str]) -> None:
         self.text = text
         super().__init__(f"unknown stage {text!r}; the stages are {', '.join(stages)}")
+
+
+class UnknownProposal(Refused, LookupError):
+    """No noise proposal at that pointer (and route) of that dataset."""
+
+    def __init__(self, dataset: str, pointer: str, route: str | None = None) -> None:
+        self.dataset, self.pointer, self.route = dataset, pointer, route
+        where = f" on route {route!r}" if route is not None else ""
+        super().__init__(
+            f"{dataset}: no noise proposal at {pointer!r}{where}; see `bascule noise {dataset}`"
+        )
 
 
 class StaleVersion(Refused):

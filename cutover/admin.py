@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +22,7 @@ from bascule.errors import (
     Refused,
     StoreError,
     UnknownDataset,
+    UnknownProposal,
     UnknownStage,
     UsageError,
 )
@@ -33,6 +34,7 @@ from cutover.store import StageStore
 from cutover.switch import Switcher
 from proxy import journal
 from shadow import ledger
+from shadow.noise import NoiseStore, pairs_needed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,6 +49,10 @@ class AdminDeps:
     viewer_token: str | None
     switcher: Switcher | None = None
     """Takes the write fence for changes that alter writes; None only in tests of the rules."""
+    noise: NoiseStore | None = None
+    """Noise proposals and decisions; None: the noise endpoints answer 503."""
+    noise_pairs: Mapping[str, int] = field(default_factory=dict)
+    """Each configured dataset's ``noise_pairs`` (:func:`shadow.noise.noise_pairs`)."""
 
 
 DEPS = web.AppKey("admin_deps", AdminDeps)
@@ -252,6 +258,8 @@ def _refusal(exc: BasculeError) -> web.Response:
     """The answer to a change that did not happen; anything else is raised again."""
     if isinstance(exc, UnknownDataset):
         return json_error(404, "unknown_dataset", str(exc))
+    if isinstance(exc, UnknownProposal):
+        return json_error(404, "unknown_proposal", str(exc))
     if isinstance(exc, UnknownStage):
         return json_error(400, "unknown_stage", str(exc))
     if isinstance(exc, GapOpen):
@@ -390,6 +398,58 @@ async def divergence(request: web.Request) -> web.Response:
     return json_response({"dataset": dataset, "divergence": rows})
 
 
+def _noise_of(deps: AdminDeps) -> NoiseStore:
+    if deps.noise is None:
+        raise StoreError("noise proposals are not available on this replica")
+    return deps.noise
+
+
+@_requires("viewer")
+async def noise_proposals(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    dataset = request.match_info["dataset"]
+    try:
+        noise = _noise_of(deps)
+        min_pairs = pairs_needed(deps.noise_pairs, dataset)
+        rows = await noise.proposals(dataset, min_pairs)
+    except BasculeError as exc:
+        return _refusal(exc)
+    return json_response({"dataset": dataset, "min_pairs": min_pairs, "proposals": rows})
+
+
+@_requires("operator")
+async def noise_decide(request: web.Request) -> web.Response:
+    """``{"pointer", "decision": "accept"|"reject", "reason", "route"?, "by"?}``: audited under
+    the token's name, like a stage change."""
+    deps = request.app[DEPS]
+    dataset = request.match_info["dataset"]
+    identity: str = request[IDENTITY]
+    try:
+        noise = _noise_of(deps)
+        min_pairs = pairs_needed(deps.noise_pairs, dataset)
+        body = await _body(request)
+        _only(body, "pointer", "decision", "reason", "route", "by")
+        pointer = _text(body, "pointer")
+        if not pointer:
+            raise UsageError("'pointer' is required")
+        decision = _text(body, "decision")
+        if decision not in ("accept", "reject"):
+            raise UsageError("'decision' must be 'accept' or 'reject'")
+        result = await noise.decide(
+            dataset,
+            pointer,
+            decision == "accept",
+            _text(body, "reason"),
+            identity,
+            _text(body, "route"),
+            min_pairs=min_pairs,
+            details=_on_behalf(body, identity),
+        )
+    except BasculeError as exc:
+        return _refusal(exc)
+    return json_response(result)
+
+
 @_requires("viewer")
 async def list_replicas(request: web.Request) -> web.Response:
     listed = await replicas.listing(request.app[DEPS].store.pool)
@@ -405,6 +465,8 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     app.router.add_get("/v1/history", history)
     app.router.add_get("/v1/replicas", list_replicas)
     app.router.add_get("/v1/datasets/{dataset}/divergence", divergence)
+    app.router.add_get("/v1/datasets/{dataset}/noise", noise_proposals)
+    app.router.add_post("/v1/datasets/{dataset}/noise", noise_decide)
     app.router.add_post("/v1/datasets/{dataset}/stage", change_stage)
     app.router.add_post("/v1/datasets/{dataset}/rollback", rollback)
     app.router.add_post("/v1/datasets/{dataset}/gaps/{side}/close", close_gap)

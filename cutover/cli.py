@@ -1,4 +1,4 @@
-"""SRE commands: migrate, status, stage, rollback, gap close, history, journal.
+"""SRE commands: migrate, status, stage, rollback, gap close, history, journal, divergence, noise.
 
 Each works either directly on the state stores named by the configuration, or through a
 proxy's admin API (``--admin URL``, token from ``BASCULE_ADMIN_TOKEN``/``BASCULE_VIEWER_TOKEN``);
@@ -13,7 +13,7 @@ import asyncio
 import getpass
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +38,7 @@ from cutover.store import StageStore, open_pool, reaching_postgres, schema_check
 from cutover.switch import Switcher, switcher_for
 from proxy import journal
 from shadow import ledger
+from shadow.noise import NoiseStore, noise_pairs, pairs_needed
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -136,6 +137,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.set_defaults(func=lambda a: _run(_divergence(a)))
 
+    p = sub.add_parser(
+        "noise",
+        parents=[common],
+        help="noise proposals: pointers that differ between two answers of one side; "
+        "list them, accept or reject one (audited)",
+    )
+    p.add_argument("dataset")
+    p.add_argument("action", nargs="?", choices=["accept", "reject"])
+    p.add_argument("pointer", nargs="?", help="the proposal's pattern, e.g. /records/*/served_at")
+    p.add_argument(
+        "--route", help="only this route template (default: every route it was proposed on)"
+    )
+    p.add_argument("--reason", help="why (required to decide; goes into the audit trail)")
+    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
+    p.set_defaults(func=lambda a: _run(_noise(a)))
+
     p = sub.add_parser("history", parents=[common], help="the audit trail of stage changes")
     p.add_argument("dataset", nargs="?")
     p.add_argument("--limit", type=int, default=100)
@@ -179,6 +196,16 @@ class Client(Protocol):
     async def journal_skip(self, seq: int, by: str, reason: str) -> str: ...
     async def replicas(self) -> list[dict[str, Any]]: ...
     async def divergence(self, dataset: str, since: float) -> list[dict[str, Any]]: ...
+    async def noise(self, dataset: str) -> dict[str, Any]: ...
+    async def noise_decide(
+        self,
+        dataset: str,
+        pointer: str,
+        accept: bool,
+        by: str,
+        reason: str,
+        route: str | None,
+    ) -> dict[str, Any]: ...
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -190,10 +217,44 @@ def _config(args: argparse.Namespace) -> Config:
 class DirectClient:
     """Works on the stores themselves."""
 
-    def __init__(self, store: StageStore, announcer: RedisAnnouncer, switcher: Switcher) -> None:
+    def __init__(
+        self,
+        store: StageStore,
+        announcer: RedisAnnouncer,
+        switcher: Switcher,
+        noise: NoiseStore | None = None,
+        pairs: Mapping[str, int] | None = None,
+    ) -> None:
         self.store = store
         self.announcer = announcer
         self.switcher = switcher
+        self.noise_store = noise
+        self.pairs = dict(pairs or {})
+        """Each configured dataset's ``noise_pairs``."""
+
+    def _noise_store(self) -> NoiseStore:
+        if self.noise_store is None:
+            raise UsageError("noise proposals need the configured stores")
+        return self.noise_store
+
+    async def noise(self, dataset: str) -> dict[str, Any]:
+        min_pairs = pairs_needed(self.pairs, dataset)
+        rows = await self._noise_store().proposals(dataset, min_pairs)
+        return {"dataset": dataset, "min_pairs": min_pairs, "proposals": rows}
+
+    async def noise_decide(
+        self,
+        dataset: str,
+        pointer: str,
+        accept: bool,
+        by: str,
+        reason: str,
+        route: str | None,
+    ) -> dict[str, Any]:
+        min_pairs = pairs_needed(self.pairs, dataset)
+        return await self._noise_store().decide(
+            dataset, pointer, accept, reason, by, route, min_pairs=min_pairs
+        )
 
     async def datasets(self) -> list[dict[str, Any]]:
         rows = await self.store.all()
@@ -333,6 +394,32 @@ class AdminClient:
         result: list[dict[str, Any]] = (await self._call("GET", path))["divergence"]
         return result
 
+    async def noise(self, dataset: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            "GET", f"/v1/datasets/{quote(dataset, safe='')}/noise"
+        )
+        return result
+
+    async def noise_decide(
+        self,
+        dataset: str,
+        pointer: str,
+        accept: bool,
+        by: str,
+        reason: str,
+        route: str | None,
+    ) -> dict[str, Any]:
+        body = {
+            "pointer": pointer,
+            "decision": "accept" if accept else "reject",
+            "reason": reason,
+            "by": by,
+            **({"route": route} if route is not None else {}),
+        }
+        path = f"/v1/datasets/{quote(dataset, safe='')}/noise"
+        result: dict[str, Any] = await self._call("POST", path, body)
+        return result
+
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         query = f"?limit={limit}" + (f"&dataset={quote(dataset, safe='')}" if dataset else "")
         result: list[dict[str, Any]] = (await self._call("GET", "/v1/history" + query))["history"]
@@ -417,6 +504,8 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
                 StageStore(pool),
                 RedisAnnouncer(redis, config.state.redis_prefix),
                 switcher_for(config, pool),
+                NoiseStore(pool, redis, config.state.redis_prefix),
+                noise_pairs(config),
             )
         finally:
             await redis.aclose()
@@ -618,6 +707,80 @@ async def _divergence(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _noise(args: argparse.Namespace) -> int:
+    if args.action is None:
+        return await _noise_list(args)
+    if not args.pointer:
+        raise UsageError(
+            f"name the pointer to {args.action}: "
+            f"bascule noise DATASET {args.action} POINTER --reason TEXT"
+        )
+    reason = controller.require_reason(args.reason)
+    controller.check_actor(args.by)
+    async with client_for(args, change=True) as client:
+        result = await client.noise_decide(
+            args.dataset, args.pointer, args.action == "accept", args.by, reason, args.route
+        )
+    rules = ", ".join(
+        f"{r['rule']}" + (f" by {r['key']}" if r["key"] else "") + f" on {r['route']}"
+        for r in result["rules"]
+    )
+    note = ""
+    if not result["announced"]:
+        note = " (Redis unreachable: replicas will pick it up by polling)"
+    _say(
+        args,
+        result,
+        f"{result['dataset']}: {result['pointer']} {result['decision']} ({rules}); audited{note}",
+    )
+    return 0
+
+
+async def _noise_list(args: argparse.Namespace) -> int:
+    if args.reason is not None:
+        raise UsageError("--reason goes with accept or reject")
+    async with client_for(args, change=False) as client:
+        found = await client.noise(args.dataset)
+    rows = [r for r in found["proposals"] if args.route is None or r["route"] == args.route]
+    if args.json:
+        _print_json({**found, "proposals": rows})
+        return 0
+    table = Table(
+        title=f"{args.dataset}: noise proposals (seen differing in at least "
+        f"{found['min_pairs']} independent pairs of one side's answers)"
+    )
+    for col in (
+        "status",
+        "pointer",
+        "rule",
+        "pairs",
+        "route",
+        "first seen",
+        "last seen",
+        "decided by",
+        "reason",
+    ):
+        table.add_column(col)
+    for r in rows:
+        decided = f"{r['decided_by']} {_when(r['decided_at'])}" if r["decided_at"] else ""
+        cells = (
+            r["status"],
+            r["pointer"],
+            r["rule"] + (f" by {r['key']}" if r["key"] else ""),
+            str(r["pairs"]),
+            r["route"],
+            _when(r["first_seen"]),
+            _when(r["last_seen"]),
+            decided,
+            r["reason"] or "",
+        )
+        table.add_row(*(Text(c) for c in cells))
+    _console().print(table)
+    if not rows:
+        print("no noise proposal yet")
+    return 0
+
+
 async def _history(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
@@ -637,6 +800,8 @@ async def _history(args: argparse.Namespace) -> int:
         action = r["action"]
         if action == "gap-close" and details.get("side"):
             action += f" {details['side']}"
+        if action.startswith("noise-") and details.get("pointer"):
+            action += f" {details['pointer']}"
         if r.get("forced"):
             action += " (forced)"
         cells = (

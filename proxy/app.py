@@ -37,6 +37,7 @@ from proxy.server import Server
 from proxy.upstream import Upstream
 from shadow.dispatch import Dispatcher
 from shadow.ledger import Ledger
+from shadow.noise import NoiseStore, noise_pairs
 
 log = logging.getLogger("bascule.proxy")
 
@@ -183,11 +184,7 @@ class Replica:
         for upstream in self.shadow_upstreams.values():
             await upstream.open()
         namer = Namer(self.secrets.hmac_key)
-        noise_store = None
-        with contextlib.suppress(ImportError):
-            from shadow.noise import NoiseStore
-
-            noise_store = NoiseStore(self.pool, self.redis, self.config.state.redis_prefix)
+        noise_store = NoiseStore(self.pool, self.redis, self.config.state.redis_prefix)
         dispatcher = Dispatcher(
             self.config,
             Ledger(self.pool, self.redis, self.config.state.redis_prefix),
@@ -239,6 +236,8 @@ class Replica:
             operator_tokens=self.secrets.operators(),
             viewer_token=self.secrets.viewer_token,
             switcher=switcher_for(self.config, self.pool),
+            noise=NoiseStore(self.pool, self.redis, self.config.state.redis_prefix),
+            noise_pairs=noise_pairs(self.config),
         )
 
 

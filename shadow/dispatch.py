@@ -53,6 +53,7 @@ from proxy.upstream import Upstream
 from shadow.compare import Answer, Rules, compare, compile_rules
 from shadow.diff import Diff
 from shadow.ledger import Ledger, Outcome
+from shadow.noise import merge, observe
 
 log = logging.getLogger("bascule.shadow")
 _tracer = trace.get_tracer("bascule.shadow")
@@ -193,6 +194,13 @@ class Dispatcher:
             spawn(self._worker(), name=f"shadow-{i}") for i in range(self.settings.concurrency)
         ]
         self._tasks.append(spawn(self._housekeeping(), name="shadow-housekeeping"))
+        if self.noise is not None:
+            # Decisions heard on Redis at once; the housekeeping's poll of Postgres covers
+            # Redis being away.
+            self._tasks.append(spawn(self.noise.listen(self._noise_decided), name="noise-listen"))
+
+    async def _noise_decided(self, dataset: str | None) -> None:
+        await self._reload_noise_rules()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -251,8 +259,6 @@ class Dispatcher:
             )
             extra = self._accepted.get(dataset, {}).get(route)
             if extra is not None:
-                from shadow.noise import merge
-
                 base = merge(base, *extra)
             compiled = self._rules[key] = compile_rules(base)
         return compiled
@@ -301,9 +307,10 @@ class Dispatcher:
             self.count(job.dataset, job.route, outcome)
             if outcome in ("matched", "mismatched"):
                 self.count(job.dataset, job.route, "compared")
-            if outcome == "matched" and self._noise_wanted(job):
-                await self._noise(job)
-            return outcome
+        # Whatever the comparison gave: noise is what makes answers differ on their own.
+        if self._noise_wanted(job):
+            await self._noise(job)
+        return outcome
 
     async def _outcome(self, job: Job) -> tuple[Outcome, Diff | None]:
         waited_until = time.monotonic() + self.settings.lag_wait
@@ -394,8 +401,6 @@ class Dispatcher:
 
     async def _noise(self, job: Job) -> None:
         """Ask the serving side again; what differs with no write in between is noise."""
-        from shadow.noise import observe
-
         try:
             again = await self._ask(job.serving, job)
             if again is None:
@@ -405,7 +410,12 @@ class Dispatcher:
                 if raced:
                     return  # a write to the dataset came in between: not an independent pair
             rules = self.rules(job.dataset, job.route)
-            observations = observe(job.answer.body, again.body, rules, self.token)
+            if len(job.answer.body) + len(again.body) > THREAD_ABOVE:
+                observations = await asyncio.to_thread(
+                    observe, job.answer.body, again.body, rules, self.token
+                )
+            else:
+                observations = observe(job.answer.body, again.body, rules, self.token)
             if observations:
                 await self.noise.record(job.dataset, job.route, observations)
         except (UpstreamError, TimeoutError, StoreError) as exc:
