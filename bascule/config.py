@@ -443,8 +443,10 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "proxy.max_body_bytes", "expected a positive number of bytes")
     if config.state.poll_interval <= 0:
         raise ConfigError(src, "state.poll_interval", "expected a positive number of seconds")
-    if config.state.journal_retention < 0:
-        raise ConfigError(src, "state.journal_retention", "must not be negative")
+    if config.state.journal_retention < 600:
+        # Shadow reads' race guard looks at writes settled since the read began: they must
+        # outlive any shadow read (queue, deadline, lag_wait) by far.
+        raise ConfigError(src, "state.journal_retention", "expected at least 600 seconds")
     if config.state.journal_sessions < 2:
         raise ConfigError(src, "state.journal_sessions", "expected at least 2")
     if config.state.stale_after <= config.state.poll_interval:

@@ -395,7 +395,8 @@ async def divergence(request: web.Request) -> web.Response:
         return json_error(404, "unknown_dataset", str(exc))
     start = datetime.now(UTC) - timedelta(seconds=since)
     rows = await ledger.divergence(store.pool, dataset, start)
-    return json_response({"dataset": dataset, "divergence": rows})
+    errored = await ledger.errored(store.pool, dataset, start)
+    return json_response({"dataset": dataset, "divergence": rows, "errored": errored})
 
 
 def _noise_of(deps: AdminDeps) -> NoiseStore:

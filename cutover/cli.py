@@ -195,7 +195,7 @@ class Client(Protocol):
     async def journal_retry(self, seq: int | None, all_dead: bool) -> int: ...
     async def journal_skip(self, seq: int, by: str, reason: str) -> str: ...
     async def replicas(self) -> list[dict[str, Any]]: ...
-    async def divergence(self, dataset: str, since: float) -> list[dict[str, Any]]: ...
+    async def divergence(self, dataset: str, since: float) -> dict[str, Any]: ...
     async def noise(self, dataset: str) -> dict[str, Any]: ...
     async def noise_decide(
         self,
@@ -267,10 +267,13 @@ class DirectClient:
     async def replicas(self) -> list[dict[str, Any]]:
         return [r.as_json() for r in await replicas.listing(self.store.pool)]
 
-    async def divergence(self, dataset: str, since: float) -> list[dict[str, Any]]:
+    async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
         await self.store.get(controller.check_name(dataset))  # UnknownDataset names the known ones
         start = datetime.now(UTC) - timedelta(seconds=since)
-        return await ledger.divergence(self.store.pool, dataset, start)
+        return {
+            "divergence": await ledger.divergence(self.store.pool, dataset, start),
+            "errored": await ledger.errored(self.store.pool, dataset, start),
+        }
 
     async def stage(
         self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
@@ -389,10 +392,10 @@ class AdminClient:
         result: list[dict[str, Any]] = (await self._call("GET", "/v1/replicas"))["replicas"]
         return result
 
-    async def divergence(self, dataset: str, since: float) -> list[dict[str, Any]]:
+    async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
         path = f"/v1/datasets/{quote(dataset, safe='')}/divergence?since={since:g}"
-        result: list[dict[str, Any]] = (await self._call("GET", path))["divergence"]
-        return result
+        result = await self._call("GET", path)
+        return {"divergence": result["divergence"], "errored": result.get("errored", [])}
 
     async def noise(self, dataset: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(
@@ -683,9 +686,10 @@ async def _divergence(args: argparse.Namespace) -> int:
     if args.since <= 0:
         raise UsageError("--since must be a positive number of seconds")
     async with client_for(args, change=False) as client:
-        rows = await client.divergence(args.dataset, args.since)
+        found = await client.divergence(args.dataset, args.since)
+    rows, errored = found["divergence"], found["errored"]
     if args.json:
-        _print_json({"dataset": args.dataset, "divergence": rows})
+        _print_json({"dataset": args.dataset, "divergence": rows, "errored": errored})
         return 0
     table = Table(title=f"{args.dataset}: mismatches in the last {args.since:g} s, by pointer")
     for col in ("part", "pointer", "kind", "count", "first seen", "last seen", "traces"):
@@ -704,6 +708,20 @@ async def _divergence(args: argparse.Namespace) -> int:
     _console().print(table)
     if not rows:
         print("no mismatch recorded in that window")
+    if errored:
+        failed = Table(title=f"{args.dataset}: comparisons that could not be made, by reason")
+        for col in ("route", "reason", "count", "first seen", "last seen"):
+            failed.add_column(col)
+        for r in errored:
+            row = (
+                r["route"],
+                r["reason"],
+                str(r["count"]),
+                _when(r["first_seen"]),
+                _when(r["last_seen"]),
+            )
+            failed.add_row(*(Text(c) for c in row))
+        _console().print(failed)
     return 0
 
 

@@ -185,13 +185,19 @@ class Replica:
             await upstream.open()
         namer = Namer(self.secrets.hmac_key)
         noise_store = NoiseStore(self.pool, self.redis, self.config.state.redis_prefix)
+        # The race guard and the clock on a few sessions of their own: shadow reads never
+        # queue behind (or hold back) the replayer, the resolver and stage reloads.
+        self.guard_pool = await open_pool(self.postgres_url, max_size=4)
+        guard = None
+        if self.dual is not None:
+            guard = Journal(self.guard_pool, self.dual.journal.sealer, self.name).race
         dispatcher = Dispatcher(
             self.config,
             Ledger(self.pool, self.redis, self.config.state.redis_prefix),
             self.shadow_upstreams,
             lambda segment: namer.record("pointer", segment),
-            guard=self.dual.journal.race if self.dual is not None else None,
-            clock_pool=self.pool,
+            guard=guard,
+            clock_pool=self.guard_pool,
             noise=noise_store,
         )
         await dispatcher.start()
@@ -202,6 +208,7 @@ class Replica:
             await self.shadow.stop()
             for upstream in self.shadow_upstreams.values():
                 await upstream.close()
+            await self.guard_pool.close()
         if self.replayer_task is not None:
             self.replayer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

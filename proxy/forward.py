@@ -25,7 +25,7 @@ from proxy.sealing import DATASET_WIDE, Namer
 from proxy.server import Request, Responder
 from proxy.upstream import Upstream
 from shadow.compare import Answer
-from shadow.dispatch import Dispatcher, Job
+from shadow.dispatch import DECODABLE, Dispatcher, Job, unavailable
 
 log = logging.getLogger("bascule.proxy")
 
@@ -116,6 +116,7 @@ class Forwarder:
             and self.shadow is not None
             and match.route is not None  # only routes declared `read` are ever shadowed
             and request.method != "HEAD"
+            and request.header("Range") is None  # a part is not the answer the other side gives
             and self.shadow.wanted(match.dataset)
         ):
             return await self.forward_shadowed(request, out, match, planned)
@@ -125,25 +126,39 @@ class Forwarder:
         self, request: Request, out: Responder, match: Match, planned: Plan
     ) -> None:
         """Serve a read, keep its answer, and hand both to the shadow dispatcher once the
-        researcher has it. Both sides are asked for uncoded answers (HTTP lets the researcher
-        get one): compressed bytes are not comparable (a gzip header carries a time)."""
+        researcher has it. The researcher keeps their compression, limited to codings the
+        dispatcher can undo (gzip, deflate): it compares what the answers say, not their bytes
+        on the wire."""
         assert self.shadow is not None and planned.shadow is not None
+        room = self.shadow.room()
+        if room < STREAM_ABOVE:  # the shadow reads' memory budget is spent: don't even keep it
+            self.shadow.count(match.dataset, match.template, "dropped")
+            await self.forward(request, out, match, self.upstreams[planned.serve])
+            return
         headers = [
-            (k, v) for k, v in self.request_headers(request) if k.lower() != "accept-encoding"
+            (k, decodable(v) if k.lower() == "accept-encoding" else v)
+            for k, v in self.request_headers(request)
         ]
         t0 = self.shadow.now()
+        limit = min(self.shadow.settings.max_body_bytes, room)
         answer = await self.forward(
             request,
             out,
             match,
             self.upstreams[planned.serve],
             headers=headers,
-            capture=self.shadow.settings.max_body_bytes,
+            capture=limit,
         )
         if answer is None:
             return
         if answer is False:
-            self.shadow.count(match.dataset, match.template, "skipped_large")
+            too_large = limit == self.shadow.settings.max_body_bytes
+            self.shadow.count(
+                match.dataset, match.template, "skipped_large" if too_large else "dropped"
+            )
+            return
+        if unavailable(answer.status):  # nothing to compare: the serving side could not answer
+            self.shadow.count(match.dataset, match.template, "skipped_unavailable")
             return
         records = (
             None
@@ -256,3 +271,15 @@ class Forwarder:
         headers.append(("X-Forwarded-Proto", self.scheme))
         headers.append(("X-Forwarded-Host", request.host))
         return headers
+
+
+def decodable(accept_encoding: str) -> str:
+    """The codings of an ``Accept-Encoding`` the shadow dispatcher can undo (gzip, deflate),
+    with their weights; ``identity`` when none is left (an empty or absent header would let
+    the backend choose any coding)."""
+    kept = [
+        part.strip()
+        for part in accept_encoding.split(",")
+        if part.split(";", 1)[0].strip().lower() in DECODABLE
+    ]
+    return ", ".join(kept) or "identity"

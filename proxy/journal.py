@@ -82,6 +82,10 @@ class Fenced:
     """The journal entry of its intent; None in a stage that writes one side only."""
 
 
+Guarded = Literal["clear", "raced", "stuck", "lagging"]
+"""What the race guard says of a shadow read (:meth:`Journal.race`)."""
+
+
 class IllegalTransition(RuntimeError):
     """An entry was asked to move to a state its current state cannot lead to."""
 
@@ -290,6 +294,8 @@ class Journal:
         """For writes: each holds one session, with its record lock, for its whole life."""
         self.sealer = sealer
         self.replica = replica
+        self.guard_timeout = 2.0
+        """Seconds a race guard's statement may take (a shadow read is never worth more)."""
 
     @contextlib.asynccontextmanager
     async def locked(
@@ -386,7 +392,10 @@ class Journal:
             "UPDATE bascule_journal SET state = $2,"
             " status = coalesce($3, status), answer = coalesce($4, answer),"
             " last_error = coalesce($5, last_error),"
-            " decided_at = CASE WHEN state = 'intent' THEN now() ELSE decided_at END,"
+            # When the write reached the authoritative side, as far as anyone can say: its
+            # outcome, or the resolution of an in-doubt one (the race guard relies on it).
+            " decided_at = CASE WHEN state IN ('intent', 'in_doubt') THEN now()"
+            "   ELSE decided_at END,"
             " applied_at = CASE WHEN $2 IN ('applied', 'skipped') THEN now() END,"
             " attempts = attempts + CASE WHEN $7::float8 IS NULL THEN 0 ELSE 1 END,"
             " next_attempt_at = now() + make_interval(secs => coalesce($7::float8, 0))"
@@ -471,35 +480,72 @@ class Journal:
         return [_entry(r) for r in rows]
 
     async def race(
-        self, dataset: str, records: tuple[str, ...] | None, t0: float
-    ) -> tuple[bool, bool]:
-        """The race guard of a shadow read (``shadow/dispatch.py``): writes to ``records`` of
-        ``dataset`` (the whole dataset when None) seen from a read whose serving side was
-        asked at ``t0`` (epoch seconds, the database's clock).
+        self,
+        dataset: str,
+        records: tuple[str, ...] | None,
+        *,
+        t0: float,
+        t1: float,
+        serving: str,
+        creates: tuple[str, ...] = (),
+    ) -> Guarded:
+        """The race guard of a shadow read (``shadow/dispatch.py``): may the answer the
+        ``serving`` side gave to a read asked at ``t0`` be compared with the answer the other
+        side gave to the same read sent at ``t1``? Times are epoch seconds on the database's
+        clock, never later than the real ones. The writes looked at are those of ``records``
+        of ``dataset`` (every write of the dataset when None), less dataset-wide writes on the
+        routes in ``creates`` (``"METHOD template"``: a create never touches a record both
+        sides already hold).
 
-        ``raced``: a write was still at *intent* or was decided after ``t0``: it may be in one
-        side's answer and not the other's. ``lagging``: a write decided at or before ``t0``
-        (so in the serving side's answer) is not yet applied to the other side. One statement
-        on the open entries' index and on the recently settled ones."""
+        A write's ``decided_at`` follows the authoritative side's commit (an in-doubt write's,
+        its resolution); its ``applied_at`` follows the other side's.
+
+        - ``raced``: a write is at intent or in doubt; or the serving side is its authority
+          and it was decided after ``t0``; or the serving side gets it by replay and did not
+          have it at ``t0``. It may be in one answer and not the other.
+        - ``stuck``: a write in the serving answer is dead: its replay will not come by itself.
+        - ``lagging``: a write in the serving answer had not reached the other side when the
+          shadow read was sent (pending, or applied after ``t1``): ask again once it has.
+        - ``clear``: compare.
+
+        A few EXISTS probes, each an index range (migration 6) however large the backlog; one
+        statement text for record reads and another for dataset reads, so neither inherits
+        the other's generic plan."""
+        args: list[Any]
+        if records is None:
+            key, args = "dataset = $1", [dataset]
+        else:
+            key, args = "dataset = $1 AND record = ANY($2::text[])", [dataset, list(records)]
+        n = len(args)
+        if creates:
+            key += f" AND NOT (record = '*' AND (method || ' ' || route) = ANY(${n + 1}::text[]))"
+            args.append(list(creates))
+            n += 1
+        t0_, t1_, serving_ = f"to_timestamp(${n + 1})", f"to_timestamp(${n + 2})", f"${n + 3}"
+        args += [t0, t1, serving]
+        open_ = f"FROM bascule_journal WHERE {key} AND state IN ('pending', 'dead')"
+        settled = f"FROM bascule_journal WHERE {key} AND state IN ('applied', 'skipped')"
+        sql = (
+            "SELECT CASE"
+            f" WHEN EXISTS (SELECT 1 FROM bascule_journal WHERE {key}"
+            "   AND state IN ('intent', 'in_doubt'))"
+            f"   OR EXISTS (SELECT 1 {open_} AND authority = {serving_}"
+            f"     AND decided_at > {t0_})"
+            f"   OR EXISTS (SELECT 1 {open_} AND authority <> {serving_})"
+            f"   OR EXISTS (SELECT 1 {settled} AND applied_at > {t0_}"
+            f"     AND (decided_at > {t0_} OR (authority <> {serving_} AND state = 'applied')))"
+            " THEN 'raced'"
+            f" WHEN EXISTS (SELECT 1 {open_} AND state = 'dead' AND authority = {serving_})"
+            " THEN 'stuck'"
+            f" WHEN EXISTS (SELECT 1 {open_} AND state = 'pending' AND authority = {serving_})"
+            f"   OR EXISTS (SELECT 1 {settled} AND state = 'applied' AND applied_at >= {t1_}"
+            f"     AND authority = {serving_})"
+            " THEN 'lagging'"
+            " ELSE 'clear' END"
+        )
         async with reaching_postgres():
-            row = await self.pool.fetchrow(
-                "WITH o AS (SELECT state, decided_at FROM bascule_journal"
-                "   WHERE dataset = $1 AND ($2::text[] IS NULL OR record = ANY($2))"
-                "   AND state IN ('intent', 'pending', 'in_doubt', 'dead'))"
-                " SELECT coalesce(bool_or(o.state = 'intent' OR o.decided_at > t.t0), false)"
-                "   OR EXISTS (SELECT 1 FROM bascule_journal s"
-                "     WHERE s.applied_at > t.t0 AND s.state IN ('applied', 'skipped')"
-                "     AND s.dataset = $1 AND ($2::text[] IS NULL OR s.record = ANY($2))"
-                "     AND s.decided_at > t.t0) AS raced,"
-                "   coalesce(bool_or(o.state <> 'intent' AND o.decided_at <= t.t0), false)"
-                "     AS lagging"
-                " FROM (SELECT to_timestamp($3) AS t0) t LEFT JOIN o ON true GROUP BY t.t0",
-                dataset,
-                list(records) if records is not None else None,
-                t0,
-            )
-        assert row is not None
-        return bool(row["raced"]), bool(row["lagging"])
+            verdict: Guarded = await self.pool.fetchval(sql, *args, timeout=self.guard_timeout)
+        return verdict
 
     async def in_state(self, dataset: str, state: State) -> list[Entry]:
         async with reaching_postgres():

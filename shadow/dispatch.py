@@ -4,29 +4,30 @@ compared with the answer the researcher got.
 The researcher's answer is never held back: the proxy hands the request and the serving side's
 answer to :meth:`Dispatcher.submit` once it has answered, and a worker does the rest. Shadow
 reads have their own connection pools (so a slow shadowed side cannot take the connections
-writes and replays need), their own deadline, a bounded number in flight and a bounded queue
-(in entries and in bytes); a full queue drops the shadow read and counts it ``dropped``.
+writes and replays need), their own deadline, a bounded number in flight and a bounded memory
+budget; a shadow read that does not fit is dropped and counted ``dropped``.
 
-**Race guard.** Before the serving side is asked, the proxy notes the time ``t0`` on the state
-database's clock (estimated locally, never a round trip on the researcher's path: see
-:class:`DbClock`). Every write to a record has a journal entry whose ``decided_at`` follows the
-authoritative side's commit. So, for the record read (its token and the dataset-wide ``*``) or,
-for a read that names no record, the whole dataset:
+**Race guard.** The proxy notes ``t0`` before the serving side is asked, and each shadow read
+notes ``t1`` before it is sent, both on the state database's clock (estimated locally, never a
+round trip on the researcher's path: :class:`DbClock`). Once the shadowed side has answered,
+:meth:`proxy.journal.Journal.race` says from the journal whether a write to the record read
+(or, for a read that names none, to the dataset) may be in one answer and not the other
+(*raced*), is in the serving answer but reached the other side too late (*lagging*: wait for
+its replay, then ask again; past ``lag_wait``, *skipped: lagging*), or cannot reach it by
+itself (a dead entry: *skipped: lagging* at once). Only a *clear* read is compared. Every rule
+errs toward skipping, never toward a false mismatch.
 
-- an entry decided at or before ``t0`` is in the serving side's answer: the shadow read must
-  see it too, so it waits until the entry is applied to the other side (past ``lag_wait``:
-  *skipped: lagging*);
-- an entry still at *intent*, or decided after ``t0``, may be in one answer and not the other:
-  the comparison is *skipped: raced*, never a mismatch.
-
-The journal is checked once the shadowed side has answered (one statement, see
-:meth:`proxy.journal.Journal.race`); a lagging read is asked again once the side caught up.
+**What counts.** ``compared`` = ``matched`` + ``mismatched``. A serving side that failed
+(5xx, 408, 429) is ``skipped_unavailable``: nothing to compare. A shadowed side that failed,
+timed out or answered more than ``max_body_bytes`` is ``errored``, and errored comparisons are
+also counted in Postgres per minute and reason (``bascule_shadow_error``), like mismatches: the
+gate's evidence survives a Redis restart. Evidence that cannot be written is kept and retried.
 
 **Noise.** On ``noise_sample`` of shadow reads the serving side is asked a second time; if no
 write to the dataset was decided in between, what differs between its two answers is noise,
 recorded as observations (:mod:`shadow.noise`) an SRE may accept as rules.
 
-Nothing here logs, traces or counts a value: counters, pointers and kinds only.
+Nothing here logs, traces or counts a value: counters, classes, pointers and kinds only.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ import contextlib
 import logging
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import zlib
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from multidict import CIMultiDict
@@ -46,9 +49,10 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from bascule.config import CompareRules, Config, ShadowSettings
-from bascule.errors import StoreError, UpstreamError
+from bascule.errors import StoreError, UpstreamError, UpstreamTimeout
 from bascule.tasks import spawn
 from cutover.stages import Side
+from proxy.journal import Guarded
 from proxy.upstream import Upstream
 from shadow.compare import Answer, Rules, compare, compile_rules
 from shadow.diff import Diff
@@ -60,9 +64,27 @@ _tracer = trace.get_tracer("bascule.shadow")
 _propagator = TraceContextTextMapPropagator()
 
 SHADOW_HEADER = ("X-Bascule-Shadow", "1")
+DECODABLE = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+"""Content codings a captured answer can be decoded from (zlib, in the standard library)."""
+CONDITIONAL = frozenset(
+    {"if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range"}
+)
+"""Not sent on a shadow read: the other side would answer 304 or 412 to what it never served."""
 THREAD_ABOVE = 256 * 1024
 """Answers larger than this are compared in a worker thread, so the event loop keeps serving."""
-_POLL = 0.02
+BIG = 1024 * 1024
+"""Shadow reads of answers larger than this run two at a time (memory: both answers and their
+parsed trees are held while they are compared)."""
+_POLL_FIRST, _POLL_MAX = 0.02, 0.32
+
+Verdict = Literal["clear", "raced", "stuck", "lagging"]
+Guard = Callable[..., Awaitable[Guarded]]
+""":meth:`proxy.journal.Journal.race`."""
+
+
+def unavailable(status: int) -> bool:
+    """An answer that says the side could not answer, rather than what it holds."""
+    return status >= 500 or status in (408, 429)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +97,14 @@ class Job:
     method: str
     target: str
     headers: Sequence[tuple[str, str]]
+    """The researcher's end-to-end headers (``Authorization`` included: the other side
+    authorizes the read as the serving side did), never logged."""
     body: bytes
     serving: Side
     shadowed: Side
     answer: Answer
     t0: float
-    """When the serving side was asked, on the state database's clock (epoch seconds)."""
+    """Before the serving side was asked, on the state database's clock (epoch seconds)."""
     records: tuple[str, ...] | None
     """Record tokens the read depends on (its own and ``*``), or None for the whole dataset."""
     traceparent: str | None = None
@@ -91,30 +115,42 @@ class Job:
 
 
 class DbClock:
-    """The state database's clock, estimated locally: ``now()`` is local time plus the offset
-    measured by :meth:`calibrate` (a round trip, off the researcher's path), minus the half
-    round trip and a margin, so the estimate is never later than the database's time — a write
-    decided just before the estimate is then taken as raced, the safe side."""
+    """The state database's clock, estimated locally: a monotonic reading plus the offset
+    measured by :meth:`calibrate` (a round trip, off the researcher's path), less half that
+    round trip, a margin, and a drift allowance that grows until the next calibration. The
+    estimate is never later than the database's time, so writes decided just before it are
+    taken as raced: the safe side. Monotonic, so a step of the host's wall clock changes
+    nothing; until the first calibration there is no estimate at all."""
 
     MARGIN = 0.010
+    DRIFT = 0.001
+    """Seconds per second the two clocks may drift apart (NTP slews at most 0.0005)."""
 
     def __init__(self) -> None:
-        self.offset = 0.0
-        self.error = 1.0  # until calibrated: a wide margin
+        self.offset: float | None = None
+        self.error = 0.0
+        self.at = 0.0
+
+    @property
+    def calibrated(self) -> bool:
+        return self.offset is not None
 
     async def calibrate(self, pool: Any) -> None:
-        before = time.time()
-        db = await pool.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
-        after = time.time()
+        before = time.monotonic()
+        db = await pool.fetchval(
+            "SELECT extract(epoch FROM clock_timestamp())::float8", timeout=2.0
+        )
+        after = time.monotonic()
         self.offset = float(db) - (before + after) / 2
         self.error = (after - before) / 2
+        self.at = after
 
-    def now(self) -> float:
-        return time.time() + self.offset - self.error - self.MARGIN
-
-
-Guard = Callable[[str, tuple[str, ...] | None, float], Any]
-"""``(dataset, records, t0) -> awaitable (raced, lagging)``: the journal's race check."""
+    def now(self) -> float | None:
+        if self.offset is None:
+            return None
+        mono = time.monotonic()
+        drift = (mono - self.at) * self.DRIFT
+        return mono + self.offset - self.error - self.MARGIN - drift
 
 
 class Dispatcher:
@@ -134,7 +170,8 @@ class Dispatcher:
     ) -> None:
         """``upstreams``: the shadow reads' own pools, one per side. ``guard``: the journal's
         race check (None when this replica has no journal: it then accepts no write in a
-        stage that shadows, so nothing can race). ``noise``: a :class:`shadow.noise.NoiseStore`
+        stage that shadows, so nothing can race). ``clock_pool``: the state database, for
+        :class:`DbClock` and the errored counts. ``noise``: a :class:`shadow.noise.NoiseStore`
         (None: no noise learning)."""
         self.config = config
         self.settings: ShadowSettings = config.shadow
@@ -147,29 +184,47 @@ class Dispatcher:
         self.noise = noise
         self.rng = rng or random.Random()
         self._queue: asyncio.Queue[Job] = asyncio.Queue(self.settings.queue)
-        self._queued_bytes = 0
-        self._max_queued_bytes = 4 * self.settings.max_body_bytes
+        self._bytes = 0
+        """Bytes of the jobs queued or in flight, and of the shadowed answers held."""
+        self.budget = 4 * self.settings.max_body_bytes
+        self._big = asyncio.Semaphore(2)
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bascule-compare")
         self._counts: Counter[tuple[str, str, Outcome]] = Counter()
+        self._errors: Counter[tuple[str, str, str]] = Counter()
+        self._evidence: deque[tuple[str, str, Diff, str | None]] = deque()
         self._rules: dict[tuple[str, str], Rules] = {}
         self._accepted: dict[str, dict[str, tuple[tuple[str, ...], dict[str, str]]]] = {}
-        self._routes = {r.path: r for r in config.routes}
+        # Read routes only: a write route on the same path never carries comparison rules.
+        self._routes = {r.path: r for r in config.routes if r.kind == "read"}
+        self._creates = tuple(
+            f"{method} {r.path}" for r in config.routes if r.create_id for method in r.methods
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._noise_version: Any = None
 
     # -- the researcher's path -------------------------------------------------------------
 
     def wanted(self, dataset: str) -> bool:
-        """Whether to shadow-read this read (sampled per dataset)."""
+        """Whether to shadow-read this read (sampled per dataset). Not before the database
+        clock is known: without it no read could be guarded."""
         share = self.config.dataset(dataset).shadow_sample
-        return share >= 1.0 or (share > 0.0 and self.rng.random() < share)
+        if share <= 0.0 or (share < 1.0 and self.rng.random() >= share):
+            return False
+        return self.clock.calibrated
 
     def now(self) -> float:
-        return self.clock.now()
+        now = self.clock.now()
+        assert now is not None, "wanted() said no before the clock was calibrated"
+        return now
+
+    def room(self) -> int:
+        """Bytes a new shadow read may hold now."""
+        return max(0, self.budget - self._bytes)
 
     def submit(self, job: Job) -> None:
         """Queue a shadow read; never waits. Full (in entries or bytes): dropped, counted."""
         size = job.size
-        if self._queued_bytes + size > self._max_queued_bytes:
+        if self._bytes + size > self.budget:
             self.count(job.dataset, job.route, "dropped")
             return
         try:
@@ -177,18 +232,20 @@ class Dispatcher:
         except asyncio.QueueFull:
             self.count(job.dataset, job.route, "dropped")
             return
-        self._queued_bytes += size
+        self._bytes += size
 
     def count(self, dataset: str, route: str, outcome: Outcome) -> None:
         """Counted in memory, flushed to the ledger about once a second (one pipeline)."""
         self._counts[(dataset, route, outcome)] += 1
 
+    def errored(self, job: Job, reason: str) -> Outcome:
+        self._errors[(job.dataset, job.route, reason)] += 1
+        return "errored"
+
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.clock_pool is not None:
-            with contextlib.suppress(Exception):
-                await self.clock.calibrate(self.clock_pool)
+        await self._calibrate()
         await self._reload_noise_rules()
         self._tasks = [
             spawn(self._worker(), name=f"shadow-{i}") for i in range(self.settings.concurrency)
@@ -199,9 +256,6 @@ class Dispatcher:
             # Redis being away.
             self._tasks.append(spawn(self.noise.listen(self._noise_decided), name="noise-listen"))
 
-    async def _noise_decided(self, dataset: str | None) -> None:
-        await self._reload_noise_rules()
-
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -209,29 +263,66 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        while not self._queue.empty():  # never run: say so
+            job = self._queue.get_nowait()
+            self.count(job.dataset, job.route, "dropped")
+        with contextlib.suppress(Exception):
+            await self.flush()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def join(self) -> None:
+        """Until every queued shadow read is done, and its counts flushed (tests, shutdown)."""
+        await self._queue.join()
         await self.flush()
 
     async def flush(self) -> None:
+        """Counters to Redis; errored counts and any mismatch not yet recorded to Postgres.
+        What cannot be written is kept for the next flush."""
         counts, self._counts = self._counts, Counter()
-        if counts:
-            await self.ledger.count_many(counts)
+        if counts and not await self.ledger.count_many(counts):
+            self._counts.update(counts)
+        if self.clock_pool is None:
+            return
+        errors, self._errors = self._errors, Counter()
+        if errors:
+            try:
+                await self.ledger.errors(errors)
+            except StoreError:
+                self._errors.update(errors)
+                raise
+        while self._evidence:
+            dataset, route, diff, trace_id = self._evidence[0]
+            await self.ledger.mismatch(dataset, route, diff, trace_id, count=False)
+            self._evidence.popleft()
+
+    async def _calibrate(self) -> None:
+        if self.clock_pool is None:
+            return
+        try:
+            await self.clock.calibrate(self.clock_pool)
+        except Exception as exc:
+            log.warning("state database clock not measured (%s)", type(exc).__name__)
 
     async def _housekeeping(self) -> None:
-        """Counters flushed every second; the clock and accepted noise rules every 10 s."""
+        """Counters and evidence flushed every second; the clock and accepted noise rules every
+        10 s (the clock every second until it is known)."""
         tick = 0
         while True:
             await asyncio.sleep(1.0)
             tick += 1
             try:
-                await self.flush()
+                if tick % 10 == 0 or not self.clock.calibrated:
+                    await self._calibrate()
                 if tick % 10 == 0:
-                    if self.clock_pool is not None:
-                        await self.clock.calibrate(self.clock_pool)
                     await self._reload_noise_rules()
+                await self.flush()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the housekeeping alive: the next tick retries
                 log.warning("shadow housekeeping: %s", type(exc).__name__)
+
+    async def _noise_decided(self, dataset: str | None) -> None:
+        await self._reload_noise_rules()
 
     async def _reload_noise_rules(self) -> None:
         if self.noise is None:
@@ -247,7 +338,7 @@ class Dispatcher:
         self._accepted, self._rules, self._noise_version = accepted, {}, version
 
     def rules(self, dataset: str, route: str) -> Rules:
-        """The route's rules (or its dataset's), with the noise rules SREs accepted."""
+        """The read route's rules (or its dataset's), with the noise rules SREs accepted."""
         key = (dataset, route)
         compiled = self._rules.get(key)
         if compiled is None:
@@ -268,22 +359,21 @@ class Dispatcher:
     async def _worker(self) -> None:
         while True:
             job = await self._queue.get()
-            self._queued_bytes -= job.size
             try:
-                await self.run(job)
+                if job.size > BIG:
+                    async with self._big:
+                        await self.run(job)
+                else:
+                    await self.run(job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # The class only: a message could quote what a backend answered.
                 log.error("shadow read of %s %s failed: %s", job.dataset, job.route, type(exc))
-                self.count(job.dataset, job.route, "errored")
+                self.count(job.dataset, job.route, self.errored(job, "internal"))
             finally:
+                self._bytes -= job.size
                 self._queue.task_done()
-
-    async def join(self) -> None:
-        """Until every queued shadow read is done, and its counts flushed (tests, shutdown)."""
-        await self._queue.join()
-        await self.flush()
 
     async def run(self, job: Job) -> Outcome:
         """Shadow-read, guard, compare and record one job; return its outcome."""
@@ -303,7 +393,16 @@ class Dispatcher:
                     "bascule.diff.pointers",
                     [f"{d.part}:{d.pointer}:{d.kind}" for d in diff.differences[:20]],
                 )
-                await self.ledger.mismatch(job.dataset, job.route, diff, trace_id, count=False)
+                try:
+                    await self.ledger.mismatch(job.dataset, job.route, diff, trace_id, count=False)
+                except StoreError:
+                    # The evidence is kept and written by the next flush that reaches Postgres.
+                    if len(self._evidence) < 10_000:
+                        self._evidence.append((job.dataset, job.route, diff, trace_id))
+                    else:
+                        log.error(
+                            "mismatch of %s %s not recorded: backlog full", job.dataset, job.route
+                        )
             self.count(job.dataset, job.route, outcome)
             if outcome in ("matched", "mismatched"):
                 self.count(job.dataset, job.route, "compared")
@@ -313,8 +412,14 @@ class Dispatcher:
         return outcome
 
     async def _outcome(self, job: Job) -> tuple[Outcome, Diff | None]:
+        served = _decoded(job.answer, self.settings.max_body_bytes)
+        if served is None:
+            return self.errored(job, "serving_coding"), None
         waited_until = time.monotonic() + self.settings.lag_wait
         while True:
+            t1 = self.clock.now()
+            if t1 is None:
+                return self.errored(job, "clock"), None
             try:
                 other = await self._ask(job.shadowed, job)
             except (UpstreamError, TimeoutError) as exc:
@@ -325,55 +430,90 @@ class Dispatcher:
                     job.shadowed.value,
                     type(exc).__name__,
                 )
-                return "errored", None
+                late = isinstance(exc, TimeoutError | UpstreamTimeout)
+                return self.errored(job, "shadow_timeout" if late else "shadow_unreachable"), None
             if other is None:
-                return "skipped_large", None
-            verdict = await self._guarded(job, waited_until)
-            if verdict == "ask_again":
-                continue
-            if verdict is not None:
-                return verdict, None
-            break
-        rules = self.rules(job.dataset, job.route)
-        if len(job.answer.body) + len(other.body) > THREAD_ABOVE:
-            diff = await asyncio.to_thread(compare, job.answer, other, rules, self.token)
-        else:
-            diff = compare(job.answer, other, rules, self.token)
-        if not diff.equal:
-            return "mismatched", diff
-        return "matched", None
+                # Larger than anything compared while the serving answer was not: never
+                # silently skipped, since sizes that far apart say the data may differ.
+                return self.errored(job, "shadow_too_large"), None
+            if unavailable(other.status) and not unavailable(served.status):
+                return self.errored(job, f"shadow_status_{other.status // 100}xx"), None
+            self._bytes += len(other.body)
+            try:
+                verdict = await self._guarded(job, t1, served, other, waited_until)
+                if verdict == "ask_again":
+                    continue
+                if verdict != "clear":
+                    return verdict, None
+                rules = self.rules(job.dataset, job.route)
+                if len(served.body) + len(other.body) > THREAD_ABOVE:
+                    loop = asyncio.get_running_loop()
+                    diff = await loop.run_in_executor(
+                        self._executor, compare, served, other, rules, self.token
+                    )
+                else:
+                    diff = compare(served, other, rules, self.token)
+            finally:
+                self._bytes -= len(other.body)
+            if not diff.equal:
+                return "mismatched", diff
+            return "matched", None
 
     async def _guarded(
-        self, job: Job, waited_until: float
-    ) -> Outcome | Literal["ask_again"] | None:
-        """None when the two answers may be compared; else why not, or ask again."""
+        self, job: Job, t1: float, served: Answer, other: Answer, waited_until: float
+    ) -> Outcome | Literal["clear", "ask_again"]:
+        """Whether the two answers may be compared; else why not, or ask again."""
         if self.guard is None:
-            return None
-        try:
-            raced, lagging = await self.guard(job.dataset, job.records, job.t0)
-        except StoreError:
-            return "errored"
-        if raced:
-            return "skipped_raced"
-        if not lagging:
-            return None
-        # The serving side answered with writes the shadowed side may not have had: wait for
-        # their replay, then ask it again.
-        while time.monotonic() < waited_until:
-            await asyncio.sleep(_POLL)
-            try:
-                raced, lagging = await self.guard(job.dataset, job.records, job.t0)
-            except StoreError:
-                return "errored"
-            if raced:
-                return "skipped_raced"
-            if not lagging:
+            return "clear"
+        # A create makes a record that did not exist: never one both sides already hold.
+        both_hold = job.records is not None and served.status < 300 and other.status < 300
+        creates = self._creates if both_hold else ()
+        verdict = await self._verdict(job, t1, creates)
+        poll = _POLL_FIRST
+        while verdict == "lagging":
+            # In the serving answer, not on the other side when it was asked: wait for the
+            # replay (backing off), then ask again — the answer in hand predates it.
+            if time.monotonic() + poll > waited_until:
+                return "skipped_lagging"
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, _POLL_MAX)
+            now = self.clock.now()
+            if now is None:
+                return self.errored(job, "clock")
+            verdict = await self._verdict(job, now, creates)
+            if verdict == "clear":
                 return "ask_again"
-        return "skipped_lagging"
+        if verdict == "raced":
+            return "skipped_raced"
+        if verdict == "stuck":
+            return "skipped_lagging"  # a dead entry: its replay will not come by itself
+        return verdict  # clear, or errored
+
+    async def _verdict(
+        self, job: Job, t1: float, creates: tuple[str, ...]
+    ) -> Guarded | Literal["errored"]:
+        assert self.guard is not None
+        try:
+            return await self.guard(
+                job.dataset,
+                job.records,
+                t0=job.t0,
+                t1=t1,
+                serving=job.serving.value,
+                creates=creates,
+            )
+        except (StoreError, TimeoutError):
+            self.errored(job, "guard_unavailable")
+            return "errored"
 
     async def _ask(self, side: Side, job: Job) -> Answer | None:
-        """The answer of ``side`` to the job's request, or None when it is too large."""
-        headers = [*job.headers, SHADOW_HEADER]
+        """The answer of ``side`` to the job's request, uncoded, or None when too large."""
+        headers = [
+            (k, v)
+            for k, v in job.headers
+            if k.lower() not in CONDITIONAL and k.lower() != "accept-encoding"
+        ]
+        headers += [("Accept-Encoding", "identity"), SHADOW_HEADER]
         limit = self.settings.max_body_bytes
         async with asyncio.timeout(self.settings.deadline):
             async with self.upstreams[side].request(
@@ -389,12 +529,13 @@ class Dispatcher:
                     if size > limit:
                         return None
                     chunks.append(chunk)
-                return Answer(resp.status, CIMultiDict(resp.raw_headers), b"".join(chunks))
+                answer = Answer(resp.status, CIMultiDict(resp.raw_headers), b"".join(chunks))
+        return _decoded(answer, limit)
 
     # -- noise -----------------------------------------------------------------------------
 
     def _noise_wanted(self, job: Job) -> bool:
-        if self.noise is None:
+        if self.noise is None or unavailable(job.answer.status):
             return False
         share = self.config.dataset(job.dataset).noise_sample
         return share > 0.0 and self.rng.random() < share
@@ -402,24 +543,55 @@ class Dispatcher:
     async def _noise(self, job: Job) -> None:
         """Ask the serving side again; what differs with no write in between is noise."""
         try:
+            served = _decoded(job.answer, self.settings.max_body_bytes)
             again = await self._ask(job.serving, job)
-            if again is None:
+            if again is None or served is None or unavailable(again.status):
                 return
             if self.guard is not None:
-                raced, _ = await self.guard(job.dataset, None, job.t0)
-                if raced:
+                now = self.clock.now()
+                if now is None:
+                    return
+                verdict = await self.guard(
+                    job.dataset, None, t0=job.t0, t1=now, serving=job.serving.value
+                )
+                if verdict == "raced":
                     return  # a write to the dataset came in between: not an independent pair
             rules = self.rules(job.dataset, job.route)
-            if len(job.answer.body) + len(again.body) > THREAD_ABOVE:
-                observations = await asyncio.to_thread(
-                    observe, job.answer.body, again.body, rules, self.token
+            if len(served.body) + len(again.body) > THREAD_ABOVE:
+                loop = asyncio.get_running_loop()
+                observations = await loop.run_in_executor(
+                    self._executor, observe, served.body, again.body, rules, self.token
                 )
             else:
-                observations = observe(job.answer.body, again.body, rules, self.token)
+                observations = observe(served.body, again.body, rules, self.token)
             if observations:
                 await self.noise.record(job.dataset, job.route, observations)
         except (UpstreamError, TimeoutError, StoreError) as exc:
-            log.info("noise pair of %s %s not taken (%s)", job.dataset, job.route, exc)
+            log.info("noise pair of %s %s not taken (%s)", job.dataset, job.route, type(exc))
+
+
+def _decoded(answer: Answer, limit: int) -> Answer | None:
+    """``answer`` with its body uncoded (gzip, deflate), the coding headers dropped; None when
+    its coding is unknown or it decodes to more than ``limit`` bytes."""
+    coding = answer.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding == "identity":
+        return answer
+    if coding not in DECODABLE:
+        return None
+    try:
+        wbits = 16 + zlib.MAX_WBITS if coding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+        inflater = zlib.decompressobj(wbits)
+        body = inflater.decompress(answer.body, limit + 1)
+        if len(body) > limit or inflater.unconsumed_tail:
+            return None
+    except zlib.error:
+        return None
+    headers = CIMultiDict(
+        (k, v)
+        for k, v in answer.headers.items()
+        if k.lower() not in ("content-encoding", "content-length")
+    )
+    return replace(answer, headers=headers, body=body)
 
 
 def _trace_id(span: trace.Span) -> str | None:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import asyncpg
@@ -35,6 +35,7 @@ Outcome = Literal[
     "skipped_lagging",
     "skipped_raced",
     "skipped_large",
+    "skipped_unavailable",
     "errored",
     "dropped",
 ]
@@ -45,6 +46,7 @@ OUTCOMES: tuple[Outcome, ...] = (
     "skipped_lagging",
     "skipped_raced",
     "skipped_large",
+    "skipped_unavailable",
     "errored",
     "dropped",
 )
@@ -77,8 +79,9 @@ class Ledger:
         except (RedisError, OSError) as exc:
             log.warning("ledger counters not updated (%s)", type(exc).__name__)
 
-    async def count_many(self, counts: Mapping[tuple[str, str, Outcome], int]) -> None:
-        """Add several ``(dataset, route, outcome) -> n`` at once: one pipeline."""
+    async def count_many(self, counts: Mapping[tuple[str, str, Outcome], int]) -> bool:
+        """Add several ``(dataset, route, outcome) -> n`` at once: one pipeline. False when
+        Redis could not be reached (the caller keeps them for its next flush)."""
         bucket = int(self.clock()) // self.bucket_seconds * self.bucket_seconds
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -93,6 +96,20 @@ class Ledger:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("ledger counters not updated (%s)", type(exc).__name__)
+            return False
+        return True
+
+    async def errors(self, errors: Mapping[tuple[str, str, str], int]) -> None:
+        """Add errored comparisons, ``(dataset, route, reason) -> n``, to this minute's rows
+        in Postgres: like mismatches, they must outlive Redis (the gate wants none)."""
+        at = datetime.fromtimestamp(int(self.clock()) // 60 * 60, UTC)
+        async with reaching_postgres():
+            await self.pool.executemany(
+                "INSERT INTO bascule_shadow_error (dataset, route, reason, minute, n)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (dataset, minute, route, reason)"
+                " DO UPDATE SET n = bascule_shadow_error.n + excluded.n",
+                [(d, r, reason, at, n) for (d, r, reason), n in errors.items()],
+            )
 
     async def mismatch(
         self,
@@ -167,6 +184,33 @@ async def divergence(
             "last_seen": r["last_seen"].isoformat(),
             "trace_ids": list(r["traces"] or []),
             "routes": sorted(r["routes"]),
+        }
+        for r in rows
+    ]
+
+
+async def errored(
+    pool: asyncpg.Pool, dataset: str, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Comparisons of ``dataset`` that could not be made, by route and reason: how many,
+    first and last minute seen."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT route, reason, sum(n)::bigint AS n, min(minute) AS first_seen,"
+            " max(minute) AS last_seen FROM bascule_shadow_error"
+            " WHERE dataset = $1"
+            " AND ($2::timestamptz IS NULL OR minute >= date_trunc('minute', $2))"
+            " GROUP BY route, reason ORDER BY n DESC, route, reason",
+            dataset,
+            since,
+        )
+    return [
+        {
+            "route": r["route"],
+            "reason": r["reason"],
+            "count": r["n"],
+            "first_seen": r["first_seen"].isoformat(),
+            "last_seen": r["last_seen"].isoformat(),
         }
         for r in rows
     ]

@@ -263,39 +263,84 @@ async def db_now(journal: Journal) -> float:
 
 
 async def test_race_guard_of_shadow_reads(journal: Journal) -> None:
-    """What a shadow read of record 1 (or of the whole dataset) asked at t0 may compare."""
+    """What a shadow read of record 1 (or of the whole dataset), served by the source (the
+    authority) at t0 and sent to the target at t1, may compare."""
     mine, whole = (R1, DATASET_WIDE), None
-    t_empty = await db_now(journal)
-    assert await journal.race("dcir", mine, t_empty) == (False, False)
+
+    async def race(records: tuple[str, ...] | None, t0: float, t1: float, **kw: object) -> str:
+        return await journal.race("dcir", records, t0=t0, t1=t1, serving="source", **kw)  # type: ignore[arg-type]
+
+    t = await db_now(journal)
+    assert await race(mine, t, t) == "clear"
 
     before = await write(journal, R1)  # decided (pending) before t0
     t0 = await db_now(journal)
     # In the serving side's answer, not yet on the other side: wait for it.
-    assert await journal.race("dcir", mine, t0) == (False, True)
+    assert await race(mine, t0, t0) == "lagging"
     await journal.applied(before)
-    assert await journal.race("dcir", mine, t0) == (False, False)
+    # Applied after the shadow read was sent: that read may not have it, still lagging...
+    assert await race(mine, t0, t0) == "lagging"
+    # ...but a shadow read sent now has it.
+    assert await race(mine, t0, await db_now(journal)) == "clear"
 
     # Another record's write after t0 races a read of the dataset, not of record 1.
+    t1 = await db_now(journal)
     other = await write(journal, R2)
-    assert await journal.race("dcir", mine, t0) == (False, False)
-    assert await journal.race("dcir", whole, t0) == (True, False)
+    assert await race(mine, t0, t1) == "clear"
+    assert await race(whole, t0, t1) == "raced"
     await journal.applied(other)
-    assert await journal.race("dcir", whole, t0) == (True, False)  # applied, but after t0
-    assert await journal.race("pmsi", whole, t0) == (False, False)
+    assert await race(whole, t0, t1) == "raced"  # applied, but decided after t0
+    assert await journal.race("pmsi", whole, t0=t0, t1=t1, serving="source") == "clear"
 
     # A write of record 1 in flight (no outcome yet) or decided after t0: raced, even applied.
-    t1 = await db_now(journal)
+    t2 = await db_now(journal)
     flight = await write(journal, R1, state="intent")
-    assert await journal.race("dcir", mine, t1) == (True, False)
+    assert await race(mine, t2, t2) == "raced"
     await journal.decide(flight, "pending", status=200, dataset="dcir")
     await journal.applied(flight)
-    assert await journal.race("dcir", mine, t1) == (True, False)
+    assert await race(mine, t2, t2) == "raced"
 
     # A refused write changed nothing on either side.
-    t2 = await db_now(journal)
+    t3 = await db_now(journal)
     await write(journal, R1, state="rejected")
-    assert await journal.race("dcir", mine, t2) == (False, False)
+    assert await race(mine, t3, t3) == "clear"
 
-    # A dataset-wide write (a create) after t2 races every read of the dataset.
+    # In doubt: it may or may not be on the serving side. Resolved, it counts from then on.
+    doubt = await write(journal, R1, state="in_doubt")
+    t4 = await db_now(journal)
+    assert await race(mine, t4, t4) == "raced"
+    await journal.decide(doubt, "pending", status=200, dataset="dcir")
+    await journal.applied(doubt)
+    assert await race(mine, t4, await db_now(journal)) == "raced"  # resolved after t4
+    t5 = await db_now(journal)
+    assert await race(mine, t5, t5) == "clear"
+
+    # A dead write in the serving answer: its replay will not come by itself.
+    dead = await write(journal, R1)
+    await journal.dead(dead, "409")
+    t6 = await db_now(journal)
+    assert await race(mine, t6, t6) == "stuck"
+    await journal.decide(dead, "skipped", dataset="dcir")  # an SRE gave up on it
+    assert await race(mine, t6, t6) == "clear"  # the divergence is real now: compare
+
+    # The target is the authority, but this replica still serves the source (its view is
+    # behind a switch): a write the source gets by replay is raced until replayed before t0.
+    by_target = await write(journal, R1)
+    await journal.pool.execute(
+        "UPDATE bascule_journal SET authority = 'target' WHERE seq = $1", by_target
+    )
+    t7 = await db_now(journal)
+    assert await race(mine, t7, t7) == "raced"
+    await journal.applied(by_target)
+    assert await race(mine, t7, await db_now(journal)) == "raced"  # replayed after t7
+    t8 = await db_now(journal)
+    assert await race(mine, t8, t8) == "clear"
+
+    # A create (dataset-wide) after t8 races every read of the dataset, and a record read
+    # unless both sides hold the record (then the create is not it).
+    t9 = await db_now(journal)
     await write(journal, DATASET_WIDE)
-    assert await journal.race("dcir", mine, t2) == (True, False)
+    assert await race(mine, t9, t9) == "raced"
+    creates = ("PUT /v1/datasets/{dataset}/records/{id}",)  # how `write` journals it
+    assert await race(mine, t9, t9, creates=creates) == "clear"
+    assert await race(whole, t9, t9) == "raced"
