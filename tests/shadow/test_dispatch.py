@@ -69,8 +69,8 @@ class World:
         await self.replica.shadow.join()
         return await self.replica.shadow.ledger.counts("dcir", self.started)
 
-    async def target(self, sql: str, *args: Any) -> None:
-        conn = await asyncpg.connect(self.target_db)
+    async def target(self, sql: str, *args: Any, database: str | None = None) -> None:
+        conn = await asyncpg.connect(database or self.target_db)
         try:
             await conn.execute(sql, *args)
         finally:
@@ -371,3 +371,32 @@ async def test_noise_is_learned_under_patches_never_the_patched_field(
                 assert await get(session, f"{base}/{rid}") == 200
         after = await world.settled()
         assert after["matched"] - before["matched"] == 3, (before, after)
+
+
+async def test_in_live_the_source_is_shadowed(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """In `live` the target serves and the source is shadow-read: a divergence planted in the
+    source is found; the researcher got the target's answer."""
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        stages=(Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE),
+    ) as world:
+        await world.target("UPDATE dcir SET amount = 1234.5 WHERE id = 2", database=world.source_db)
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async with session.get(f"{world.proxy}/v1/datasets/dcir/records/2") as resp:
+                assert resp.headers["X-Served-By"] == "scaleway"
+                assert (await resp.json())["record"]["amount"] != 1234.5
+            assert await get(session, f"{world.proxy}/v1/datasets/dcir/records/3") == 200
+        counts = await world.settled()
+        found = await world.mismatches()
+    assert (counts["matched"], counts["mismatched"]) == (1, 1), counts
+    assert [(m["pointer"], m["kind"]) for m in found] == [("/record/amount", "changed")]
