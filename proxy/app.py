@@ -185,9 +185,9 @@ class Replica:
             await upstream.open()
         namer = Namer(self.secrets.hmac_key)
         noise_store = NoiseStore(self.pool, self.redis, self.config.state.redis_prefix)
-        # The race guard and the clock on a few sessions of their own: shadow reads never
+        # The race guard and the clock on two sessions of their own: shadow reads never
         # queue behind (or hold back) the replayer, the resolver and stage reloads.
-        self.guard_pool = await open_pool(self.postgres_url, max_size=4)
+        self.guard_pool = await open_pool(self.postgres_url, max_size=2)
         guard = None
         if self.dual is not None:
             guard = Journal(self.guard_pool, self.dual.journal.sealer, self.name).race
