@@ -7,7 +7,9 @@ differ, never what they hold.
 The status, then the allow-listed headers, then the body: JSON when both bodies parse as JSON,
 their bytes otherwise. A JSON body is parsed (msgspec: integers of any size stay exact), made
 ready by the rules along their patterns only (:mod:`shadow.normalize`), and walked where ``==``
-says it differs (:mod:`shadow.walk`).
+says it differs (:mod:`shadow.walk`). Before that, two bodies that differ only in values the
+rules ignore (a page served twice, its ``served_at`` alone changed) are recognised without
+decoding either (:mod:`shadow.masking`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ import msgspec
 
 from bascule.config import CompareRules
 from shadow.diff import COUNT_CAP, PLAIN_NAME, Diff, Difference, Found, Full, Kind, Part
+from shadow.masking import Plan, equal_but_ignored
 from shadow.normalize import prepare
 from shadow.pointers import Node, compile_patterns
 from shadow.walk import walk
 
 _DECODE = msgspec.json.Decoder()
 _NOT_JSON = object()
+
+MASK_FROM = 4096
+"""Bodies from this size (the larger of the two, bytes) are first checked for differing only in
+ignored values (:mod:`shadow.masking`): below it, decoding both costs about as little."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +56,23 @@ class Rules:
     instants: bool
     trie: Node | None = field(default=None, compare=False, repr=False)
     """Built from ``ignore`` and ``unordered``, which stand for it in ``==`` and ``repr``."""
+    plan: Plan | None = field(default=None, compare=False, repr=False)
+    """The decoder of ignored values (:mod:`shadow.masking`), built from the trie."""
 
 
 def compile_rules(rules: CompareRules) -> Rules:
     """Raises ValueError for a malformed pointer or a negative tolerance."""
     if rules.numeric_tolerance < 0:
         raise ValueError("numeric_tolerance must not be negative")
+    trie = compile_patterns(rules.ignore, rules.unordered)
     return Rules(
         headers=tuple(sorted({name.lower() for name in rules.headers})),
         ignore=tuple(rules.ignore),
         unordered=tuple(sorted(rules.unordered.items())),
         tolerance=float(rules.numeric_tolerance),
         instants=rules.timestamps_as_instants,
-        trie=compile_patterns(rules.ignore, rules.unordered),
+        trie=trie,
+        plan=Plan(trie),
     )
 
 
@@ -78,6 +89,19 @@ def compare(
     ``limit`` differences are listed: the first found in document order (members by name,
     elements by position); ``truncated`` counts the others.
     """
+    return _compare(serving, other, rules, token, limit, MASK_FROM)
+
+
+def _compare(
+    serving: Answer,
+    other: Answer,
+    rules: Rules,
+    token: Callable[[str], str],
+    limit: int,
+    mask_from: int | None,
+) -> Diff:
+    """:func:`compare`, bodies from ``mask_from`` bytes first checked by :mod:`shadow.masking`;
+    with None, never: the full path alone, which that check must always agree with."""
     if limit < 0:
         raise ValueError("limit must not be negative")
     found = Found(limit, token)
@@ -85,7 +109,7 @@ def compare(
         if serving.status != other.status:
             found.add("status", (), "changed")
         _headers(serving.headers, other.headers, rules.headers, found)
-        _body(serving.body, other.body, rules, found)
+        _body(serving.body, other.body, rules, found, mask_from)
     except Full:
         pass
     return found.diff()
@@ -112,11 +136,24 @@ def _values(headers: Mapping[str, str]) -> dict[str, list[str]]:
     return values
 
 
-def _body(serving: bytes, other: bytes, rules: Rules, found: Found) -> None:
-    # Byte-equal bodies are equal under any rules. Two bodies that are not JSON are compared by
-    # their bytes: both are in hand, so no digest need stand for them.
+def _body(serving: bytes, other: bytes, rules: Rules, found: Found, mask_from: int | None) -> None:
+    # Byte-equal bodies are equal under any rules, and so are bodies that differ only in what
+    # the rules ignore.
     if serving == other:
         return
+    if (
+        rules.plan is not None
+        and mask_from is not None
+        and max(len(serving), len(other)) >= mask_from
+        and equal_but_ignored(serving, other, rules.plan)
+    ):
+        return
+    _body_decoded(serving, other, rules, found)
+
+
+def _body_decoded(serving: bytes, other: bytes, rules: Rules, found: Found) -> None:
+    """The full path: both bodies decoded, prepared and walked. Two bodies that are not JSON are
+    compared by their bytes: both are in hand, so no digest need stand for them."""
     a, b = _parse(serving), _parse(other)
     if a is _NOT_JSON or b is _NOT_JSON:
         found.add("body", (), "changed" if a is b else "type")
