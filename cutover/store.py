@@ -355,6 +355,15 @@ async def _audit(
     )
 
 
+class StatelessConnection(asyncpg.Connection):
+    """A session that only ever runs self-contained statements (no SET, LISTEN, prepared
+    state of its own): handing it back to its pool needs no reset round trip (asyncpg's
+    ``RESET ALL; UNLISTEN *; ...`` on every release)."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def open_pool(
     url: str,
     *,

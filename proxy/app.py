@@ -23,7 +23,7 @@ from bascule.stores import provide_stores
 from bascule.tasks import spawn
 from cutover.admin import AdminDeps, create_admin_app
 from cutover.fleet import RedisAnnouncer, StageView
-from cutover.store import StageStore, open_pool, schema_check
+from cutover.store import StageStore, StatelessConnection, open_pool, schema_check
 from cutover.switch import switcher_for
 from proxy.dualwrite import DualWriter
 from proxy.forward import Forwarder
@@ -187,7 +187,9 @@ class Replica:
         noise_store = NoiseStore(self.pool, self.redis, self.config.state.redis_prefix)
         # The race guard and the clock on two sessions of their own: shadow reads never
         # queue behind (or hold back) the replayer, the resolver and stage reloads.
-        self.guard_pool = await open_pool(self.postgres_url, max_size=2)
+        self.guard_pool = await open_pool(
+            self.postgres_url, max_size=2, connection_class=StatelessConnection
+        )
         guard = None
         if self.dual is not None:
             guard = Journal(self.guard_pool, self.dual.journal.sealer, self.name).race

@@ -9,13 +9,14 @@ budget; a shadow read that does not fit is dropped and counted ``dropped``.
 
 **Race guard.** The proxy notes ``t0`` before the serving side is asked, and each shadow read
 notes ``t1`` before it is sent, both on the state database's clock (estimated locally, never a
-round trip on the researcher's path: :class:`DbClock`). Once the shadowed side has answered,
-:meth:`proxy.journal.Journal.race` says from the journal whether a write to the record read
-(or, for a read that names none, to the dataset) may be in one answer and not the other
-(*raced*), is in the serving answer but reached the other side too late (*lagging*: wait for
-its replay, then ask again; past ``lag_wait``, *skipped: lagging*), or cannot reach it by
-itself (a dead entry: *skipped: lagging* at once). Only a *clear* read is compared. Every rule
-errs toward skipping, never toward a false mismatch.
+round trip on the researcher's path: :class:`DbClock`). Two answers that agree are a match,
+whatever was written meanwhile. When they differ, :meth:`proxy.journal.Journal.race` says
+from the journal whether a write to the record read (or, for a read that names none, to the
+dataset) may be in one answer and not the other (*raced*), is in the serving answer but
+reached the other side too late (*lagging*: wait for its replay, then ask again; past
+``lag_wait``, *skipped: lagging*), or cannot reach it by itself (a dead entry: *skipped:
+lagging* at once). Only a difference the guard calls *clear* is a mismatch. Every rule errs
+toward skipping, never toward a false mismatch.
 
 **What counts.** ``compared`` = ``matched`` + ``mismatched``. A serving side that failed
 (5xx, 408, 429) is ``skipped_unavailable``: nothing to compare. A shadowed side that failed,
@@ -440,11 +441,6 @@ class Dispatcher:
                 return self.errored(job, f"shadow_status_{other.status // 100}xx"), None
             self._bytes += len(other.body)
             try:
-                verdict = await self._guarded(job, t1, served, other, waited_until)
-                if verdict == "ask_again":
-                    continue
-                if verdict != "clear":
-                    return verdict, None
                 rules = self.rules(job.dataset, job.route)
                 if len(served.body) + len(other.body) > THREAD_ABOVE:
                     loop = asyncio.get_running_loop()
@@ -453,11 +449,18 @@ class Dispatcher:
                     )
                 else:
                     diff = compare(served, other, rules, self.token)
+                if diff.equal:
+                    # The two sides said the same thing: a match whatever wrote meanwhile. The
+                    # guard only ever stands between a difference and a mismatch.
+                    return "matched", None
+                verdict = await self._guarded(job, t1, served, other, waited_until)
             finally:
                 self._bytes -= len(other.body)
-            if not diff.equal:
-                return "mismatched", diff
-            return "matched", None
+            if verdict == "ask_again":
+                continue
+            if verdict != "clear":
+                return verdict, None
+            return "mismatched", diff
 
     async def _guarded(
         self, job: Job, t1: float, served: Answer, other: Answer, waited_until: float
