@@ -926,7 +926,8 @@ PAGE_IGNORES = rules(ignore=("/served_at", "/records/*/served_at"), unordered={"
     [
         ("2024-05-01T12:00:00.000000Z", "2024-05-01T12:00:00.037000Z", True),
         ("2024-05-01T12:00:00Z", "2024-05-01T12:00:00.037+00:00", True),  # another length
-        (["12:00:00.001", "12:00:00.002"], ["12:00:00.041", "12:00:00.042", "12:00:00.043"], True),
+        # several stamps: left to the full path (cutting by each costs more than decoding)
+        (["12:00:00.001", "12:00:00.002"], ["12:00:00.041", "12:00:00.042", "12:00:00.043"], False),
         # one stamp, then two: left to the full path (equal there)
         ("2024-05-01T12:00:00Z", ["a", "b"], False),
     ],
