@@ -47,9 +47,23 @@ def create_app(
     return app
 
 
+class _Connection(asyncpg.Connection):
+    """A pooled connection handed back with no reset round trip: requests leave no session
+    state (advisory locks are transaction-scoped, nothing is SET, listened or left open), and
+    asyncpg still rolls back a transaction left open."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=settings.pool_size)
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.pool_size,
+        connection_class=_Connection,
+    )
     try:
         async with pool.acquire() as conn:
             await ensure_schema(conn)

@@ -51,6 +51,11 @@ def _int_param(request: web.Request, name: str, default: int, lowest: int, highe
     return int(raw)
 
 
+def _served_at(claim: store.Claim | None) -> str | None:
+    """A keyed write's answer carries the ``served_at`` its key recorded with it."""
+    return claim.served_at if claim is not None else None
+
+
 def _not_found(spec: DatasetSpec, record_id: int) -> NotFound:
     return NotFound("record_not_found", f"no record {record_id} in {spec.name}")
 
@@ -95,8 +100,9 @@ async def create_record(request: web.Request) -> web.Response:
     raw, body = await read_object(request)
     values = parse_create(spec, body)
 
-    async def action(conn: store.Conn) -> Answer:
-        return Answer.json(201, {"record": await store.create(conn, spec, values)})
+    async def action(conn: store.Conn, claim: store.Claim | None) -> Answer:
+        record = await store.create(conn, spec, values, claim)
+        return Answer.json(201, {"record": record}, _served_at(claim))
 
     return await idempotency.perform(request, spec.name, raw, action)
 
@@ -107,9 +113,9 @@ async def replace_record(request: web.Request) -> web.Response:
     raw, body = await read_object(request)
     values = parse_replace(spec, body, record_id)
 
-    async def action(conn: store.Conn) -> Answer:
-        record, created = await store.upsert(conn, spec, record_id, values)
-        return Answer.json(201 if created else 200, {"record": record})
+    async def action(conn: store.Conn, claim: store.Claim | None) -> Answer:
+        record, created = await store.upsert(conn, spec, record_id, values, claim)
+        return Answer.json(201 if created else 200, {"record": record}, _served_at(claim))
 
     return await idempotency.perform(request, spec.name, raw, action)
 
@@ -120,11 +126,11 @@ async def patch_record(request: web.Request) -> web.Response:
     raw, body = await read_object(request)
     values = parse_patch(spec, body)
 
-    async def action(conn: store.Conn) -> Answer:
-        record = await store.patch(conn, spec, record_id, values)
+    async def action(conn: store.Conn, claim: store.Claim | None) -> Answer:
+        record = await store.patch(conn, spec, record_id, values, claim)
         if record is None:
             raise _not_found(spec, record_id)
-        return Answer.json(200, {"record": record})
+        return Answer.json(200, {"record": record}, _served_at(claim))
 
     return await idempotency.perform(request, spec.name, raw, action)
 
@@ -134,8 +140,8 @@ async def delete_record(request: web.Request) -> web.Response:
     record_id = _record_id(request)
     raw = await request.read()
 
-    async def action(conn: store.Conn) -> Answer:
-        if not await store.delete(conn, spec, record_id):
+    async def action(conn: store.Conn, claim: store.Claim | None) -> Answer:
+        if not await store.delete(conn, spec, record_id, claim):
             raise _not_found(spec, record_id)
         return Answer(204)
 

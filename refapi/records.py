@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from refapi.columns import Column
+import orjson
+
+from refapi.columns import Column, ColumnType, format_timestamp
 from refapi.datasets import CREATED_AT, ID, UPDATED_AT, DatasetSpec
 from refapi.errors import BadRequest, Unprocessable
 
@@ -61,6 +63,26 @@ def parse_patch(spec: DatasetSpec, body: Mapping[str, object]) -> RecordValues:
 def render(spec: DatasetSpec, row: Mapping[str, object]) -> dict[str, object]:
     """A stored row as the JSON record the API answers with, in table column order."""
     return {c.name: c.render(row[c.name]) for c in spec.all_columns}
+
+
+def rendered(spec: DatasetSpec, stored: str) -> dict[str, object]:
+    """What :func:`render` made of a row, from the row as Postgres' ``to_jsonb`` stored it
+    (an idempotency key's answer): the same values, spelled the same."""
+    values = orjson.loads(stored)
+    return {c.name: _from_json(c, values[c.name]) for c in spec.all_columns}
+
+
+def _from_json(column: Column, value: object) -> object:
+    if value is None:
+        return None
+    if column.type is ColumnType.TIMESTAMP:
+        assert isinstance(value, str)
+        return format_timestamp(datetime.fromisoformat(value))
+    if column.type is ColumnType.MONEY:
+        # numeric(10,2) as a JSON number: the float nearest to it, as render() gives.
+        assert isinstance(value, int | float)
+        return float(value)
+    return value  # ids and integers are numbers, dates ISO strings, texts strings
 
 
 def _unwrap(body: Mapping[str, object]) -> Mapping[str, object]:

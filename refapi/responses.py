@@ -27,8 +27,9 @@ class Answer:
     body: bytes | None = None
 
     @classmethod
-    def json(cls, status: int, payload: Mapping[str, object]) -> Answer:
-        return cls(status, orjson.dumps({**payload, "served_at": served_at()}))
+    def json(cls, status: int, payload: Mapping[str, object], at: str | None = None) -> Answer:
+        """``payload`` with its ``served_at``: ``at``, or now."""
+        return cls(status, orjson.dumps({**payload, "served_at": at or served_at()}))
 
     def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
         if self.body is None:

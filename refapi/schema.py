@@ -6,14 +6,15 @@ from collections.abc import Iterable
 
 from refapi.columns import ColumnType
 from refapi.datasets import DATASETS, DatasetSpec
-from refapi.store import Conn
-
-IDEMPOTENCY_TABLE = "idempotency_keys"
+from refapi.store import IDEMPOTENCY_TABLE, Conn
 
 # Several instances may start on one database at once; CREATE ... IF NOT EXISTS alone races on
 # the catalog, so creation is serialized on this (arbitrary, fixed) advisory lock.
 _SCHEMA_LOCK = 0x7265_6661_7069  # "refapi"
 
+# A key's answer is its status and either its body as sent (``body``) or, as writes store it
+# in their own statement, the record written (``record``) and ``served_at``, from which the
+# same bytes are rendered again (``refapi.records.rendered``).
 _IDEMPOTENCY_DDL = f"""
 CREATE TABLE IF NOT EXISTS {IDEMPOTENCY_TABLE} (
     key         text PRIMARY KEY,
@@ -21,8 +22,15 @@ CREATE TABLE IF NOT EXISTS {IDEMPOTENCY_TABLE} (
     fingerprint bytea NOT NULL,
     status      integer NOT NULL,
     body        bytea,
+    record      jsonb,
+    served_at   text,
     created_at  timestamptz NOT NULL DEFAULT now()
 )"""
+# Tables created by an earlier version of this API lack the last two columns.
+_IDEMPOTENCY_UPGRADE = (
+    f"ALTER TABLE {IDEMPOTENCY_TABLE} ADD COLUMN IF NOT EXISTS record jsonb,"
+    " ADD COLUMN IF NOT EXISTS served_at text"
+)
 
 
 def table_ddl(spec: DatasetSpec) -> str:
@@ -51,3 +59,4 @@ async def ensure_schema(
         for spec in specs:
             await conn.execute(table_ddl(spec))
         await conn.execute(_IDEMPOTENCY_DDL)
+        await conn.execute(_IDEMPOTENCY_UPGRADE)

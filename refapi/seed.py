@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import asyncpg
 
 from refapi.datasets import DATASETS
-from refapi.schema import IDEMPOTENCY_TABLE, ensure_schema
+from refapi.schema import ensure_schema
+from refapi.store import IDEMPOTENCY_TABLE
 from refapi.synth import GENERATORS
 
 

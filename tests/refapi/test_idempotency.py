@@ -66,6 +66,44 @@ async def test_repeated_put_and_delete_replay_their_status(
     assert await db.fetchval("SELECT count(*) FROM dcir WHERE id = $1", SEEDED_ROWS + 10) == 0
 
 
+async def test_repeated_put_and_patch_get_the_first_body_byte_for_byte(
+    seeded: Client, db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    # The answer is stored as the record written and its served_at: what a repeat sends is
+    # rendered again from them, timestamps and amounts spelled as the first time.
+    url = f"{DCIR}/{SEEDED_ROWS + 20}"
+    record = dcir_record(amount=1234567.8, prescriber_speciality=None)
+    stamped = {**record, "created_at": "2024-01-02T03:04:05+02:00"}
+    put = await seeded.put(url, json=stamped, headers=key("k-put-bytes"))
+    patch = await seeded.patch(url, json={"amount": 0.1}, headers=key("k-patch-bytes"))
+    assert put.status == 201 and patch.status == 200
+    await asyncio.sleep(0.01)  # a repeat's served_at would differ if it were made anew
+    again_put = await seeded.put(url, json=stamped, headers=key("k-put-bytes"))
+    again_patch = await seeded.patch(url, json={"amount": 0.1}, headers=key("k-patch-bytes"))
+    assert again_put.headers["Idempotency-Replayed"] == "true"
+    assert again_patch.headers["Idempotency-Replayed"] == "true"
+    assert await again_put.read() == await put.read()
+    assert await again_patch.read() == await patch.read()
+    assert (await body(again_put))["record"]["created_at"] == "2024-01-02T01:04:05.000000Z"
+    assert await db.fetchval("SELECT amount::text FROM dcir WHERE id = $1", SEEDED_ROWS + 20) == (
+        "0.10"
+    )
+
+
+async def test_concurrent_patches_with_one_key_apply_once(
+    seeded: Client, db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    url = f"{DCIR}/5"
+    answers = await asyncio.gather(
+        *(seeded.patch(url, json={"amount": 7}, headers=key("k-race-patch")) for _ in range(6))
+    )
+    assert {r.status for r in answers} == {200}
+    assert len({await r.read() for r in answers}) == 1
+    assert sum(r.headers.get("Idempotency-Replayed") == "true" for r in answers) == 5
+    stored = await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE key = 'k-race-patch'")
+    assert stored == 1
+
+
 async def test_key_reused_for_another_request_is_422(
     seeded: Client, db: asyncpg.Connection[asyncpg.Record]
 ) -> None:
