@@ -3,10 +3,13 @@
 One run measures, with the same writes (PATCH of one record's amount, concurrency 1):
   direct      the source reference API itself (the baseline)
   dualwrite   through `bascule proxy` with dcir in `dualwrite` (lock, intent, call, outcome)
-measures the target API's own keyed-write capacity (concurrency 32, the replay's baseline),
-then builds a backlog: the target is stopped, N writes go through the proxy (concurrency 32),
-the target comes back, and the time to replay the whole backlog gives the replay rate; then
-a second backlog drains into bench/sink.py, a backend that stores nothing: the replayer's ceiling.
+in alternating blocks, so that both see the same machine (on a shared 2-core machine the load
+of other processes drifts within a minute); each dualwrite block includes its replays to the
+target, and the next direct block starts once they are done. Then it measures the target API's
+own keyed-write capacity (concurrency 32, the replay's baseline), and builds a backlog: the
+target is stopped, N writes go through the proxy (concurrency 32), the target comes back, and
+the time to replay the whole backlog gives the replay rate; then a second backlog drains into
+bench/sink.py, a backend that stores nothing: the replayer's ceiling.
 
     .venv/bin/python bench/dual_write.py [--writes 500] [--backlog 10000]
 """
@@ -79,27 +82,26 @@ def quantiles(latencies: list[float]) -> tuple[float, float]:
     return q[49] * 1e3, q[98] * 1e3
 
 
-async def open_entries(state_db: str) -> int:
-    conn = await asyncpg.connect(state_db)
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM bascule_journal WHERE state IN ('intent', 'pending')"
-        )
-        return count
-    finally:
-        await conn.close()
+async def open_entries(conn: asyncpg.Connection) -> int:
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM bascule_journal WHERE state IN ('intent', 'pending')"
+    )
+    return count
 
 
-async def drained(state_db: str) -> float:
-    """Seconds until no entry is open, from now; the outage's backoff released first."""
-    conn = await asyncpg.connect(state_db)
+async def settled(conn: asyncpg.Connection, poll: float = 0.2) -> None:
+    while await open_entries(conn):
+        await asyncio.sleep(poll)
+
+
+async def drained(conn: asyncpg.Connection) -> float:
+    """Seconds until no entry is open, from now; the outage's backoff released first. One
+    connection polls (a connection per poll would cost the server a process each time)."""
     await conn.execute(  # measure replay, not the retry delays the outage built up
         "UPDATE bascule_journal SET next_attempt_at = now() WHERE state = 'pending'"
     )
-    await conn.close()
     started = time.perf_counter()
-    while await open_entries(state_db):
-        await asyncio.sleep(0.05)
+    await settled(conn, 0.05)
     return time.perf_counter() - started
 
 
@@ -154,37 +156,44 @@ async def main(args: argparse.Namespace) -> None:
             await proxy.start()
             proxy_url = f"http://{cfg.proxy.listen}"
 
-            await writes(f"http://127.0.0.1:{ports['src']}", 100, 1)  # warm up
-            direct = quantiles(await writes(f"http://127.0.0.1:{ports['src']}", args.writes, 1))
-            # The baseline of the replay rate: how fast the target API itself takes keyed
-            # writes from 32 clients. A replayer cannot apply faster than the side it writes to.
-            started = time.perf_counter()
-            await writes(f"http://127.0.0.1:{ports['tgt']}", args.backlog, 32, keyed=True)
-            capacity = args.backlog / (time.perf_counter() - started)
-
+            journal = await asyncpg.connect(state)
+            stack.push_async_callback(journal.close)
             pool = await open_pool(state, max_size=1)
             store = StageStore(pool)
             row = await store.get("dcir")
             await store.change("dcir", row.version, Stage.DUALWRITE, actor="bench", reason="b")
             await pool.close()
             await asyncio.sleep(1.5)  # the proxy polls the new stage
+            direct_url = f"http://127.0.0.1:{ports['src']}"
+            await writes(direct_url, 100, 1)  # warm up
             await writes(proxy_url, 100, 1)
-            dual = quantiles(await writes(proxy_url, args.writes, 1))
-            while await open_entries(state):
-                await asyncio.sleep(0.2)
+            await settled(journal)
+            samples: dict[str, list[float]] = {"direct": [], "dualwrite": []}
+            per_block = max(1, args.writes // args.blocks)
+            for _ in range(args.blocks):
+                samples["direct"] += await writes(direct_url, per_block, 1)
+                samples["dualwrite"] += await writes(proxy_url, per_block, 1)
+                await settled(journal, 0.02)  # its replays belong to the dualwrite block
+            direct, dual = quantiles(samples["direct"]), quantiles(samples["dualwrite"])
+
+            # The baseline of the replay rate: how fast the target API itself takes keyed
+            # writes from 32 clients. A replayer cannot apply faster than the side it writes to.
+            started = time.perf_counter()
+            await writes(f"http://127.0.0.1:{ports['tgt']}", args.backlog, 32, keyed=True)
+            capacity = args.backlog / (time.perf_counter() - started)
 
             await target.stop()
             started = time.perf_counter()
             await writes(proxy_url, args.backlog, 32)
             fill = time.perf_counter() - started
-            backlog = await open_entries(state)
+            backlog = await open_entries(journal)
             await target.start()
-            drain = await drained(state)
+            drain = await drained(journal)
 
             # The same again into a backend that stores nothing: the replayer's own ceiling.
             await target.stop()
             await writes(proxy_url, args.backlog, 32)
-            sink_backlog = await open_entries(state)
+            sink_backlog = await open_entries(journal)
             sink = ServerProcess(
                 "sink",
                 [
@@ -198,9 +207,12 @@ async def main(args: argparse.Namespace) -> None:
             )
             stack.push_async_callback(sink.stop)
             await sink.start()
-            sink_drain = await drained(state)
+            sink_drain = await drained(journal)
 
-    print(f"\ndual write — PATCH of one record, {ROWS} records, 2 cores")
+    print(
+        f"\ndual write — PATCH of one record, {ROWS} records, 2 cores; "
+        f"{args.blocks} alternating blocks of each path"
+    )
     print(f"{'path':<12}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}")
     print(f"{'direct':<12}{direct[0]:>9.2f}{direct[1]:>9.2f}{0:>+9.2f}")
     print(f"{'dualwrite':<12}{dual[0]:>9.2f}{dual[1]:>9.2f}{dual[0] - direct[0]:>+9.2f}")
@@ -223,5 +235,6 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writes", type=int, default=500, help="per latency row")
+    parser.add_argument("--blocks", type=int, default=10, help="alternating blocks per row")
     parser.add_argument("--backlog", type=int, default=10_000, help="writes in the backlog")
     asyncio.run(main(parser.parse_args()))

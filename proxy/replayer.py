@@ -65,18 +65,27 @@ class Replayer:
     run_length: int = 16
     """Consecutive entries of one record taken per round."""
     idle_wait: float = 0.05
+    """Seconds between rounds that found nothing to replay."""
+    trickle_wait: float = 0.01
+    """Seconds after a round that replayed all there was: the next takes what came meanwhile.
+    Longer batches more writes per round, in bursts that compete with researchers' writes
+    (at concurrency 1 on 2 cores, 50 ms made the write p99 11 ms, 10 ms 8.6 ms; same p50)."""
     base_delay: float = 0.2
     max_delay: float = 5.0
     sleep: Callable[[float], Any] = asyncio.sleep
     _held: dict[str, float] = field(default_factory=dict)
     """Per dataset: the loop time at which this replica's replay lease may have expired."""
+    _renewed: dict[str, float] = field(default_factory=dict)
+    """Per dataset: the loop time at which this replica last renewed its replay lease."""
+    _more: dict[str, bool] = field(default_factory=dict)
+    """Per dataset: whether its last round was cut short (more may be replayable at once)."""
 
     async def run(self) -> None:
         """Replay until cancelled."""
         last_purge = 0.0
         loop = asyncio.get_running_loop()
         while True:
-            busy = False
+            busy = trickle = False
             if self.retention is not None and loop.time() - last_purge > 60.0:
                 last_purge = loop.time()
                 with contextlib.suppress(StoreError):
@@ -93,7 +102,11 @@ class Replayer:
                         continue
                     if self.resolver is not None:
                         busy |= await self.resolver.round(dataset) > 0
-                    busy |= await self.round(dataset) > 0
+                    # A round that took everything replayable is followed by a wait, so that
+                    # the next one takes what arrived meanwhile in one wave instead of a round
+                    # (and its queries) per write trickling in; a short one if it found any.
+                    trickle |= await self.round(dataset) > 0
+                    busy |= self._more.get(dataset, False)
                 except StoreError as exc:
                     log.warning("replayer: %s", exc)
                     await self._recover()
@@ -111,7 +124,7 @@ class Replayer:
                     log.error("replayer round failed: %s", type(exc).__name__, exc_info=exc)
                     await self._recover()
             if not busy:
-                await self.sleep(self.idle_wait)
+                await self.sleep(self.trickle_wait if trickle else self.idle_wait)
 
     async def _recover(self) -> None:
         # Connections that lived through a store outage may be unusable: start afresh.
@@ -120,6 +133,8 @@ class Replayer:
         await self.sleep(1.0)
 
     async def _release(self, name: str) -> None:
+        self._held.pop(name.removeprefix("replay:"), None)
+        self._renewed.pop(name.removeprefix("replay:"), None)
         with contextlib.suppress(Exception):
             async with reaching_postgres():
                 await self.journal.pool.execute(
@@ -135,6 +150,16 @@ class Replayer:
         duration = max(self.lease_seconds, deadline + 1.0)
         # Measured from before the database set the expiry, less a margin: never later than it.
         asked = asyncio.get_running_loop().time()
+        dataset = name.removeprefix("replay:") if name.startswith("replay:") else None
+        if dataset is not None:
+            # Renewed at most every half lease (not every round): held until ``_held`` anyway.
+            renewed, held = self._renewed.get(dataset), self._held.get(dataset)
+            if (
+                renewed is not None
+                and held is not None
+                and asked < min(renewed + duration / 2, held)
+            ):
+                return True
         async with reaching_postgres():
             holder = await self.journal.pool.fetchval(
                 "INSERT INTO bascule_lease (name, holder, expires_at)"
@@ -151,8 +176,9 @@ class Replayer:
             )
         if holder != self.replica:
             return False
-        if name.startswith("replay:"):
-            self._held[name.removeprefix("replay:")] = asked + duration - 0.5
+        if dataset is not None:
+            self._held[dataset] = asked + duration - 0.5
+            self._renewed[dataset] = asked
         return True
 
     def _deadline(self) -> float:
@@ -163,13 +189,13 @@ class Replayer:
 
         A wave holds up to ``run`` consecutive entries of each record: a record's entries are
         applied one after the other, stopping at its first failure (the entries after it stay
-        pending, held back by it); records go concurrently. The wave's requests and answers
-        come in one query and the successes are marked in one statement: per entry, only the
-        replay itself is a round trip."""
-        entries = await self.journal.replayable(dataset, limit=self.wave, run=self.run_length)
+        pending, held back by it); records go concurrently. The wave, with its requests and
+        answers, comes in one query and the successes are marked in one statement: per entry,
+        only the replay itself is a round trip."""
+        entries, payloads = await self.journal.wave(dataset, limit=self.wave, run=self.run_length)
         if not entries:
+            self._more[dataset] = False
             return 0
-        payloads = await self.journal.payloads(entries)
         chains: dict[str, list[Entry]] = {}
         for entry in entries:  # in seq order, so each chain is in its record's order
             chains.setdefault(entry.record, []).append(entry)
@@ -193,6 +219,12 @@ class Replayer:
 
         applied = await asyncio.gather(*(chain(run) for run in chains.values()))
         await self.journal.applied_many([seq for done in applied for seq in done])
+        # More may be replayable at once only if this wave was cut short: by its size, or by
+        # the run length of a record it applied whole.
+        self._more[dataset] = len(entries) >= self.wave or any(
+            len(run) >= self.run_length and len(done) == len(run)
+            for run, done in zip(chains.values(), applied, strict=True)
+        )
         return len(entries)
 
     async def apply(
