@@ -201,6 +201,7 @@ class Dispatcher:
             f"{method} {r.path}" for r in config.routes if r.create_id for method in r.methods
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
         self._noise_version: Any = None
 
     # -- the researcher's path -------------------------------------------------------------
@@ -255,12 +256,18 @@ class Dispatcher:
         if self.noise is not None:
             # Decisions heard on Redis at once; the housekeeping's poll of Postgres covers
             # Redis being away.
-            self._tasks.append(spawn(self.noise.listen(self._noise_decided), name="noise-listen"))
+            self._tasks.append(
+                spawn(self.noise.listen(self._noise_decided, self._stopping), name="noise-listen")
+            )
 
     async def stop(self) -> None:
+        self._stopping.set()
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+            # redis-py can swallow a cancellation that lands inside its read timeout
+            # (redis/redis-py#2028): cancel until the task has really ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []

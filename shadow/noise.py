@@ -589,27 +589,34 @@ class NoiseStore:
             )
         return int(found)
 
-    async def listen(self, on_change: Callable[[str | None], Awaitable[None]]) -> None:
+    async def listen(
+        self,
+        on_change: Callable[[str | None], Awaitable[None]],
+        stopping: asyncio.Event | None = None,
+    ) -> None:
         """Call ``on_change(dataset)`` for each decision announced on Redis, and
         ``on_change(None)`` on every (re)subscription (what was announced meanwhile is in
-        Postgres). Runs until cancelled; Redis away is retried with a backoff, and the caller
-        polls :meth:`version` meanwhile."""
+        Postgres). Runs until ``stopping`` is set (or cancelled: redis-py can swallow a
+        cancellation inside its read timeout, redis/redis-py#2028, so set it first); Redis away
+        is retried with a backoff, and the caller polls :meth:`version` meanwhile."""
+        stopping = stopping or asyncio.Event()
         backoff = 0.1
-        while True:
+        while not stopping.is_set():
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(channel(self.prefix))
                     backoff = 0.1
                     await on_change(None)
-                    while True:
+                    while not stopping.is_set():
                         message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
+                            ignore_subscribe_messages=True, timeout=0.5
                         )
                         if message is not None and message.get("type") == "message":
                             await on_change(_announced_dataset(message.get("data")))
             except (RedisError, OSError) as exc:
                 log.info("noise decisions not heard on Redis (%s); polling", type(exc).__name__)
-            await asyncio.sleep(backoff)
+            if not stopping.is_set():
+                await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
     async def _announce(self, dataset: str, version: int) -> bool:
