@@ -392,7 +392,9 @@ class Dispatcher:
             kind=trace.SpanKind.INTERNAL,
             attributes={"bascule.dataset": job.dataset, "bascule.route": job.route},
         ) as span:
-            outcome, diff = await self._outcome(job)
+            # Uncoded once, for the comparison and for a noise pair alike.
+            served = _decoded(job.answer, self.settings.max_body_bytes)
+            outcome, diff = await self._outcome(job, served)
             span.set_attribute("bascule.outcome", outcome)
             trace_id = _trace_id(span)
             if diff is not None:
@@ -415,12 +417,11 @@ class Dispatcher:
             if outcome in ("matched", "mismatched"):
                 self.count(job.dataset, job.route, "compared")
         # Whatever the comparison gave: noise is what makes answers differ on their own.
-        if self._noise_wanted(job):
-            await self._noise(job)
+        if served is not None and self._noise_wanted(job):
+            await self._noise(job, served)
         return outcome
 
-    async def _outcome(self, job: Job) -> tuple[Outcome, Diff | None]:
-        served = _decoded(job.answer, self.settings.max_body_bytes)
+    async def _outcome(self, job: Job, served: Answer | None) -> tuple[Outcome, Diff | None]:
         if served is None:
             return self.errored(job, "serving_coding"), None
         waited_until = time.monotonic() + self.settings.lag_wait
@@ -550,12 +551,11 @@ class Dispatcher:
         share = self.config.dataset(job.dataset).noise_sample
         return share > 0.0 and self.rng.random() < share
 
-    async def _noise(self, job: Job) -> None:
+    async def _noise(self, job: Job, served: Answer) -> None:
         """Ask the serving side again; what differs with no write in between is noise."""
         try:
-            served = _decoded(job.answer, self.settings.max_body_bytes)
             again = await self._ask(job.serving, job)
-            if again is None or served is None or unavailable(again.status):
+            if again is None or unavailable(again.status):
                 return
             if self.guard is not None:
                 now = self.clock.now()
