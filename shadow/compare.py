@@ -25,7 +25,7 @@ from shadow.diff import COUNT_CAP, PLAIN_NAME, Diff, Difference, Found, Full, Ki
 from shadow.masking import Plan, equal_but_ignored
 from shadow.normalize import prepare
 from shadow.pointers import Node, compile_patterns
-from shadow.walk import walk
+from shadow.walk import no_booleans, walk
 
 _DECODE = msgspec.json.Decoder()
 _NOT_JSON = object()
@@ -162,7 +162,8 @@ def _body_decoded(serving: bytes, other: bytes, rules: Rules, found: Found) -> N
     try:
         if rules.trie is not None:
             a, b = prepare(a, rules.trie), prepare(b, rules.trie)
-        walk(a, b, found, tolerance=rules.tolerance, instants=rules.instants)
+        exact = no_booleans(serving) and no_booleans(other)
+        walk(a, b, found, tolerance=rules.tolerance, instants=rules.instants, exact=exact)
     except RecursionError:
         # Nesting deeper than the interpreter's stack allows: the bytes differ, and saying so
         # at the root never calls two different answers equal.

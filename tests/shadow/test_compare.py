@@ -11,8 +11,9 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import orjson
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from multidict import CIMultiDict
@@ -30,7 +31,10 @@ from shadow.compare import (
     compare,
     compile_rules,
 )
+from shadow.diff import Found
 from shadow.masking import MAX_DEPTH, _depth, equal_but_ignored
+from shadow.normalize import prepare
+from shadow.walk import no_booleans, walk
 
 KEY = b"k" * 32
 PLAIN_RULES = compile_rules(CompareRules(headers=(), timestamps_as_instants=False))
@@ -273,6 +277,49 @@ def test_reordering_an_unordered_array_changes_nothing(
     assert diff(page, shuffled, PAGE_RULES).equal
     if len(page["records"]) > 1 and page["records"] != shuffled["records"]:
         assert not diff(page, shuffled).equal  # the rule is what makes them equal
+
+
+def _walked(a: Any, b: Any, rules: Rules, *, exact: bool) -> Diff:
+    found = Found(100, token)
+    x, y = copy.deepcopy(a), copy.deepcopy(b)
+    if rules.trie is not None:
+        x, y = prepare(x, rules.trie), prepare(y, rules.trie)
+    walk(x, y, found, tolerance=rules.tolerance, instants=rules.instants, exact=exact)
+    return found.diff()
+
+
+@PROFILE
+@given(mutated() | keyed_pages().map(lambda page: (page, copy.deepcopy(page))))
+def test_trusting_equality_without_booleans_finds_what_verifying_it_does(
+    pair: tuple[Any, Any],
+) -> None:
+    """The walk skips encoding what ``==`` calls equal when neither body holds a boolean: it
+    must then find exactly what the verified walk finds, under plain and keyed rules."""
+    a, b = pair
+    bodies = [json.dumps(a).encode(), json.dumps(b).encode()]  # integers of any size
+    assume(all(map(no_booleans, bodies)))
+    for r in (PLAIN_RULES, PAGE_RULES):
+        assert _walked(a, b, r, exact=True) == _walked(a, b, r, exact=False)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ({"flag": True, "note": "no"}, {"flag": 1, "note": "no"}),
+        ([False], [0]),
+        ({"x": [1, {"y": True}]}, {"x": [1, {"y": 1.0}]}),
+    ],
+)
+def test_a_boolean_on_either_side_is_never_taken_for_a_number(a: Any, b: Any) -> None:
+    assert not no_booleans(orjson.dumps(a)) or not no_booleans(orjson.dumps(b))
+    assert body(diff(a, b)) and body(diff(b, a))
+
+
+def test_a_string_that_spells_a_boolean_only_costs_the_shortcut() -> None:
+    a = {"note": "true story", "n": 1}
+    assert not no_booleans(orjson.dumps(a))
+    assert diff(a, copy.deepcopy(a)).equal
+    assert body(diff(a, {"note": "true story", "n": 2})) == {("/n", "changed")}
 
 
 PLANTED_TEXT = "Pq7Zw3Xk9"
