@@ -95,6 +95,14 @@ class ShadowSettings(_Record, frozen=True):
     had answered with (past it: ``skipped_lagging``)."""
     max_body_bytes: int = 16 * 1024 * 1024
     """Largest answer compared; a larger one is not shadow-read (counted ``skipped_large``)."""
+    worker: Literal["process", "inline"] = "process"
+    """``process``: shadow reads run in a worker process of their own (``shadow/worker.py``),
+    so that their I/O and comparisons never hold the researchers' event loop; ``inline``: in
+    the proxy's own event loop (tests that look inside the dispatcher)."""
+    priority: Literal["idle", "low", "normal"] = "idle"
+    """CPU priority of the worker process: ``idle`` (SCHED_IDLE: CPU researchers leave
+    unused), ``low`` (nice 19) or ``normal``. A replica that researchers keep busy then drops
+    its shadow reads, counted ``dropped``, rather than slow them down."""
 
 
 class MigrationSettings(_Record, frozen=True):

@@ -73,7 +73,8 @@ MIX_DATASETS = ("dcir", "pmsi", "cepidc")
 COMPARE_RULES = "".join(
     f'\n[datasets.{name}.compare]\nignore = ["/served_at"]\n' for name in MIX_DATASETS
 )
-PROCESSES = ("proxy", "serving API", "shadowed API", "Postgres")
+PROCESSES = ("proxy", "shadow worker", "serving API", "shadowed API", "Postgres")
+TARGET_DB = "bench_api_target"
 SLOW_QUEUE = 100
 """shadow/slow's `[shadow] queue` (default 1000): full within a round, so that it shows what a
 full queue does (drop, and count) without waiting seconds for a long queue to drain."""
@@ -109,6 +110,42 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a proxy's shadow worker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def with_workers(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a proxy and of its shadow worker, together."""
+    if pid is None:
+        return 0.0, 0.0
+    user, system = cpu_seconds(pid)
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            u, k = cpu_seconds(child)
+            user, system = user + u, system + k
+    return user, system
+
+
+def idle_priority(pid: int, *, session: bool = False) -> None:
+    """SCHED_IDLE for a process and every thread it has (the shadowed side: see --shadowed).
+    ``session``: it leads a session of its own (a server the bench started), whose autogroup
+    the kernel weighs against the others' whatever its tasks' policy: that group at nice 19
+    too. (A Postgres backend shares its server's group with the serving side's backends.)"""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+    if session:
+        with contextlib.suppress(OSError):  # no autogroups on this kernel: nothing to weigh
+            Path(f"/proc/{pid}/autogroup").write_text("19")
 
 
 def request_mix(rows: int) -> list[tuple[str, str, bytes | None]]:
@@ -221,14 +258,23 @@ class Processes:
     serving_api: int | None
     shadowed_api: int | None
     admin: asyncpg.Connection
+    shadowed_idle: bool = False
+    """The shadowed API and its database sessions at SCHED_IDLE (``--shadowed idle``)."""
 
     async def snapshot(self, proxy: int | None) -> dict[str, float]:
         """CPU seconds so far: per process name, Postgres per backend (``pg:PID``)."""
         backends = await self.admin.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname LIKE 'bench\\_%'"
+            "SELECT pid, datname FROM pg_stat_activity WHERE datname LIKE 'bench\\_%'"
         )
+        if self.shadowed_idle:
+            # Before every round: the shadowed API's pool may have opened sessions since.
+            for r in backends:
+                if r["datname"] == TARGET_DB:
+                    idle_priority(r["pid"])
+        workers = children(proxy) if proxy else []
         pids = {
             "proxy": proxy,
+            **{f"worker:{pid}": pid for pid in workers},
             "serving API": self.serving_api,
             "shadowed API": self.shadowed_api,
             **{f"pg:{r['pid']}": r["pid"] for r in backends},
@@ -244,8 +290,13 @@ class Processes:
 def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Seconds spent between two snapshots, per process name (Postgres backends summed)."""
     spent: dict[str, float] = dict.fromkeys(PROCESSES, 0.0)
-    for name, total in after.items():
-        spent["Postgres" if name.startswith("pg:") else name] += total - before.get(name, 0.0)
+    for key, total in after.items():
+        name = key
+        if key.startswith("pg:"):
+            name = "Postgres"
+        elif key.startswith("worker:"):
+            name = "shadow worker"
+        spent[name] += total - before.get(key, 0.0)
     return spent
 
 
@@ -290,7 +341,7 @@ async def measure(
     not pay for them); the rate counts the researchers' requests only."""
     counts = await ledger_counts(target.ledger) if target.ledger else None
     snapshot = await processes.snapshot(target.pid)
-    before = cpu_seconds(target.pid) if target.pid else (0.0, 0.0)
+    before = with_workers(target.pid)
     started = time.perf_counter()
     latencies, received = await load(session, target.url, mix, n, concurrency)
     tally.elapsed += time.perf_counter() - started
@@ -300,7 +351,7 @@ async def measure(
         delta = shadow_delta(counts, await settle(target.ledger, counts, n))
         tally.shadow = {k: v + (tally.shadow or {}).get(k, 0) for k, v in delta.items()}
     if target.pid:
-        after = cpu_seconds(target.pid)
+        after = with_workers(target.pid)
         tally.user += after[0] - before[0]
         tally.system += after[1] - before[1]
     for name, spent in cpu_spent(snapshot, await processes.snapshot(target.pid)).items():
@@ -441,6 +492,7 @@ async def start_bascule(
         redis_url=stores.redis_url,
         redis_prefix=prefix,
         extra=COMPARE_RULES + extra,
+        shadow_worker=None,  # the product's default: a worker process
     )
     ledger = None
     if shadow:
@@ -495,7 +547,7 @@ async def main(args: argparse.Namespace) -> None:
         wants_target = bool(only & {"shadow", "mirror", "slow"})
         # The shadowed side: identical data, so equal answers are expected.
         target_db = (
-            await copy_database(stores.postgres_url, "bench_api", "bench_api_target")
+            await copy_database(stores.postgres_url, "bench_api", TARGET_DB)
             if wants_target
             else None
         )
@@ -506,9 +558,16 @@ async def main(args: argparse.Namespace) -> None:
             if target_db is not None:
                 target_url, target_api = await start_api(stack, workdir, "scaleway", target_db)
                 shadowed_pid = target_api.proc.pid if target_api.proc else None
+                if shadowed_pid is not None and args.shadowed == "idle":
+                    idle_priority(shadowed_pid, session=True)
             admin = await asyncpg.connect(stores.postgres_url)
             stack.push_async_callback(admin.close)
-            processes = Processes(api.proc.pid if api.proc else None, shadowed_pid, admin)
+            processes = Processes(
+                api.proc.pid if api.proc else None,
+                shadowed_pid,
+                admin,
+                shadowed_idle=args.shadowed == "idle",
+            )
             if "slow" in only and target_url is not None:
                 port = free_port()
                 slow_url = f"http://127.0.0.1:{port}"
@@ -529,6 +588,8 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 stack.push_async_callback(relay.stop)
                 await relay.start()
+                if relay.proc is not None and args.shadowed == "idle":
+                    idle_priority(relay.proc.pid, session=True)
             targets: list[Target] = []
             slow: list[Target] = []
             if "direct" in only:
@@ -607,7 +668,7 @@ async def main(args: argparse.Namespace) -> None:
             rows += await measure_rows(
                 slow, mix, args.slow_requests, args.slow_concurrency, args.rounds, processes
             )
-    report(rows, nginx is not None, args.delay)
+    report(rows, nginx is not None, args.delay, args.shadowed)
 
 
 async def profile(
@@ -638,10 +699,18 @@ async def profile(
     print(f"py-spy samples of the proxy written to {out}")
 
 
-def report(rows: list[Row], with_nginx: bool, delay: float) -> None:
+def report(rows: list[Row], with_nginx: bool, delay: float, shadowed_side: str) -> None:
     print(
         f"\nproxy overhead — {rows[0].answer_bytes:.0f} B mean answer, "
         f"{os.cpu_count()} cores{'' if with_nginx else ' (nginx not on PATH: no peer rows)'}"
+    )
+    print(
+        "the shadowed side (its API, database sessions, slow relay) at "
+        + (
+            "SCHED_IDLE, standing for the other cloud's machines"
+            if shadowed_side == "idle"
+            else "the serving side's priority, on the same cores"
+        )
     )
     head = (
         f"{'target':<12}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
@@ -752,6 +821,14 @@ if __name__ == "__main__":
         " slow is the pair shadow/slow and mirror/slow)",
     )
     parser.add_argument("--concurrency", default="1,32", help="comma-separated (default 1,32)")
+    parser.add_argument(
+        "--shadowed",
+        choices=("idle", "equal"),
+        default="idle",
+        help="the shadowed API, its database sessions and the slow relay: at SCHED_IDLE "
+        "(default; the other cloud's machines, which researchers' requests never share) or at "
+        "the serving side's priority on the same cores",
+    )
     parser.add_argument(
         "--slow-requests", type=int, default=1500, help="per slow row (default 1500)"
     )

@@ -9,10 +9,10 @@ import logging
 import os
 import signal
 import socket
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -23,7 +23,7 @@ from bascule.stores import provide_stores
 from bascule.tasks import spawn
 from cutover.admin import AdminDeps, create_admin_app
 from cutover.fleet import RedisAnnouncer, StageView
-from cutover.store import StageStore, StatelessConnection, open_pool, schema_check
+from cutover.store import StageStore, open_pool, schema_check
 from cutover.switch import switcher_for
 from proxy.dualwrite import DualWriter
 from proxy.forward import Forwarder
@@ -37,7 +37,9 @@ from proxy.server import Server
 from proxy.upstream import Upstream
 from shadow.dispatch import Dispatcher
 from shadow.ledger import Ledger
+from shadow.link import ShadowLink
 from shadow.noise import NoiseStore, noise_pairs
+from shadow.reads import open_dispatcher
 
 log = logging.getLogger("bascule.proxy")
 
@@ -157,60 +159,44 @@ class Replica:
                 "BASCULE_JOURNAL_KEY or BASCULE_HMAC_KEY is not set: writes to datasets in "
                 "dual-write stages will be refused"
             )
-        self.shadow = await self._shadow_dispatcher()
+        self.shadow_stack = AsyncExitStack()
+        self.shadow = await self._shadow_reads()
         return self
 
-    async def _shadow_dispatcher(self) -> Dispatcher | None:
-        """Shadow reads, with their own pools on both sides: a slow shadowed side must not
-        take the connections researchers' reads, writes and replays need."""
+    async def _shadow_reads(self) -> Dispatcher | ShadowLink | None:
+        """Shadow reads: in a worker process of their own (``[shadow] worker = "process"``)
+        or in this event loop (``inline``)."""
         if not self.secrets.hmac_key:
             log.warning(
                 "BASCULE_HMAC_KEY is not set: no shadow read (a diff's pointers name members "
                 "by keyed tokens)"
             )
             return None
-        settings = self.config.shadow
-        self.shadow_upstreams = {
-            side: Upstream(
-                f"{upstream.name} (shadow)",
-                msgspec.structs.replace(
-                    upstream.backend,
-                    pool_size=settings.concurrency,
-                    read_timeout=settings.deadline,
-                ),
+        if self.config.shadow.worker == "inline":
+            return await open_dispatcher(
+                self.shadow_stack,
+                self.config,
+                self.secrets,
+                pool=self.pool,
+                redis=self.redis,
+                postgres_url=self.postgres_url,
+                replica=self.name,
             )
-            for side, upstream in self.upstreams.items()
-        }
-        for upstream in self.shadow_upstreams.values():
-            await upstream.open()
-        namer = Namer(self.secrets.hmac_key)
-        noise_store = NoiseStore(self.pool, self.redis, self.config.state.redis_prefix)
-        # The race guard and the clock on two sessions of their own: shadow reads never
-        # queue behind (or hold back) the replayer, the resolver and stage reloads.
-        self.guard_pool = await open_pool(
-            self.postgres_url, max_size=2, connection_class=StatelessConnection
-        )
-        guard = None
-        if self.dual is not None:
-            guard = Journal(self.guard_pool, self.dual.journal.sealer, self.name).race
-        dispatcher = Dispatcher(
+        link = ShadowLink(
             self.config,
+            self.secrets,
+            self.postgres_url,
+            self.redis_url,
+            self.name,
             Ledger(self.pool, self.redis, self.config.state.redis_prefix),
-            self.shadow_upstreams,
-            lambda segment: namer.record("pointer", segment),
-            guard=guard,
-            clock_pool=self.guard_pool,
-            noise=noise_store,
+            self.pool,
         )
-        await dispatcher.start()
-        return dispatcher
+        await link.start()
+        self.shadow_stack.push_async_callback(link.stop)
+        return link
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.shadow is not None:
-            await self.shadow.stop()
-            for upstream in self.shadow_upstreams.values():
-                await upstream.close()
-            await self.guard_pool.close()
+        await self.shadow_stack.aclose()
         if self.replayer_task is not None:
             self.replayer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

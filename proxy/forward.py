@@ -25,7 +25,7 @@ from proxy.sealing import DATASET_WIDE, Namer
 from proxy.server import Request, Responder
 from proxy.upstream import Upstream
 from shadow.compare import Answer
-from shadow.dispatch import DECODABLE, Dispatcher, Job, unavailable
+from shadow.dispatch import DECODABLE, Job, Shadows, unavailable
 
 log = logging.getLogger("bascule.proxy")
 
@@ -54,8 +54,9 @@ class Forwarder:
     not configured: writes in dual-write stages are then refused (503) rather than left
     unjournaled, and the others go by this replica's view of the stages, unfenced."""
     scheme: str = "http"
-    shadow: Dispatcher | None = None
-    """Shadow reads (``shadow/dispatch.py``); None: this replica shadows nothing."""
+    shadow: Shadows | None = None
+    """Shadow reads (``shadow/dispatch.py``, or the link to their worker process); None: this
+    replica shadows nothing."""
     namer: Namer | None = None
     """Names the record a shadowed read depends on, for its race guard."""
 

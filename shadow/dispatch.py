@@ -43,7 +43,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from multidict import CIMultiDict
 from opentelemetry import trace
@@ -109,10 +109,33 @@ class Job:
     records: tuple[str, ...] | None
     """Record tokens the read depends on (its own and ``*``), or None for the whole dataset."""
     traceparent: str | None = None
+    seq: int = 0
+    """Its number on the link from the proxy to a worker process (:mod:`shadow.link`)."""
 
     @property
     def size(self) -> int:
         return len(self.answer.body) + len(self.body)
+
+
+JobDone = Callable[[Job], None]
+"""Told of each job once its outcome is counted (dropped ones included)."""
+
+
+class Shadows(Protocol):
+    """What the researcher's path asks of shadow reads: a :class:`Dispatcher` in the proxy's
+    own event loop, or the link to a worker process (:class:`shadow.link.ShadowLink`)."""
+
+    settings: ShadowSettings
+
+    def wanted(self, dataset: str) -> bool: ...
+
+    def now(self) -> float: ...
+
+    def room(self) -> int: ...
+
+    def submit(self, job: Job) -> None: ...
+
+    def count(self, dataset: str, route: str, outcome: Outcome) -> None: ...
 
 
 class DbClock:
@@ -168,12 +191,13 @@ class Dispatcher:
         clock_pool: Any = None,
         noise: Any = None,
         rng: random.Random | None = None,
+        done: JobDone | None = None,
     ) -> None:
         """``upstreams``: the shadow reads' own pools, one per side. ``guard``: the journal's
         race check (None when this replica has no journal: it then accepts no write in a
         stage that shadows, so nothing can race). ``clock_pool``: the state database, for
         :class:`DbClock` and the errored counts. ``noise``: a :class:`shadow.noise.NoiseStore`
-        (None: no noise learning)."""
+        (None: no noise learning). ``done``: told of each job once it is counted."""
         self.config = config
         self.settings: ShadowSettings = config.shadow
         self.ledger = ledger
@@ -184,6 +208,7 @@ class Dispatcher:
         self.clock_pool = clock_pool
         self.noise = noise
         self.rng = rng or random.Random()
+        self.done = done
         self._queue: asyncio.Queue[Job] = asyncio.Queue(self.settings.queue)
         self._bytes = 0
         """Bytes of the jobs queued or in flight, and of the shadowed answers held."""
@@ -227,14 +252,17 @@ class Dispatcher:
         """Queue a shadow read; never waits. Full (in entries or bytes): dropped, counted."""
         size = job.size
         if self._bytes + size > self.budget:
-            self.count(job.dataset, job.route, "dropped")
-            return
+            return self._dropped(job)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
-            self.count(job.dataset, job.route, "dropped")
-            return
+            return self._dropped(job)
         self._bytes += size
+
+    def _dropped(self, job: Job) -> None:
+        self.count(job.dataset, job.route, "dropped")
+        if self.done is not None:
+            self.done(job)
 
     def count(self, dataset: str, route: str, outcome: Outcome) -> None:
         """Counted in memory, flushed to the ledger about once a second (one pipeline)."""
@@ -272,8 +300,7 @@ class Dispatcher:
                 await task
         self._tasks = []
         while not self._queue.empty():  # never run: say so
-            job = self._queue.get_nowait()
-            self.count(job.dataset, job.route, "dropped")
+            self._dropped(self._queue.get_nowait())
         with contextlib.suppress(Exception):
             await self.flush()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -374,6 +401,8 @@ class Dispatcher:
                 else:
                     await self.run(job)
             except asyncio.CancelledError:
+                # Stopping with this read in flight: it has no outcome, and says so.
+                self.count(job.dataset, job.route, "dropped")
                 raise
             except Exception as exc:
                 # The class only: a message could quote what a backend answered.
@@ -382,6 +411,8 @@ class Dispatcher:
             finally:
                 self._bytes -= job.size
                 self._queue.task_done()
+                if self.done is not None:
+                    self.done(job)
 
     async def run(self, job: Job) -> Outcome:
         """Shadow-read, guard, compare and record one job; return its outcome."""

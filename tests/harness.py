@@ -212,12 +212,23 @@ def write_config(
     idempotent_creates: bool = False,
     databases: tuple[str, str] | None = None,
     extra: str = "",
+    shadow_worker: str | None = "inline",
 ) -> Config:
     """A proxy config over the two backends. ``idempotent_creates``: the create route declares
     ``idempotent_backend`` (the backend honours Idempotency-Key there). ``databases``: the
     (source, target) databases of the reference APIs, so an authority switch moves dcir's id
-    sequence past the other side's ids."""
+    sequence past the other side's ids. ``shadow_worker``: ``[shadow] worker`` — ``inline`` by
+    default, so that tests see inside the dispatcher and a replica costs no second process;
+    the worker process has tests of its own (tests/shadow/test_worker.py); None: the
+    product's default."""
     source_db, target_db = databases or (None, None)
+    if shadow_worker is not None:
+        line = f'worker = "{shadow_worker}"\n'
+        extra = (
+            extra.replace("[shadow]\n", "[shadow]\n" + line, 1)
+            if "[shadow]\n" in extra
+            else f"{extra}\n[shadow]\n{line}"
+        )
     db_line = 'database = "{}"'
     ids = 'ids = { table = "dcir", sequence = "dcir_id_seq" }' if databases else ""
     listen, admin = free_ports(2)

@@ -286,6 +286,8 @@ def test_bad_routes_are_named(route: str, key: str, problem: str) -> None:
         ("[shadow]\nlag_wait = -1\n", "shadow.lag_wait", "positive"),
         ("[shadow]\nqueue = 'many'\n", "shadow.queue", "int"),
         ("[shadow]\nsample = 1\n", "shadow.sample", "unknown"),
+        ("[shadow]\nworker = 'thread'\n", "shadow.worker", "'process'"),
+        ("[shadow]\npriority = 'high'\n", "shadow.priority", "'idle'"),
         ("[state]\njournal_retention = 10\n", "state.journal_retention", "600"),
         ("[datasets.DCIR]\n", "datasets.DCIR", "lower-case"),
         ("[proxy]\nlisten = '8080'\n", "proxy.listen", "host:port"),

@@ -24,6 +24,7 @@ from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
 from proxy.app import Replica
 from refapi.seed import seed_database
+from shadow.dispatch import Dispatcher
 from shadow.ledger import divergence
 from tests.harness import (
     AUTH,
@@ -84,6 +85,11 @@ class World:
             await pool.close()
 
 
+def noise_rules(world: World, route: str) -> Any:
+    assert isinstance(world.replica.shadow, Dispatcher)
+    return world.replica.shadow.rules("dcir", route)
+
+
 @asynccontextmanager
 async def make_world(
     tmp_path: Path,
@@ -97,6 +103,7 @@ async def make_world(
     target_wrap: Callable[[str], Any] | None = None,
     stages: tuple[Stage, ...] = (Stage.DUALWRITE, Stage.SHADOW),
     rules: str = RULES,
+    shadow_worker: str = "inline",
 ) -> AsyncIterator[World]:
     """Two reference APIs over identical seeded databases, a replica, and the proxy in front,
     dcir moved through ``stages``. ``target_wrap`` puts a fault injector before the target."""
@@ -117,6 +124,7 @@ async def make_world(
             redis_url=redis_url,
             redis_prefix=redis_prefix,
             extra=rules + extra,
+            shadow_worker=shadow_worker,
         )
         secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
         replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
@@ -154,6 +162,12 @@ GROUPED = {"group_by": "department", "metrics": ["count", "sum:amount"]}
 
 
 async def test_planted_divergence_is_found_at_its_pointers(world: World) -> None:
+    await planted_divergence_is_found(world)
+
+
+async def planted_divergence_is_found(world: World) -> None:
+    """Clean reads match; a changed field, a missing row, an extra row inside a page and a
+    changed aggregate planted in the target are found at their pointers."""
     base = f"{world.proxy}/v1/datasets/dcir"
     async with aiohttp.ClientSession(headers=AUTH) as session:
         # Clean first: the same reads match.
@@ -347,7 +361,7 @@ async def test_noise_is_learned_under_patches_never_the_patched_field(
         done.set()
         await asyncio.gather(*readers)
         counts = await world.settled()
-        assert world.replica.shadow is not None and world.replica.shadow.noise is not None
+        assert isinstance(world.replica.shadow, Dispatcher) and world.replica.shadow.noise
         noise = world.replica.shadow.noise
         proposed = {(p["route"], p["pointer"], p["rule"]) for p in await noise.proposals("dcir", 3)}
         one, page = "/v1/datasets/{dataset}/records/{id}", "/v1/datasets/{dataset}/records"
@@ -362,7 +376,7 @@ async def test_noise_is_learned_under_patches_never_the_patched_field(
         # Accepted, the rule reaches the replica (Redis), and clean reads match again.
         await noise.decide("dcir", "/served_at", True, "volatile by design", "test", min_pairs=3)
         deadline = time.monotonic() + 5
-        while world.replica.shadow.rules("dcir", one).ignore == ():
+        while noise_rules(world, one).ignore == ():
             assert time.monotonic() < deadline, "the accepted rule never reached the replica"
             await asyncio.sleep(0.05)
         before = await world.settled()

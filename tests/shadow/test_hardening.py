@@ -707,7 +707,7 @@ async def test_f9_a_held_back_read_does_not_hammer_the_state_postgres(
             " 1, now(), 'dead', '\\x00'::bytea, now() - interval '60 s')",
         )
         dispatcher = world.replica.shadow
-        assert dispatcher is not None and dispatcher.guard is not None
+        assert isinstance(dispatcher, Dispatcher) and dispatcher.guard is not None
         real = dispatcher.guard
         calls = {"n": 0}
 

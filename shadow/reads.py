@@ -1,0 +1,80 @@
+"""A replica's shadow reads opened: their own backend pools, race guard, clock, ledger and noise.
+
+The same set-up serves both ways of running them (``[shadow] worker``): in the proxy's event
+loop, or in the worker process of :mod:`shadow.worker`, which opens its own stores with it.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Any
+
+import msgspec
+
+from bascule.config import Config, Secrets
+from cutover.stages import Side
+from cutover.store import StatelessConnection, open_pool
+from proxy.journal import Journal
+from proxy.sealing import Namer, Sealer
+from proxy.upstream import Upstream
+from shadow.dispatch import Dispatcher, JobDone
+from shadow.ledger import Ledger
+from shadow.noise import NoiseStore
+
+
+async def open_dispatcher(
+    stack: AsyncExitStack,
+    config: Config,
+    secrets: Secrets,
+    *,
+    pool: Any,
+    redis: Any,
+    postgres_url: str,
+    replica: str,
+    done: JobDone | None = None,
+) -> Dispatcher:
+    """A started :class:`Dispatcher`, closed with ``stack``. ``pool`` and ``redis``: the state
+    stores the ledger and the noise store write to. Needs ``secrets.hmac_key`` (a diff's
+    pointers name members by keyed tokens); the race guard needs ``secrets.journal_key``
+    too, as the write path does: without it no write is accepted where reads are shadowed."""
+    assert secrets.hmac_key is not None
+    settings = config.shadow
+    # Pools of their own: a slow shadowed side must not take the connections researchers'
+    # reads, writes and replays need.
+    upstreams = {
+        side: Upstream(
+            f"{name} (shadow)",
+            msgspec.structs.replace(
+                backend, pool_size=settings.concurrency, read_timeout=settings.deadline
+            ),
+        )
+        for side, name, backend in (
+            (Side.SOURCE, config.migration.source, config.source_backend),
+            (Side.TARGET, config.migration.target, config.target_backend),
+        )
+    }
+    for upstream in upstreams.values():
+        await upstream.open()
+        stack.push_async_callback(upstream.close)
+    # The race guard and the clock on two sessions of their own: shadow reads never queue
+    # behind (or hold back) the replayer, the resolver and stage reloads.
+    guard_pool = await open_pool(postgres_url, max_size=2, connection_class=StatelessConnection)
+    stack.push_async_callback(guard_pool.close)
+    guard = None
+    if secrets.journal_key is not None:
+        guard = Journal(guard_pool, Sealer(secrets.journal_key), replica).race
+    namer = Namer(secrets.hmac_key)
+    prefix = config.state.redis_prefix
+    dispatcher = Dispatcher(
+        config,
+        Ledger(pool, redis, prefix),
+        upstreams,
+        lambda segment: namer.record("pointer", segment),
+        guard=guard,
+        clock_pool=guard_pool,
+        noise=NoiseStore(pool, redis, prefix),
+        done=done,
+    )
+    await dispatcher.start()
+    stack.push_async_callback(dispatcher.stop)
+    return dispatcher

@@ -1,0 +1,197 @@
+"""Shadow reads in their worker process (``[shadow] worker = "process"``, the default): found
+divergence, CPU priority, a worker killed mid-flight, a proxy stopped with reads queued, and
+no planted value in what the worker logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from cutover.store import open_pool
+from shadow.ledger import Ledger
+from shadow.link import ShadowLink
+from tests.harness import AUTH
+from tests.shadow.test_dispatch import World, get, make_world, planted_divergence_is_found
+from tests.shadow.test_dispatch_faults import PLANTED, slowed
+
+pytestmark = pytest.mark.timeout(180)
+
+MakeDatabase = Callable[[str], Awaitable[str]]
+
+
+def link_of(world: World) -> ShadowLink:
+    assert isinstance(world.replica.shadow, ShadowLink)
+    return world.replica.shadow
+
+
+async def reads(world: World, ids: range, concurrency: int = 8) -> None:
+    """One read of each record, all answered by the serving side."""
+    base = f"{world.proxy}/v1/datasets/dcir/records"
+    todo = list(ids)
+
+    async def reader() -> None:
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            while todo:
+                assert await get(session, f"{base}/{todo.pop()}") == 200
+
+    await asyncio.gather(*(reader() for _ in range(concurrency)))
+
+
+async def test_divergence_is_found_through_the_worker_process(
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    async with make_world(
+        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker="process"
+    ) as world:
+        link = link_of(world)
+        assert link.pid is not None and link.pid != os.getpid()
+        await planted_divergence_is_found(world)
+
+
+@pytest.mark.parametrize(
+    ("priority", "policy", "nice"), [("idle", "SCHED_IDLE", 0), ("low", "SCHED_OTHER", 19)]
+)
+async def test_the_worker_runs_at_its_priority_in_every_thread(
+    tmp_path: Path,
+    make_database: MakeDatabase,
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    priority: str,
+    policy: str,
+    nice: int,
+) -> None:
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        extra=f'[shadow]\npriority = "{priority}"\n',
+        shadow_worker="process",
+    ) as world:
+        await reads(world, range(1, 30))  # big enough to be compared in its threads too
+        await world.settled()
+        pid = link_of(world).pid
+        assert pid is not None
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        assert {os.sched_getscheduler(t) for t in threads} == {getattr(os, policy)}
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {nice}
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the proxy's own: unchanged
+
+
+async def test_a_killed_worker_is_replaced_and_the_reads_it_held_are_counted(
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """The target answers 2 s late, so that every shadow read is still in the worker when it
+    is killed: all are counted dropped, researchers are served meanwhile, and a new worker
+    compares the reads after it."""
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        extra="[shadow]\nconcurrency = 4\ndeadline = 10.0\n",
+        target_wrap=slowed,
+        shadow_worker="process",
+    ) as world:
+        link = link_of(world)
+        first = link.pid
+        assert first is not None
+        await reads(world, range(1, 31))
+        await asyncio.sleep(0.3)  # the last job handed over
+        os.kill(first, signal.SIGKILL)
+        await reads(world, range(31, 41))  # no worker: served all the same
+        deadline = time.monotonic() + 30
+        while link.pid in (None, first):
+            assert time.monotonic() < deadline, "no new shadow worker"
+            await asyncio.sleep(0.05)
+        assert link.restarts == 1
+        await reads(world, range(41, 45))
+        counts = await world.settled()
+    assert counts["matched"] + counts["dropped"] == 44, counts
+    assert counts["dropped"] >= 30, counts  # what the dead worker held, at least
+    assert counts["matched"] >= 4, counts  # the new worker's
+    assert counts["mismatched"] == counts["errored"] == 0, counts
+
+
+async def test_a_stopping_proxy_stops_its_worker_and_counts_what_it_held(
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        extra="[shadow]\nconcurrency = 4\ndeadline = 10.0\n",
+        target_wrap=slowed,
+        shadow_worker="process",
+    ) as world:
+        pid = link_of(world).pid
+        assert pid is not None
+        await reads(world, range(1, 13))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+    assert time.monotonic() - started < 10  # not the kill after STOP_WAIT
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # ended and reaped
+    pool = await open_pool(pg_url, max_size=1)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        counts = await Ledger(pool, redis, redis_prefix).counts("dcir", world.started)
+    finally:
+        await redis.aclose()
+        await pool.close()
+    # 4 in flight (cancelled) and 8 queued: none has an outcome, every one is counted.
+    assert counts["dropped"] == 12, counts
+    assert counts["compared"] == 0, counts
+
+
+async def test_the_worker_logs_no_planted_value(
+    tmp_path: Path,
+    make_database: MakeDatabase,
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """At DEBUG, with mismatches, a killed and restarted worker: its log (the proxy's stderr)
+    names no planted value, and the mismatches it recorded carry none."""
+    logging.getLogger().setLevel(logging.DEBUG)
+    async with make_world(
+        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker="process"
+    ) as world:
+        await world.target("UPDATE dcir SET patient_id = $1 WHERE id IN (3, 4)", PLANTED)
+        await reads(world, range(1, 9))
+        counts = await world.settled()
+        assert counts["mismatched"] == 2, counts
+        link = link_of(world)
+        first = link.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        while link.pid in (None, first):
+            await asyncio.sleep(0.05)
+        await reads(world, range(1, 9))
+        counts = await world.settled()
+        assert counts["mismatched"] == 4, counts
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = [r["row"] for r in await conn.fetch("SELECT m::text AS row FROM bascule_mismatch m")]
+    finally:
+        await conn.close()
+    out, err = capfd.readouterr()
+    assert err.count("bascule.shadow.worker") >= 2  # its log is there: both workers
+    for where, text in {"log": out + err, "mismatches": "\n".join(rows)}.items():
+        assert PLANTED not in text, f"planted value in the worker's {where}"
