@@ -3,10 +3,16 @@
 One run measures, with the same request mix and fixed concurrency (1 and 32):
   direct       the reference API itself (the baseline)
   bascule      the same API through `bascule proxy` (datasets at `source`: passthrough)
+  bascule/busy the same proxy while a process per core spins at SCHED_IDLE: a control, what
+               work that only takes the CPU researchers leave costs them on this machine
   shadow       bascule with the mix's datasets moved to `shadow` (source -> dualwrite ->
                shadow), shadow_sample 1.0: every read is also asked of a second reference API
                over a copy of the same database, guarded against races and compared
-               (`served_at` ignored), and the ledger's counts are read from Redis after it
+               (`served_at` ignored) in the proxy's shadow worker process (SCHED_IDLE), and the
+               ledger's counts are read from Redis after it. The second API, its database
+               sessions and the slow relay run at SCHED_IDLE too (--shadowed idle, the
+               default): they stand for the other cloud, whose machines researchers never
+               share; --shadowed equal runs them at the serving side's priority
   nginx        plain `proxy_pass` over the first API, when nginx is on PATH (a peer row)
   mirror       nginx `mirror` over the same two APIs: served by the first, each request also
                sent to the second (a shadow without comparison: the peer of `shadow`)
@@ -18,15 +24,16 @@ answers --delay late, 200 ms by default):
 The rows of one concurrency are measured in --rounds rounds taken in turn, so that a change in
 the machine's load falls on all of them alike; a proxy in `shadow` ends each round when its
 shadow reads are done. It prints req/s, p50, p99, the proxy's CPU-µs per request (from /proc;
-a shadow row's includes its shadow reads) and ratios to direct; the CPU per request in each
-process (proxy, both APIs, Postgres); the ledger's counts for the shadow rows' measured
-requests (compared, matched, mismatched, dropped, skipped, errored); and the goals' ratios,
+a shadow row's includes its shadow worker's) and ratios to direct; the CPU per request in
+each process (proxy, shadow worker, both APIs, Postgres); the ledger's counts for the shadow
+rows' measured requests (compared, matched, mismatched, dropped, skipped, errored); and the
+goals' ratios,
 all against rows of the same run: shadow p99 / bascule p99 (target <= 1.10), shadow req/s /
 mirror req/s at 32 (>= 1), shadow/slow p99 / mirror/slow p99 (< 1). No figure is asserted.
 
     .venv/bin/python bench/proxy_overhead.py [--requests 3000] [--rows 1000] [--rounds 3]
-        [--only direct,bascule,shadow,nginx,mirror,slow] [--concurrency 1,32]
-        [--slow-requests 1500] [--delay 0.2]
+        [--only direct,bascule,busy,shadow,nginx,mirror,slow] [--concurrency 1,32]
+        [--slow-requests 1500] [--delay 0.2] [--shadowed idle|equal]
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ from tests.harness import (
 
 TICKS = os.sysconf("SC_CLK_TCK")
 LEDGER_SINCE = time.time() - 60
-ROW_NAMES = ("direct", "bascule", "shadow", "nginx", "mirror", "slow")
+ROW_NAMES = ("direct", "bascule", "busy", "shadow", "nginx", "mirror", "slow")
 MIX_DATASETS = ("dcir", "pmsi", "cepidc")
 # Equal answers match: the reference API stamps each answer with the time it was served.
 COMPARE_RULES = "".join(
@@ -88,6 +95,8 @@ class Target:
     pid: int | None
     ledger: Ledger | None = None
     """A bascule proxy in `shadow`: its ledger, whose counts are read around each row."""
+    busy: bool = False
+    """Measured while a process per core at SCHED_IDLE burns the CPU researchers leave."""
 
 
 @dataclass
@@ -133,6 +142,26 @@ def with_workers(pid: int | None) -> tuple[float, float]:
             u, k = cpu_seconds(child)
             user, system = user + u, system + k
     return user, system
+
+
+def start_burners() -> list[subprocess.Popen[bytes]]:
+    """A process per core spinning at SCHED_IDLE in a session of its own (the `bascule/busy`
+    row): it takes only the CPU the researchers' path leaves, as the shadow worker and the
+    shadowed side do, and shows what such work costs researchers on this machine by itself
+    (cores that share caches, or a host's hyperthreads)."""
+    burners = []
+    for _ in range(os.cpu_count() or 1):
+        burner = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time\nend = time.time() + 600\nwhile time.time() < end: pass",
+            ],
+            start_new_session=True,
+        )
+        idle_priority(burner.pid, session=True)
+        burners.append(burner)
+    return burners
 
 
 def idle_priority(pid: int, *, session: bool = False) -> None:
@@ -342,8 +371,14 @@ async def measure(
     counts = await ledger_counts(target.ledger) if target.ledger else None
     snapshot = await processes.snapshot(target.pid)
     before = with_workers(target.pid)
+    burners = start_burners() if target.busy else []
     started = time.perf_counter()
-    latencies, received = await load(session, target.url, mix, n, concurrency)
+    try:
+        latencies, received = await load(session, target.url, mix, n, concurrency)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
     tally.elapsed += time.perf_counter() - started
     tally.latencies += latencies
     tally.received += received
@@ -595,11 +630,12 @@ async def main(args: argparse.Namespace) -> None:
             if "direct" in only:
                 targets.append(Target("direct", api_url, None))
             if "bascule" in only:
-                targets.append(
-                    await start_bascule(
-                        stack, workdir, stores, "bascule", api_url, api_url, shadow=False
-                    )
+                source = await start_bascule(
+                    stack, workdir, stores, "bascule", api_url, api_url, shadow=False
                 )
+                targets.append(source)
+                if "busy" in only:
+                    targets.append(Target("bascule/busy", source.url, source.pid, busy=True))
             if "shadow" in only and target_url is not None:
                 targets.append(
                     await start_bascule(
@@ -768,6 +804,19 @@ def report(rows: list[Row], with_nginx: bool, delay: float, shadowed_side: str) 
             print(
                 f"  concurrency {c:>2}: shadow p99 / bascule p99 = {ratio:.2f}"
                 f" (target <= 1.10: {'met' if ratio <= 1.10 else 'missed'})"
+            )
+        busy = by.get(("bascule/busy", c))
+        if busy and source:
+            print(
+                f"  concurrency {c:>2}: bascule/busy p99 / bascule p99 ="
+                f" {busy.p99_ms / source.p99_ms:.2f}, req/s {busy.rps / source.rps:.2f}"
+                " (what idle-priority work alone costs researchers on this machine)"
+            )
+        if busy and shadow:
+            print(
+                f"  concurrency {c:>2}: shadow p99 / bascule/busy p99 ="
+                f" {shadow.p99_ms / busy.p99_ms:.2f}, req/s {shadow.rps / busy.rps:.2f}"
+                " (shadowing's cost beyond that)"
             )
         plain = by.get(("nginx", c))
         if mirror and plain:
