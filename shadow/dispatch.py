@@ -177,7 +177,29 @@ class DbClock:
         return mono + self.offset - self.error - self.MARGIN - drift
 
 
-class Dispatcher:
+class Sampling:
+    """Which reads to shadow, and ``t0``: the researcher's side of a :class:`Dispatcher` and of
+    the link to a worker process (:class:`shadow.link.ShadowLink`) alike."""
+
+    config: Config
+    rng: random.Random
+    clock: DbClock
+
+    def wanted(self, dataset: str) -> bool:
+        """Whether to shadow-read this read (sampled per dataset). Not before the database
+        clock is known: without it no read could be guarded."""
+        share = self.config.dataset(dataset).shadow_sample
+        if share <= 0.0 or (share < 1.0 and self.rng.random() >= share):
+            return False
+        return self.clock.calibrated
+
+    def now(self) -> float:
+        now = self.clock.now()
+        assert now is not None, "wanted() said no before the clock was calibrated"
+        return now
+
+
+class Dispatcher(Sampling):
     """Runs the shadow reads of one replica."""
 
     def __init__(
@@ -230,19 +252,6 @@ class Dispatcher:
         self._noise_version: Any = None
 
     # -- the researcher's path -------------------------------------------------------------
-
-    def wanted(self, dataset: str) -> bool:
-        """Whether to shadow-read this read (sampled per dataset). Not before the database
-        clock is known: without it no read could be guarded."""
-        share = self.config.dataset(dataset).shadow_sample
-        if share <= 0.0 or (share < 1.0 and self.rng.random() >= share):
-            return False
-        return self.clock.calibrated
-
-    def now(self) -> float:
-        now = self.clock.now()
-        assert now is not None, "wanted() said no before the clock was calibrated"
-        return now
 
     def room(self) -> int:
         """Bytes a new shadow read may hold now."""

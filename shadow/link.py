@@ -31,7 +31,7 @@ from typing import Any
 
 from bascule.config import Config, Secrets
 from bascule.tasks import spawn
-from shadow.dispatch import DbClock, Job
+from shadow.dispatch import DbClock, Job, Sampling
 from shadow.ledger import Ledger, Outcome
 from shadow.wire import Done, Hello, Join, Joined, Ready, frame, job_frame, read_to_proxy
 
@@ -47,8 +47,10 @@ STOP_WAIT = 15.0
 """Seconds a stopping worker has to count what it holds and flush, before it is killed."""
 
 
-class ShadowLink:
-    """Runs a replica's shadow reads in a worker process; the researcher's side of it."""
+class ShadowLink(Sampling):
+    """Runs a replica's shadow reads in a worker process; the researcher's side of it. While
+    no worker is ready, :meth:`wanted` still says yes and :meth:`room` says there is none: the
+    read is counted ``dropped``, so that a gap in shadowing shows in the ledger."""
 
     def __init__(
         self,
@@ -87,20 +89,6 @@ class ShadowLink:
         self._proc: asyncio.subprocess.Process | None = None
 
     # -- the researcher's path -------------------------------------------------------------
-
-    def wanted(self, dataset: str) -> bool:
-        """As :meth:`shadow.dispatch.Dispatcher.wanted`. While no worker is ready it still
-        says yes: :meth:`room` then says there is none, and the read is counted ``dropped``,
-        so that a gap in shadowing shows in the ledger."""
-        share = self.config.dataset(dataset).shadow_sample
-        if share <= 0.0 or (share < 1.0 and self.rng.random() >= share):
-            return False
-        return self.clock.calibrated
-
-    def now(self) -> float:
-        now = self.clock.now()
-        assert now is not None, "wanted() said no before the clock was calibrated"
-        return now
 
     def room(self) -> int:
         """Bytes a new shadow read may hold now: what the link's buffer has left."""

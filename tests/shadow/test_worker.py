@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import aiohttp
@@ -45,6 +46,23 @@ async def reads(world: World, ids: range, concurrency: int = 8) -> None:
                 assert await get(session, f"{base}/{todo.pop()}") == 200
 
     await asyncio.gather(*(reader() for _ in range(concurrency)))
+
+
+def slow_world(
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
+) -> AbstractAsyncContextManager[World]:
+    """The target answers 2 s late: every shadow read stays in the worker a while (4 in
+    flight, the others queued)."""
+    return make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        extra="[shadow]\nconcurrency = 4\ndeadline = 10.0\n",
+        target_wrap=slowed,
+        shadow_worker="process",
+    )
 
 
 async def test_divergence_is_found_through_the_worker_process(
@@ -96,16 +114,7 @@ async def test_a_killed_worker_is_replaced_and_the_reads_it_held_are_counted(
     """The target answers 2 s late, so that every shadow read is still in the worker when it
     is killed: all are counted dropped, researchers are served meanwhile, and a new worker
     compares the reads after it."""
-    async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
-        extra="[shadow]\nconcurrency = 4\ndeadline = 10.0\n",
-        target_wrap=slowed,
-        shadow_worker="process",
-    ) as world:
+    async with slow_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
         link = link_of(world)
         first = link.pid
         assert first is not None
@@ -129,16 +138,7 @@ async def test_a_killed_worker_is_replaced_and_the_reads_it_held_are_counted(
 async def test_a_stopping_proxy_stops_its_worker_and_counts_what_it_held(
     tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
 ) -> None:
-    async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
-        extra="[shadow]\nconcurrency = 4\ndeadline = 10.0\n",
-        target_wrap=slowed,
-        shadow_worker="process",
-    ) as world:
+    async with slow_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
         pid = link_of(world).pid
         assert pid is not None
         await reads(world, range(1, 13))
