@@ -39,7 +39,6 @@ import logging
 import random
 import time
 import zlib
-from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -59,6 +58,7 @@ from shadow.compare import Answer, Rules, compare, compile_rules
 from shadow.diff import Diff
 from shadow.ledger import Ledger, Outcome
 from shadow.noise import merge, observe
+from shadow.tally import Tally
 
 log = logging.getLogger("bascule.shadow")
 _tracer = trace.get_tracer("bascule.shadow")
@@ -237,9 +237,10 @@ class Dispatcher(Sampling):
         self.budget = 4 * self.settings.max_body_bytes
         self._big = asyncio.Semaphore(2)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bascule-compare")
-        self._counts: Counter[tuple[str, str, Outcome]] = Counter()
-        self._errors: Counter[tuple[str, str, str]] = Counter()
-        self._evidence: deque[tuple[str, str, Diff, str | None]] = deque()
+        self.tally = Tally()
+        """Outcomes not yet written; with ``done`` (a worker process), its proxy writes them."""
+        self._reasons: dict[int, str] = {}
+        """Why a job in flight is errored, by id(job), until its outcome is recorded."""
         self._rules: dict[tuple[str, str], Rules] = {}
         self._accepted: dict[str, dict[str, tuple[tuple[str, ...], dict[str, str]]]] = {}
         # Read routes only: a write route on the same path never carries comparison rules.
@@ -269,22 +270,37 @@ class Dispatcher(Sampling):
         self._bytes += size
 
     def _dropped(self, job: Job) -> None:
-        self.count(job.dataset, job.route, "dropped")
-        if self.done is not None:
-            self.done(job)
+        self._record(job, "dropped")
 
     def count(self, dataset: str, route: str, outcome: Outcome) -> None:
         """Counted in memory, flushed to the ledger about once a second (one pipeline)."""
-        self._counts[(dataset, route, outcome)] += 1
+        self.tally.count(dataset, route, outcome)
 
     def errored(self, job: Job, reason: str) -> Outcome:
-        self._errors[(job.dataset, job.route, reason)] += 1
+        """The outcome ``errored``, and why: counted in Postgres too once it is recorded."""
+        self._reasons[id(job)] = reason
         return "errored"
+
+    def _record(
+        self, job: Job, outcome: Outcome, diff: Diff | None = None, trace_id: str | None = None
+    ) -> None:
+        """A job's one outcome, counted; told to ``done`` in the same step, so that a worker's
+        report never has one without the other."""
+        reason = self._reasons.pop(id(job), None)
+        self.tally.count(job.dataset, job.route, outcome)
+        if outcome in ("matched", "mismatched"):
+            self.tally.count(job.dataset, job.route, "compared")
+        elif outcome == "errored":
+            self.tally.error(job.dataset, job.route, reason or "internal")
+        if diff is not None:
+            self.tally.mismatch(job.dataset, job.route, diff, trace_id)
+        if self.done is not None:
+            self.done(job)
 
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._calibrate()
+        await self.calibrate()
         await self._reload_noise_rules()
         self._tasks = [
             spawn(self._worker(), name=f"shadow-{i}") for i in range(self.settings.concurrency)
@@ -321,25 +337,13 @@ class Dispatcher(Sampling):
 
     async def flush(self) -> None:
         """Counters to Redis; errored counts and any mismatch not yet recorded to Postgres.
-        What cannot be written is kept for the next flush."""
-        counts, self._counts = self._counts, Counter()
-        if counts and not await self.ledger.count_many(counts):
-            self._counts.update(counts)
-        if self.clock_pool is None:
-            return
-        errors, self._errors = self._errors, Counter()
-        if errors:
-            try:
-                await self.ledger.errors(errors)
-            except StoreError:
-                self._errors.update(errors)
-                raise
-        while self._evidence:
-            dataset, route, diff, trace_id = self._evidence[0]
-            await self.ledger.mismatch(dataset, route, diff, trace_id, count=False)
-            self._evidence.popleft()
+        What cannot be written is kept for the next flush. In a worker process (``done``),
+        nothing: the tally goes to the proxy, which writes it."""
+        if self.done is None:
+            await self.tally.flush(self.ledger, postgres=self.clock_pool is not None)
 
-    async def _calibrate(self) -> None:
+    async def calibrate(self) -> None:
+        """Measure the state database's clock (a failure is logged; the next tick retries)."""
         if self.clock_pool is None:
             return
         try:
@@ -356,7 +360,7 @@ class Dispatcher(Sampling):
             tick += 1
             try:
                 if tick % 10 == 0 or not self.clock.calibrated:
-                    await self._calibrate()
+                    await self.calibrate()
                 if tick % 10 == 0:
                     await self._reload_noise_rules()
                 await self.flush()
@@ -403,28 +407,39 @@ class Dispatcher(Sampling):
     async def _worker(self) -> None:
         while True:
             job = await self._queue.get()
+            recorded = False
             try:
-                if job.size > BIG:
-                    async with self._big:
-                        await self.run(job)
-                else:
-                    await self.run(job)
+                async with self._big if job.size > BIG else contextlib.nullcontext():
+                    served, outcome, diff, trace_id = await self.run(job)
+                    self._record(job, outcome, diff, trace_id)
+                    recorded = True
+                    if diff is not None and self.done is None:
+                        await self._write_evidence()
+                    # Whatever the comparison gave: noise makes answers differ on their own.
+                    if served is not None and self._noise_wanted(job):
+                        await self._noise(job, served)
             except asyncio.CancelledError:
-                # Stopping with this read in flight: it has no outcome, and says so.
-                self.count(job.dataset, job.route, "dropped")
+                if not recorded:  # stopping with this read in flight: it has no outcome
+                    self._record(job, "dropped")
                 raise
             except Exception as exc:
                 # The class only: a message could quote what a backend answered.
                 log.error("shadow read of %s %s failed: %s", job.dataset, job.route, type(exc))
-                self.count(job.dataset, job.route, self.errored(job, "internal"))
+                if not recorded:
+                    self._record(job, self.errored(job, "internal"))
             finally:
+                self._reasons.pop(id(job), None)
                 self._bytes -= job.size
                 self._queue.task_done()
-                if self.done is not None:
-                    self.done(job)
 
-    async def run(self, job: Job) -> Outcome:
-        """Shadow-read, guard, compare and record one job; return its outcome."""
+    async def _write_evidence(self) -> None:
+        """A mismatch to Postgres as soon as it is found; kept for the next flush if not."""
+        with contextlib.suppress(StoreError):
+            await self.tally.write_evidence(self.ledger)
+
+    async def run(self, job: Job) -> tuple[Answer | None, Outcome, Diff | None, str | None]:
+        """Shadow-read, guard and compare one job: the serving answer uncoded (None when it
+        cannot be), the outcome, the diff of a mismatch and the trace id. Nothing counted."""
         parent = _propagator.extract({"traceparent": job.traceparent}) if job.traceparent else None
         with _tracer.start_as_current_span(
             "bascule.shadow_read",
@@ -443,23 +458,7 @@ class Dispatcher(Sampling):
                     "bascule.diff.pointers",
                     [f"{d.part}:{d.pointer}:{d.kind}" for d in diff.differences[:20]],
                 )
-                try:
-                    await self.ledger.mismatch(job.dataset, job.route, diff, trace_id, count=False)
-                except StoreError:
-                    # The evidence is kept and written by the next flush that reaches Postgres.
-                    if len(self._evidence) < 10_000:
-                        self._evidence.append((job.dataset, job.route, diff, trace_id))
-                    else:
-                        log.error(
-                            "mismatch of %s %s not recorded: backlog full", job.dataset, job.route
-                        )
-            self.count(job.dataset, job.route, outcome)
-            if outcome in ("matched", "mismatched"):
-                self.count(job.dataset, job.route, "compared")
-        # Whatever the comparison gave: noise is what makes answers differ on their own.
-        if served is not None and self._noise_wanted(job):
-            await self._noise(job, served)
-        return outcome
+        return served, outcome, diff, trace_id
 
     async def _outcome(self, job: Job, served: Answer | None) -> tuple[Outcome, Diff | None]:
         if served is None:

@@ -8,13 +8,14 @@ researchers leave. The researcher's path here does what it did with an inline di
 sample, note ``t0``, keep the answer — and :meth:`ShadowLink.submit` writes the job to a socket
 without waiting.
 
-Nothing is lost silently:
+Every shadow read is counted once, here (:mod:`shadow.tally`):
 - a job that does not fit (the link's buffer holds ``4 x max_body_bytes`` at most, as the
-  inline dispatcher's budget does) or that comes while no worker is ready is counted
-  ``dropped`` here, flushed to the ledger about once a second;
-- the worker reports each job it has counted (:class:`shadow.wire.Done`); when it dies, the
-  jobs it had not reported are counted ``dropped`` here, and it is started again (backing off
-  from 0.5 s to 30 s).
+  worker's own budget does) or that comes while no worker is ready is counted ``dropped``;
+- the worker's reports carry the jobs it has done together with their outcomes, applied here
+  in one step; when it dies, the jobs it had not reported are counted ``dropped``, and another
+  is started (backing off from 0.5 s to 30 s).
+The tally is written to the ledger about once a second: counts to Redis, errored comparisons
+and mismatches to Postgres.
 """
 
 from __future__ import annotations
@@ -33,18 +34,22 @@ from bascule.config import Config, Secrets
 from bascule.tasks import spawn
 from shadow.dispatch import DbClock, Job, Sampling
 from shadow.ledger import Ledger, Outcome
-from shadow.wire import Done, Hello, Join, Joined, Ready, frame, job_frame, read_to_proxy
+from shadow.tally import Tally
+from shadow.wire import Hello, Join, Joined, Ready, Report, frame, job_frame, read_to_proxy
 
 log = logging.getLogger("bascule.shadow")
 
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0
 READY_WAIT = 60.0
-"""Seconds a new worker has to open its stores and say it is ready."""
+"""Seconds a new worker has to open its stores, read the clock and say it is ready."""
 START_WAIT = 10.0
 """Seconds :meth:`ShadowLink.start` waits for the first worker: the proxy serves either way
 (reads shadowed meanwhile are counted ``dropped``)."""
+SILENT_WAIT = 60.0
+"""Seconds without a frame (the worker reports at least every second) before a worker is
+taken for wedged: killed, its jobs counted ``dropped``, and another started."""
 STOP_WAIT = 15.0
-"""Seconds a stopping worker has to count what it holds and flush, before it is killed."""
+"""Seconds a stopping worker has to count what it holds and report it, before it is killed."""
 
 
 class ShadowLink(Sampling):
@@ -64,7 +69,7 @@ class ShadowLink(Sampling):
         *,
         rng: random.Random | None = None,
     ) -> None:
-        """``ledger``: where the jobs dropped on this side are counted. ``clock_pool``: the
+        """``ledger``: where this replica's shadow reads are counted. ``clock_pool``: the
         state database, for the clock ``t0`` is read from (:class:`DbClock`)."""
         self.config = config
         self.settings = config.shadow
@@ -73,47 +78,58 @@ class ShadowLink(Sampling):
         self.clock_pool = clock_pool
         self.rng = rng or random.Random()
         self.budget = 4 * self.settings.max_body_bytes
+        self.tally = Tally()
         self._hello = Hello(config, secrets, postgres_url, redis_url, replica)
-        self._counts: Counter[tuple[str, str, Outcome]] = Counter()
         self._inflight: dict[int, tuple[str, str]] = {}
         """Jobs sent and not yet reported done: (dataset, route) by number."""
         self._seq = 0
         self._joins: dict[int, asyncio.Future[None]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._ready = asyncio.Event()
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.pid: int | None = None
-        """The running worker's process id (None while there is none)."""
-        self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
+        """The ready worker's process id (None while there is none)."""
+        self.restarts = 0
 
     # -- the researcher's path -------------------------------------------------------------
 
     def room(self) -> int:
         """Bytes a new shadow read may hold now: what the link's buffer has left."""
-        if self._writer is None or not self._ready.is_set():
+        writer = self._open_writer()
+        if writer is None:
             return 0
-        return max(0, self.budget - self._writer.transport.get_write_buffer_size())
+        return max(0, self.budget - writer.transport.get_write_buffer_size())
 
     def submit(self, job: Job) -> None:
-        """Hand a job to the worker; never waits. No room, or no worker: dropped, counted."""
-        writer = self._writer
-        if writer is None or not self._ready.is_set() or writer.is_closing():
+        """Hand a job to the worker; never waits, never raises. No room, or no worker:
+        dropped, counted."""
+        writer = self._open_writer()
+        if writer is None:
             return self.count(job.dataset, job.route, "dropped")
         self._seq += 1
         try:
             data = frame(job_frame(job, self._seq))
-        except (TypeError, ValueError) as exc:  # never the researcher's failure
+        except (TypeError, ValueError) as exc:
             log.error("shadow read of %s %s not sent: %s", job.dataset, job.route, type(exc))
             return self.count(job.dataset, job.route, "dropped")
         if writer.transport.get_write_buffer_size() + len(data) > self.budget:
             return self.count(job.dataset, job.route, "dropped")
+        try:
+            writer.write(data)
+        except (RuntimeError, OSError):  # the link closed under us: the supervisor sees it
+            return self.count(job.dataset, job.route, "dropped")
         self._inflight[self._seq] = (job.dataset, job.route)
-        writer.write(data)
 
     def count(self, dataset: str, route: str, outcome: Outcome) -> None:
-        self._counts[(dataset, route, outcome)] += 1
+        self.tally.count(dataset, route, outcome)
+
+    def _open_writer(self) -> asyncio.StreamWriter | None:
+        writer = self._writer
+        if writer is None or self._stopping.is_set() or not self._ready.is_set():
+            return None
+        return None if writer.is_closing() else writer
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -133,22 +149,31 @@ class ShadowLink(Sampling):
         await self._ready.wait()
 
     async def join(self) -> None:
-        """Until every job sent so far is done and counted, and the counts flushed."""
-        writer = self._writer
-        if writer is not None and self._ready.is_set():
+        """Until every job sent so far is done and counted, and the tally flushed."""
+        writer = self._open_writer()
+        if writer is not None:
             self._seq += 1
             waiter = asyncio.get_running_loop().create_future()
             self._joins[self._seq] = waiter
-            writer.write(frame(Join(self._seq)))
-            await waiter
+            try:
+                writer.write(frame(Join(self._seq)))
+            except (RuntimeError, OSError):
+                self._joins.pop(self._seq, None)
+            else:
+                await waiter
         await self.flush()
 
     async def stop(self) -> None:
-        self._stopping = True
-        writer = self._writer
+        """The worker told to stop (the end of its socket): it counts what it holds dropped,
+        reports and exits; one still starting is killed, holding nothing."""
+        self._stopping.set()
+        writer = self._writer if self._ready.is_set() else None
+        self._ready.clear()
         if writer is not None and not writer.is_closing():
-            with contextlib.suppress(OSError):
-                writer.write_eof()  # the worker drops what it holds, counts it, and exits
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write_eof()
+        else:
+            self._kill()
         supervisor = self._tasks[0] if self._tasks else None
         for task in self._tasks[1:]:
             task.cancel()
@@ -168,16 +193,14 @@ class ShadowLink(Sampling):
             await self.flush()
 
     async def flush(self) -> None:
-        """This side's counts to the ledger; kept for the next flush when Redis is away."""
-        counts, self._counts = self._counts, Counter()
-        if counts and not await self.ledger.count_many(counts):
-            self._counts.update(counts)
+        """The tally to the ledger; what cannot be written is kept for the next flush."""
+        await self.tally.flush(self.ledger)
 
     # -- the worker ------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
         delay = RESTART_FIRST
-        while not self._stopping:
+        while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 code = await self._run_worker()
@@ -193,12 +216,13 @@ class ShadowLink(Sampling):
                 self._writer = None
                 self.pid = None
                 self._lost()
-            if self._stopping:
+            if self._stopping.is_set():
                 return
             if time.monotonic() - started > RESTART_MAX:
                 delay = RESTART_FIRST
             log.error("shadow worker ended (%s): starting another in %.1f s", reason, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, RESTART_MAX)
             self.restarts += 1
 
@@ -223,14 +247,22 @@ class ShadowLink(Sampling):
             first = await asyncio.wait_for(read_to_proxy(reader), READY_WAIT)
             if not isinstance(first, Ready):
                 raise ConnectionError("the shadow worker did not say it was ready")
-            self.pid = first.pid
-            self._writer = writer
-            self._ready.set()
-            log.info("shadow worker %d ready (priority %s)", first.pid, self.settings.priority)
-            while (message := await read_to_proxy(reader)) is not None:
-                if isinstance(message, Done):
-                    for seq in message.seqs:
-                        self._inflight.pop(seq, None)
+            if self._stopping.is_set():  # stopped while it started: it holds nothing
+                writer.write_eof()
+            else:
+                self.pid = first.pid
+                self._writer = writer
+                self._ready.set()
+                log.info("shadow worker %d ready (priority %s)", first.pid, self.settings.priority)
+            while True:
+                try:
+                    message = await asyncio.wait_for(read_to_proxy(reader), SILENT_WAIT)
+                except TimeoutError:
+                    raise ConnectionError("the shadow worker went silent") from None
+                if message is None:
+                    break
+                if isinstance(message, Report):
+                    self._apply(message)
                 elif isinstance(message, Joined):
                     waiter = self._joins.pop(message.id, None)
                     if waiter is not None and not waiter.done():
@@ -239,6 +271,16 @@ class ShadowLink(Sampling):
             self._ready.clear()
             writer.close()
         return await self._proc.wait()
+
+    def _apply(self, report: Report) -> None:
+        """A worker's report: its jobs done and their outcomes, in one step."""
+        self.tally.add(
+            Counter({(d, r, o): n for d, r, o, n in report.counts}),
+            Counter({(d, r, why): n for d, r, why, n in report.errors}),
+            list(report.mismatches),
+        )
+        for seq in report.seqs:
+            self._inflight.pop(seq, None)
 
     def _kill(self) -> None:
         proc = self._proc
@@ -250,11 +292,10 @@ class ShadowLink(Sampling):
         """The jobs a worker that ended had not reported: counted ``dropped``; waiting joins
         released (what they waited for is accounted for now)."""
         if self._inflight:
-            if not self._stopping:
-                log.error(
-                    "shadow worker ended holding %d shadow reads: counted dropped",
-                    len(self._inflight),
-                )
+            log.error(
+                "shadow worker ended holding %d shadow reads: counted dropped",
+                len(self._inflight),
+            )
             for dataset, route in self._inflight.values():
                 self.count(dataset, route, "dropped")
             self._inflight.clear()
@@ -270,8 +311,8 @@ class ShadowLink(Sampling):
             log.warning("state database clock not measured (%s)", type(exc).__name__)
 
     async def _housekeeping(self) -> None:
-        """Counts flushed every second; the clock measured every 10 s (every second until it
-        is known)."""
+        """The tally flushed every second; the clock measured every 10 s (every second until
+        it is known)."""
         tick = 0
         while True:
             await asyncio.sleep(1.0)
@@ -282,5 +323,5 @@ class ShadowLink(Sampling):
                 await self.flush()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the next tick retries
+            except Exception as exc:  # kept in the tally (StoreError...): the next tick retries
                 log.warning("shadow link housekeeping: %s", type(exc).__name__)

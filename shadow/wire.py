@@ -18,7 +18,9 @@ from multidict import CIMultiDict
 from bascule.config import Config, Secrets
 from cutover.stages import Side
 from shadow.compare import Answer
+from shadow.diff import Diff
 from shadow.dispatch import Job
+from shadow.ledger import Outcome
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 1 << 30
@@ -68,10 +70,19 @@ class Ready(msgspec.Struct, tag="ready", frozen=True):
     pid: int
 
 
-class Done(msgspec.Struct, tag="done", frozen=True):
-    """Worker to proxy: these jobs have an outcome, counted."""
+class Report(msgspec.Struct, tag="report", frozen=True):
+    """Worker to proxy: these jobs are done, and the outcomes counted since the last report
+    (theirs among them: a job's outcome and its number always travel in the same report).
+    The proxy writes them to the ledger; the worker writes no count. Also sent, empty, as a
+    sign of life."""
 
     seqs: list[int]
+    counts: list[tuple[str, str, Outcome, int]] = []
+    """(dataset, route, outcome, n)."""
+    errors: list[tuple[str, str, str, int]] = []
+    """Errored comparisons: (dataset, route, reason, n)."""
+    mismatches: list[tuple[str, str, Diff, str | None]] = []
+    """(dataset, route, diff, trace id): pointers and kinds, never a value."""
 
 
 class Joined(msgspec.Struct, tag="joined", frozen=True):
@@ -79,7 +90,7 @@ class Joined(msgspec.Struct, tag="joined", frozen=True):
 
 
 ToWorker = Hello | JobFrame | Join
-ToProxy = Ready | Done | Joined
+ToProxy = Ready | Report | Joined
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -3,10 +3,12 @@
 Started by :class:`shadow.link.ShadowLink` as ``python -m shadow.worker FD PRIORITY LEVEL``,
 FD being its end of a socket pair. It lowers its own CPU priority first (before any thread
 exists, so every thread it starts inherits it), reads the :class:`shadow.wire.Hello`, opens its
-own state stores and backend pools (:func:`shadow.reads.open_dispatcher`), says
-:class:`Ready`, and then runs each job it is sent. It tells the proxy which jobs are done, so
-that a worker that dies leaves no shadow read unaccounted for. The end of the socket (the proxy
-gone, or stopping it) stops it: queued jobs are counted ``dropped`` and the counts flushed.
+own state stores and backend pools (:func:`shadow.reads.open_dispatcher`), reads the database's
+clock, says :class:`Ready`, and then runs each job it is sent. It writes no count itself: every
+0.1 s it reports which jobs are done with the outcomes counted meanwhile, in one frame, and the
+proxy writes them (:mod:`shadow.tally`), so a worker that dies leaves no shadow read counted
+twice or not at all. It ignores SIGTERM and SIGINT: the end of the socket (the proxy stopping,
+or gone) stops it, with what is queued or in flight counted ``dropped`` and reported.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import time
 from contextlib import AsyncExitStack
 
 import redis.asyncio as aioredis
@@ -26,11 +30,15 @@ from bascule.tasks import spawn
 from cutover.store import open_pool
 from shadow.dispatch import Job
 from shadow.reads import open_dispatcher
-from shadow.wire import Done, Hello, Join, Joined, Ready, frame, job_of, read_to_worker
+from shadow.wire import Hello, Join, Joined, Ready, Report, frame, job_of, read_to_worker
 
 log = logging.getLogger("bascule.shadow.worker")
-DONE_EVERY = 0.1
-"""Seconds between the worker's reports of the jobs it has finished."""
+REPORT_EVERY = 0.1
+"""Seconds between the worker's reports of the jobs it has finished and their outcomes."""
+ALIVE_EVERY = 1.0
+"""Seconds after which an empty report is sent all the same: a sign of life."""
+CLOCK_WAIT = 30.0
+"""Seconds a new worker has to read the state database's clock before giving up."""
 
 
 def lower_priority(priority: str) -> None:
@@ -66,7 +74,8 @@ async def serve(fd: int) -> None:
         finished.append(job.seq)
 
     async with AsyncExitStack() as stack:
-        pool = await open_pool(hello.postgres_url)
+        # Noise observations and accepted rules only: the worker writes no count.
+        pool = await open_pool(hello.postgres_url, max_size=2)
         stack.push_async_callback(pool.close)
         redis = aioredis.Redis.from_url(hello.redis_url, socket_connect_timeout=1.0)
         stack.push_async_callback(redis.aclose)
@@ -81,23 +90,44 @@ async def serve(fd: int) -> None:
             done=done,
         )
 
-        async def report() -> None:
-            while True:
-                await asyncio.sleep(DONE_EVERY)
-                if finished:
-                    seqs = finished[:]
-                    del finished[:]
-                    writer.write(frame(Done(seqs)))
+        def report() -> bytes:
+            """What was counted and which jobs are done, taken in one step: one frame."""
+            counts, errors, evidence = dispatcher.tally.take()
+            seqs = finished[:]
+            del finished[:]
+            return frame(
+                Report(
+                    seqs,
+                    [(d, r, o, n) for (d, r, o), n in counts.items()],
+                    [(d, r, why, n) for (d, r, why), n in errors.items()],
+                    evidence,
+                )
+            )
 
-        reporter = spawn(report(), name="shadow-worker-done")
+        async def reporting() -> None:
+            quiet = 0.0
+            while True:
+                await asyncio.sleep(REPORT_EVERY)
+                quiet += REPORT_EVERY
+                if finished or dispatcher.tally.counts or quiet >= ALIVE_EVERY:
+                    writer.write(report())
+                    quiet = 0.0
+
+        # Never ready without the database's clock: every read would be errored for it.
+        deadline = time.monotonic() + CLOCK_WAIT
+        while not dispatcher.clock.calibrated:
+            if time.monotonic() > deadline:
+                raise ConnectionError("the state database's clock could not be read")
+            await asyncio.sleep(0.5)
+            await dispatcher.calibrate()
         writer.write(frame(Ready(os.getpid())))
         log.info("shadow reads of replica %s running", hello.replica)
+        reporter = spawn(reporting(), name="shadow-worker-report")
         try:
             while (message := await read_to_worker(reader)) is not None:
                 if isinstance(message, Join):
                     await dispatcher.join()
-                    seqs, finished[:] = finished[:], []
-                    writer.write(frame(Done(seqs)) + frame(Joined(message.id)))
+                    writer.write(report() + frame(Joined(message.id)))
                 elif isinstance(message, Hello):
                     raise ConnectionError("a second hello on the shadow link")
                 else:
@@ -106,11 +136,13 @@ async def serve(fd: int) -> None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
-        # The proxy has closed its end: stop (queued jobs dropped and counted), say so.
-        await dispatcher.stop()
-        with contextlib.suppress(ConnectionError):
-            writer.write(frame(Done(finished)))
-            await writer.drain()
+            # The proxy closed its end, or the link broke: what is queued or in flight is
+            # counted dropped, and everything counted goes to the proxy if it still listens.
+            with contextlib.suppress(Exception):
+                await dispatcher.stop()
+            with contextlib.suppress(Exception):
+                writer.write(report())
+                await writer.drain()
     writer.close()
 
 
@@ -124,6 +156,10 @@ def main() -> int:
     _, fd, priority, level = sys.argv
     logging.basicConfig(level=int(level), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     lower_priority(priority)
+    # Its life is its proxy's: a stop sent to the whole group (a service manager's, a
+    # terminal's) reaches the proxy, which closes the link and so ends the worker cleanly.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     telemetry.install()
     with contextlib.suppress(ImportError):
         import uvloop

@@ -794,17 +794,17 @@ async def test_f10_queue_bytes_bound_holds_with_jobs_in_flight(tmp_path: Path) -
 
         held = 0
         for _ in range(4):
-            before = dispatcher._counts.get(("dcir", RECORD_ROUTE, "dropped"), 0)
+            before = dispatcher.tally.counts.get(("dcir", RECORD_ROUTE, "dropped"), 0)
             dispatcher.submit(job())
             held += 900_000 * (
-                dispatcher._counts.get(("dcir", RECORD_ROUTE, "dropped"), 0) == before
+                dispatcher.tally.counts.get(("dcir", RECORD_ROUTE, "dropped"), 0) == before
             )
         await asyncio.sleep(0.1)  # the workers take them, and wait on the shadowed side
         for _ in range(4):
-            before = dispatcher._counts.get(("dcir", RECORD_ROUTE, "dropped"), 0)
+            before = dispatcher.tally.counts.get(("dcir", RECORD_ROUTE, "dropped"), 0)
             dispatcher.submit(job())
             held += 900_000 * (
-                dispatcher._counts.get(("dcir", RECORD_ROUTE, "dropped"), 0) == before
+                dispatcher.tally.counts.get(("dcir", RECORD_ROUTE, "dropped"), 0) == before
             )
         assert held <= dispatcher.budget, (held, dispatcher.budget)
     finally:

@@ -14,12 +14,13 @@ from multidict import CIMultiDict, istr
 from bascule.config import Secrets
 from cutover.stages import Side
 from shadow.compare import Answer
+from shadow.diff import Diff, Difference
 from shadow.dispatch import Job
 from shadow.wire import (
     MAX_FRAME,
-    Done,
     Hello,
     JobFrame,
+    Report,
     frame,
     job_frame,
     job_of,
@@ -90,18 +91,34 @@ async def test_the_hello_carries_the_config_and_secrets(tmp_path: Path) -> None:
     assert got == hello
 
 
+async def test_a_report_carries_outcomes_and_pointers_only() -> None:
+    diff = Diff((Difference("body", "/records/3/amount", "changed"),), truncated=2)
+    report = Report(
+        [4, 5],
+        [("dcir", "/r", "matched", 3), ("dcir", "/r", "compared", 4)],
+        [("dcir", "/r", "shadow_timeout", 1)],
+        [("dcir", "/r", diff, "0af7651916cd43dd8448eb211c80319c")],
+    )
+    got = await read_to_proxy(reader_of(frame(report)))
+    assert got == report
+    assert isinstance(got, Report) and got.mismatches[0][2] == diff
+    bad = msgspec.msgpack.encode({"type": "report", "seqs": [], "counts": [["d", "r", "won", 1]]})
+    with pytest.raises(msgspec.ValidationError):  # an outcome the ledger does not know
+        await read_to_proxy(reader_of(struct.pack(">I", len(bad)) + bad))
+
+
 async def test_frames_follow_one_another_and_a_clean_end_is_none() -> None:
-    reader = reader_of(frame(Done([1, 2])) + frame(Done([3])))
-    assert await read_to_proxy(reader) == Done([1, 2])
-    assert await read_to_proxy(reader) == Done([3])
+    reader = reader_of(frame(Report([1, 2])) + frame(Report([3])))
+    assert await read_to_proxy(reader) == Report([1, 2])
+    assert await read_to_proxy(reader) == Report([3])
     assert await read_to_proxy(reader) is None
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (frame(Done([1]))[:-1], "inside a frame"),
-        (frame(Done([1]))[:2], "inside a frame"),
+        (frame(Report([1]))[:-1], "inside a frame"),
+        (frame(Report([1]))[:2], "inside a frame"),
         (struct.pack(">I", MAX_FRAME + 1), "over the limit"),
     ],
 )
@@ -111,9 +128,9 @@ async def test_a_broken_or_oversized_frame_is_an_error(data: bytes, message: str
 
 
 async def test_a_frame_of_the_wrong_shape_is_refused() -> None:
-    body = msgspec.msgpack.encode({"type": "done", "seqs": "not a list"})
+    body = msgspec.msgpack.encode({"type": "report", "seqs": "not a list"})
     with pytest.raises(msgspec.ValidationError):
         await read_to_proxy(reader_of(struct.pack(">I", len(body)) + body))
     # A worker's message is not a proxy's: each end decodes only what it may be sent.
     with pytest.raises(msgspec.ValidationError):
-        await read_to_worker(reader_of(frame(Done([1]))))
+        await read_to_worker(reader_of(frame(Report([1]))))

@@ -9,19 +9,23 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
+from cutover.stages import Stage
 from cutover.store import open_pool
+from shadow import link as link_module
 from shadow.ledger import Ledger
 from shadow.link import ShadowLink
-from tests.harness import AUTH
+from tests.harness import AUTH, serve_app
 from tests.shadow.test_dispatch import World, get, make_world, planted_divergence_is_found
 from tests.shadow.test_dispatch_faults import PLANTED, slowed
 
@@ -147,13 +151,7 @@ async def test_a_stopping_proxy_stops_its_worker_and_counts_what_it_held(
     assert time.monotonic() - started < 10  # not the kill after STOP_WAIT
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # ended and reaped
-    pool = await open_pool(pg_url, max_size=1)
-    redis = aioredis.Redis.from_url(redis_url)
-    try:
-        counts = await Ledger(pool, redis, redis_prefix).counts("dcir", world.started)
-    finally:
-        await redis.aclose()
-        await pool.close()
+    counts = await counts_after(pg_url, redis_url, redis_prefix, world.started)
     # 4 in flight (cancelled) and 8 queued: none has an outcome, every one is counted.
     assert counts["dropped"] == 12, counts
     assert counts["compared"] == 0, counts
@@ -195,3 +193,144 @@ async def test_the_worker_logs_no_planted_value(
     assert err.count("bascule.shadow.worker") >= 2  # its log is there: both workers
     for where, text in {"log": out + err, "mismatches": "\n".join(rows)}.items():
         assert PLANTED not in text, f"planted value in the worker's {where}"
+
+
+async def counts_after(pg_url: str, redis_url: str, redis_prefix: str, since: float) -> Any:
+    pool = await open_pool(pg_url, max_size=1)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        return await Ledger(pool, redis, redis_prefix).counts("dcir", since)
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+@asynccontextmanager
+async def failing(backend: str) -> AsyncIterator[str]:
+    """A shadowed side that answers 503 to everything: every comparison is errored."""
+
+    async def down(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="down")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", down)
+    async with serve_app(app) as url:
+        yield url
+
+
+async def test_outcomes_a_killed_worker_had_reported_are_counted_once(
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """The worker reports outcomes with the jobs they belong to, and the proxy writes them: a
+    worker killed after its report and before any flush of its own loses nothing, errored
+    comparisons (the gate's evidence in Postgres) included, and counts nothing twice."""
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        target_wrap=failing,
+        shadow_worker="process",
+    ) as world:
+        link = link_of(world)
+        for attempt in range(3):
+            await reads(world, range(1, 4), concurrency=1)
+            await asyncio.sleep(0.4)  # reported (every 0.1 s)
+            first = link.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            while link.pid in (None, first):
+                await asyncio.sleep(0.05)
+            counts = await world.settled()
+            assert counts["errored"] == 3 * (attempt + 1), counts
+            assert counts["dropped"] == 0, counts
+            errored = await world.replica.pool.fetchval(
+                "SELECT sum(n) FROM bascule_shadow_error WHERE dataset = 'dcir'"
+            )
+            assert errored == 3 * (attempt + 1)
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+async def test_a_read_counted_before_its_noise_pair_is_not_dropped_at_stop(
+    tmp_path: Path,
+    make_database: MakeDatabase,
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    mode: str,
+) -> None:
+    """In `live` the slow target serves; the source's shadow read is compared at once, then
+    the noise pair asks the target again (2 s): stopping then cancels the pair, not the read."""
+    async with make_world(
+        tmp_path,
+        make_database,
+        pg_url,
+        redis_url,
+        redis_prefix,
+        extra="[defaults]\nnoise_sample = 1.0\n",
+        target_wrap=slowed,
+        stages=(Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE),
+        shadow_worker=mode,
+    ) as world:
+        await reads(world, range(3, 4), concurrency=1)
+        await asyncio.sleep(1.0)
+    counts = await counts_after(pg_url, redis_url, redis_prefix, world.started)
+    assert (counts["matched"], counts["compared"], counts["dropped"]) == (1, 1, 0), counts
+
+
+@pytest.mark.parametrize("pause", [0.1, 0.8])
+async def test_stopping_while_a_worker_restarts_is_prompt(
+    tmp_path: Path,
+    make_database: MakeDatabase,
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    pause: float,
+) -> None:
+    """0.1 s: in the back-off before a restart; 0.8 s: the new worker starting."""
+    async with make_world(
+        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker="process"
+    ) as world:
+        link = link_of(world)
+        assert link.pid is not None
+        os.kill(link.pid, signal.SIGKILL)
+        await asyncio.sleep(pause)
+        started = time.monotonic()
+        await link.stop()
+        assert time.monotonic() - started < 3
+        # Nothing runs after it, and nothing submitted after it fails the researcher.
+        assert link.room() == 0
+        await reads(world, range(1, 4))
+        await link.join()
+
+
+async def test_a_wedged_worker_is_replaced(
+    tmp_path: Path,
+    make_database: MakeDatabase,
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that stops answering (here SIGSTOP) is killed once it has been silent for
+    SILENT_WAIT, what it held is counted dropped, and another takes over; researchers are
+    served all along."""
+    monkeypatch.setattr(link_module, "SILENT_WAIT", 2.0)
+    async with make_world(
+        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker="process"
+    ) as world:
+        link = link_of(world)
+        first = link.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        await reads(world, range(1, 6))  # held by the stopped worker
+        deadline = time.monotonic() + 20
+        while link.pid in (None, first):
+            assert time.monotonic() < deadline, "the wedged worker was never replaced"
+            await asyncio.sleep(0.1)
+        await reads(world, range(6, 9))
+        counts = await world.settled()
+    assert counts["dropped"] == 5 and counts["matched"] == 3, counts
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)

@@ -1,0 +1,92 @@
+"""Shadow reads' outcomes, kept in memory until written: counts to Redis, errored comparisons
+and mismatches to Postgres.
+
+One process owns a replica's tally and writes it: the proxy's (inline dispatcher, or the link
+to a worker process, which sends its outcomes over in the same frame that says which jobs they
+belong to: :mod:`shadow.wire`). So a shadow read is counted once, whichever process dies when.
+What cannot be written is kept for the next flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from typing import Any
+
+from bascule.errors import StoreError
+from shadow.diff import Diff
+from shadow.ledger import Ledger, Outcome
+
+log = logging.getLogger("bascule.shadow")
+
+EVIDENCE_CAP = 10_000
+"""Mismatches kept while Postgres cannot be reached; past it each is logged as lost."""
+
+Evidence = tuple[str, str, Diff, str | None]
+"""(dataset, route template, diff, trace id) of one mismatch."""
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str, Outcome]] = Counter()
+        self.errors: Counter[tuple[str, str, str]] = Counter()
+        """Errored comparisons by (dataset, route, reason)."""
+        self.evidence: deque[Evidence] = deque()
+        self._writing = asyncio.Lock()
+        """One writer of the evidence at a time: each mismatch is written once, in order."""
+
+    def count(self, dataset: str, route: str, outcome: Outcome) -> None:
+        self.counts[(dataset, route, outcome)] += 1
+
+    def error(self, dataset: str, route: str, reason: str) -> None:
+        self.errors[(dataset, route, reason)] += 1
+
+    def mismatch(self, dataset: str, route: str, diff: Diff, trace_id: str | None) -> None:
+        if len(self.evidence) < EVIDENCE_CAP:
+            self.evidence.append((dataset, route, diff, trace_id))
+        else:
+            log.error("mismatch of %s %s not recorded: backlog full", dataset, route)
+
+    def take(self) -> tuple[Counter[tuple[str, str, Outcome]], Counter[Any], list[Evidence]]:
+        """Everything held, handed over (a worker's report), and forgotten here."""
+        taken = self.counts, self.errors, list(self.evidence)
+        self.counts, self.errors = Counter(), Counter()
+        self.evidence.clear()
+        return taken
+
+    def add(
+        self,
+        counts: Counter[tuple[str, str, Outcome]],
+        errors: Counter[tuple[str, str, str]],
+        evidence: list[Evidence],
+    ) -> None:
+        self.counts.update(counts)
+        self.errors.update(errors)
+        for item in evidence:
+            self.mismatch(*item)
+
+    async def write_evidence(self, ledger: Ledger) -> None:
+        """The mismatches held, to Postgres, oldest first; raises StoreError when it cannot."""
+        async with self._writing:
+            while self.evidence:
+                dataset, route, diff, trace_id = self.evidence[0]
+                await ledger.mismatch(dataset, route, diff, trace_id, count=False)
+                self.evidence.popleft()
+
+    async def flush(self, ledger: Ledger, *, postgres: bool = True) -> None:
+        """Counts to Redis; errored counts and mismatches to Postgres (``postgres``). What
+        cannot be written is kept; a Postgres failure is raised once the rest is kept."""
+        counts, self.counts = self.counts, Counter()
+        if counts and not await ledger.count_many(counts):
+            self.counts.update(counts)
+        if not postgres:
+            return
+        errors, self.errors = self.errors, Counter()
+        if errors:
+            try:
+                await ledger.errors(errors)
+            except StoreError:
+                self.errors.update(errors)
+                raise
+        await self.write_evidence(ledger)
