@@ -82,15 +82,18 @@ def p99(times: list[float]) -> float:
     return statistics.quantiles(times, n=100)[98]
 
 
+@pytest.mark.parametrize("worker", ["inline", "process"])
 async def test_a_slow_shadowed_side_never_slows_researchers(
     tmp_path: Path,
     make_database: Callable[[str], Awaitable[str]],
     pg_url: str,
     redis_url: str,
     redis_prefix: str,
+    worker: str,
 ) -> None:
     """The target answers 2 s late. Researchers' p99 in `shadow` stays near the p99 of a run
-    in `source` (no shadow) in the same test; the shadow reads that could not run are counted."""
+    in `source` (no shadow) in the same test; the shadow reads that could not run are counted.
+    In the proxy's loop and in a worker process alike."""
     async with make_world(
         tmp_path,
         make_database,
@@ -100,6 +103,7 @@ async def test_a_slow_shadowed_side_never_slows_researchers(
         extra=SHADOW,
         target_wrap=slowed,
         stages=(),
+        shadow_worker=worker,
     ) as world:
         await latencies(world, 80)  # warm the connection pools
         quiet = await latencies(world, 400)
