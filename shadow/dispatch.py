@@ -259,9 +259,10 @@ class Dispatcher(Sampling):
         return max(0, self.budget - self._bytes)
 
     def submit(self, job: Job) -> None:
-        """Queue a shadow read; never waits. Full (in entries or bytes): dropped, counted."""
+        """Queue a shadow read; never waits. Full (in entries or bytes), or stopping:
+        dropped, counted."""
         size = job.size
-        if self._bytes + size > self.budget:
+        if self._stopping.is_set() or self._bytes + size > self.budget:
             return self._dropped(job)
         try:
             self._queue.put_nowait(job)
@@ -326,8 +327,15 @@ class Dispatcher(Sampling):
         self._tasks = []
         while not self._queue.empty():  # never run: say so
             self._dropped(self._queue.get_nowait())
-        with contextlib.suppress(Exception):
+            self._queue.task_done()
+        try:
             await self.flush()
+        except Exception as exc:
+            log.error(
+                "shadow outcomes not written at stop (%s): %s lost",
+                type(exc).__name__,
+                self.tally.held(),
+            )
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def join(self) -> None:

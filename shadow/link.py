@@ -189,8 +189,14 @@ class ShadowLink(Sampling):
                 with contextlib.suppress(asyncio.CancelledError):
                     await supervisor
         self._tasks = []
-        with contextlib.suppress(Exception):
+        try:
             await self.flush()
+        except Exception as exc:
+            log.error(
+                "shadow outcomes not written at stop (%s): %s lost",
+                type(exc).__name__,
+                self.tally.held(),
+            )
 
     async def flush(self) -> None:
         """The tally to the ledger; what cannot be written is kept for the next flush."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
+from collections.abc import Awaitable
 from typing import Any
 
 from bascule.errors import StoreError
@@ -34,7 +35,8 @@ class Tally:
         """Errored comparisons by (dataset, route, reason)."""
         self.evidence: deque[Evidence] = deque()
         self._writing = asyncio.Lock()
-        """One writer of the evidence at a time: each mismatch is written once, in order."""
+        """One flush or evidence write at a time: each mismatch written once, in order, and a
+        flush that follows another (a join's) waits for it."""
 
     def count(self, dataset: str, route: str, outcome: Outcome) -> None:
         self.counts[(dataset, route, outcome)] += 1
@@ -66,27 +68,56 @@ class Tally:
         for item in evidence:
             self.mismatch(*item)
 
+    def held(self) -> str:
+        """What is held, in words, for a log line."""
+        return (
+            f"{sum(self.counts.values())} counts, {sum(self.errors.values())} errored "
+            f"comparisons, {len(self.evidence)} mismatches"
+        )
+
     async def write_evidence(self, ledger: Ledger) -> None:
         """The mismatches held, to Postgres, oldest first; raises StoreError when it cannot."""
-        async with self._writing:
-            while self.evidence:
-                dataset, route, diff, trace_id = self.evidence[0]
-                await ledger.mismatch(dataset, route, diff, trace_id, count=False)
-                self.evidence.popleft()
+        await asyncio.shield(self._locked(self._write_evidence(ledger)))
 
     async def flush(self, ledger: Ledger, *, postgres: bool = True) -> None:
-        """Counts to Redis; errored counts and mismatches to Postgres (``postgres``). What
-        cannot be written is kept; a Postgres failure is raised once the rest is kept."""
+        """Errored counts and mismatches to Postgres (``postgres``: the gate's evidence
+        first), then counts to Redis. What cannot be written is kept; a Postgres failure is
+        raised once the counts are written.
+
+        Flushes and evidence writes run one at a time, and a caller cancelled meanwhile (a
+        stop) does not cancel the write under way: what a write took out of the tally is
+        either written or put back, and the next flush waits for it."""
+        await asyncio.shield(self._locked(self._flush(ledger, postgres)))
+
+    async def _locked(self, work: Awaitable[None]) -> None:
+        async with self._writing:
+            await work
+
+    async def _write_evidence(self, ledger: Ledger) -> None:
+        while self.evidence:
+            dataset, route, diff, trace_id = self.evidence[0]
+            await ledger.mismatch(dataset, route, diff, trace_id, count=False)
+            self.evidence.popleft()
+
+    async def _flush(self, ledger: Ledger, postgres: bool) -> None:
+        failure: StoreError | None = None
+        if postgres:
+            errors, self.errors = self.errors, Counter()
+            try:
+                if errors:
+                    await ledger.errors(errors)
+            except BaseException as exc:
+                self.errors.update(errors)
+                if not isinstance(exc, StoreError):
+                    raise
+                failure = exc
+            if failure is None:
+                try:
+                    await self._write_evidence(ledger)
+                except StoreError as exc:
+                    failure = exc
         counts, self.counts = self.counts, Counter()
         if counts and not await ledger.count_many(counts):
             self.counts.update(counts)
-        if not postgres:
-            return
-        errors, self.errors = self.errors, Counter()
-        if errors:
-            try:
-                await ledger.errors(errors)
-            except StoreError:
-                self.errors.update(errors)
-                raise
-        await self.write_evidence(ledger)
+        if failure is not None:
+            raise failure

@@ -334,3 +334,25 @@ async def test_a_wedged_worker_is_replaced(
     assert counts["dropped"] == 5 and counts["matched"] == 3, counts
     with pytest.raises(ProcessLookupError):
         os.kill(first, 0)
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+async def test_a_read_after_shadow_reads_stopped_is_served_and_dropped(
+    tmp_path: Path,
+    make_database: MakeDatabase,
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    mode: str,
+) -> None:
+    """A researcher's read still in flight when its replica stops shadow reads (past the
+    server's grace) is served; its shadow read is counted dropped, and join does not hang."""
+    async with make_world(
+        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker=mode
+    ) as world:
+        shadow = world.replica.shadow
+        assert shadow is not None
+        await shadow.stop()
+        await reads(world, range(1, 3))
+        counts = await asyncio.wait_for(world.settled(), 10)
+    assert counts["dropped"] == 2 and counts["compared"] == 0, counts
