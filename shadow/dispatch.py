@@ -328,14 +328,8 @@ class Dispatcher(Sampling):
         while not self._queue.empty():  # never run: say so
             self._dropped(self._queue.get_nowait())
             self._queue.task_done()
-        try:
-            await self.flush()
-        except Exception as exc:
-            log.error(
-                "shadow outcomes not written at stop (%s): %s lost",
-                type(exc).__name__,
-                self.tally.held(),
-            )
+        if self.done is None:  # in a worker process, its proxy writes the tally
+            await self.tally.last_flush(self.ledger, postgres=self.clock_pool is not None)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def join(self) -> None:

@@ -189,14 +189,7 @@ class ShadowLink(Sampling):
                 with contextlib.suppress(asyncio.CancelledError):
                     await supervisor
         self._tasks = []
-        try:
-            await self.flush()
-        except Exception as exc:
-            log.error(
-                "shadow outcomes not written at stop (%s): %s lost",
-                type(exc).__name__,
-                self.tally.held(),
-            )
+        await self.tally.last_flush(self.ledger)
 
     async def flush(self) -> None:
         """The tally to the ledger; what cannot be written is kept for the next flush."""

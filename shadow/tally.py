@@ -89,6 +89,15 @@ class Tally:
         either written or put back, and the next flush waits for it."""
         await asyncio.shield(self._locked(self._flush(ledger, postgres)))
 
+    async def last_flush(self, ledger: Ledger, *, postgres: bool = True) -> None:
+        """The flush of a stop: what it cannot write is lost with the process, and said."""
+        try:
+            await self.flush(ledger, postgres=postgres)
+        except Exception as exc:
+            log.error(
+                "shadow outcomes not written at stop (%s): %s lost", type(exc).__name__, self.held()
+            )
+
     async def _locked(self, work: Awaitable[None]) -> None:
         async with self._writing:
             await work
