@@ -19,9 +19,8 @@ differ.
 from __future__ import annotations
 
 import json
-from collections import deque
 from itertools import islice
-from operator import itemgetter, lt, methodcaller
+from operator import itemgetter, lt
 from typing import Any, Literal
 
 from shadow.pointers import Node
@@ -86,10 +85,7 @@ def _array(value: list[Any], node: Node) -> None:
     drops = wildcard.drops
     if drops is not None and not node.indexes:
         # Members exist only in objects: any other element has nothing to drop.
-        if len(drops) == 1 and set(map(type, value)) == {dict}:
-            # A page of records: popped in one C loop rather than a Python step per element.
-            deque(map(methodcaller("pop", next(iter(drops)), None), value), maxlen=0)
-        elif len(drops) == 1:
+        if len(drops) == 1:
             (name,) = drops
             for element in value:
                 if type(element) is dict:
