@@ -184,6 +184,8 @@ class Sampling:
     config: Config
     rng: random.Random
     clock: DbClock
+    clock_pool: Any
+    """The state database, whose clock ``t0`` and ``t1`` are read from (None: none)."""
 
     def wanted(self, dataset: str) -> bool:
         """Whether to shadow-read this read (sampled per dataset). Not before the database
@@ -197,6 +199,39 @@ class Sampling:
         now = self.clock.now()
         assert now is not None, "wanted() said no before the clock was calibrated"
         return now
+
+    async def calibrate(self) -> None:
+        """Measure the state database's clock (a failure is logged; the next tick retries)."""
+        if self.clock_pool is None:
+            return
+        try:
+            await self.clock.calibrate(self.clock_pool)
+        except Exception as exc:
+            log.warning("state database clock not measured (%s)", type(exc).__name__)
+
+    async def flush(self) -> None:
+        raise NotImplementedError
+
+    async def _every_ten_seconds(self) -> None:
+        """What else the housekeeping does every 10 s."""
+
+    async def _housekeeping(self) -> None:
+        """The tally flushed every second; the clock measured every 10 s (every second until
+        it is known), with :meth:`_every_ten_seconds`."""
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            tick += 1
+            try:
+                if tick % 10 == 0 or not self.clock.calibrated:
+                    await self.calibrate()
+                if tick % 10 == 0:
+                    await self._every_ten_seconds()
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # kept for the next tick (StoreError...): it retries
+                log.warning("shadow housekeeping: %s", type(exc).__name__)
 
 
 class Dispatcher(Sampling):
@@ -344,32 +379,8 @@ class Dispatcher(Sampling):
         if self.done is None:
             await self.tally.flush(self.ledger, postgres=self.clock_pool is not None)
 
-    async def calibrate(self) -> None:
-        """Measure the state database's clock (a failure is logged; the next tick retries)."""
-        if self.clock_pool is None:
-            return
-        try:
-            await self.clock.calibrate(self.clock_pool)
-        except Exception as exc:
-            log.warning("state database clock not measured (%s)", type(exc).__name__)
-
-    async def _housekeeping(self) -> None:
-        """Counters and evidence flushed every second; the clock and accepted noise rules every
-        10 s (the clock every second until it is known)."""
-        tick = 0
-        while True:
-            await asyncio.sleep(1.0)
-            tick += 1
-            try:
-                if tick % 10 == 0 or not self.clock.calibrated:
-                    await self.calibrate()
-                if tick % 10 == 0:
-                    await self._reload_noise_rules()
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep the housekeeping alive: the next tick retries
-                log.warning("shadow housekeeping: %s", type(exc).__name__)
+    async def _every_ten_seconds(self) -> None:
+        await self._reload_noise_rules()
 
     async def _noise_decided(self, dataset: str | None) -> None:
         await self._reload_noise_rules()

@@ -136,7 +136,7 @@ class ShadowLink(Sampling):
     async def start(self) -> None:
         """Measure the clock, start the worker and wait (bounded) for it to be ready: a
         worker that cannot start is logged and retried, and the proxy serves meanwhile."""
-        await self._calibrate()
+        await self.calibrate()
         self._tasks = [
             spawn(self._supervise(), name="shadow-link"),
             spawn(self._housekeeping(), name="shadow-link-housekeeping"),
@@ -302,25 +302,3 @@ class ShadowLink(Sampling):
             if not waiter.done():
                 waiter.set_result(None)
         self._joins.clear()
-
-    async def _calibrate(self) -> None:
-        try:
-            await self.clock.calibrate(self.clock_pool)
-        except Exception as exc:
-            log.warning("state database clock not measured (%s)", type(exc).__name__)
-
-    async def _housekeeping(self) -> None:
-        """The tally flushed every second; the clock measured every 10 s (every second until
-        it is known)."""
-        tick = 0
-        while True:
-            await asyncio.sleep(1.0)
-            tick += 1
-            try:
-                if tick % 10 == 0 or not self.clock.calibrated:
-                    await self._calibrate()
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # kept in the tally (StoreError...): the next tick retries
-                log.warning("shadow link housekeeping: %s", type(exc).__name__)

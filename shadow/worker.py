@@ -109,7 +109,8 @@ async def serve(fd: int) -> None:
             while True:
                 await asyncio.sleep(REPORT_EVERY)
                 quiet += REPORT_EVERY
-                if finished or dispatcher.tally.counts or quiet >= ALIVE_EVERY:
+                # Every outcome is recorded with its job done (Dispatcher._record).
+                if finished or quiet >= ALIVE_EVERY:
                     writer.write(report())
                     quiet = 0.0
 
