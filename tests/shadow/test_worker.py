@@ -52,29 +52,30 @@ async def reads(world: World, ids: range, concurrency: int = 8) -> None:
     await asyncio.gather(*(reader() for _ in range(concurrency)))
 
 
-def slow_world(
-    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
-) -> AbstractAsyncContextManager[World]:
-    """The target answers 2 s late: every shadow read stays in the worker a while (4 in
-    flight, the others queued)."""
-    return make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
-        extra="[shadow]\nconcurrency = 4\ndeadline = 10.0\n",
-        target_wrap=slowed,
-        shadow_worker="process",
-    )
+Worlds = Callable[..., AbstractAsyncContextManager[World]]
+Counts = Callable[[float], Awaitable[Any]]
+
+SLOW = {"extra": "[shadow]\nconcurrency = 4\ndeadline = 10.0\n", "target_wrap": slowed}
+"""The target answers 2 s late: every shadow read stays in the worker a while (4 in flight,
+the others queued)."""
 
 
-async def test_divergence_is_found_through_the_worker_process(
+@pytest.fixture
+def worlds(
     tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
-) -> None:
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker="process"
-    ) as world:
+) -> Worlds:
+    """:func:`make_world` over this test's stores; shadow reads in a worker process unless
+    ``shadow_worker`` says otherwise."""
+
+    def build(**options: Any) -> AbstractAsyncContextManager[World]:
+        options.setdefault("shadow_worker", "process")
+        return make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix, **options)
+
+    return build
+
+
+async def test_divergence_is_found_through_the_worker_process(worlds: Worlds) -> None:
+    async with worlds() as world:
         link = link_of(world)
         assert link.pid is not None and link.pid != os.getpid()
         await planted_divergence_is_found(world)
@@ -84,23 +85,13 @@ async def test_divergence_is_found_through_the_worker_process(
     ("priority", "policy", "nice"), [("idle", "SCHED_IDLE", 0), ("low", "SCHED_OTHER", 19)]
 )
 async def test_the_worker_runs_at_its_priority_in_every_thread(
-    tmp_path: Path,
-    make_database: MakeDatabase,
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    worlds: Worlds,
     priority: str,
     policy: str,
     nice: int,
 ) -> None:
-    async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+    async with worlds(
         extra=f'[shadow]\npriority = "{priority}"\n',
-        shadow_worker="process",
     ) as world:
         await reads(world, range(1, 30))  # big enough to be compared in its threads too
         await world.settled()
@@ -113,12 +104,12 @@ async def test_the_worker_runs_at_its_priority_in_every_thread(
 
 
 async def test_a_killed_worker_is_replaced_and_the_reads_it_held_are_counted(
-    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
+    worlds: Worlds,
 ) -> None:
     """The target answers 2 s late, so that every shadow read is still in the worker when it
     is killed: all are counted dropped, researchers are served meanwhile, and a new worker
     compares the reads after it."""
-    async with slow_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+    async with worlds(**SLOW) as world:
         link = link_of(world)
         first = link.pid
         assert first is not None
@@ -140,9 +131,9 @@ async def test_a_killed_worker_is_replaced_and_the_reads_it_held_are_counted(
 
 
 async def test_a_stopping_proxy_stops_its_worker_and_counts_what_it_held(
-    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
+    worlds: Worlds, ledger_counts: Counts
 ) -> None:
-    async with slow_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+    async with worlds(**SLOW) as world:
         pid = link_of(world).pid
         assert pid is not None
         await reads(world, range(1, 13))
@@ -151,26 +142,19 @@ async def test_a_stopping_proxy_stops_its_worker_and_counts_what_it_held(
     assert time.monotonic() - started < 10  # not the kill after STOP_WAIT
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # ended and reaped
-    counts = await counts_after(pg_url, redis_url, redis_prefix, world.started)
+    counts = await ledger_counts(world.started)
     # 4 in flight (cancelled) and 8 queued: none has an outcome, every one is counted.
     assert counts["dropped"] == 12, counts
     assert counts["compared"] == 0, counts
 
 
 async def test_the_worker_logs_no_planted_value(
-    tmp_path: Path,
-    make_database: MakeDatabase,
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    capfd: pytest.CaptureFixture[str],
+    worlds: Worlds, pg_url: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """At DEBUG, with mismatches, a killed and restarted worker: its log (the proxy's stderr)
     names no planted value, and the mismatches it recorded carry none."""
     logging.getLogger().setLevel(logging.DEBUG)
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker="process"
-    ) as world:
+    async with worlds() as world:
         await world.target("UPDATE dcir SET patient_id = $1 WHERE id IN (3, 4)", PLANTED)
         await reads(world, range(1, 9))
         counts = await world.settled()
@@ -195,14 +179,20 @@ async def test_the_worker_logs_no_planted_value(
         assert PLANTED not in text, f"planted value in the worker's {where}"
 
 
-async def counts_after(pg_url: str, redis_url: str, redis_prefix: str, since: float) -> Any:
-    pool = await open_pool(pg_url, max_size=1)
-    redis = aioredis.Redis.from_url(redis_url)
-    try:
-        return await Ledger(pool, redis, redis_prefix).counts("dcir", since)
-    finally:
-        await redis.aclose()
-        await pool.close()
+@pytest.fixture
+def ledger_counts(pg_url: str, redis_url: str, redis_prefix: str) -> Counts:
+    """dcir's counts in the ledger since a time, read after the world is gone."""
+
+    async def counts(since: float) -> Any:
+        pool = await open_pool(pg_url, max_size=1)
+        redis = aioredis.Redis.from_url(redis_url)
+        try:
+            return await Ledger(pool, redis, redis_prefix).counts("dcir", since)
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    return counts
 
 
 @asynccontextmanager
@@ -218,20 +208,12 @@ async def failing(backend: str) -> AsyncIterator[str]:
         yield url
 
 
-async def test_outcomes_a_killed_worker_had_reported_are_counted_once(
-    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
-) -> None:
+async def test_outcomes_a_killed_worker_had_reported_are_counted_once(worlds: Worlds) -> None:
     """The worker reports outcomes with the jobs they belong to, and the proxy writes them: a
     worker killed after its report and before any flush of its own loses nothing, errored
     comparisons (the gate's evidence in Postgres) included, and counts nothing twice."""
-    async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+    async with worlds(
         target_wrap=failing,
-        shadow_worker="process",
     ) as world:
         link = link_of(world)
         for attempt in range(3):
@@ -253,21 +235,11 @@ async def test_outcomes_a_killed_worker_had_reported_are_counted_once(
 
 @pytest.mark.parametrize("mode", ["inline", "process"])
 async def test_a_read_counted_before_its_noise_pair_is_not_dropped_at_stop(
-    tmp_path: Path,
-    make_database: MakeDatabase,
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    mode: str,
+    worlds: Worlds, ledger_counts: Counts, mode: str
 ) -> None:
     """In `live` the slow target serves; the source's shadow read is compared at once, then
     the noise pair asks the target again (2 s): stopping then cancels the pair, not the read."""
-    async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+    async with worlds(
         extra="[defaults]\nnoise_sample = 1.0\n",
         target_wrap=slowed,
         stages=(Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE),
@@ -275,23 +247,17 @@ async def test_a_read_counted_before_its_noise_pair_is_not_dropped_at_stop(
     ) as world:
         await reads(world, range(3, 4), concurrency=1)
         await asyncio.sleep(1.0)
-    counts = await counts_after(pg_url, redis_url, redis_prefix, world.started)
+    counts = await ledger_counts(world.started)
     assert (counts["matched"], counts["compared"], counts["dropped"]) == (1, 1, 0), counts
 
 
 @pytest.mark.parametrize("pause", [0.1, 0.8])
 async def test_stopping_while_a_worker_restarts_is_prompt(
-    tmp_path: Path,
-    make_database: MakeDatabase,
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    worlds: Worlds,
     pause: float,
 ) -> None:
     """0.1 s: in the back-off before a restart; 0.8 s: the new worker starting."""
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker="process"
-    ) as world:
+    async with worlds() as world:
         link = link_of(world)
         assert link.pid is not None
         os.kill(link.pid, signal.SIGKILL)
@@ -306,20 +272,14 @@ async def test_stopping_while_a_worker_restarts_is_prompt(
 
 
 async def test_a_wedged_worker_is_replaced(
-    tmp_path: Path,
-    make_database: MakeDatabase,
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    worlds: Worlds,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker that stops answering (here SIGSTOP) is killed once it has been silent for
     SILENT_WAIT, what it held is counted dropped, and another takes over; researchers are
     served all along."""
     monkeypatch.setattr(link_module, "SILENT_WAIT", 2.0)
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker="process"
-    ) as world:
+    async with worlds() as world:
         link = link_of(world)
         first = link.pid
         assert first is not None
@@ -338,18 +298,12 @@ async def test_a_wedged_worker_is_replaced(
 
 @pytest.mark.parametrize("mode", ["inline", "process"])
 async def test_a_read_after_shadow_reads_stopped_is_served_and_dropped(
-    tmp_path: Path,
-    make_database: MakeDatabase,
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    worlds: Worlds,
     mode: str,
 ) -> None:
     """A researcher's read still in flight when its replica stops shadow reads (past the
     server's grace) is served; its shadow read is counted dropped, and join does not hang."""
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, shadow_worker=mode
-    ) as world:
+    async with worlds(shadow_worker=mode) as world:
         shadow = world.replica.shadow
         assert shadow is not None
         await shadow.stop()
