@@ -144,10 +144,6 @@ class ShadowLink(Sampling):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), START_WAIT)
 
-    async def ready(self) -> None:
-        """Until a worker is ready (tests)."""
-        await self._ready.wait()
-
     async def join(self) -> None:
         """Until every job sent so far is done and counted, and the tally flushed."""
         writer = self._open_writer()

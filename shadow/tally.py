@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable
-from typing import Any
 
 from bascule.errors import StoreError
 from shadow.diff import Diff
@@ -50,7 +49,9 @@ class Tally:
         else:
             log.error("mismatch of %s %s not recorded: backlog full", dataset, route)
 
-    def take(self) -> tuple[Counter[tuple[str, str, Outcome]], Counter[Any], list[Evidence]]:
+    def take(
+        self,
+    ) -> tuple[Counter[tuple[str, str, Outcome]], Counter[tuple[str, str, str]], list[Evidence]]:
         """Everything held, handed over (a worker's report), and forgotten here."""
         taken = self.counts, self.errors, list(self.evidence)
         self.counts, self.errors = Counter(), Counter()
