@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -70,23 +71,41 @@ def port_answers(host: str, port: int, timeout: float = 0.3) -> bool:
         return False
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out for outgoing connections and binds to port 0."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
+
+
+def _bound(stack: contextlib.ExitStack, host: str) -> int:
+    """A port bound on ``host`` (held by ``stack``), chosen below the ephemeral range: a port
+    the kernel picks (bind to 0) can be given, before the server binds it, as the source port
+    of some process's outgoing connection; one below the range never is."""
+    floor = _ephemeral_floor()
+    for _ in range(200):
+        port = random.randrange(10_000, floor) if floor > 11_000 else 0
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((host, port))
+        except OSError:
+            s.close()
+            continue
+        stack.enter_context(s)
+        bound: int = s.getsockname()[1]
+        return bound
+    raise OSError(f"no free port found on {host}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` distinct free ports: each is held until all are chosen (two calls of
     :func:`free_port` in a row can return the same port)."""
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            s.bind((host, 0))
-            ports.append(s.getsockname()[1])
-        return ports
+        return [_bound(stack, host) for _ in range(count)]
 
 
 def _wait_for_port(host: str, port: int, deadline_s: float, what: str, log: Path) -> None:
