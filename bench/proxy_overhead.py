@@ -719,6 +719,8 @@ async def profile(
         str(pid),
         "--duration",
         "6",
+        "--rate",
+        "500",
         "--format",
         "raw",
         "-o",

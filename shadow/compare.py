@@ -25,6 +25,7 @@ from shadow.diff import COUNT_CAP, PLAIN_NAME, Diff, Difference, Found, Full, Ki
 from shadow.masking import Plan, equal_but_ignored
 from shadow.normalize import prepare
 from shadow.pointers import Node, compile_patterns
+from shadow.slices import SLICE_FROM, compare_slices
 from shadow.walk import no_booleans, walk
 
 _DECODE = msgspec.json.Decoder()
@@ -99,9 +100,11 @@ def _compare(
     token: Callable[[str], str],
     limit: int,
     mask_from: int | None,
+    slice_from: int = SLICE_FROM,
 ) -> Diff:
-    """:func:`compare`, bodies from ``mask_from`` bytes first checked by :mod:`shadow.masking`;
-    with None, never: the full path alone, which that check must always agree with."""
+    """:func:`compare`, bodies from ``mask_from`` bytes first checked by :mod:`shadow.masking`,
+    then compared by :mod:`shadow.slices` (slices from ``slice_from`` bytes cut again); with
+    None, neither: the full path alone, which both must always agree with."""
     if limit < 0:
         raise ValueError("limit must not be negative")
     found = Found(limit, token)
@@ -109,7 +112,7 @@ def _compare(
         if serving.status != other.status:
             found.add("status", (), "changed")
         _headers(serving.headers, other.headers, rules.headers, found)
-        _body(serving.body, other.body, rules, found, mask_from)
+        _body(serving.body, other.body, rules, found, mask_from, slice_from)
     except Full:
         pass
     return found.diff()
@@ -136,18 +139,32 @@ def _values(headers: Mapping[str, str]) -> dict[str, list[str]]:
     return values
 
 
-def _body(serving: bytes, other: bytes, rules: Rules, found: Found, mask_from: int | None) -> None:
+def _body(
+    serving: bytes,
+    other: bytes,
+    rules: Rules,
+    found: Found,
+    mask_from: int | None,
+    slice_from: int,
+) -> None:
     # Byte-equal bodies are equal under any rules, and so are bodies that differ only in what
-    # the rules ignore.
+    # the rules ignore; large bodies that differ are decoded only where their bytes do.
     if serving == other:
         return
-    if (
-        rules.plan is not None
-        and mask_from is not None
-        and max(len(serving), len(other)) >= mask_from
-        and equal_but_ignored(serving, other, rules.plan)
-    ):
-        return
+    if mask_from is not None and max(len(serving), len(other)) >= mask_from:
+        if rules.plan is not None and equal_but_ignored(serving, other, rules.plan):
+            return
+        if compare_slices(
+            serving,
+            other,
+            rules.trie,
+            rules.plan,
+            found,
+            tolerance=rules.tolerance,
+            instants=rules.instants,
+            slice_from=slice_from,
+        ):
+            return
     _body_decoded(serving, other, rules, found)
 
 

@@ -55,6 +55,20 @@ def walk(
     _Walk(found, tolerance, instants, exact).children([_ROOT], [a], [b], [])
 
 
+def walk_at(
+    a: Any,
+    b: Any,
+    found: Found,
+    path: Sequence[Segment],
+    *,
+    tolerance: float,
+    instants: bool,
+    exact: bool = False,
+) -> None:
+    """:func:`walk` for two values (prepared) found at ``path`` in their documents."""
+    _Walk(found, tolerance, instants, exact).children([_ROOT], [a], [b], list(path))
+
+
 def no_booleans(body: bytes) -> bool:
     """Whether a JSON body certainly holds no boolean: a ``true`` or ``false`` literal is
     always spelled out in the bytes (no escape stands for it). A string holding the word only

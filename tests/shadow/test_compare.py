@@ -34,6 +34,7 @@ from shadow.compare import (
 from shadow.diff import Found
 from shadow.masking import MAX_DEPTH, _depth, equal_but_ignored
 from shadow.normalize import prepare
+from shadow.slices import compare_slices
 from shadow.walk import no_booleans, walk
 
 KEY = b"k" * 32
@@ -742,26 +743,33 @@ def test_member_names_are_matched_exactly() -> None:
     }
 
 
-# --- bodies equal but for ignored values, told without decoding them --------------------------
+# --- bodies equal but for ignored values, told without decoding them; bodies compared by slices
 #
-# shadow.masking recognises bodies that differ only in values the rules ignore. Made to look at
-# bodies of every size here, it must never call equal what the full path does not, and compare()
-# must give the same diff with it as without it.
+# shadow.masking recognises bodies that differ only in values the rules ignore, and
+# shadow.slices compares large bodies slice by slice, decoding only where their bytes differ.
+# Made to look at bodies of every size here (and slices, cut down to scalars), masking must never
+# call equal what the full path does not, and compare() must give the same diff, to the last
+# difference kept and counted, with either or both as without them.
 
 
 def checked(a: bytes, b: bytes, r: Rules, limit: int = 100) -> tuple[Diff, bool]:
     """The full path's diff and whether masking alone called the bodies equal, having checked
     that it did so only when the full path finds no difference, and that compare() gives the
-    same diff either way."""
+    same diff whichever way it goes."""
     serving, other = Answer(200, {}, a), Answer(200, {}, b)
     full = _compare(serving, other, r, token, limit, None)
     assert _compare(serving, other, r, token, limit, 0) == full
+    assert _compare(serving, other, r, token, limit, 0, 0) == full, "slices differ from full path"
     assert r.plan is not None
     equal = a != b and equal_but_ignored(a, b, r.plan)
     if equal:
         assert full == Diff(()), "called equal what the full path does not"
+    sliced = compare_slices(
+        a, b, r.trie, r.plan, Found(limit, token), tolerance=r.tolerance, instants=r.instants
+    )
     if currently_in_test_context():
         event("equal but for ignored values" if equal else "left to the full path")
+        event("compared by slices" if sliced else "slices refused")
     return full, equal
 
 
@@ -951,6 +959,51 @@ def test_masking_leaves_what_differs_to_the_full_path(
     checked(encoded(a, 0), encoded(b, data.draw(st.integers(0, 3))), r)
 
 
+@st.composite
+def keyed_page_pairs(draw: st.DrawFn) -> tuple[Any, Any]:
+    """A keyed page and the same page reordered, its records perhaps removed, added, changed,
+    re-keyed (the same number as a float, as a string, a boolean, null, an array), given a key
+    another record has, or replaced by a non-object."""
+    page = draw(keyed_pages())
+    other = copy.deepcopy(page)
+    records = other["records"]
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["remove", "add", "change", "rekey", "repeat", "scalar"]))
+        if op == "add" or not records:
+            new_id = draw(st.integers(10**12 + 1, 10**13) | st.text(min_size=5, max_size=6))
+            records.append({"id": new_id, "tags": [], "x": draw(documents)})
+            continue
+        n = draw(st.integers(0, len(records) - 1))
+        record = records[n]
+        if op == "remove":
+            del records[n]
+        elif op == "scalar" or not isinstance(record, dict):
+            records[n] = draw(scalars)
+        elif op == "change":
+            records[n] = {**record, "x": draw(documents)}
+        elif op == "rekey":
+            key = record["id"]
+            same = float(key) if type(key) is int else f"{key}!"
+            records[n] = {
+                **record,
+                "id": draw(st.sampled_from([same, str(key), True, None, [key]])),
+            }
+        else:
+            last = records[-1]
+            records[n] = {**record, "id": last["id"] if isinstance(last, dict) else last}
+    draw(st.randoms(use_true_random=False)).shuffle(records)
+    return (page, other) if draw(st.booleans()) else (other, page)
+
+
+@PROFILE
+@given(keyed_page_pairs(), st.sampled_from([100, 2, 0]), st.sampled_from([(0, 0), (1, 1), (0, 2)]))
+def test_slices_pair_unordered_elements_as_the_full_path_does(
+    pair: tuple[Any, Any], limit: int, styles: tuple[int, int]
+) -> None:
+    a, b = pair
+    checked(encoded(a, styles[0]), encoded(b, styles[1]), PAGE_RULES, limit=limit)
+
+
 def page_of(count: int, stamp: Any, order: list[int] | None = None) -> dict[str, Any]:
     records = [
         {
@@ -991,6 +1044,22 @@ def test_a_page_served_twice_is_equal_without_decoding(first: Any, second: Any, 
     assert not equal and len(full.differences) == 2
 
 
+def test_a_large_page_that_differs_is_compared_by_slices() -> None:
+    """The case shadow.slices is for (records reordered, a few changed, each stamped): it takes
+    it, rather than leaving it to the full path, and finds what the full path finds."""
+    order = list(range(300))
+    random.Random(3).shuffle(order)
+    changed = page_of(300, "2024-05-01T12:00:00.041000Z", order)
+    changed["records"][5]["amount"] = "1"
+    del changed["records"][9]
+    a, b = encoded(page_of(300, "2024-05-01T12:00:00Z"), 0), encoded(changed, 0)
+    r = PAGE_IGNORES
+    found = Found(100, token)
+    assert compare_slices(a, b, r.trie, r.plan, found, tolerance=r.tolerance, instants=r.instants)
+    assert found.diff() == checked(a, b, r)[0]
+    assert {d.kind for d in found.diff().differences} == {"type", "missing"}
+
+
 @pytest.mark.parametrize(
     "shared",
     [
@@ -1007,6 +1076,10 @@ def test_a_page_served_twice_is_equal_without_decoding(first: Any, second: Any, 
         b'"a1e234f"',
         b'"\\"[[[\\\\"',
         b"1.5e-300",
+        # not JSON at all
+        b"tru",
+        b"{",
+        b'"\\x"',
     ],
 )
 def test_what_the_full_path_refuses_masking_refuses(shared: bytes) -> None:
@@ -1018,6 +1091,7 @@ def test_what_the_full_path_refuses_masking_refuses(shared: bytes) -> None:
         b = a.replace(b'"S"', b'"T"')
         for x, y in ((a, b), (b, a), (a, b.replace(b'"T"', shared, 1)), (a, a + b" ")):
             checked(x, y, PAGE_IGNORES)
+            checked(x, y, PAGE_RULES)  # nothing ignored: no masking, slices alone
 
 
 def test_ignored_values_found_elsewhere_in_the_body() -> None:
