@@ -20,9 +20,9 @@ waiting for a core, which moved a 5 MB comparison from 85 to 155 ms between two 
 runs: deepdiff 5 per small pair and `--deepdiff-repeat` per 5 MB pair (a single 5-second run
 moved the ratio by a quarter between runs), bascule 20x `--repeat` per small pair and
 `--repeat` per 5 MB pair. "decode floor" is what msgspec alone takes to parse both bodies.
-"full path" is bascule with shadow.masking turned off (both bodies decoded in full, prepared and
-walked), timed in the same run: on a shared machine the two columns compare better than two
-runs do. It must find what the fast path finds; the bench fails otherwise.
+"full path" is bascule with shadow.masking and shadow.slices turned off (both bodies decoded in
+full, prepared and walked), timed in the same run: on a shared machine the two columns compare
+better than two runs do. It must find what the fast paths find; the bench fails otherwise.
 
     .venv/bin/python bench/compare.py [--repeat 9] [--deepdiff-repeat 3] [--clock cpu|wall]
 """

@@ -34,6 +34,10 @@ _NOT_JSON = object()
 MASK_FROM = 4096
 """Bodies from this size (the larger of the two, bytes) are first checked for differing only in
 ignored values (:mod:`shadow.masking`): below it, decoding both costs about as little."""
+SLICES_FROM = 2_000_000
+"""Bodies from this size that differ are compared by slices (:mod:`shadow.slices`). Its cost
+grows with the size, the full path's faster (measured on pages of shuffled records, CPU time:
+0.9x the full path's at 100 KB and 1 MB, even at 2 MB, 1.35x faster at 3 MB, 1.5x at 5 MB)."""
 
 
 @dataclass(frozen=True)
@@ -100,11 +104,12 @@ def _compare(
     token: Callable[[str], str],
     limit: int,
     mask_from: int | None,
+    slices_from: int = SLICES_FROM,
     slice_from: int = SLICE_FROM,
 ) -> Diff:
-    """:func:`compare`, bodies from ``mask_from`` bytes first checked by :mod:`shadow.masking`,
-    then compared by :mod:`shadow.slices` (slices from ``slice_from`` bytes cut again); with
-    None, neither: the full path alone, which both must always agree with."""
+    """:func:`compare`, bodies from ``mask_from`` bytes first checked by :mod:`shadow.masking`
+    and from ``slices_from`` compared by :mod:`shadow.slices` (slices from ``slice_from`` bytes
+    cut again); with None, neither: the full path alone, which both must always agree with."""
     if limit < 0:
         raise ValueError("limit must not be negative")
     found = Found(limit, token)
@@ -112,7 +117,7 @@ def _compare(
         if serving.status != other.status:
             found.add("status", (), "changed")
         _headers(serving.headers, other.headers, rules.headers, found)
-        _body(serving.body, other.body, rules, found, mask_from, slice_from)
+        _body(serving.body, other.body, rules, found, mask_from, slices_from, slice_from)
     except Full:
         pass
     return found.diff()
@@ -145,16 +150,18 @@ def _body(
     rules: Rules,
     found: Found,
     mask_from: int | None,
+    slices_from: int,
     slice_from: int,
 ) -> None:
     # Byte-equal bodies are equal under any rules, and so are bodies that differ only in what
     # the rules ignore; large bodies that differ are decoded only where their bytes do.
     if serving == other:
         return
-    if mask_from is not None and max(len(serving), len(other)) >= mask_from:
+    size = max(len(serving), len(other))
+    if mask_from is not None and size >= mask_from:
         if rules.plan is not None and equal_but_ignored(serving, other, rules.plan):
             return
-        if compare_slices(
+        if size >= slices_from and compare_slices(
             serving,
             other,
             rules.trie,

@@ -114,9 +114,10 @@ def _ready(body: bytes, plan: Plan | None) -> bytes | None:
     return b"null".join(pieces)
 
 
-def _head(text: bytes) -> int:
+def _head(text: bytes | Raw) -> int:
     """The first byte of a JSON text that is not white space (``{``, ``[`` or a scalar's)."""
-    start = text[:64].lstrip(_SPACE) or text.lstrip(_SPACE)
+    view = memoryview(text)
+    start = bytes(view[:64]).lstrip(_SPACE) or bytes(view).lstrip(_SPACE)
     return start[0] if start else 0
 
 
@@ -167,7 +168,6 @@ class _Slices:
         if x == y:
             return
         if max(len(x), len(y)) >= self.slice_from:
-            x, y = bytes(x), bytes(y)
             head = _head(x)
             if head == _head(y):
                 if head == 0x7B:  # {
@@ -188,7 +188,9 @@ class _Slices:
             a, b, self.found, path, tolerance=self.tolerance, instants=self.instants, exact=exact
         )
 
-    def object(self, x: bytes, y: bytes, node: Node | None, path: list[Segment]) -> None:
+    def object(
+        self, x: bytes | Raw, y: bytes | Raw, node: Node | None, path: list[Segment]
+    ) -> None:
         da, db = _OBJECT.decode(x), _OBJECT.decode(y)
         names = sorted(da.keys() | db.keys()) if da.keys() != db.keys() else sorted(da)
         for name in names:
@@ -197,7 +199,7 @@ class _Slices:
                 continue
             self.child(da.get(name, _ABSENT), db.get(name, _ABSENT), child, name, path)
 
-    def array(self, x: bytes, y: bytes, node: Node | None, path: list[Segment]) -> None:
+    def array(self, x: bytes | Raw, y: bytes | Raw, node: Node | None, path: list[Segment]) -> None:
         xs, ys = _ARRAY.decode(x), _ARRAY.decode(y)
         n = max(len(xs), len(ys))
         xs += repeat(_ABSENT, n - len(xs))
@@ -209,7 +211,9 @@ class _Slices:
                 continue  # nulled on both sides
             self.child(x_i, y_i, child, i, path)
 
-    def unordered(self, x: bytes, y: bytes, node: Node, key: str, path: list[Segment]) -> None:
+    def unordered(
+        self, x: bytes | Raw, y: bytes | Raw, node: Node, key: str, path: list[Segment]
+    ) -> None:
         element = node.wildcard
         # msgspec matches no field to a name with a backslash, a quote or a control character
         if node.indexes or not _keeps_key(element, key) or _UNNAMEABLE.search(key):

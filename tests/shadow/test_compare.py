@@ -759,7 +759,7 @@ def checked(a: bytes, b: bytes, r: Rules, limit: int = 100) -> tuple[Diff, bool]
     serving, other = Answer(200, {}, a), Answer(200, {}, b)
     full = _compare(serving, other, r, token, limit, None)
     assert _compare(serving, other, r, token, limit, 0) == full
-    assert _compare(serving, other, r, token, limit, 0, 0) == full, "slices differ from full path"
+    assert _compare(serving, other, r, token, limit, 0, 0, 0) == full, "slices differ from full"
     assert r.plan is not None
     equal = a != b and equal_but_ignored(a, b, r.plan)
     if equal:

@@ -45,7 +45,8 @@ def rules(**kw: Any) -> Rules:
 
 def verdict(a: bytes, b: bytes, r: Rules) -> tuple[Diff, bool]:
     """The full path's diff, and whether masking called the bodies equal; fails when masking
-    raises, calls equal what the full path does not, or changes compare()'s answer."""
+    raises, calls equal what the full path does not, or changes compare()'s answer (with
+    comparison by slices too)."""
     serving, other = Answer(200, {}, a), Answer(200, {}, b)
     full = _compare(serving, other, r, token, 100, None)
     assert r.plan is not None
@@ -53,6 +54,8 @@ def verdict(a: bytes, b: bytes, r: Rules) -> tuple[Diff, bool]:
     if masked:
         assert full == Diff(()), f"masking called equal: {a[:200]!r} / {b[:200]!r} -> {full}"
     assert _compare(serving, other, r, token, 100, 0) == full
+    # shadow.slices masks ignored values by value too: the same attacks, on every slice
+    assert _compare(serving, other, r, token, 100, 0, 0, 0) == full
     return full, masked
 
 
