@@ -21,19 +21,30 @@ answers --delay late, 200 ms by default):
   shadow/slow  bascule in `shadow`: shadow reads its queue (100 here) cannot hold are dropped
                and counted
   mirror/slow  nginx `mirror`: nginx does not finish a request before its mirror subrequest
+
+Where the processes run (--cpus split, the default with 2 cores or more): the researchers' path
+(this load generator, the proxies, nginx, the serving API, its database sessions and the state
+databases') on the first half of the cores; the other cloud (the shadowed API, its database
+sessions, the slow relay) and the proxies' shadow workers on the other half, as a proxy host
+keeps a core for its worker and the other cloud has machines of its own. With every process on
+every core (--cpus shared), idle-priority work on a core that researchers' requests also use
+cost them 1.4-3.2x p99 at concurrency 1 on this 2-vCPU VM, however little CPU it took from
+them (the bascule/busy control), and the shadowed API, starved by researchers, made nginx
+`mirror` wait for it.
+
 The rows of one concurrency are measured in --rounds rounds taken in turn, so that a change in
 the machine's load falls on all of them alike; a proxy in `shadow` ends each round when its
 shadow reads are done. It prints req/s, p50, p99, the proxy's CPU-µs per request (from /proc;
 a shadow row's includes its shadow worker's) and ratios to direct; the CPU per request in
 each process (proxy, shadow worker, both APIs, Postgres); the ledger's counts for the shadow
 rows' measured requests (compared, matched, mismatched, dropped, skipped, errored); and the
-goals' ratios,
-all against rows of the same run: shadow p99 / bascule p99 (target <= 1.10), shadow req/s /
-mirror req/s at 32 (>= 1), shadow/slow p99 / mirror/slow p99 (< 1). No figure is asserted.
+goals' ratios, all against rows of the same run: shadow p99 / bascule p99 (target <= 1.10),
+shadow req/s / mirror req/s at 32 (>= 1), shadow/slow p99 / mirror/slow p99 (< 1). No figure
+is asserted.
 
-    .venv/bin/python bench/proxy_overhead.py [--requests 3000] [--rows 1000] [--rounds 3]
+    .venv/bin/python bench/proxy_overhead.py [--requests 6000] [--rows 1000] [--rounds 10]
         [--only direct,bascule,busy,shadow,nginx,mirror,slow] [--concurrency 1,32]
-        [--slow-requests 1500] [--delay 0.2] [--shadowed idle|equal]
+        [--slow-requests 1500] [--delay 0.2] [--shadowed idle|equal] [--cpus split|shared]
 """
 
 from __future__ import annotations
@@ -144,7 +155,7 @@ def with_workers(pid: int | None) -> tuple[float, float]:
     return user, system
 
 
-def start_burners() -> list[subprocess.Popen[bytes]]:
+def start_burners(placement: Placement) -> list[subprocess.Popen[bytes]]:
     """A process per core spinning at SCHED_IDLE in a session of its own (the `bascule/busy`
     row): it takes only the CPU the researchers' path leaves, as the shadow worker and the
     shadowed side do, and shows what such work costs researchers on this machine by itself
@@ -160,6 +171,7 @@ def start_burners() -> list[subprocess.Popen[bytes]]:
             start_new_session=True,
         )
         idle_priority(burner.pid, session=True)
+        placement.pin(burner.pid, "every")
         burners.append(burner)
     return burners
 
@@ -175,6 +187,47 @@ def idle_priority(pid: int, *, session: bool = False) -> None:
     if session:
         with contextlib.suppress(OSError):  # no autogroups on this kernel: nothing to weigh
             Path(f"/proc/{pid}/autogroup").write_text("19")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The cores each side's processes run on (--cpus).
+
+    ``split`` (the default with 2 cores or more): the researchers' path (this load generator,
+    the proxies, nginx, the serving API, its database sessions and the state databases') on the
+    first half of the cores, and the other cloud (the shadowed API, its database sessions, the
+    slow relay) with the proxies' shadow workers on the other half. ``shared``: every process
+    on every core, as one machine running both clouds."""
+
+    every: frozenset[int]
+    researchers: frozenset[int] | None = None
+    shadowed: frozenset[int] | None = None
+
+    @classmethod
+    def of(cls, mode: str) -> Placement:
+        cores = sorted(os.sched_getaffinity(0))
+        if mode == "shared" or len(cores) < 2:
+            return cls(frozenset(cores))
+        half = len(cores) // 2
+        return cls(frozenset(cores), frozenset(cores[:half]), frozenset(cores[half:]))
+
+    def describe(self) -> str:
+        if self.researchers is None or self.shadowed is None:
+            return f"every process on every core ({len(self.every)})"
+        return (
+            f"the researchers' path on cores {sorted(self.researchers)}, the shadowed side and "
+            f"the shadow workers on cores {sorted(self.shadowed)}"
+        )
+
+    def pin(self, pid: int | None, side: str) -> None:
+        """Every thread of ``pid`` onto ``side``'s cores (researchers, shadowed or every)."""
+        cores = {"researchers": self.researchers, "shadowed": self.shadowed}.get(side, self.every)
+        if cores is None or pid is None:
+            return
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):  # a thread that has just ended
+                    os.sched_setaffinity(int(task.name), cores)
 
 
 def request_mix(rows: int) -> list[tuple[str, str, bytes | None]]:
@@ -289,18 +342,23 @@ class Processes:
     admin: asyncpg.Connection
     shadowed_idle: bool = False
     """The shadowed API and its database sessions at SCHED_IDLE (``--shadowed idle``)."""
+    placement: Placement = field(default_factory=lambda: Placement.of("shared"))
 
     async def snapshot(self, proxy: int | None) -> dict[str, float]:
         """CPU seconds so far: per process name, Postgres per backend (``pg:PID``)."""
         backends = await self.admin.fetch(
             "SELECT pid, datname FROM pg_stat_activity WHERE datname LIKE 'bench\\_%'"
         )
-        if self.shadowed_idle:
-            # Before every round: the shadowed API's pool may have opened sessions since.
-            for r in backends:
-                if r["datname"] == TARGET_DB:
-                    idle_priority(r["pid"])
+        # Before every round: the APIs' pools may have opened sessions since, and a proxy
+        # may have started its shadow worker again.
+        for r in backends:
+            shadowed = r["datname"] == TARGET_DB
+            self.placement.pin(r["pid"], "shadowed" if shadowed else "researchers")
+            if shadowed and self.shadowed_idle:
+                idle_priority(r["pid"])
         workers = children(proxy) if proxy else []
+        for worker in workers:
+            self.placement.pin(worker, "shadowed")
         pids = {
             "proxy": proxy,
             **{f"worker:{pid}": pid for pid in workers},
@@ -371,7 +429,7 @@ async def measure(
     counts = await ledger_counts(target.ledger) if target.ledger else None
     snapshot = await processes.snapshot(target.pid)
     before = with_workers(target.pid)
-    burners = start_burners() if target.busy else []
+    burners = start_burners(processes.placement) if target.busy else []
     started = time.perf_counter()
     try:
         latencies, received = await load(session, target.url, mix, n, concurrency)
@@ -572,6 +630,9 @@ async def main(args: argparse.Namespace) -> None:
     nginx = shutil.which("nginx")
     workdir = Path(tempfile.mkdtemp(prefix="bascule-bench-"))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    placement = Placement.of(args.cpus)
+    # First: every process this one starts, and every thread, inherits the researchers' cores.
+    placement.pin(os.getpid(), "researchers")
     with provide_stores() as stores:
         api_db = await create_database(stores.postgres_url, "bench_api", replace=True)
         subprocess.run(
@@ -593,6 +654,7 @@ async def main(args: argparse.Namespace) -> None:
             if target_db is not None:
                 target_url, target_api = await start_api(stack, workdir, "scaleway", target_db)
                 shadowed_pid = target_api.proc.pid if target_api.proc else None
+                placement.pin(shadowed_pid, "shadowed")
                 if shadowed_pid is not None and args.shadowed == "idle":
                     idle_priority(shadowed_pid, session=True)
             admin = await asyncpg.connect(stores.postgres_url)
@@ -602,6 +664,7 @@ async def main(args: argparse.Namespace) -> None:
                 shadowed_pid,
                 admin,
                 shadowed_idle=args.shadowed == "idle",
+                placement=placement,
             )
             if "slow" in only and target_url is not None:
                 port = free_port()
@@ -623,6 +686,7 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 stack.push_async_callback(relay.stop)
                 await relay.start()
+                placement.pin(relay.proc.pid if relay.proc else None, "shadowed")
                 if relay.proc is not None and args.shadowed == "idle":
                     idle_priority(relay.proc.pid, session=True)
             targets: list[Target] = []
@@ -704,7 +768,7 @@ async def main(args: argparse.Namespace) -> None:
             rows += await measure_rows(
                 slow, mix, args.slow_requests, args.slow_concurrency, args.rounds, processes
             )
-    report(rows, nginx is not None, args.delay, args.shadowed)
+    report(rows, nginx is not None, args.delay, args.shadowed, placement)
 
 
 async def profile(
@@ -737,7 +801,9 @@ async def profile(
     print(f"py-spy samples of the proxy written to {out}")
 
 
-def report(rows: list[Row], with_nginx: bool, delay: float, shadowed_side: str) -> None:
+def report(
+    rows: list[Row], with_nginx: bool, delay: float, shadowed_side: str, placement: Placement
+) -> None:
     print(
         f"\nproxy overhead — {rows[0].answer_bytes:.0f} B mean answer, "
         f"{os.cpu_count()} cores{'' if with_nginx else ' (nginx not on PATH: no peer rows)'}"
@@ -747,8 +813,10 @@ def report(rows: list[Row], with_nginx: bool, delay: float, shadowed_side: str) 
         + (
             "SCHED_IDLE, standing for the other cloud's machines"
             if shadowed_side == "idle"
-            else "the serving side's priority, on the same cores"
+            else "the serving side's priority"
         )
+        + "; "
+        + placement.describe()
     )
     head = (
         f"{'target':<12}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
@@ -855,13 +923,14 @@ def report(rows: list[Row], with_nginx: bool, delay: float, shadowed_side: str) 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000, help="per row (default 3000)")
+    parser.add_argument("--requests", type=int, default=6000, help="per row (default 6000)")
     parser.add_argument("--rows", type=int, default=1000, help="rows per dataset (default 1000)")
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="rounds per row, the rows taking turns (default 3)",
+        default=10,
+        help="rounds per row, the rows taking turns (default 10: a p99 from 3 rounds of 1000 "
+        "moved by a quarter between runs here)",
     )
     parser.add_argument(
         "--only",
@@ -879,6 +948,15 @@ if __name__ == "__main__":
         help="the shadowed API, its database sessions and the slow relay: at SCHED_IDLE "
         "(default; the other cloud's machines, which researchers' requests never share) or at "
         "the serving side's priority on the same cores",
+    )
+    parser.add_argument(
+        "--cpus",
+        choices=("split", "shared"),
+        default="split",
+        help="split (default, with 2 cores or more): the researchers' path on half the cores, "
+        "the shadowed side and the proxies' shadow workers on the other half (the other "
+        "cloud's machines, and the core a proxy host keeps for its worker); shared: every "
+        "process on every core",
     )
     parser.add_argument(
         "--slow-requests", type=int, default=1500, help="per slow row (default 1500)"
