@@ -755,7 +755,9 @@ async def main(args: argparse.Namespace) -> None:
                 chosen = next((t for t in targets + slow if t.name == args.profile_row), None)
                 if chosen is None or chosen.pid is None:
                     raise SystemExit(f"--profile-row {args.profile_row}: not a proxy in this run")
-                await profile(args.profile, chosen.pid, chosen.url, mix, args.profile_concurrency)
+                await profile(
+                    args.profile, chosen.pid, chosen.url, mix, args.profile_concurrency, placement
+                )
                 if chosen.ledger is not None:  # its shadow backlog done before any row
                     await settle(chosen.ledger, await ledger_counts(chosen.ledger), None, quiet=2)
             rows = [
@@ -772,7 +774,12 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def profile(
-    out: str, pid: int, base: str, mix: Sequence[tuple[str, str, bytes | None]], concurrency: int
+    out: str,
+    pid: int,
+    base: str,
+    mix: Sequence[tuple[str, str, bytes | None]],
+    concurrency: int,
+    placement: Placement,
 ) -> None:
     """Sample the proxy with py-spy (if installed) under load at ``concurrency``."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -792,6 +799,7 @@ async def profile(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+    placement.pin(proc.pid, "shadowed")  # not on the cores of the proxy it samples
     await asyncio.sleep(0.5)
     deadline = time.monotonic() + 6
     async with session_for(concurrency) as session:
