@@ -82,7 +82,14 @@ def compare_slices(
     a, b = _ready(serving, plan), _ready(other, plan)
     if a is None or b is None:
         return False
-    _Slices(found, tolerance, instants, slice_from).value(a, b, trie, [])
+    mark = found.mark()
+    try:
+        _Slices(found, tolerance, instants, slice_from).value(a, b, trie, [])
+    except RecursionError:
+        # Three frames a level here against the walk's two: a caller deep in its own stack
+        # can leave room for the full path's descent and not for this one. It decides.
+        found.reset(mark)
+        return False
     return True
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
+import inspect
 import json
 import random
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -1042,6 +1044,26 @@ def test_a_page_served_twice_is_equal_without_decoding(first: Any, second: Any, 
     del changed["records"][9]
     full, equal = checked(a, encoded(changed, 0), PAGE_IGNORES)
     assert not equal and len(full.differences) == 2
+
+
+def test_a_stack_too_shallow_for_slices_leaves_the_body_to_the_full_path() -> None:
+    """Found by a red-team review: slices descend three frames a level, the walk two. With the
+    interpreter's stack mostly spent by the caller, nesting the full path still walks must not
+    make compare() raise, nor give another answer than the full path."""
+    r = rules()
+    for a, b in (
+        (b"[" * 200 + b"1" + b"]" * 200, b"[" * 200 + b"2" + b"]" * 200),
+        (b'{"a":' * 200 + b"1" + b"}" * 200, b'{"a":' * 200 + b"2" + b"}" * 200),
+    ):
+        serving, other = Answer(200, {}, a), Answer(200, {}, b)
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(len(inspect.stack()) + 560)
+        try:
+            full = _compare(serving, other, r, token, 100, None)
+            sliced = _compare(serving, other, r, token, 100, 0, 0, 0)
+        finally:
+            sys.setrecursionlimit(limit)
+        assert sliced == full and not full.equal
 
 
 def test_a_large_page_that_differs_is_compared_by_slices() -> None:
