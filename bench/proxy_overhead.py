@@ -63,6 +63,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import asyncpg
@@ -176,22 +177,34 @@ def start_burners(placement: Placement) -> list[subprocess.Popen[bytes]]:
     return burners
 
 
+def threads(pid: int) -> list[int]:
+    """The thread ids of a process (none once it has ended)."""
+    try:
+        return [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return []
+
+
 def idle_priority(pid: int, *, session: bool = False) -> None:
     """SCHED_IDLE for a process and every thread it has (the shadowed side: see --shadowed).
     ``session``: it leads a session of its own (a server the bench started), whose autogroup
     the kernel weighs against the others' whatever its tasks' policy: that group at nice 19
     too. (A Postgres backend shares its server's group with the serving side's backends.)"""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+    for thread in threads(pid):
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     if session:
         with contextlib.suppress(OSError):  # no autogroups on this kernel: nothing to weigh
             Path(f"/proc/{pid}/autogroup").write_text("19")
 
 
+Side = Literal["researchers", "shadowed", "every"]
+
+
 @dataclass(frozen=True)
 class Placement:
-    """The cores each side's processes run on (--cpus).
+    """The cores each side's processes run on (--cpus), and the shadowed side's priority
+    (--shadowed).
 
     ``split`` (the default with 2 cores or more): the researchers' path (this load generator,
     the proxies, nginx, the serving API, its database sessions and the state databases') on the
@@ -201,33 +214,43 @@ class Placement:
 
     every: frozenset[int]
     researchers: frozenset[int] | None = None
-    shadowed: frozenset[int] | None = None
+    shadowed_cores: frozenset[int] | None = None
+    idle: bool = False
+    """The shadowed side at SCHED_IDLE (``--shadowed idle``)."""
 
     @classmethod
-    def of(cls, mode: str) -> Placement:
+    def of(cls, mode: str, *, idle: bool) -> Placement:
         cores = sorted(os.sched_getaffinity(0))
         if mode == "shared" or len(cores) < 2:
-            return cls(frozenset(cores))
+            return cls(frozenset(cores), idle=idle)
         half = len(cores) // 2
-        return cls(frozenset(cores), frozenset(cores[:half]), frozenset(cores[half:]))
+        return cls(frozenset(cores), frozenset(cores[:half]), frozenset(cores[half:]), idle)
 
     def describe(self) -> str:
-        if self.researchers is None or self.shadowed is None:
+        if self.researchers is None or self.shadowed_cores is None:
             return f"every process on every core ({len(self.every)})"
         return (
             f"the researchers' path on cores {sorted(self.researchers)}, the shadowed side and "
-            f"the shadow workers on cores {sorted(self.shadowed)}"
+            f"the shadow workers on cores {sorted(self.shadowed_cores)}"
         )
 
-    def pin(self, pid: int | None, side: str) -> None:
-        """Every thread of ``pid`` onto ``side``'s cores (researchers, shadowed or every)."""
-        cores = {"researchers": self.researchers, "shadowed": self.shadowed}.get(side, self.every)
+    def pin(self, pid: int | None, side: Side) -> None:
+        """Every thread of ``pid`` onto ``side``'s cores."""
+        cores = {"researchers": self.researchers, "shadowed": self.shadowed_cores}.get(
+            side, self.every
+        )
         if cores is None or pid is None:
             return
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):  # a thread that has just ended
-                    os.sched_setaffinity(int(task.name), cores)
+        for thread in threads(pid):
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                os.sched_setaffinity(thread, cores)
+
+    def shadowed(self, pid: int | None, *, session: bool = False) -> None:
+        """A process of the other cloud: on its cores, at its priority (``session``: see
+        :func:`idle_priority`)."""
+        self.pin(pid, "shadowed")
+        if pid is not None and self.idle:
+            idle_priority(pid, session=session)
 
 
 def request_mix(rows: int) -> list[tuple[str, str, bytes | None]]:
@@ -340,9 +363,7 @@ class Processes:
     serving_api: int | None
     shadowed_api: int | None
     admin: asyncpg.Connection
-    shadowed_idle: bool = False
-    """The shadowed API and its database sessions at SCHED_IDLE (``--shadowed idle``)."""
-    placement: Placement = field(default_factory=lambda: Placement.of("shared"))
+    placement: Placement
 
     async def snapshot(self, proxy: int | None) -> dict[str, float]:
         """CPU seconds so far: per process name, Postgres per backend (``pg:PID``)."""
@@ -352,10 +373,10 @@ class Processes:
         # Before every round: the APIs' pools may have opened sessions since, and a proxy
         # may have started its shadow worker again.
         for r in backends:
-            shadowed = r["datname"] == TARGET_DB
-            self.placement.pin(r["pid"], "shadowed" if shadowed else "researchers")
-            if shadowed and self.shadowed_idle:
-                idle_priority(r["pid"])
+            if r["datname"] == TARGET_DB:
+                self.placement.shadowed(r["pid"])
+            else:
+                self.placement.pin(r["pid"], "researchers")
         workers = children(proxy) if proxy else []
         for worker in workers:
             self.placement.pin(worker, "shadowed")
@@ -630,7 +651,7 @@ async def main(args: argparse.Namespace) -> None:
     nginx = shutil.which("nginx")
     workdir = Path(tempfile.mkdtemp(prefix="bascule-bench-"))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    placement = Placement.of(args.cpus)
+    placement = Placement.of(args.cpus, idle=args.shadowed == "idle")
     # First: every process this one starts, and every thread, inherits the researchers' cores.
     placement.pin(os.getpid(), "researchers")
     with provide_stores() as stores:
@@ -654,17 +675,14 @@ async def main(args: argparse.Namespace) -> None:
             if target_db is not None:
                 target_url, target_api = await start_api(stack, workdir, "scaleway", target_db)
                 shadowed_pid = target_api.proc.pid if target_api.proc else None
-                placement.pin(shadowed_pid, "shadowed")
-                if shadowed_pid is not None and args.shadowed == "idle":
-                    idle_priority(shadowed_pid, session=True)
+                placement.shadowed(shadowed_pid, session=True)
             admin = await asyncpg.connect(stores.postgres_url)
             stack.push_async_callback(admin.close)
             processes = Processes(
                 api.proc.pid if api.proc else None,
                 shadowed_pid,
                 admin,
-                shadowed_idle=args.shadowed == "idle",
-                placement=placement,
+                placement,
             )
             if "slow" in only and target_url is not None:
                 port = free_port()
@@ -686,9 +704,7 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 stack.push_async_callback(relay.stop)
                 await relay.start()
-                placement.pin(relay.proc.pid if relay.proc else None, "shadowed")
-                if relay.proc is not None and args.shadowed == "idle":
-                    idle_priority(relay.proc.pid, session=True)
+                placement.shadowed(relay.proc.pid if relay.proc else None, session=True)
             targets: list[Target] = []
             slow: list[Target] = []
             if "direct" in only:
