@@ -772,7 +772,13 @@ async def main(args: argparse.Namespace) -> None:
                 if chosen is None or chosen.pid is None:
                     raise SystemExit(f"--profile-row {args.profile_row}: not a proxy in this run")
                 await profile(
-                    args.profile, chosen.pid, chosen.url, mix, args.profile_concurrency, placement
+                    args.profile,
+                    chosen.pid,
+                    chosen.url,
+                    mix,
+                    args.profile_concurrency,
+                    placement,
+                    native=args.profile_native,
                 )
                 if chosen.ledger is not None:  # its shadow backlog done before any row
                     await settle(chosen.ledger, await ledger_counts(chosen.ledger), None, quiet=2)
@@ -796,8 +802,11 @@ async def profile(
     mix: Sequence[tuple[str, str, bytes | None]],
     concurrency: int,
     placement: Placement,
+    *,
+    native: bool = False,
 ) -> None:
-    """Sample the proxy with py-spy (if installed) under load at ``concurrency``."""
+    """Sample the proxy with py-spy (if installed) under load at ``concurrency``; ``native``:
+    with the C frames (uvloop, httptools, the system calls) below the Python ones."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     proc = await asyncio.create_subprocess_exec(
         spy,
@@ -810,6 +819,7 @@ async def profile(
         "500",
         "--format",
         "raw",
+        *(["--native"] if native else []),
         "-o",
         out,
         stdout=asyncio.subprocess.DEVNULL,
@@ -994,6 +1004,12 @@ if __name__ == "__main__":
         "--profile-row", default="bascule", help="the proxy to sample (default bascule)"
     )
     parser.add_argument("--profile-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: C frames too (a system call's samples include the time the "
+        "process waited for the core inside it, so they overstate its CPU)",
+    )
     parsed = parser.parse_args()
     if unknown := set(parsed.only) - set(ROW_NAMES):
         parser.error(f"--only: unknown rows {sorted(unknown)} (known: {', '.join(ROW_NAMES)})")

@@ -12,6 +12,7 @@ unsettled entries are visible as orphans at once (:meth:`Journal.orphans`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -298,6 +299,9 @@ class Journal:
         self.sealer = sealer
         self.replica = replica
         self.guard_timeout = 2.0
+        self.pending = asyncio.Event()
+        """Set when this replica moves an entry to *pending*: wakes its idle replayer at once
+        (entries journaled by other replicas are found by its polling)."""
         """Seconds a race guard's statement may take (a shadow read is never worth more)."""
 
     @contextlib.asynccontextmanager
@@ -431,6 +435,8 @@ class Journal:
             )
         if done is None:
             raise IllegalTransition(f"journal entry {seq} cannot move to {state!r} from its state")
+        if state == "pending":
+            self.pending.set()
 
     async def applied(self, seq: int) -> None:
         await self._move(seq, "applied")

@@ -65,7 +65,12 @@ class Replayer:
     run_length: int = 16
     """Consecutive entries of one record taken per round."""
     idle_wait: float = 0.05
-    """Seconds between rounds that found nothing to replay."""
+    """Seconds after the first round that found nothing to replay; each further one doubles
+    the wait, up to ``idle_max``."""
+    idle_max: float = 0.5
+    """The longest wait between idle rounds. An entry this replica journals wakes a replayer
+    holding a lease at once; one journaled by another replica waits for the next round, and
+    a lease whose holder died is taken over up to this much later."""
     trickle_wait: float = 0.01
     """Seconds after a round that replayed all there was: the next takes what came meanwhile.
     Longer batches more writes per round, in bursts that compete with researchers' writes
@@ -84,6 +89,7 @@ class Replayer:
         """Replay until cancelled."""
         last_purge = 0.0
         loop = asyncio.get_running_loop()
+        idle = self.idle_wait
         while True:
             busy = trickle = False
             if self.retention is not None and loop.time() - last_purge > 60.0:
@@ -123,8 +129,29 @@ class Replayer:
                 except Exception as exc:  # the replayer must outlive any one bad round
                     log.error("replayer round failed: %s", type(exc).__name__, exc_info=exc)
                     await self._recover()
-            if not busy:
-                await self.sleep(self.trickle_wait if trickle else self.idle_wait)
+            if busy or trickle:
+                idle = self.idle_wait
+                if not busy:
+                    await self.sleep(self.trickle_wait)
+            else:
+                await self._idle(idle)
+                idle = min(2 * idle, self.idle_max)
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait ``seconds`` between rounds that found nothing; a replica holding a lease wakes
+        early when it journals an entry (then waits ``trickle_wait`` more, so that a burst of
+        writes is taken in one round, not a round each)."""
+        pending = self.journal.pending
+        now = asyncio.get_running_loop().time()
+        if not any(until > now for until in self._held.values()):
+            await self.sleep(seconds)  # replays nothing: polls for a lease to take over
+            return
+        if not pending.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pending.wait(), seconds)
+        if pending.is_set():
+            pending.clear()
+            await self.sleep(self.trickle_wait)
 
     async def _recover(self) -> None:
         # Connections that lived through a store outage may be unusable: start afresh.

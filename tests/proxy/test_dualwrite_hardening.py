@@ -319,3 +319,60 @@ async def test_replica_with_wrong_journal_key_dead_letters_entries(env) -> None:
         assert rows[0]["state"] != "dead", (
             "a key problem on one replica must not dead-letter entries"
         )
+
+
+# --- Replay pacing: an idle replayer polls less and less, a write of its own wakes it -----------
+
+
+async def test_idle_replayer_is_woken_by_a_write_it_journals(env) -> None:  # type: ignore[no-untyped-def]
+    async with env() as world:
+        await world.to_stage(Stage.DUALWRITE)
+        world.replica.replayer_task.cancel()
+        replayer = _replayer(world, world.replica.name)
+        replayer.idle_wait = replayer.idle_max = 60.0  # were it only polling: a minute's wait
+        task = spawn(replayer.run(), name="test-replayer")
+        try:
+            await asyncio.sleep(0.5)  # its first round found nothing: it waits
+            async with aiohttp.ClientSession(headers=AUTH) as s:
+                url = f"{world.proxy}/v1/datasets/dcir/records/5"
+                async with s.patch(url, json={"amount": 41}) as r:
+                    assert r.status == 200
+            deadline = time.monotonic() + 10.0
+            while await amount(world.target_db, 5) != Decimal(41):
+                assert time.monotonic() < deadline, "the write was not replayed: no wake"
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+
+
+async def test_idle_replayer_backs_off(env) -> None:  # type: ignore[no-untyped-def]
+    async def rounds(replayer: Replayer, seconds: float) -> int:
+        """Journal statements the replayer runs in ``seconds`` with nothing to replay."""
+        calls = 0
+        wave = replayer.journal.wave
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await wave(*args, **kw)
+
+        replayer.journal.wave = counted  # type: ignore[method-assign]
+        task = spawn(replayer.run(), name="test-replayer")
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            task.cancel()
+            replayer.journal.wave = wave  # type: ignore[method-assign]
+        return calls
+
+    async with env() as world:
+        await world.to_stage(Stage.DUALWRITE)
+        world.replica.replayer_task.cancel()
+        steady = _replayer(world, world.replica.name)
+        steady.idle_max = steady.idle_wait  # the old pacing: a round every 50 ms
+        backing = _replayer(world, world.replica.name)
+        polled, backed = await rounds(steady, 3.0), await rounds(backing, 3.0)
+        # 50 ms rounds: about 60 in 3 s; backing off to 0.5 s: 0.05+0.1+0.2+0.4+0.5*... ~ 8
+        print(f"wave queries in 3 s: {polled} polling every 50 ms, {backed} backing off")
+        assert polled >= 30, polled
+        assert backed <= 12, backed
