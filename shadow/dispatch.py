@@ -329,7 +329,7 @@ class Dispatcher(Sampling):
         elif outcome == "errored":
             self.tally.error(job.dataset, job.route, reason or "internal")
         if diff is not None:
-            self.tally.mismatch(job.dataset, job.route, diff, trace_id)
+            self.tally.mismatch(job.dataset, job.route, diff, trace_id, self.clock.now())
         if self.done is not None:
             self.done(job)
 

@@ -119,19 +119,24 @@ class Ledger:
         trace_id: str | None = None,
         *,
         count: bool = True,
+        at: float | None = None,
     ) -> None:
         """Keep a mismatch in Postgres (the evidence), then count it (unless the caller
-        counts it itself, as the dispatcher does in batches)."""
+        counts it itself, as the dispatcher does in batches). ``at``: when it was found, in
+        epoch seconds on this database's clock (a row written late, after a Postgres outage,
+        still says when the divergence was seen); None: now."""
         rows = [[d.part, d.pointer, d.kind] for d in diff.differences]
         async with reaching_postgres():
             await self.pool.execute(
-                "INSERT INTO bascule_mismatch (dataset, route, differences, truncated, trace_id)"
-                " VALUES ($1, $2, $3::jsonb, $4, $5)",
+                "INSERT INTO bascule_mismatch"
+                " (at, dataset, route, differences, truncated, trace_id)"
+                " VALUES (coalesce(to_timestamp($6::float8), now()), $1, $2, $3::jsonb, $4, $5)",
                 dataset,
                 route,
                 json.dumps(rows),
                 diff.truncated,
                 trace_id,
+                at,
             )
         if count:
             await self.count(dataset, route, "mismatched")

@@ -23,8 +23,9 @@ log = logging.getLogger("bascule.shadow")
 EVIDENCE_CAP = 10_000
 """Mismatches kept while Postgres cannot be reached; past it each is logged as lost."""
 
-Evidence = tuple[str, str, Diff, str | None]
-"""(dataset, route template, diff, trace id) of one mismatch."""
+Evidence = tuple[str, str, Diff, str | None, float | None]
+"""(dataset, route template, diff, trace id, when it was found) of one mismatch: epoch seconds
+on the state database's clock (None: not known, the time it is written stands for it)."""
 
 
 class Tally:
@@ -43,9 +44,16 @@ class Tally:
     def error(self, dataset: str, route: str, reason: str) -> None:
         self.errors[(dataset, route, reason)] += 1
 
-    def mismatch(self, dataset: str, route: str, diff: Diff, trace_id: str | None) -> None:
+    def mismatch(
+        self,
+        dataset: str,
+        route: str,
+        diff: Diff,
+        trace_id: str | None,
+        at: float | None = None,
+    ) -> None:
         if len(self.evidence) < EVIDENCE_CAP:
-            self.evidence.append((dataset, route, diff, trace_id))
+            self.evidence.append((dataset, route, diff, trace_id, at))
         else:
             log.error("mismatch of %s %s not recorded: backlog full", dataset, route)
 
@@ -105,8 +113,8 @@ class Tally:
 
     async def _write_evidence(self, ledger: Ledger) -> None:
         while self.evidence:
-            dataset, route, diff, trace_id = self.evidence[0]
-            await ledger.mismatch(dataset, route, diff, trace_id, count=False)
+            dataset, route, diff, trace_id, at = self.evidence[0]
+            await ledger.mismatch(dataset, route, diff, trace_id, count=False, at=at)
             self.evidence.popleft()
 
     async def _flush(self, ledger: Ledger, postgres: bool) -> None:

@@ -81,8 +81,8 @@ class Report(msgspec.Struct, tag="report", frozen=True):
     """(dataset, route, outcome, n)."""
     errors: list[tuple[str, str, str, int]] = []
     """Errored comparisons: (dataset, route, reason, n)."""
-    mismatches: list[tuple[str, str, Diff, str | None]] = []
-    """(dataset, route, diff, trace id): pointers and kinds, never a value."""
+    mismatches: list[tuple[str, str, Diff, str | None, float | None]] = []
+    """(dataset, route, diff, trace id, when found): pointers and kinds, never a value."""
 
 
 class Joined(msgspec.Struct, tag="joined", frozen=True):

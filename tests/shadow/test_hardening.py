@@ -539,6 +539,44 @@ async def test_f6_a_mismatch_leaves_durable_evidence_when_postgres_blips(
     assert found, "the divergence left no row in Postgres: the gate's evidence is gone"
 
 
+async def test_a_mismatch_written_after_an_outage_says_when_it_was_found(
+    tmp_path: Path,
+    make_database: Callable[[str], Awaitable[str]],
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """The state Postgres is away for 3 s when a divergence is found: its row, written once
+    Postgres is back, carries the time the shadow read found it (what on-call reads as "since
+    when"), not the time it could be written."""
+    async with build(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+        await world.sql(world.target_db, "UPDATE dcir SET amount = amount + 1 WHERE id = 4")
+        ledger = world.replica.shadow.ledger  # type: ignore[union-attr]
+        real = ledger.mismatch
+        back = time.monotonic() + 3.0
+        tried: list[float] = []
+
+        async def outage(*args: Any, **kwargs: Any) -> None:
+            tried.append(time.time())
+            if time.monotonic() < back:
+                raise StoreError("the state Postgres could not be reached")
+            await real(*args, **kwargs)
+
+        ledger.mismatch = outage  # type: ignore[method-assign]
+        before = time.time()
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            assert (await get(session, f"{world.proxy}/v1/datasets/dcir/records/4"))[0] == 200
+        after = time.time()
+        while time.monotonic() < back + 5.0 and not await world.mismatches():
+            await asyncio.sleep(0.2)
+        rows = await world.sql(
+            world.state_db, "SELECT extract(epoch FROM at)::float8 AS at FROM bascule_mismatch"
+        )
+    assert len(rows) == 1, rows
+    assert tried[-1] - before >= 2.9, "the write was never refused: the outage did not happen"
+    assert before - 0.5 <= rows[0]["at"] <= after + 0.5, (before, rows[0]["at"], tried[-1])
+
+
 # ============================================================================================
 # F7 (medium) — a content-coded shadowed answer is compared as bytes
 # ============================================================================================

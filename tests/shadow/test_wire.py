@@ -97,11 +97,15 @@ async def test_a_report_carries_outcomes_and_pointers_only() -> None:
         [4, 5],
         [("dcir", "/r", "matched", 3), ("dcir", "/r", "compared", 4)],
         [("dcir", "/r", "shadow_timeout", 1)],
-        [("dcir", "/r", diff, "0af7651916cd43dd8448eb211c80319c")],
+        [
+            ("dcir", "/r", diff, "0af7651916cd43dd8448eb211c80319c", 1796000000.25),
+            ("dcir", "/r", diff, None, None),
+        ],
     )
     got = await read_to_proxy(reader_of(frame(report)))
     assert got == report
     assert isinstance(got, Report) and got.mismatches[0][2] == diff
+    assert got.mismatches[0][4] == 1796000000.25  # when it was found, to the microsecond
     bad = msgspec.msgpack.encode({"type": "report", "seqs": [], "counts": [["d", "r", "won", 1]]})
     with pytest.raises(msgspec.ValidationError):  # an outcome the ledger does not know
         await read_to_proxy(reader_of(struct.pack(">I", len(bad)) + bad))
