@@ -10,6 +10,8 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
+from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import pytest
@@ -102,3 +104,21 @@ async def redis_url(stores: StoreEndpoints, redis_prefix: str) -> AsyncIterator[
             await client.delete(key)
     finally:
         await client.aclose()
+
+
+class Ground(NamedTuple):
+    """What a test world is built on: the test's folder, its database factory and store URLs.
+    Unpacked into a world builder: ``build(*ground, ...)``."""
+
+    tmp_path: Path
+    make_database: MakeDatabase
+    pg_url: str
+    redis_url: str
+    redis_prefix: str
+
+
+@pytest.fixture
+def ground(
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
+) -> Ground:
+    return Ground(tmp_path, make_database, pg_url, redis_url, redis_prefix)

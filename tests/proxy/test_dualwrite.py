@@ -27,6 +27,7 @@ from cutover.store import StageStore, open_pool
 from proxy.app import Replica
 from proxy.plan import Side
 from refapi.seed import seed_database
+from tests.conftest import Ground
 from tests.harness import (
     AUTH,
     PROXY_ENV,
@@ -253,15 +254,9 @@ def compressing(backend: str) -> AbstractAsyncContextManager[str]:
 
 
 async def test_a_backend_that_compresses_its_answers_still_gets_identical_creates(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    ground: Ground,
 ) -> None:
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, source_wrap=compressing
-    ) as world:
+    async with make_world(*ground, source_wrap=compressing) as world:
         await world.to_stage(Stage.DUALWRITE)
         async with aiohttp.ClientSession(headers=AUTH) as session:
             async with session.get(
@@ -310,19 +305,9 @@ def answers_504_after_commit(backend: str, methods: set[str]) -> AbstractAsyncCo
     return relay(backend, finish)
 
 
-async def test_a_504_after_the_source_committed_is_resolved_and_replayed(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_a_504_after_the_source_committed_is_resolved_and_replayed(ground: Ground) -> None:
     async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+        *ground,
         source_wrap=lambda url: answers_504_after_commit(url, {"PATCH"}),
     ) as world:
         url, src, tgt = world.proxy, world.source_db, world.target_db
@@ -332,7 +317,7 @@ async def test_a_504_after_the_source_committed_is_resolved_and_replayed(
                 f"{url}/v1/datasets/dcir/records/3", json={"amount": 777}
             ) as resp:
                 assert resp.status == 504  # the researcher sees what the source's gateway said
-        conn = await asyncpg.connect(pg_url)
+        conn = await asyncpg.connect(ground.pg_url)
         try:
             states = [r["state"] for r in await conn.fetch("SELECT state FROM bascule_journal")]
         finally:

@@ -21,6 +21,7 @@ from cutover.stages import Stage
 from cutover.store import StageStore, open_pool
 from proxy.journal import IllegalTransition
 from proxy.sealing import fence_id
+from tests.conftest import Ground
 from tests.harness import AUTH
 from tests.proxy.test_dualwrite import World, make_world, table_digest
 from tests.proxy.test_dualwrite_hardening import amount
@@ -155,14 +156,8 @@ async def test_a_write_that_found_a_newer_stage_refreshes_its_replica(world: Wor
     assert after is not None and after.stage is Stage.DUALWRITE
 
 
-async def test_a_write_whose_outcome_is_refused_still_gets_its_answer(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
-    async with make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+async def test_a_write_whose_outcome_is_refused_still_gets_its_answer(ground: Ground) -> None:
+    async with make_world(*ground) as world:
         await world.to_stage(Stage.DUALWRITE)
         journal = world.replica.dual.journal  # type: ignore[union-attr]
         original = journal._move

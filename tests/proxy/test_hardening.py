@@ -6,7 +6,7 @@ Each test was written failing, as the reproduction of a defect, before its fix.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from aiohttp import web
 
 from bascule.errors import RouteError
 from cutover.stages import Stage
+from tests.conftest import Ground
 from tests.harness import (
     AUTH,
     RESEARCHER_TOKEN,
@@ -183,21 +184,24 @@ async def test_http10_client_never_gets_chunked(
 
 
 async def test_fragment_create_lands_on_the_retired_side_with_the_reference_api(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    ground: Ground,
 ) -> None:
     """End to end with refapi: dcir is live (target serves and is authoritative). A create sent
     as 'POST /v1/datasets/dcir/records#x' gets a 201 -- from the SOURCE; reading the new record
     back through the proxy (served by the target) finds nothing."""
-    src_db, tgt_db = await make_database("src"), await make_database("tgt")
+    src_db, tgt_db = await ground.make_database("src"), await ground.make_database("tgt")
     async with AsyncExitStack() as stack:
         source = await stack.enter_async_context(refapi("azure", src_db))
         target = await stack.enter_async_context(refapi("scaleway", tgt_db))
         setup = await _setup(
-            stack, tmp_path, pg_url, redis_url, redis_prefix, source, target, read_timeout=2.0
+            stack,
+            ground.tmp_path,
+            ground.pg_url,
+            ground.redis_url,
+            ground.redis_prefix,
+            source,
+            target,
+            read_timeout=2.0,
         )
         await _to_live(setup, "dcir")
         body = orjson.dumps(dcir_record(1))

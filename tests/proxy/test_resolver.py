@@ -21,6 +21,7 @@ from aiohttp import web
 from cutover.stages import Stage
 from proxy.resolver import ORPHANED
 from proxy.sealing import DATASET_WIDE
+from tests.conftest import Ground
 from tests.harness import AUTH, dcir_record, relay
 from tests.proxy.test_dualwrite import World, make_world, table_digest
 
@@ -111,21 +112,11 @@ async def test_a_create_whose_answer_was_lost_is_resent_under_its_key_only_when_
             assert (await table_digest(world.target_db))[0] == before
 
 
-async def test_an_orphaned_create_is_never_resent(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_an_orphaned_create_is_never_resent(ground: Ground) -> None:
     """Its writer died before recording the answer, which may have been a refusal owed to the
     researcher (403, 409): a re-send under the service credential would make it a write."""
     async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+        *ground,
         idempotent_creates=True,
         orphan_grace=0.0,
         read_timeout=1.0,

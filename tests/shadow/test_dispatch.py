@@ -26,6 +26,7 @@ from proxy.app import Replica
 from refapi.seed import seed_database
 from shadow.dispatch import Dispatcher
 from shadow.ledger import divergence
+from tests.conftest import Ground
 from tests.harness import (
     AUTH,
     PROXY_ENV,
@@ -211,17 +212,9 @@ async def planted_divergence_is_found(world: World) -> None:
     assert any(r == q and p.endswith("/count") and k == "changed" for r, _, p, k in found)
 
 
-async def test_clean_data_gives_no_mismatch_across_read_endpoints(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_clean_data_gives_no_mismatch_across_read_endpoints(ground: Ground) -> None:
     # A queue for every read: on a busy machine none is dropped, so all 5000 are compared.
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, extra="[shadow]\nqueue = 6000\n"
-    ) as world:
+    async with make_world(*ground, extra="[shadow]\nqueue = 6000\n") as world:
         await clean_reads(world)
 
 
@@ -319,19 +312,11 @@ unordered = { "/records" = "id" }
 """
 
 
-async def test_noise_is_learned_under_patches_never_the_patched_field(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_noise_is_learned_under_patches_never_the_patched_field(ground: Ground) -> None:
     """No rule ignores the volatile ``served_at``: the serving side, asked twice with no write
     in between, teaches it. Writers PATCH ``amount`` of records 1-5 meanwhile: never proposed.
     Record 6's amount differs in the target: a mismatch, never noise."""
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, rules=NOISY
-    ) as world:
+    async with make_world(*ground, rules=NOISY) as world:
         await world.target("UPDATE dcir SET amount = amount + 1 WHERE id = 6")
         base = f"{world.proxy}/v1/datasets/dcir/records"
         done = asyncio.Event()
@@ -387,21 +372,11 @@ async def test_noise_is_learned_under_patches_never_the_patched_field(
         assert after["matched"] - before["matched"] == 3, (before, after)
 
 
-async def test_in_live_the_source_is_shadowed(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_in_live_the_source_is_shadowed(ground: Ground) -> None:
     """In `live` the target serves and the source is shadow-read: a divergence planted in the
     source is found; the researcher got the target's answer."""
     async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+        *ground,
         stages=(Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE),
     ) as world:
         await world.target("UPDATE dcir SET amount = 1234.5 WHERE id = 2", database=world.source_db)

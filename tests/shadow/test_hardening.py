@@ -57,6 +57,7 @@ from shadow import dispatch, ledger
 from shadow.compare import Answer
 from shadow.dispatch import DbClock, Dispatcher, Job
 from shadow.ledger import divergence
+from tests.conftest import Ground
 from tests.harness import (
     AUTH,
     HMAC_KEY,
@@ -245,13 +246,7 @@ async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
 # ============================================================================================
 
 
-async def test_f1_replay_applied_after_the_shadow_read_is_not_a_mismatch(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f1_replay_applied_after_the_shadow_read_is_not_a_mismatch(ground: Ground) -> None:
     """Timeline (stage `shadow`, source authoritative and serving, target shadowed):
 
     T      PATCH record 3 -> source commits, entry decided (pending)
@@ -274,9 +269,7 @@ async def test_f1_replay_applied_after_the_shadow_read_is_not_a_mismatch(
             return answer
         return await forward()
 
-    async with build(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, target_hook=target
-    ) as world:
+    async with build(*ground, target_hook=target) as world:
         base = f"{world.proxy}/v1/datasets/dcir/records"
         async with aiohttp.ClientSession(headers=AUTH) as session:
             async with session.patch(f"{base}/3", json={"amount": 999}) as resp:
@@ -295,13 +288,7 @@ async def test_f1_replay_applied_after_the_shadow_read_is_not_a_mismatch(
 # ============================================================================================
 
 
-async def test_f2_in_doubt_write_resent_after_the_read_is_not_a_mismatch(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f2_in_doubt_write_resent_after_the_read_is_not_a_mismatch(ground: Ground) -> None:
     """Timeline (stage `shadow`; the create route declares idempotent_backend):
 
     T      POST create (Idempotency-Key k) -> the source answers 503 without applying it:
@@ -326,11 +313,7 @@ async def test_f2_in_doubt_write_resent_after_the_read_is_not_a_mismatch(
         return await forward()
 
     async with build(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+        *ground,
         source_hook=source,
         idempotent_creates=True,
         extra="[shadow]\nlag_wait = 5.0\n",
@@ -364,13 +347,7 @@ async def test_f2_in_doubt_write_resent_after_the_read_is_not_a_mismatch(
 # ============================================================================================
 
 
-async def test_f3_stale_view_after_the_authority_switch_is_not_a_mismatch(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f3_stale_view_after_the_authority_switch_is_not_a_mismatch(ground: Ground) -> None:
     """The switch commits `live` and releases the fence (step 4) before every replica runs it
     (step 5). Replica B has not seen it yet (a lost Redis message: up to poll_interval).
 
@@ -387,11 +364,7 @@ async def test_f3_stale_view_after_the_authority_switch_is_not_a_mismatch(
         return await forward()
 
     async with build(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+        *ground,
         source_hook=source,
         replicas=2,
         poll_interval=20.0,
@@ -415,23 +388,13 @@ async def test_f3_stale_view_after_the_authority_switch_is_not_a_mismatch(
 # ============================================================================================
 
 
-async def test_f4_oversized_shadowed_answer_is_not_silently_skipped(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f4_oversized_shadowed_answer_is_not_silently_skipped(ground: Ground) -> None:
     """The target holds 400 rows the source does not (a filter bug, a double backfill...).
     The serving answer fits the limit; the target's does not: the read is counted
     `skipped_large`, which no gate condition looks at. Bodies whose sizes straddle the limit
     cannot be byte-equal: this is evidence of divergence, not a reason to look away."""
     async with build(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+        *ground,
         extra="[shadow]\nmax_body_bytes = 40000\n",
     ) as world:
         await world.sql(
@@ -462,13 +425,7 @@ async def test_f4_oversized_shadowed_answer_is_not_silently_skipped(
 # ============================================================================================
 
 
-async def test_f5_error_answers_are_neither_matches_nor_divergences(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f5_error_answers_are_neither_matches_nor_divergences(ground: Ground) -> None:
     """Both backends answer 503 for record 13 (a shared identity provider is down): counted
     `matched` and `compared`, filling `min_compared` with no data compared. The target alone
     answers 503 for record 14 (it is shedding shadow load): counted `mismatched` — in `live`
@@ -483,11 +440,7 @@ async def test_f5_error_answers_are_neither_matches_nor_divergences(
         return hook
 
     async with build(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+        *ground,
         source_hook=failing(("13",)),
         target_hook=failing(("13", "14")),
     ) as world:
@@ -506,18 +459,12 @@ async def test_f5_error_answers_are_neither_matches_nor_divergences(
 # ============================================================================================
 
 
-async def test_f6_a_mismatch_leaves_durable_evidence_when_postgres_blips(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f6_a_mismatch_leaves_durable_evidence_when_postgres_blips(ground: Ground) -> None:
     """The Postgres insert of a mismatch fails once (a failover, `too many clients`): the
     outcome becomes `errored` in Redis only — no mismatch row, no durable errored figure. A
     Redis restart (or a failed counter flush, whose counts are dropped) and the gate sees a
     clean window, although a divergence was found."""
-    async with build(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+    async with build(*ground) as world:
         await world.sql(world.target_db, "UPDATE dcir SET amount = amount + 1 WHERE id = 4")
         ledger = world.replica.shadow.ledger  # type: ignore[union-attr]
         real = ledger.mismatch
@@ -539,17 +486,11 @@ async def test_f6_a_mismatch_leaves_durable_evidence_when_postgres_blips(
     assert found, "the divergence left no row in Postgres: the gate's evidence is gone"
 
 
-async def test_a_mismatch_written_after_an_outage_says_when_it_was_found(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_a_mismatch_written_after_an_outage_says_when_it_was_found(ground: Ground) -> None:
     """The state Postgres is away for 3 s when a divergence is found: its row, written once
     Postgres is back, carries the time the shadow read found it (what on-call reads as "since
     when"), not the time it could be written."""
-    async with build(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+    async with build(*ground) as world:
         await world.sql(world.target_db, "UPDATE dcir SET amount = amount + 1 WHERE id = 4")
         ledger = world.replica.shadow.ledger  # type: ignore[union-attr]
         real = ledger.mismatch
@@ -591,13 +532,7 @@ def gzipped(answer: web.Response) -> web.Response:
     return coded
 
 
-async def test_f7_content_coded_shadowed_answer_is_not_a_mismatch(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f7_content_coded_shadowed_answer_is_not_a_mismatch(ground: Ground) -> None:
     """The proxy drops Accept-Encoding instead of asking for `identity`; RFC 9110 §12.5.3 lets
     a server then use any coding (a CDN or ingress in front of the new cloud often does). The
     comparison never looks at Content-Encoding: gzip bytes vs JSON -> `type` at the root."""
@@ -606,9 +541,7 @@ async def test_f7_content_coded_shadowed_answer_is_not_a_mismatch(
         answer = await forward()
         return gzipped(answer) if request.method == "GET" else answer
 
-    async with build(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, target_hook=target
-    ) as world:
+    async with build(*ground, target_hook=target) as world:
         async with aiohttp.ClientSession(headers=AUTH) as session:
             assert (await get(session, f"{world.proxy}/v1/datasets/dcir/records/5"))[0] == 200
         counts = await world.settled()
@@ -620,13 +553,7 @@ async def test_f7_content_coded_shadowed_answer_is_not_a_mismatch(
 # ============================================================================================
 
 
-async def test_f12_researchers_keep_their_content_coding_on_shadowed_reads(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f12_researchers_keep_their_content_coding_on_shadowed_reads(ground: Ground) -> None:
     """A source that gzips when asked. In `dualwrite` the researcher gets gzip; in `shadow`
     (shadow_sample = 1.0 by default: every read) Accept-Encoding is stripped and the
     researcher gets the identity body — several times the bytes on a WAN, for every read."""
@@ -638,11 +565,7 @@ async def test_f12_researchers_keep_their_content_coding_on_shadowed_reads(
         return answer
 
     async with build(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
+        *ground,
         source_hook=source,
         stages=(Stage.DUALWRITE,),
     ) as world:
@@ -723,18 +646,12 @@ async def test_f8_record_guard_stays_indexed_after_dataset_wide_guards(
 # ============================================================================================
 
 
-async def test_f9_a_held_back_read_does_not_hammer_the_state_postgres(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_f9_a_held_back_read_does_not_hammer_the_state_postgres(ground: Ground) -> None:
     """A dataset-wide entry is dead (or in doubt: a keyless orphan is never re-sent, so it
     stays in doubt until an SRE acts). Every read of the dataset is then `lagging`: each
     shadow read holds a worker for lag_wait and runs the guard every 20 ms — 100 statements
     per read, 800/s per replica with 16 workers, for as long as the entry stays."""
-    async with build(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+    async with build(*ground) as world:
         # The answers differ (equal ones match without asking the journal).
         await world.sql(world.target_db, "UPDATE dcir SET amount = amount + 1 WHERE id <= 4")
         await world.sql(
@@ -891,18 +808,14 @@ async def test_f11_db_clock_estimate_survives_a_host_clock_step(
 
 
 async def test_f13_creates_elsewhere_in_the_dataset_do_not_blind_record_reads(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    ground: Ground,
 ) -> None:
     """Record 6 differs in the target and is never written. Researchers create new records
     (POST .../records: server-assigned ids, journaled under the dataset-wide token `*`) at a
     steady rate — an ingestion feed. Every read of record 6 is guarded on its token AND `*`:
     any create in flight, or decided after t0, makes it `raced`; any create not yet replayed
     makes it wait. The divergence of record 6 is almost never compared."""
-    async with build(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
+    async with build(*ground) as world:
         await world.sql(world.target_db, "UPDATE dcir SET act_code = act_code || 'X' WHERE id = 6")
         base = f"{world.proxy}/v1/datasets/dcir/records"
         done = asyncio.Event()
