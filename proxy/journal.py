@@ -299,10 +299,12 @@ class Journal:
         self.sealer = sealer
         self.replica = replica
         self.guard_timeout = 2.0
-        self.pending = asyncio.Event()
-        """Set when this replica moves an entry to *pending*: wakes its idle replayer at once
-        (entries journaled by other replicas are found by its polling)."""
         """Seconds a race guard's statement may take (a shadow read is never worth more)."""
+        self.pending = asyncio.Event()
+        """Set when this replica moves an entry to *pending*, its dataset added to
+        ``woken``: wakes its idle replayer at once, if it holds that dataset's lease (entries
+        journaled by other replicas are found by its polling)."""
+        self.woken: set[str] = set()
 
     @contextlib.asynccontextmanager
     async def locked(
@@ -414,12 +416,13 @@ class Journal:
                 if fenced
                 else ""
             )
-            + " RETURNING seq"
+            + " RETURNING dataset"
         )
         if release:
             # A data-modifying WITH runs to completion whatever the outer query reads.
             update = (
-                f"WITH moved AS ({update}) SELECT (SELECT seq FROM moved), pg_advisory_unlock_all()"
+                f"WITH moved AS ({update}) SELECT (SELECT dataset FROM moved),"
+                " pg_advisory_unlock_all()"
             )
         async with reaching_postgres():
             done = await (conn or self.pool).fetchval(
@@ -436,6 +439,7 @@ class Journal:
         if done is None:
             raise IllegalTransition(f"journal entry {seq} cannot move to {state!r} from its state")
         if state == "pending":
+            self.woken.add(done)
             self.pending.set()
 
     async def applied(self, seq: int) -> None:

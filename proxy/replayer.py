@@ -90,6 +90,7 @@ class Replayer:
         last_purge = 0.0
         loop = asyncio.get_running_loop()
         idle = self.idle_wait
+        woke = False
         while True:
             busy = trickle = False
             if self.retention is not None and loop.time() - last_purge > 60.0:
@@ -130,28 +131,45 @@ class Replayer:
                     log.error("replayer round failed: %s", type(exc).__name__, exc_info=exc)
                     await self._recover()
             if busy or trickle:
-                idle = self.idle_wait
+                idle, woke = self.idle_wait, False
                 if not busy:
                     await self.sleep(self.trickle_wait)
             else:
-                await self._idle(idle)
+                woke = await self._idle(idle, after_wake=woke)
                 idle = min(2 * idle, self.idle_max)
 
-    async def _idle(self, seconds: float) -> None:
-        """Wait ``seconds`` between rounds that found nothing; a replica holding a lease wakes
-        early when it journals an entry (then waits ``trickle_wait`` more, so that a burst of
-        writes is taken in one round, not a round each)."""
-        pending = self.journal.pending
-        now = asyncio.get_running_loop().time()
-        if not any(until > now for until in self._held.values()):
-            await self.sleep(seconds)  # replays nothing: polls for a lease to take over
-            return
-        if not pending.is_set():
+    async def _idle(self, seconds: float, *, after_wake: bool) -> bool:
+        """Wait ``seconds`` between rounds that found nothing; return whether a wake ended
+        the wait. A replica holding a dataset's lease wakes early when it journals an entry of
+        that dataset (then waits ``trickle_wait`` more, so that a burst of writes is taken in
+        one round, not a round each). ``after_wake``: the last wake found nothing replayable
+        (entries held back behind an unsettled one): no wake is taken for ``idle_wait``, so
+        such a stream of writes costs no more rounds than polling every ``idle_wait`` did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        if after_wake:
+            await self.sleep(min(self.idle_wait, seconds))
+        journal = self.journal
+        while True:
+            now = loop.time()
+            held = {dataset for dataset, until in self._held.items() if until > now}
+            if not held:  # replays nothing: polls for a lease to take over
+                await self.sleep(max(0.0, deadline - now))
+                return False
+            if journal.woken & held:
+                journal.woken.clear()
+                journal.pending.clear()
+                await self.sleep(self.trickle_wait)
+                return True
+            journal.woken.clear()  # datasets another replica replays: its polling finds them
+            journal.pending.clear()
+            if now >= deadline:
+                return False
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # arriving in the step its awaitable finishes, and the replayer would not stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pending.wait(), seconds)
-        if pending.is_set():
-            pending.clear()
-            await self.sleep(self.trickle_wait)
+                async with asyncio.timeout(deadline - now):
+                    await journal.pending.wait()
 
     async def _recover(self) -> None:
         # Connections that lived through a store outage may be unusable: start afresh.
