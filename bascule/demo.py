@@ -376,6 +376,7 @@ class Demo:
         self.console.print(f"\nrunning {what}…")
         waiter: Awaitable[bool] = stop.wait()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter, self.duration)
+            async with asyncio.timeout(self.duration):
+                await waiter
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -83,7 +83,8 @@ class ServerProcess:
         if self.proc.returncode is None:
             self.signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
             except TimeoutError:
                 self.signal(signal.SIGKILL)
                 await self.proc.wait()

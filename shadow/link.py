@@ -142,7 +142,8 @@ class ShadowLink(Sampling):
             spawn(self._housekeeping(), name="shadow-link-housekeeping"),
         ]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), START_WAIT)
+            async with asyncio.timeout(START_WAIT):
+                await self._ready.wait()
 
     async def join(self) -> None:
         """Until every job sent so far is done and counted, and the tally flushed."""
@@ -177,7 +178,8 @@ class ShadowLink(Sampling):
                 await task
         if supervisor is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(supervisor), STOP_WAIT)
+                async with asyncio.timeout(STOP_WAIT):
+                    await asyncio.shield(supervisor)
             except TimeoutError:
                 log.error("shadow worker did not stop within %.0f s: killed", STOP_WAIT)
                 self._kill()
@@ -217,7 +219,8 @@ class ShadowLink(Sampling):
                 delay = RESTART_FIRST
             log.error("shadow worker ended (%s): starting another in %.1f s", reason, delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
             delay = min(delay * 2, RESTART_MAX)
             self.restarts += 1
 
@@ -239,7 +242,8 @@ class ShadowLink(Sampling):
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         try:
             writer.write(frame(self._hello))
-            first = await asyncio.wait_for(read_to_proxy(reader), READY_WAIT)
+            async with asyncio.timeout(READY_WAIT):
+                first = await read_to_proxy(reader)
             if not isinstance(first, Ready):
                 raise ConnectionError("the shadow worker did not say it was ready")
             if self._stopping.is_set():  # stopped while it started: it holds nothing
@@ -251,7 +255,8 @@ class ShadowLink(Sampling):
                 log.info("shadow worker %d ready (priority %s)", first.pid, self.settings.priority)
             while True:
                 try:
-                    message = await asyncio.wait_for(read_to_proxy(reader), SILENT_WAIT)
+                    async with asyncio.timeout(SILENT_WAIT):
+                        message = await read_to_proxy(reader)
                 except TimeoutError:
                     raise ConnectionError("the shadow worker went silent") from None
                 if message is None:

@@ -188,7 +188,8 @@ async def refuses_connections(url: str) -> bool:
     """True when nothing listens at ``url``'s loopback port (the connection is refused)."""
     port = int(url.rsplit(":", 1)[1])
     try:
-        _reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+        async with asyncio.timeout(1.0):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except ConnectionRefusedError:
         return True
     writer.close()

@@ -297,7 +297,8 @@ async def test_non_ascii_bearer_token_is_401_not_500(admin_url: str) -> None:
         b"GET /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
         b"Connection: close\r\n\r\n"
     )
-    data = await asyncio.wait_for(reader.read(), 5)
+    async with asyncio.timeout(5):
+        data = await reader.read()
     writer.close()
     assert data.split(b" ", 2)[1] == b"401", data[:80]
 

@@ -162,7 +162,8 @@ async def test_a_replica_killed_after_the_backend_answered_loses_nothing(
             ) as resp:
                 await resp.read()
         assert f.procs[0].proc is not None
-        await asyncio.wait_for(f.procs[0].proc.wait(), 10)
+        async with asyncio.timeout(10):
+            await f.procs[0].proc.wait()
         # Writes go on through the other replica, to the same record too.
         for amount in (600, 601):
             async with session.patch(
@@ -263,7 +264,8 @@ async def watch_journal(state_db: str, stop: asyncio.Event, every: float = 0.2) 
                 Sample(time.monotonic(), row["pending"], row["applied"], row["sessions"])
             )
             try:
-                await asyncio.wait_for(stop.wait(), every)
+                async with asyncio.timeout(every):
+                    await stop.wait()
             except TimeoutError:
                 pass
     finally:

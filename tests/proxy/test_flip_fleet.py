@@ -413,7 +413,8 @@ async def test_a_replica_frozen_during_a_switch_holds_it_until_its_lease_expires
         finally:
             os.kill(frozen, signal.SIGCONT)
         assert write is not None
-        done = await asyncio.wait_for(write, 15)
+        async with asyncio.timeout(15):
+            done = await write
         assert (done.status, done.served_by) == (200, "scaleway"), done
         entries = await entries_after(f.pool, latest)
         assert [

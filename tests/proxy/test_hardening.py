@@ -72,7 +72,8 @@ async def raw_request(url: str, head: bytes, body: bytes = b"") -> tuple[int, by
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(head + body)
     await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 10)  # Connection: close in every head
+    async with asyncio.timeout(10):
+        data = await reader.read()  # Connection: close in every head
     writer.close()
     headers, _, rest = data.partition(b"\r\n\r\n")
     return int(headers.split(b" ", 2)[1]), headers, rest

@@ -500,7 +500,8 @@ async def test_failures_and_cancellations_leak_no_pool_slot() -> None:
                 pass  # left with its body unread
             server.hanging.clear()
             task = spawn(fetch(up, "/hang"), name="request cancelled mid-flight")
-            await asyncio.wait_for(server.hanging.wait(), 2)
+            async with asyncio.timeout(2):
+                await server.hanging.wait()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -520,12 +521,14 @@ async def test_a_cancelled_request_closes_its_connection() -> None:
 
     async with raw_server(handle) as srv, upstream(srv.url, read_timeout=10) as up:
         task = spawn(fetch(up), name="request cancelled mid-flight")
-        await asyncio.wait_for(received.wait(), 2)
+        async with asyncio.timeout(2):
+            await received.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         # Not after the read timeout: the backend stops working for nobody at once.
-        await asyncio.wait_for(hung_up.wait(), 1)
+        async with asyncio.timeout(1):
+            await hung_up.wait()
 
 
 # -- what goes on the wire --------------------------------------------------------------------

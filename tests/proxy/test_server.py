@@ -57,8 +57,10 @@ async def exchange(port: int, data: bytes, *, read_until_close: bool = True) -> 
     await writer.drain()
     try:
         if read_until_close:
-            return await asyncio.wait_for(reader.read(), 5)
-        return await asyncio.wait_for(reader.read(65536), 5)
+            async with asyncio.timeout(5):
+                return await reader.read()
+        async with asyncio.timeout(5):
+            return await reader.read(65536)
     finally:
         writer.close()
 
@@ -153,7 +155,8 @@ async def test_a_slow_request_gets_408_and_an_idle_connection_is_closed(
     out = await exchange(port, b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     assert out.startswith(b"HTTP/1.1 408 ")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await asyncio.wait_for(reader.read(), 3) == b""  # idle: closed, nothing said
+    async with asyncio.timeout(3):
+        assert await reader.read() == b""  # idle: closed, nothing said
     writer.close()
 
 

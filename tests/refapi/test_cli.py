@@ -65,7 +65,8 @@ async def test_the_real_process_serves_and_stops_on_sigterm(pg_url: str) -> None
             async with session.get(f"{base}/v1/datasets") as resp:
                 assert resp.status == 401
         proc.send_signal(signal.SIGTERM)
-        output, _ = await asyncio.wait_for(proc.communicate(), 15)
+        async with asyncio.timeout(15):
+            output, _ = await proc.communicate()
     finally:
         if proc.returncode is None:
             proc.kill()

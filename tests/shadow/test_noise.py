@@ -457,9 +457,11 @@ async def test_replicas_hear_decisions_on_redis(noise: NoiseStore) -> None:
 
     task = spawn(noise.listen(on_change), name="noise-listen-test")
     try:
-        assert await asyncio.wait_for(heard.get(), 5.0) is None  # subscribed: reload once
+        async with asyncio.timeout(5.0):
+            assert await heard.get() is None  # subscribed: reload once
         await noise.decide("dcir", "/served_at", True, "a clock", "alice", min_pairs=3)
-        assert await asyncio.wait_for(heard.get(), 5.0) == "dcir"
+        async with asyncio.timeout(5.0):
+            assert await heard.get() == "dcir"
     finally:
         while not task.done():  # redis-py may swallow a cancellation: insist
             task.cancel()

@@ -308,5 +308,6 @@ async def test_a_read_after_shadow_reads_stopped_is_served_and_dropped(
         assert shadow is not None
         await shadow.stop()
         await reads(world, range(1, 3))
-        counts = await asyncio.wait_for(world.settled(), 10)
+        async with asyncio.timeout(10):
+            counts = await world.settled()
     assert counts["dropped"] == 2 and counts["compared"] == 0, counts
