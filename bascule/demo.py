@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from rich.console import Console
@@ -87,6 +88,8 @@ class Demo:
         self.admin_token = "ops-" + secrets.token_urlsafe(16)
         self.proxy_env: dict[str, str] = {}
         self.config_path = config_path
+        self.target_db = ""
+        """The target cloud's database, where the demo plants a divergence."""
 
     async def main(self) -> int:
         say = self.console.print
@@ -118,6 +121,7 @@ class Demo:
                 await create_database(stores.postgres_url, "snds_target", replace=True),
             ),
         ]
+        self.target_db = instances[1].database_url
         started = time.monotonic()
         await asyncio.gather(*(self._seed(i) for i in instances))
         say(
@@ -237,6 +241,8 @@ class Demo:
                 say(f"  $ bascule stage dcir {stage} --reason demo")
                 out = await self._bascule("stage", "dcir", stage, "--reason", "demo", "--by", "sre")
                 say(f"    {out}")
+                if stage == "shadow":
+                    ok &= await self._shadow_story(session, base)
             await asyncio.sleep(0.2)
             await show("dcir live", {"dcir": tgt, "pmsi": src})
             ok &= await self._write_story(session, base)
@@ -249,6 +255,34 @@ class Demo:
             await show("after rollback", {"dcir": src, "pmsi": src})
         say(await self._bascule("history", "dcir"))
         return ok
+
+    async def _shadow_story(self, session: aiohttp.ClientSession, base: str) -> bool:
+        """In `shadow`, researchers' reads are compared with the target's answers: a value
+        changed behind bascule's back, straight in the target's database, is found and shown
+        to on-call as a pointer and a kind, never as the value. Put back before going live."""
+        say = self.console.print
+        target_db = self.target_db
+        changed = "UPDATE dcir SET amount = amount + 1 WHERE id = 2"
+        say(f"  divergence planted in snds_target behind bascule's back: {changed}")
+        conn = await asyncpg.connect(target_db)
+        try:
+            await conn.execute(changed)
+            for rid in (1, 2, 3):  # researchers' reads, each compared off their path
+                async with session.get(f"{base}/v1/datasets/dcir/records/{rid}") as resp:
+                    await resp.read()
+            shown = ""
+            for _ in range(50):  # the comparisons are asynchronous: give them a moment
+                shown = await self._bascule("divergence", "dcir")
+                if "/record/amount" in shown:
+                    break
+                await asyncio.sleep(0.2)
+            say("  $ bascule divergence dcir")
+            say("    " + shown.replace("\n", "\n    "))
+            await conn.execute("UPDATE dcir SET amount = amount - 1 WHERE id = 2")
+            say("  (put back before going live)")
+        finally:
+            await conn.close()
+        return "/record/amount" in shown
 
     async def _close_target_gap(self) -> None:
         """The target starts with a gap (never backfilled nor verified): `shadow` is refused until

@@ -34,6 +34,9 @@ def test_demo_runs_the_story_and_exits_cleanly(tmp_path: Path) -> None:
     assert "bascule: refused: dcir: cannot move dualwrite -> shadow: the target has" in out
     assert "seeded identically; no verification has been run yet" in out
     assert "dcir: the target's gap (open since" in out and "is closed, in dualwrite" in out
+    # In shadow, an amount changed straight in the target's database is found by comparing
+    # researchers' reads, and shown as where and what kind, with a trace id.
+    assert re.search(r"│ body +│ /record/amount +│ changed +│ 1 +│", out), out
     # Through the proxy, dcir moved to the target and back while pmsi stayed put.
     assert "dcir live: researchers calling" in out
     assert "served dcir by scaleway, pmsi by azure" in out
