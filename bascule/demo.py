@@ -261,10 +261,9 @@ class Demo:
         changed behind bascule's back, straight in the target's database, is found and shown
         to on-call as a pointer and a kind, never as the value. Put back before going live."""
         say = self.console.print
-        target_db = self.target_db
         changed = "UPDATE dcir SET amount = amount + 1 WHERE id = 2"
         say(f"  divergence planted in snds_target behind bascule's back: {changed}")
-        conn = await asyncpg.connect(target_db)
+        conn = await asyncpg.connect(self.target_db)
         try:
             await conn.execute(changed)
             for rid in (1, 2, 3):  # researchers' reads, each compared off their path

@@ -300,11 +300,10 @@ class Journal:
         self.replica = replica
         self.guard_timeout = 2.0
         """Seconds a race guard's statement may take (a shadow read is never worth more)."""
-        self.pending = asyncio.Event()
-        """Set when this replica moves an entry to *pending*, its dataset added to
-        ``woken``: wakes its idle replayer at once, if it holds that dataset's lease (entries
-        journaled by other replicas are found by its polling)."""
-        self.woken: set[str] = set()
+        self._woken: set[str] = set()
+        """Datasets this replica moved entries of to *pending* since :meth:`take_woken`."""
+        self._wake = asyncio.Event()
+        """Set while ``_woken`` holds any."""
 
     @contextlib.asynccontextmanager
     async def locked(
@@ -439,8 +438,24 @@ class Journal:
         if done is None:
             raise IllegalTransition(f"journal entry {seq} cannot move to {state!r} from its state")
         if state == "pending":
-            self.woken.add(done)
-            self.pending.set()
+            self.wake(done)
+
+    def wake(self, dataset: str) -> None:
+        """Say that this replica has an entry of ``dataset`` to replay: wakes its idle
+        replayer at once, if it holds that dataset's lease (entries journaled by other
+        replicas are found by its polling)."""
+        self._woken.add(dataset)
+        self._wake.set()
+
+    def take_woken(self) -> set[str]:
+        """The datasets woken since the last call, forgotten here."""
+        woken, self._woken = self._woken, set()
+        self._wake.clear()
+        return woken
+
+    async def woken(self) -> None:
+        """Until a dataset is woken (at once if one is)."""
+        await self._wake.wait()
 
     async def applied(self, seq: int) -> None:
         await self._move(seq, "applied")

@@ -149,27 +149,23 @@ class Replayer:
         deadline = loop.time() + seconds
         if after_wake:
             await self.sleep(min(self.idle_wait, seconds))
-        journal = self.journal
         while True:
             now = loop.time()
             held = {dataset for dataset, until in self._held.items() if until > now}
             if not held:  # replays nothing: polls for a lease to take over
                 await self.sleep(max(0.0, deadline - now))
                 return False
-            if journal.woken & held:
-                journal.woken.clear()
-                journal.pending.clear()
+            # Datasets another replica replays are dropped: its polling finds their entries.
+            if self.journal.take_woken() & held:
                 await self.sleep(self.trickle_wait)
                 return True
-            journal.woken.clear()  # datasets another replica replays: its polling finds them
-            journal.pending.clear()
             if now >= deadline:
                 return False
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # arriving in the step its awaitable finishes, and the replayer would not stop.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(deadline - now):
-                    await journal.pending.wait()
+                    await self.journal.woken()
 
     async def _recover(self) -> None:
         # Connections that lived through a store outage may be unusable: start afresh.

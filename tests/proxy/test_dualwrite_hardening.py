@@ -430,8 +430,7 @@ async def test_a_replayer_woken_as_it_is_cancelled_stops(env) -> None:  # type: 
         task = spawn(replayer.run(), name="test-replayer")
         await asyncio.sleep(1.0)  # it holds the lease, found nothing, and waits
         assert replayer._held, "the replayer took no lease"
-        replayer.journal.woken.add("dcir")  # a write of this replica goes pending...
-        replayer.journal.pending.set()
+        replayer.journal.wake("dcir")  # a write of this replica goes pending...
         task.cancel()  # ... in the step the replica stops
         with pytest.raises(asyncio.CancelledError):
             async with asyncio.timeout(3.0):
