@@ -16,9 +16,9 @@ EXIT_REFUSED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bascule import demo
-    from cutover import cli as cutover_cli
-    from proxy import app as proxy_app
+    from bascule.app import cli as cutover_cli
+    from bascule.app import demo
+    from bascule.app import replica as proxy_app
     from refapi import cli as refapi_cli
 
     parser = argparse.ArgumentParser(

@@ -32,9 +32,10 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for tests.harness
 
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.stores import create_database, free_port, provide_stores
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
+from bascule.stages import Stage
+from bascule.state.postgres import open_pool
+from bascule.state.servers import create_database, free_port, provide_stores
+from bascule.state.stage_store import StageStore
 from tests.harness import (
     AUTH,
     PROXY_ENV,

@@ -72,9 +72,16 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for tests.harness
 
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.stores import StoreEndpoints, create_database, database_url, free_port, provide_stores
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
+from bascule.stages import Stage
+from bascule.state.postgres import open_pool
+from bascule.state.servers import (
+    StoreEndpoints,
+    create_database,
+    database_url,
+    free_port,
+    provide_stores,
+)
+from bascule.state.stage_store import StageStore
 from shadow.ledger import OUTCOMES, Ledger
 from tests.harness import (
     PROXY_ENV,

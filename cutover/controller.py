@@ -7,14 +7,14 @@ the checks and the steps a real move takes); a dry run stops there.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from bascule.errors import IllegalMove, Refused, StaleVersion, UsageError
-from cutover.stages import (
+from bascule.checks import check_actor, check_name, require_reason
+from bascule.errors import IllegalMove, Refused, StaleVersion
+from bascule.stages import (
     GapOpen,
     Side,
     Stage,
@@ -30,7 +30,7 @@ from cutover.stages import (
     switches_authority,
     when,
 )
-from cutover.store import StageRow, StageStore
+from bascule.state.stage_store import StageRow, StageStore
 from cutover.switch import Switcher
 
 
@@ -105,40 +105,6 @@ class MoveResult:
             "done": list(self.done),
             "lagging_replicas": list(self.lagging),
         }
-
-
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def check_name(dataset: str) -> str:
-    """A dataset name as the configuration allows them, or UsageError (before any SQL)."""
-    if not _NAME.match(dataset):
-        raise UsageError(
-            "a dataset name is lower-case letters, digits, '-' and '_', starting with a letter"
-        )
-    return dataset
-
-
-def check_text(what: str, text: str) -> str:
-    """Free text for the audit: any printable text, no control characters, bounded."""
-    if _CONTROL.search(text):
-        raise UsageError(f"{what}: control characters are not allowed")
-    if len(text) > 2000:
-        raise UsageError(f"{what}: at most 2000 characters")
-    return text
-
-
-def require_reason(reason: str | None) -> str:
-    if reason is None or not reason.strip():
-        raise UsageError("a reason is required (--reason TEXT): it goes into the audit trail")
-    return check_text("reason", reason.strip())
-
-
-def check_actor(actor: str) -> str:
-    if not actor.strip():
-        raise UsageError("who makes the change must be named (--by)")
-    return check_text("by", actor)
 
 
 def assess(

@@ -1,11 +1,11 @@
 """Changes that alter writes: the dataset's write fence held exclusively, and the authority switch.
 
 Every write holds its dataset's fence shared, from before it reads its plan until its outcome
-(``proxy/journal.py``). A change that alters writes (``source <-> dualwrite``, ``shadow <->
-live``, ``rampdown <-> target``) is committed while this module holds the fence exclusively:
-writes in flight finish first, new ones wait behind it (bounded: past ``hold`` they get 503),
-and every write after it reads the new stage. The authority switch (``shadow <-> live``, either
-way) is a barrier, as Vitess's SwitchTraffic:
+(``bascule/state/journal/writes.py``). A change that alters writes (``source <-> dualwrite``,
+``shadow <-> live``, ``rampdown <-> target``) is committed while this module holds the fence
+exclusively: writes in flight finish first, new ones wait behind it (bounded: past ``hold`` they get
+503), and every write after it reads the new stage. The authority switch (``shadow <-> live``,
+either way) is a barrier, as Vitess's SwitchTraffic:
 
 1. wait until the backlog toward the new authority is small (and nothing is in doubt or dead);
 2. take the fence exclusively: new writes wait, writes in flight finish;
@@ -30,11 +30,12 @@ import asyncpg
 
 from bascule.config import Config, IdAllocation, SwitchSettings
 from bascule.errors import Refused, StoreError
-from cutover import replicas
-from cutover.stages import Stage, alters_writes, authority, switches_authority
-from cutover.store import StageRow, reaching_postgres
-from proxy import journal
-from proxy.sealing import fence_id
+from bascule.sealing import fence_id
+from bascule.stages import Stage, alters_writes, authority, switches_authority
+from bascule.state import replicas
+from bascule.state.journal import queries
+from bascule.state.postgres import reaching_postgres
+from bascule.state.stage_store import StageRow
 
 log = logging.getLogger("bascule.switch")
 
@@ -125,13 +126,7 @@ class Switcher:
         """A write whose replica died before recording its outcome holds its record back until
         the resolver settles it (after its deadline and ``orphan_grace``): under the fence it
         could neither drain nor be waited for."""
-        async with reaching_postgres():
-            orphans = await self.pool.fetchval(
-                "SELECT count(*) FROM bascule_journal j WHERE j.dataset = $1"
-                " AND j.state = 'intent' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
-                "   WHERE a.pid = j.writer_pid AND a.backend_start = j.writer_started)",
-                dataset,
-            )
+        orphans = await queries.orphan_count(self.pool, dataset)
         if orphans:
             raise Refused(
                 f"{dataset}: {orphans} write(s) left by a replica that died before recording "
@@ -143,7 +138,7 @@ class Switcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.backlog_wait
         while True:
-            counts = (await journal.backlog(self.pool)).get(dataset, journal.EMPTY_BACKLOG)
+            counts = (await queries.backlog(self.pool)).get(dataset, queries.EMPTY_BACKLOG)
             if counts["in_doubt"] or counts["dead"]:
                 raise Refused(
                     f"{dataset}: {counts['in_doubt']} in doubt and {counts['dead']} dead journal "
@@ -186,7 +181,7 @@ class Switcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.hold
         while True:
-            counts = (await journal.backlog(self.pool)).get(dataset, journal.EMPTY_BACKLOG)
+            counts = (await queries.backlog(self.pool)).get(dataset, queries.EMPTY_BACKLOG)
             if counts["backlog"] == 0 and not counts["in_doubt"] and not counts["dead"]:
                 done.steps.append("backlog toward the new authority drained to zero")
                 return

@@ -34,15 +34,17 @@ from typing import Any
 import orjson
 
 from bascule.errors import RecordBusy, StoreError, UpstreamError, UpstreamTimeout
-from cutover.fleet import StageView
-from cutover.stages import Stage
+from bascule.sealing import Namer
+from bascule.stages import Side, Stage
+from bascule.state.fleet import StageView
+from bascule.state.journal import Journal
+from bascule.state.journal.entries import JOURNALED_STAGES, IllegalTransition, State
+from bascule.state.journal.writes import WriteSession
+from bascule.upstream import Upstream
 from proxy.answers import error, response_headers
-from proxy.journal import JOURNALED_STAGES, IllegalTransition, Journal, State, WriteSession
-from proxy.plan import Side, plan
+from proxy.plan import plan
 from proxy.routing import Match
-from proxy.sealing import Namer
 from proxy.server import Request, Responder
-from proxy.upstream import Upstream
 
 log = logging.getLogger("bascule.dualwrite")
 

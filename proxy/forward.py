@@ -16,14 +16,15 @@ from typing import Literal
 from multidict import CIMultiDict
 
 from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
-from cutover.fleet import StageView
+from bascule.sealing import DATASET_WIDE, Namer
+from bascule.stages import Side
+from bascule.state.fleet import StageView
+from bascule.upstream import Upstream
 from proxy.answers import HOP_BY_HOP, dropped, error, response_headers, without
 from proxy.dualwrite import DualWriter
-from proxy.plan import Plan, Side, plan
+from proxy.plan import Plan, plan
 from proxy.routing import Match, Router
-from proxy.sealing import DATASET_WIDE, Namer
 from proxy.server import Request, Responder
-from proxy.upstream import Upstream
 from shadow.compare import Answer
 from shadow.dispatch import DECODABLE, Job, Shadows, unavailable
 

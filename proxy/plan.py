@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cutover.stages import Side, Stage, alters_writes, authority, serving, shadowed, written
-
-__all__ = ["Kind", "Plan", "Side", "alters_writes", "plan"]
+from bascule.stages import Side, Stage, authority, serving, shadowed, written
 
 Kind = Literal["read", "write"]
 
@@ -29,7 +27,7 @@ class Plan:
 
 
 def plan(stage: Stage, kind: Kind) -> Plan:
-    """The stage table of DESIGN.md (``cutover/stages.py``) applied to one request."""
+    """The stage table of DESIGN.md (``bascule/stages.py``) applied to one request."""
     if kind == "read":
         return Plan(stage, kind, serving(stage), shadowed(stage), None)
     auth = authority(stage)

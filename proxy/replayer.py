@@ -1,12 +1,12 @@
 """The replayer: applies journaled writes to the other side, in per-record order.
 
-One replayer is active per dataset across the fleet, by a Postgres lease; if its replica dies
-the lease expires and another takes over. Each round it takes the replayable entries (the first
-pending entries of each record's chain: see ``proxy/journal.py``), applies each record's in
-order and distinct records concurrently, and marks each *applied*, *retry later* (with
-exponential backoff and jitter, for 5xx, timeouts and unreachable backends: the other side may
-be down for a while), or *dead* (a refusal the other side would repeat, or an answer of
-another kind than the authoritative side's: it blocks the gate and is shown to SREs).
+One replayer is active per dataset across the fleet, by a Postgres lease; if its replica dies the
+lease expires and another takes over. Each round it takes the replayable entries (the first pending
+entries of each record's chain: see ``bascule/state/journal/replay.py``), applies each record's in
+order and distinct records concurrently, and marks each *applied*, *retry later* (with exponential
+backoff and jitter, for 5xx, timeouts and unreachable backends: the other side may be down for a
+while), or *dead* (a refusal the other side would repeat, or an answer of another kind than the
+authoritative side's: it blocks the gate and is shown to SREs).
 
 A replay carries bascule's own idempotency key (``bascule:{dataset}:{seq}``) and the backend's
 service credential from the environment, never a researcher's ``Authorization``. A route with
@@ -29,13 +29,17 @@ import orjson
 
 from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
-from cutover.fleet import StageView
-from cutover.store import reaching_postgres
+from bascule.sealing import SealError
+from bascule.stages import Side
+from bascule.state.fleet import StageView
+from bascule.state.journal import Journal
+from bascule.state.journal.entries import Entry
+from bascule.state.journal.queries import purge
+from bascule.state.postgres import reaching_postgres
+from bascule.upstream import Upstream
 from proxy.dualwrite import call_deadline
-from proxy.journal import Entry, Journal, purge
-from proxy.plan import Side, plan
-from proxy.sealing import SealError
-from proxy.upstream import Upstream
+from proxy.plan import plan
+from proxy.routing import path_values
 
 if TYPE_CHECKING:
     from proxy.resolver import Resolver
@@ -352,13 +356,6 @@ class Replayer:
 
 def _ours(name: str) -> bool:
     return name.lower() in ("idempotency-key", "authorization", "content-length")
-
-
-def path_values(pattern: str, target: str) -> dict[str, str]:
-    """Raw (still escaped) parameter values of ``target`` under ``pattern``."""
-    parts = pattern.strip("/").split("/")
-    given = target.split("?", 1)[0].strip("/").split("/")
-    return {p[1:-1]: g for p, g in zip(parts, given, strict=False) if p.startswith("{")}
 
 
 def _pointer(doc: Any, pointer: str) -> Any:

@@ -40,13 +40,14 @@ import orjson
 
 from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
+from bascule.sealing import SealError
+from bascule.stages import Side
+from bascule.state.journal import Journal
+from bascule.state.journal.entries import Entry
+from bascule.upstream import Upstream
 from proxy.answers import response_headers
 from proxy.dualwrite import b64, call_deadline, outcome_of
-from proxy.journal import Entry, Journal
-from proxy.plan import Side
-from proxy.replayer import path_values
-from proxy.sealing import SealError
-from proxy.upstream import Upstream
+from proxy.routing import path_values
 
 log = logging.getLogger("bascule.resolver")
 

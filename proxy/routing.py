@@ -123,3 +123,10 @@ def split_path(raw_path: str) -> list[str]:
             )
         segments.append(seg)
     return segments
+
+
+def path_values(pattern: str, target: str) -> dict[str, str]:
+    """Raw (still escaped) parameter values of ``target`` under ``pattern``."""
+    parts = pattern.strip("/").split("/")
+    given = target.split("?", 1)[0].strip("/").split("/")
+    return {p[1:-1]: g for p, g in zip(parts, given, strict=False) if p.startswith("{")}

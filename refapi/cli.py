@@ -14,7 +14,7 @@ import asyncpg
 from aiohttp import web
 
 from bascule.errors import ConfigError, StoreError, UsageError
-from bascule.stores import redact_url
+from bascule.state.servers import redact_url
 from refapi.app import create_app
 from refapi.auth import TOKENS_ENV, parse_tokens
 from refapi.datasets import DATASETS

@@ -10,13 +10,13 @@ budget; a shadow read that does not fit is dropped and counted ``dropped``.
 **Race guard.** The proxy notes ``t0`` before the serving side is asked, and each shadow read
 notes ``t1`` before it is sent, both on the state database's clock (estimated locally, never a
 round trip on the researcher's path: :class:`DbClock`). Two answers that agree are a match,
-whatever was written meanwhile. When they differ, :meth:`proxy.journal.Journal.race` says
-from the journal whether a write to the record read (or, for a read that names none, to the
-dataset) may be in one answer and not the other (*raced*), is in the serving answer but
-reached the other side too late (*lagging*: wait for its replay, then ask again; past
-``lag_wait``, *skipped: lagging*), or cannot reach it by itself (a dead entry: *skipped:
-lagging* at once). Only a difference the guard calls *clear* is a mismatch. Every rule errs
-toward skipping, never toward a false mismatch.
+whatever was written meanwhile. When they differ, the race guard
+(:meth:`bascule.state.journal.guard.RaceGuard.race`) says from the journal whether a write to
+the record read (or, for a read that names none, to the dataset) may be in one answer and not
+the other (*raced*), is in the serving answer but reached the other side too late (*lagging*:
+wait for its replay, then ask again; past ``lag_wait``, *skipped: lagging*), or cannot reach it
+by itself (a dead entry: *skipped: lagging* at once). Only a difference the guard calls *clear*
+is a mismatch. Every rule errs toward skipping, never toward a false mismatch.
 
 **What counts.** ``compared`` = ``matched`` + ``mismatched``. A serving side that failed
 (5xx, 408, 429) is ``skipped_unavailable``: nothing to compare. A shadowed side that failed,
@@ -50,10 +50,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from bascule.config import CompareRules, Config, ShadowSettings
 from bascule.errors import StoreError, UpstreamError, UpstreamTimeout
+from bascule.stages import Side
+from bascule.state.journal.guard import Guarded
 from bascule.tasks import spawn
-from cutover.stages import Side
-from proxy.journal import Guarded
-from proxy.upstream import Upstream
+from bascule.upstream import Upstream
 from shadow.compare import Answer, Rules, compare, compile_rules
 from shadow.diff import Diff
 from shadow.ledger import Ledger, Outcome
@@ -80,7 +80,7 @@ _POLL_FIRST, _POLL_MAX = 0.02, 0.32
 
 Verdict = Literal["clear", "raced", "stuck", "lagging"]
 Guard = Callable[..., Awaitable[Guarded]]
-""":meth:`proxy.journal.Journal.race`."""
+""":meth:`bascule.state.journal.guard.RaceGuard.race`."""
 
 
 def unavailable(status: int) -> bool:
@@ -253,7 +253,7 @@ class Dispatcher(Sampling):
         """``upstreams``: the shadow reads' own pools, one per side. ``guard``: the journal's
         race check (None when this replica has no journal: it then accepts no write in a
         stage that shadows, so nothing can race). ``clock_pool``: the state database, for
-        :class:`DbClock` and the errored counts. ``noise``: a :class:`shadow.noise.NoiseStore`
+        :class:`DbClock` and the errored counts. ``noise``: a :class:`shadow.noise_store.NoiseStore`
         (None: no noise learning). ``done``: told of each job once it is counted."""
         self.config = config
         self.settings: ShadowSettings = config.shadow

@@ -23,7 +23,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from cutover.store import reaching_postgres
+from bascule.state.postgres import reaching_postgres
 from shadow.diff import Diff
 
 log = logging.getLogger("bascule.ledger")

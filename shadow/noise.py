@@ -8,13 +8,15 @@ into *observations*: pointer **patterns** (array positions and tokenized member 
 the rule that would have hidden the difference: ``ignore``, or ``unordered`` with the key field
 that names an element, for an array whose two versions hold the same elements in another order.
 
-:class:`NoiseStore` counts, per dataset, route template, pattern and rule, the independent
-pairs it was seen in (``bascule_noise``). Once seen in the dataset's ``noise_pairs`` pairs it is
-a *proposal*: ``bascule noise DATASET`` lists proposals, ``bascule noise DATASET accept|reject
-POINTER --reason TEXT`` decides, audited in ``bascule_audit``. Accepted rules are added to the
-configured ones (:func:`merge`) by every replica: Postgres holds them and a version bumped with
-every decision; the decision is announced on Redis (``{prefix}noise``) as a nudge, and replicas
-poll :meth:`NoiseStore.version` so a lost message or a Redis outage only delays a reload.
+:class:`shadow.noise_store.NoiseStore` counts, per dataset, route template, pattern and rule,
+the independent pairs it was seen in (``bascule_noise``). Once seen in the dataset's
+``noise_pairs`` pairs it is a *proposal*: ``bascule noise DATASET`` lists proposals, ``bascule
+noise DATASET accept|reject POINTER --reason TEXT`` decides, audited in ``bascule_audit``.
+Accepted rules are added to the configured ones (:func:`merge`) by every replica: Postgres holds
+them and a version bumped with every decision; the decision is announced on Redis
+(``{prefix}noise``, :mod:`shadow.noise_news`) as a nudge, and replicas poll
+:meth:`~shadow.noise_store.NoiseStore.version` so a lost message or a Redis outage only delays a
+reload.
 
 Never a value: patterns, rule names and field names only. A proposal never covers a whole
 document: neither the root nor a pattern made only of wildcards is ever observed, recorded or
@@ -23,26 +25,17 @@ merged (the configuration refuses such ignores for the same reason).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Literal
 
-import asyncpg
 import msgspec
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from bascule.config import CompareRules, Config, Dataset
-from bascule.errors import Refused, UnknownDataset, UnknownProposal, UsageError
-from cutover.controller import check_actor, check_name, check_text, require_reason
-from cutover.store import StageStore, reaching_postgres
+from bascule.config import CompareRules, Dataset
 from shadow.compare import Rules
 from shadow.diff import COUNT_CAP, PLAIN_NAME, Found, Kind, Part, Segment
 from shadow.normalize import WHOLE, Unordered, prepare, ranked, sort_by, whole
@@ -56,7 +49,6 @@ Decision = Literal["accepted", "rejected"]
 AcceptedRules = dict[str, tuple[tuple[str, ...], dict[str, str]]]
 """Per route template: (ignored patterns, unordered pattern -> key field)."""
 
-CHANNEL = "noise"
 DEFAULT_PAIRS = Dataset().noise_pairs
 """Pairs needed when no dataset configuration says otherwise (``[datasets.X] noise_pairs``)."""
 
@@ -82,10 +74,6 @@ class Observation:
     rule: Rule
     key: str | None = None
     """``unordered`` only: the plain field name that identifies an element (``id`` preferred)."""
-
-
-def channel(prefix: str) -> str:
-    return f"{prefix}{CHANNEL}"
 
 
 def covers_document(pattern: str) -> bool:
@@ -136,10 +124,10 @@ def observe(
         pass  # a wholly different pair: the patterns found so far stand for it
     except RecursionError:
         return []  # deeper than the stack: nothing precise to say, and the root is never proposed
-    return sorted(seen.found, key=_order)
+    return sorted(seen.found, key=observation_order)
 
 
-def _order(o: Observation) -> tuple[str, str, str]:
+def observation_order(o: Observation) -> tuple[str, str, str]:
     return (o.pointer, o.rule, o.key or "")
 
 
@@ -377,333 +365,3 @@ def merge(
         ignore=(*rules.ignore, *extra_ignore),
         unordered={**rules.unordered, **extra_unordered},
     )
-
-
-def noise_pairs(config: Config) -> dict[str, int]:
-    """Each configured dataset's ``noise_pairs``: the pairs that make a proposal."""
-    return {name: dataset.noise_pairs for name, dataset in config.datasets.items()}
-
-
-def pairs_needed(pairs: Mapping[str, int], dataset: str) -> int:
-    """``dataset``'s ``noise_pairs``; UnknownDataset (naming the configured ones) if none."""
-    check_name(dataset)
-    if dataset not in pairs:
-        raise UnknownDataset(dataset, list(pairs))
-    return pairs[dataset]
-
-
-# -- the store --------------------------------------------------------------------------------
-
-_COLUMNS = (
-    "route, pointer, rule, key, pairs, first_seen, last_seen, decision, decided_by, decided_at,"
-    " reason"
-)
-
-
-@dataclass
-class NoiseStore:
-    """Observations counted in Postgres, decisions audited there, announced on Redis."""
-
-    pool: asyncpg.Pool
-    redis: aioredis.Redis
-    prefix: str
-
-    async def record(self, dataset: str, route: str, observations: Iterable[Observation]) -> None:
-        """One more independent pair for each observation (an upsert, one statement).
-
-        Called once per pair: an observation repeated in ``observations`` counts once. Rows are
-        written in one order so two replicas recording at once cannot deadlock."""
-        unique = sorted({n for o in observations if (n := _normal(o)) is not None}, key=_order)
-        if not unique:
-            return
-        async with reaching_postgres():
-            await self.pool.execute(
-                "INSERT INTO bascule_noise (dataset, route, pointer, rule, key)"
-                " SELECT $1, $2, o.pointer, o.rule, o.key"
-                " FROM unnest($3::text[], $4::text[], $5::text[]) WITH ORDINALITY"
-                "   AS o(pointer, rule, key, n)"
-                " ORDER BY o.n"
-                " ON CONFLICT (dataset, route, pointer, rule, (coalesce(key, '')))"
-                " DO UPDATE SET pairs = bascule_noise.pairs + 1, last_seen = now()",
-                dataset,
-                route,
-                [o.pointer for o in unique],
-                [o.rule for o in unique],
-                [o.key for o in unique],
-            )
-
-    async def proposals(self, dataset: str, min_pairs: int = DEFAULT_PAIRS) -> list[dict[str, Any]]:
-        """Pending proposals seen in at least ``min_pairs`` pairs, then decided ones (whatever
-        their count), each with its counts, first and last seen, and ``status``."""
-        await self._known(dataset)
-        async with reaching_postgres():
-            rows = await self.pool.fetch(
-                f"SELECT {_COLUMNS} FROM bascule_noise"
-                " WHERE dataset = $1 AND (decision IS NOT NULL OR pairs >= $2)"
-                " ORDER BY decision IS NOT NULL, pairs DESC, pointer, route, rule, key",
-                dataset,
-                min_pairs,
-            )
-        return [_proposal(r) for r in rows]
-
-    async def decide(
-        self,
-        dataset: str,
-        pointer: str,
-        accept: bool,
-        reason: str | None,
-        who: str,
-        route: str | None = None,
-        *,
-        min_pairs: int = DEFAULT_PAIRS,
-        details: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Accept or reject the proposal at ``pointer`` (on every route it was seen on, or on
-        ``route`` only), audited in the same transaction, then announced.
-
-        Refused (nothing changed): UsageError for a missing reason, who or a malformed pointer;
-        UnknownDataset; UnknownProposal when nothing was observed there; Refused when it was seen
-        in fewer than ``min_pairs`` pairs (not a proposal yet: noise is learned, never assumed),
-        when it already has that decision, or when it would accept a second key for one array.
-        A decided proposal may be decided again the other way (an accept is undone by a
-        reject), each time audited."""
-        check_name(dataset)
-        reason = require_reason(reason)
-        check_actor(who)
-        check_text("by", who)
-        try:
-            parse_pointer(pointer)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        if route is not None:
-            check_text("route", route)
-        await self._known(dataset)
-        decision: Decision = "accepted" if accept else "rejected"
-        async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
-            # First: the row lock serializes this dataset's decisions until the commit.
-            version = await conn.fetchval(
-                "INSERT INTO bascule_noise_version (dataset, version) VALUES ($1, 1)"
-                " ON CONFLICT (dataset) DO UPDATE"
-                " SET version = bascule_noise_version.version + 1 RETURNING version",
-                dataset,
-            )
-            rows = await conn.fetch(
-                "SELECT route, rule, key, pairs, decision FROM bascule_noise"
-                " WHERE dataset = $1 AND pointer = $2 AND ($3::text IS NULL OR route = $3)"
-                " ORDER BY route, rule, key FOR UPDATE",
-                dataset,
-                pointer,
-                route,
-            )
-            if not rows:
-                raise UnknownProposal(dataset, pointer, route)
-            proposed = [r for r in rows if r["decision"] is not None or r["pairs"] >= min_pairs]
-            if not proposed:
-                most = max(r["pairs"] for r in rows)
-                raise Refused(
-                    f"{dataset}: {pointer!r} was seen differing in {most} independent "
-                    f"pair{'s' if most != 1 else ''}; it becomes a proposal at {min_pairs}"
-                )
-            changing = [r for r in proposed if r["decision"] != decision]
-            if not changing:
-                raise Refused(f"{dataset}: {pointer!r} is already {decision}")
-            if accept:
-                _one_key_per_array(dataset, pointer, rows, changing)
-            for r in changing:
-                await conn.execute(
-                    "UPDATE bascule_noise SET decision = $6, decided_by = $7, decided_at = now(),"
-                    " reason = $8 WHERE dataset = $1 AND route = $2 AND pointer = $3"
-                    " AND rule = $4 AND coalesce(key, '') = coalesce($5, '')",
-                    dataset,
-                    r["route"],
-                    pointer,
-                    r["rule"],
-                    r["key"],
-                    decision,
-                    who,
-                    reason,
-                )
-            decided = [
-                {
-                    "route": r["route"],
-                    "rule": r["rule"],
-                    "key": r["key"],
-                    "pairs": r["pairs"],
-                    "was": r["decision"],
-                }
-                for r in changing
-            ]
-            await conn.execute(
-                "INSERT INTO bascule_audit (dataset, action, actor, reason, details)"
-                " VALUES ($1, $2, $3, $4, $5::jsonb)",
-                dataset,
-                "noise-accept" if accept else "noise-reject",
-                who,
-                reason,
-                json.dumps(
-                    {**(details or {}), "pointer": pointer, "rules": decided, "version": version}
-                ),
-            )
-        announced = await self._announce(dataset, version)
-        return {
-            "dataset": dataset,
-            "pointer": pointer,
-            "decision": decision,
-            "rules": decided,
-            "version": version,
-            "announced": announced,
-        }
-
-    async def accepted(self, dataset: str) -> AcceptedRules:
-        """The accepted rules of ``dataset`` by route template, from Postgres (Redis plays no
-        part: a replica reads them whether or not Redis is up). An unknown dataset has none."""
-        async with reaching_postgres():
-            rows = await self.pool.fetch(
-                "SELECT route, pointer, rule, key FROM bascule_noise"
-                " WHERE dataset = $1 AND decision = 'accepted'"
-                " ORDER BY route, pointer, rule, key",
-                dataset,
-            )
-        ignore: dict[str, list[str]] = {}
-        unordered: dict[str, dict[str, str]] = {}
-        for r in rows:
-            if covers_document(r["pointer"]):
-                continue
-            ignore.setdefault(r["route"], [])
-            unordered.setdefault(r["route"], {})
-            if r["rule"] == "ignore":
-                ignore[r["route"]].append(r["pointer"])
-            else:
-                unordered[r["route"]].setdefault(r["pointer"], r["key"])
-        return {route: (tuple(ignore[route]), unordered[route]) for route in ignore}
-
-    async def version(self, dataset: str | None = None) -> int:
-        """A number that changes with every decision (of ``dataset``, or of any): reload the
-        accepted rules when it is not the one they were loaded at. Read the version *before*
-        the rules, so a decision committed in between is seen at the next look."""
-        async with reaching_postgres():
-            found = await self.pool.fetchval(
-                "SELECT coalesce(sum(version), 0)::bigint FROM bascule_noise_version"
-                " WHERE $1::text IS NULL OR dataset = $1",
-                dataset,
-            )
-        return int(found)
-
-    async def listen(
-        self,
-        on_change: Callable[[str | None], Awaitable[None]],
-        stopping: asyncio.Event | None = None,
-    ) -> None:
-        """Call ``on_change(dataset)`` for each decision announced on Redis, and
-        ``on_change(None)`` on every (re)subscription (what was announced meanwhile is in
-        Postgres). Runs until ``stopping`` is set (or cancelled: redis-py can swallow a
-        cancellation inside its read timeout, redis/redis-py#2028, so set it first); Redis away
-        is retried with a backoff, and the caller polls :meth:`version` meanwhile."""
-        stopping = stopping or asyncio.Event()
-        backoff = 0.1
-        while not stopping.is_set():
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(channel(self.prefix))
-                    backoff = 0.1
-                    await on_change(None)
-                    while not stopping.is_set():
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=0.5
-                        )
-                        if message is not None and message.get("type") == "message":
-                            await on_change(_announced_dataset(message.get("data")))
-            except (RedisError, OSError) as exc:
-                log.info("noise decisions not heard on Redis (%s); polling", type(exc).__name__)
-            if not stopping.is_set():
-                await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
-
-    async def _announce(self, dataset: str, version: int) -> bool:
-        message = orjson.dumps({"dataset": dataset, "version": version})
-        try:
-            await self.redis.publish(channel(self.prefix), message)
-            return True
-        except (RedisError, OSError) as exc:
-            log.warning(
-                "could not announce noise rules of %s on Redis (%s); replicas will poll",
-                dataset,
-                type(exc).__name__,
-            )
-            return False
-
-    async def _known(self, dataset: str) -> None:
-        await StageStore(self.pool).get(dataset)  # UnknownDataset names the known ones
-
-
-def _normal(o: Observation) -> Observation | None:
-    """``o`` as stored (no key on an ignore), or None if it is not one that may be recorded."""
-    if covers_document(o.pointer):
-        return None
-    if o.rule == "ignore":
-        return o if o.key is None else Observation(o.pointer, "ignore")
-    if o.rule == "unordered" and o.key is not None and PLAIN_NAME.fullmatch(o.key):
-        return o
-    return None
-
-
-def _announced_dataset(data: Any) -> str | None:
-    with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
-        name = orjson.loads(data).get("dataset")
-        return name if isinstance(name, str) else None
-    return None
-
-
-def _one_key_per_array(
-    dataset: str, pointer: str, rows: Sequence[asyncpg.Record], changing: Sequence[asyncpg.Record]
-) -> None:
-    """Refuse to leave two accepted unordered rules with different keys on one route."""
-    accepting = {(r["route"], r["rule"], r["key"]) for r in changing}
-    keys: dict[str, set[str]] = {}
-    for r in rows:
-        if r["rule"] == "unordered" and (
-            r["decision"] == "accepted" or (r["route"], r["rule"], r["key"]) in accepting
-        ):
-            keys.setdefault(r["route"], set()).add(r["key"])
-    for route, found in keys.items():
-        if len(found) > 1:
-            raise Refused(
-                f"{dataset}: {pointer!r} on {route!r} would be matched by "
-                f"{' and '.join(sorted(found))}; accept one key (name the route) "
-                "or reject the other first"
-            )
-
-
-def _proposal(r: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "route": r["route"],
-        "pointer": r["pointer"],
-        "rule": r["rule"],
-        "key": r["key"],
-        "pairs": r["pairs"],
-        "first_seen": r["first_seen"].isoformat(),
-        "last_seen": r["last_seen"].isoformat(),
-        "status": r["decision"] or "pending",
-        "decision": r["decision"],
-        "decided_by": r["decided_by"],
-        "decided_at": r["decided_at"].isoformat() if r["decided_at"] else None,
-        "reason": r["reason"],
-    }
-
-
-__all__ = [
-    "CHANNEL",
-    "DEFAULT_PAIRS",
-    "AcceptedRules",
-    "NoiseStore",
-    "Observation",
-    "Rule",
-    "channel",
-    "covers_document",
-    "element_key",
-    "merge",
-    "noise_pairs",
-    "observe",
-    "pairs_needed",
-    "pattern",
-]

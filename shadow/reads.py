@@ -12,14 +12,14 @@ from typing import Any
 import msgspec
 
 from bascule.config import Config, Secrets
-from cutover.stages import Side
-from cutover.store import StatelessConnection, open_pool
-from proxy.journal import Journal
-from proxy.sealing import Namer, Sealer
-from proxy.upstream import Upstream
+from bascule.sealing import Namer
+from bascule.stages import Side
+from bascule.state.journal.guard import RaceGuard
+from bascule.state.postgres import StatelessConnection, open_pool
+from bascule.upstream import Upstream
 from shadow.dispatch import Dispatcher, JobDone
 from shadow.ledger import Ledger
-from shadow.noise import NoiseStore
+from shadow.noise_store import NoiseStore
 
 
 async def open_dispatcher(
@@ -62,7 +62,7 @@ async def open_dispatcher(
     stack.push_async_callback(guard_pool.close)
     guard = None
     if secrets.journal_key is not None:
-        guard = Journal(guard_pool, Sealer(secrets.journal_key), replica).race
+        guard = RaceGuard(guard_pool).race
     namer = Namer(secrets.hmac_key)
     prefix = config.state.redis_prefix
     dispatcher = Dispatcher(

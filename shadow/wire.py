@@ -16,7 +16,7 @@ import msgspec
 from multidict import CIMultiDict
 
 from bascule.config import Config, Secrets
-from cutover.stages import Side
+from bascule.stages import Side
 from shadow.compare import Answer
 from shadow.diff import Diff
 from shadow.dispatch import Job

@@ -26,8 +26,8 @@ from contextlib import AsyncExitStack
 import redis.asyncio as aioredis
 
 from bascule import telemetry
+from bascule.state.postgres import open_pool
 from bascule.tasks import spawn
-from cutover.store import open_pool
 from shadow.dispatch import Job
 from shadow.reads import open_dispatcher
 from shadow.wire import Hello, Join, Joined, Ready, Report, frame, job_of, read_to_worker

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from bascule.stores import StoreEndpoints, create_database, drop_database, provide_stores
+from bascule.state.servers import StoreEndpoints, create_database, drop_database, provide_stores
 
 _stack = ExitStack()
 _endpoints: StoreEndpoints | None = None
@@ -80,7 +80,7 @@ async def pg_url(make_database: MakeDatabase) -> str:
 @pytest.fixture
 async def state_pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the test's database, migrated as a state database."""
-    from cutover.store import open_pool
+    from bascule.state.postgres import open_pool
     from tests.harness import migrate_state
 
     await migrate_state(pg_url)

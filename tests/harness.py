@@ -16,11 +16,12 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from bascule import schema
 from bascule.config import Config, load_config
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.stores import free_port, free_ports
-from cutover.store import StageStore, open_pool
+from bascule.state import schema
+from bascule.state.postgres import open_pool
+from bascule.state.servers import free_port, free_ports
+from bascule.state.stage_store import StageStore
 from proxy.server import Server
 from refapi.app import create_app
 

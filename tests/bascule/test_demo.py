@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from bascule.procs import bascule_argv
-from bascule.stores import free_port
+from bascule.state.servers import free_port
 
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "bascule.example.toml"
 

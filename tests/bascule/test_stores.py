@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from bascule.stores import (
+from bascule.state.servers import (
     EmbeddedPostgres,
     EmbeddedRedis,
     database_url,

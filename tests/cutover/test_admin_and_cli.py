@@ -14,10 +14,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.procs import bascule_argv
-from cutover.admin import AdminDeps, create_admin_app
-from cutover.fleet import RedisAnnouncer
-from cutover.store import StageStore, open_pool
+from bascule.state.fleet import RedisAnnouncer
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from tests.harness import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,

@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.stores import EmbeddedPostgres, EmbeddedRedis, create_database
+from bascule.state.servers import EmbeddedPostgres, EmbeddedRedis, create_database
 from tests.conftest import MakeDatabase
 from tests.harness import (
     AUTH,
@@ -70,7 +70,7 @@ def own_up(own: OwnStores) -> Iterator[OwnStores]:
 
 
 def _answers(port: int) -> bool:
-    from bascule.stores import port_answers
+    from bascule.state.servers import port_answers
 
     return port_answers("127.0.0.1", port)
 

@@ -21,9 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bascule.errors import IllegalMove, Refused, UsageError
-from cutover import controller
-from cutover.fleet import channel
-from cutover.stages import (
+from bascule.stages import (
     EXPOSED,
     ORDER,
     GapOpen,
@@ -36,7 +34,10 @@ from cutover.stages import (
     role,
     switches_authority,
 )
-from cutover.store import StageRow, StageStore, open_pool
+from bascule.state.fleet import channel
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageRow, StageStore
+from cutover import controller
 from tests.cutover.test_admin_and_cli import OP, VIEW, Admin, admin, arun, call
 from tests.harness import OPERATOR_TOKEN, migrate_state
 from tests.harness import cli_env as harness_cli_env

@@ -18,11 +18,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.procs import bascule_argv
-from cutover.admin import AdminDeps, create_admin_app
-from cutover.fleet import RedisAnnouncer, StageView
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
+from bascule.stages import Stage
+from bascule.state.fleet import RedisAnnouncer, StageView
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from tests.harness import DATASETS, OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state, serve_app
 
 pytestmark = [
@@ -68,9 +69,9 @@ async def test_one_too_many_connections_error_does_not_stop_propagation_forever(
 ) -> None:
     """Postgres at max_connections answers 'too many connections' (SQLSTATE 53300) -- a very
     ordinary bad-day error. asyncpg raises TooManyConnectionsError, which is not in
-    cutover.store.UNREACHABLE, so StageView.reload() lets it escape: the poll task dies, and the
-    listen task dies on the next Redis message. The replica then serves its old stages forever
-    while /readyz keeps saying ready."""
+    bascule.state.postgres.UNREACHABLE, so StageView.reload() lets it escape: the poll task
+    dies, and the listen task dies on the next Redis message. The replica then serves its old
+    stages forever while /readyz keeps saying ready."""
     admin_pool = await open_pool(pg_url, max_size=2)
     redis = aioredis.Redis.from_url(redis_url)
     announcer = RedisAnnouncer(redis, redis_prefix)

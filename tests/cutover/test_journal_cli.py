@@ -8,9 +8,9 @@ import asyncpg
 import orjson
 import pytest
 
-from proxy import journal as journal_module
-from proxy.journal import Journal
-from proxy.sealing import Namer, Sealer
+from bascule.sealing import Namer, Sealer
+from bascule.state.journal import Journal
+from bascule.state.journal import queries as journal_module
 from tests.cutover.test_admin_and_cli import Admin, admin, arun
 from tests.harness import OPERATOR_TOKEN, migrate_state, run_cli
 from tests.harness import cli_env as harness_cli_env

@@ -8,10 +8,11 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from cutover import replicas
-from cutover.fleet import StageView
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
+from bascule.stages import Stage
+from bascule.state import replicas
+from bascule.state.fleet import StageView
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from tests.harness import DATASETS, cli_env, migrate_state, run_cli
 
 

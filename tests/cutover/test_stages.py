@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from bascule.errors import IllegalMove, UnknownStage
-from cutover.stages import ORDER, Stage, check_move, legal_moves
+from bascule.stages import ORDER, Stage, check_move, legal_moves
 
 
 @pytest.mark.parametrize(("current", "wanted"), list(itertools.product(ORDER, ORDER)))

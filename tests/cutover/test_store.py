@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from bascule import schema
 from bascule.errors import IllegalMove, SchemaError, StaleVersion, UnknownDataset, UsageError
+from bascule.stages import Side, Stage
+from bascule.state import schema
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageRow, StageStore
 from cutover import controller
-from cutover.stages import Side, Stage
-from cutover.store import StageRow, StageStore, open_pool
 from tests.harness import migrate_state
 
 

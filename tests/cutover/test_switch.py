@@ -12,13 +12,14 @@ import pytest
 
 from bascule.config import IdAllocation, SwitchSettings
 from bascule.errors import Refused
+from bascule.sealing import Sealer, fence_id
+from bascule.stages import Side, Stage
+from bascule.state import replicas
+from bascule.state.journal import Journal
+from bascule.state.stage_store import StageRow, StageStore
 from bascule.tasks import spawn
-from cutover import controller, replicas
-from cutover.stages import Side, Stage
-from cutover.store import StageRow, StageStore
+from cutover import controller
 from cutover.switch import Switcher
-from proxy.journal import Journal
-from proxy.sealing import Sealer, fence_id
 
 QUICK = SwitchSettings(hold=1.0, small_backlog=10, backlog_wait=1.0, confirm_wait=1.0)
 

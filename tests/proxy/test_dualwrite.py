@@ -20,12 +20,12 @@ import orjson
 import pytest
 from aiohttp import web
 
+from bascule.app.replica import Replica
 from bascule.config import Secrets
-from bascule.stores import EmbeddedPostgres
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
-from proxy.app import Replica
-from proxy.plan import Side
+from bascule.stages import Side, Stage
+from bascule.state.postgres import open_pool
+from bascule.state.servers import EmbeddedPostgres
+from bascule.state.stage_store import StageStore
 from refapi.seed import seed_database
 from tests.conftest import Ground
 from tests.harness import (

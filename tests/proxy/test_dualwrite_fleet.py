@@ -18,9 +18,10 @@ import asyncpg
 import pytest
 
 from bascule.procs import ServerProcess
+from bascule.stages import Stage
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
 from refapi.seed import seed_database
 from tests.harness import (
     AUTH,

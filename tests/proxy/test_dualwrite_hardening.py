@@ -15,11 +15,10 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from bascule.sealing import SealError
+from bascule.stages import Side, Stage
 from bascule.tasks import spawn
-from cutover.stages import Stage
-from proxy.plan import Side
 from proxy.replayer import Replayer
-from proxy.sealing import SealError
 from tests.harness import (
     AUTH,
     PROXY_ENV,
@@ -295,8 +294,8 @@ async def test_orphan_resolved_while_its_write_is_still_in_flight(env) -> None: 
 
 
 async def test_replica_with_wrong_journal_key_dead_letters_entries(env) -> None:  # type: ignore[no-untyped-def]
-    from proxy.journal import Journal
-    from proxy.sealing import Sealer
+    from bascule.sealing import Sealer
+    from bascule.state.journal import Journal
 
     async with env() as world:
         await world.to_stage(Stage.DUALWRITE)

@@ -16,11 +16,12 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bascule.sealing import fence_id
+from bascule.stages import Stage
+from bascule.state.journal.entries import IllegalTransition
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
-from proxy.journal import IllegalTransition
-from proxy.sealing import fence_id
 from tests.conftest import Ground
 from tests.harness import AUTH
 from tests.proxy.test_dualwrite import World, make_world, table_digest

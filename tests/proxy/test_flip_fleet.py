@@ -38,14 +38,16 @@ import redis.asyncio as aioredis
 
 from bascule.config import IdAllocation, SwitchSettings
 from bascule.procs import ServerProcess
-from bascule.stores import free_port
+from bascule.sealing import Sealer
+from bascule.stages import Side, Stage
+from bascule.state import replicas
+from bascule.state.fleet import RedisAnnouncer
+from bascule.state.postgres import open_pool
+from bascule.state.servers import free_port
+from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
-from cutover import controller, replicas
-from cutover.fleet import RedisAnnouncer
-from cutover.stages import Side, Stage
-from cutover.store import StageStore, open_pool
+from cutover import controller
 from cutover.switch import Switcher
-from proxy.sealing import Sealer
 from refapi.seed import seed_database
 from tests.harness import (
     AUTH,
@@ -163,7 +165,7 @@ class FlipFleet:
         return proc.pid
 
     def replica_name(self, i: int) -> str:
-        """As the proxy names itself in the journal and its lease (proxy/app.py)."""
+        """As the proxy names itself in the journal and its lease (bascule/app/replica.py)."""
         return f"{socket.gethostname()}:{self.pid(i)}"
 
     async def move(self, wanted: Stage) -> controller.MoveResult:
@@ -227,7 +229,8 @@ async def flip_fleet(
             )
             urls, admin_urls, procs = [], [], []
             for i in range(2):
-                # The environment overrides the configured state Postgres (bascule/stores.py).
+                # The environment overrides the configured state Postgres
+                # (bascule/state/servers.py).
                 state = relay.url if relay is not None and i == 1 else pg_url
                 env = {**PROXY_ENV, "BASCULE_POSTGRES_URL": state}
                 started = await start_proxy(stack, config, tmp_path / f"proxy{i}.log", env)

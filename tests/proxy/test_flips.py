@@ -20,11 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from bascule.config import IdAllocation, SwitchSettings
+from bascule.stages import Side, Stage
+from bascule.state.fleet import RedisAnnouncer
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
 from cutover import controller
-from cutover.fleet import RedisAnnouncer
-from cutover.stages import Side, Stage
-from cutover.store import StageStore, open_pool
 from cutover.switch import Switcher
 from tests.harness import AUTH, dcir_record
 from tests.proxy.test_dualwrite import table_digest

@@ -16,10 +16,11 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from bascule.app.replica import Replica
 from bascule.config import Secrets
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
-from proxy.app import Replica
+from bascule.stages import Stage
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from tests.harness import (
     AUTH,
     PROXY_ENV,

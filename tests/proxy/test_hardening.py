@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from bascule.errors import RouteError
-from cutover.stages import Stage
+from bascule.stages import Stage
 from tests.conftest import Ground
 from tests.harness import (
     AUTH,

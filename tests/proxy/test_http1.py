@@ -16,9 +16,9 @@ from aiohttp import web
 
 from bascule.config import Backend
 from bascule.errors import UpstreamTimeout, UpstreamUnreachable
+from bascule.http1 import _HIGH_WATER, Headers
 from bascule.tasks import spawn
-from proxy.http1 import _HIGH_WATER, Headers
-from proxy.upstream import Upstream
+from bascule.upstream import Upstream
 from tests.harness import closed_port_url, garbage_server, serve_app
 
 BIG = random.Random(1).randbytes(6 * 1024 * 1024)

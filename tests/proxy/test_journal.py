@@ -10,9 +10,12 @@ import asyncpg
 import pytest
 
 from bascule.errors import RecordBusy
-from cutover.store import open_pool
-from proxy.journal import IllegalTransition, Journal, WriterConnection, WriteSession
-from proxy.sealing import DATASET_WIDE, Namer, Sealer
+from bascule.sealing import DATASET_WIDE, Namer, Sealer
+from bascule.state.journal import Journal
+from bascule.state.journal.entries import IllegalTransition
+from bascule.state.journal.guard import RaceGuard
+from bascule.state.journal.writes import WriterConnection, WriteSession
+from bascule.state.postgres import open_pool
 from tests.harness import migrate_state
 
 KEY = bytes(range(32))
@@ -267,8 +270,12 @@ async def test_race_guard_of_shadow_reads(journal: Journal) -> None:
     authority) at t0 and sent to the target at t1, may compare."""
     mine, whole = (R1, DATASET_WIDE), None
 
-    async def race(records: tuple[str, ...] | None, t0: float, t1: float, **kw: object) -> str:
-        return await journal.race("dcir", records, t0=t0, t1=t1, serving="source", **kw)  # type: ignore[arg-type]
+    guard = RaceGuard(journal.pool)
+
+    async def race(
+        records: tuple[str, ...] | None, t0: float, t1: float, creates: tuple[str, ...] = ()
+    ) -> str:
+        return await guard.race("dcir", records, t0=t0, t1=t1, serving="source", creates=creates)
 
     t = await db_now(journal)
     assert await race(mine, t, t) == "clear"
@@ -290,7 +297,7 @@ async def test_race_guard_of_shadow_reads(journal: Journal) -> None:
     assert await race(whole, t0, t1) == "raced"
     await journal.applied(other)
     assert await race(whole, t0, t1) == "raced"  # applied, but decided after t0
-    assert await journal.race("pmsi", whole, t0=t0, t1=t1, serving="source") == "clear"
+    assert await guard.race("pmsi", whole, t0=t0, t1=t1, serving="source") == "clear"
 
     # A write of record 1 in flight (no outcome yet) or decided after t0: raced, even applied.
     t2 = await db_now(journal)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cutover.stages import Stage
-from proxy.plan import Side, alters_writes, plan
+from bascule.stages import Side, Stage, alters_writes
+from proxy.plan import plan
 
 S, T = Side.SOURCE, Side.TARGET
 

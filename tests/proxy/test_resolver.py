@@ -18,9 +18,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from cutover.stages import Stage
+from bascule.sealing import DATASET_WIDE
+from bascule.stages import Stage
 from proxy.resolver import ORPHANED
-from proxy.sealing import DATASET_WIDE
 from tests.conftest import Ground
 from tests.harness import AUTH, dcir_record, relay
 from tests.proxy.test_dualwrite import World, make_world, table_digest

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.sealing import DATASET_WIDE, Namer, Sealer, SealError, lock_id
+from bascule.sealing import DATASET_WIDE, Namer, Sealer, SealError, lock_id
 
 KEY = bytes(range(32))
 

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from bascule.errors import ConfigError, UsageError
-from bascule.stores import free_port
+from bascule.state.servers import free_port
 from refapi import cli
 from tests.refapi.conftest import RESEARCHER, SERVICE
 

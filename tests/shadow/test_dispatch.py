@@ -18,11 +18,12 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bascule.app.replica import Replica
 from bascule.config import Secrets
+from bascule.stages import Stage
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
-from cutover.stages import Stage
-from cutover.store import StageStore, open_pool
-from proxy.app import Replica
 from refapi.seed import seed_database
 from shadow.dispatch import Dispatcher
 from shadow.ledger import divergence

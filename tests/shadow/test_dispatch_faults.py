@@ -22,8 +22,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bascule import telemetry
-from bascule.stores import EmbeddedRedis
-from cutover.stages import Stage
+from bascule.stages import Stage
+from bascule.state.servers import EmbeddedRedis
 from tests.harness import AUTH, cli_env, run_cli, serve_app
 from tests.shadow.test_dispatch import World, get, make_world
 

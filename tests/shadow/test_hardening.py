@@ -45,13 +45,15 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from bascule.app.replica import Replica
 from bascule.config import Secrets
 from bascule.errors import StoreError
-from cutover.stages import Side, Stage
-from cutover.store import StageStore, open_pool
-from proxy.app import Replica
-from proxy.journal import Journal
-from proxy.sealing import DATASET_WIDE, Namer, Sealer
+from bascule.sealing import DATASET_WIDE, Namer, Sealer
+from bascule.stages import Side, Stage
+from bascule.state.journal import Journal
+from bascule.state.journal.guard import RaceGuard
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
 from refapi.seed import seed_database
 from shadow import dispatch, ledger
 from shadow.compare import Answer
@@ -601,7 +603,7 @@ async def _timed_race(journal: Journal, records: tuple[str, ...] | None, t0: flo
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        await journal.race("dcir", records, t0=t0, t1=t0, serving="source")
+        await RaceGuard(journal.pool).race("dcir", records, t0=t0, t1=t0, serving="source")
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -634,7 +636,7 @@ async def test_f8_record_guard_stays_indexed_after_dataset_wide_guards(
     try:
         busy = Journal(other, journal.sealer, replica="redteam-2")
         for _ in range(6):  # its first guards were of dataset-wide reads (a list, a query)
-            await busy.race("dcir", None, t0=t0, t1=t0, serving="source")
+            await RaceGuard(busy.pool).race("dcir", None, t0=t0, t1=t0, serving="source")
         after = await _timed_race(busy, mine, t0)
     finally:
         await other.close()

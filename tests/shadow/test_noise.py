@@ -22,22 +22,17 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.config import CompareRules
 from bascule.errors import Refused, UnknownDataset, UnknownProposal, UsageError
+from bascule.state.fleet import RedisAnnouncer
+from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
-from cutover.admin import AdminDeps, create_admin_app
-from cutover.fleet import RedisAnnouncer
-from cutover.store import StageStore
 from shadow.compare import Answer, Rules, compare, compile_rules
 from shadow.diff import PLAIN_NAME
-from shadow.noise import (
-    NoiseStore,
-    Observation,
-    channel,
-    covers_document,
-    merge,
-    observe,
-)
+from shadow.noise import Observation, covers_document, merge, observe
+from shadow.noise_news import channel
+from shadow.noise_store import NoiseStore
 from shadow.pointers import WILDCARD, parse_pointer
 from tests.cutover.test_admin_and_cli import arun, call
 from tests.harness import OPERATOR_TOKEN, VIEWER_TOKEN, cli_env, closed_port_url, run_cli, serve_app

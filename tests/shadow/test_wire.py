@@ -12,7 +12,7 @@ import pytest
 from multidict import CIMultiDict, istr
 
 from bascule.config import Secrets
-from cutover.stages import Side
+from bascule.stages import Side
 from shadow.compare import Answer
 from shadow.diff import Diff, Difference
 from shadow.dispatch import Job

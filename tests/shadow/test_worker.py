@@ -20,8 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from cutover.stages import Stage
-from cutover.store import open_pool
+from bascule.stages import Stage
+from bascule.state.postgres import open_pool
 from shadow import link as link_module
 from shadow.ledger import Ledger
 from shadow.link import ShadowLink

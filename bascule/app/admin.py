@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from bascule import checks
+from bascule.checks import check_name, check_text
 from bascule.errors import (
     BasculeError,
     Refused,
@@ -26,15 +28,17 @@ from bascule.errors import (
     UnknownStage,
     UsageError,
 )
-from cutover import controller, replicas
-from cutover.controller import Announcer, check_name, check_text
-from cutover.fleet import StageView
-from cutover.stages import GapOpen, Side, Stage
-from cutover.store import StageStore
+from bascule.stages import GapOpen, Side, Stage
+from bascule.state import replicas
+from bascule.state.fleet import StageView
+from bascule.state.journal import queries
+from bascule.state.journal.entries import IllegalTransition
+from bascule.state.stage_store import StageStore
+from cutover import controller
+from cutover.controller import Announcer
 from cutover.switch import Switcher
-from proxy import journal
 from shadow import ledger
-from shadow.noise import NoiseStore, pairs_needed
+from shadow.noise_store import NoiseStore, pairs_needed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -120,11 +124,11 @@ async def readyz(request: web.Request) -> web.Response:
 async def list_datasets(request: web.Request) -> web.Response:
     store = request.app[DEPS].store
     rows = await store.all()
-    counts = await journal.backlog(store.pool)
+    counts = await queries.backlog(store.pool)
     return json_response(
         {
             "datasets": [
-                {**rows[n].as_json(), **counts.get(n, journal.EMPTY_BACKLOG)} for n in sorted(rows)
+                {**rows[n].as_json(), **counts.get(n, queries.EMPTY_BACKLOG)} for n in sorted(rows)
             ]
         }
     )
@@ -308,10 +312,10 @@ _LISTED_STATES = {
 @_requires("viewer")
 async def journal_status(request: web.Request) -> web.Response:
     store = request.app[DEPS].store
-    counts = await journal.backlog(store.pool)
+    counts = await queries.backlog(store.pool)
     names = sorted(await store.names())
     return json_response(
-        {"journal": [{"dataset": n, **counts.get(n, journal.EMPTY_BACKLOG)} for n in names]}
+        {"journal": [{"dataset": n, **counts.get(n, queries.EMPTY_BACKLOG)} for n in names]}
     )
 
 
@@ -326,7 +330,7 @@ async def journal_entries(request: web.Request) -> web.Response:
         dataset, limit = _dataset_and_limit(request)
     except ValueError as exc:
         return json_error(400, "bad_request", str(exc) or "limit must be a whole number")
-    rows = await journal.listing(request.app[DEPS].store.pool, state, dataset, limit)
+    rows = await queries.listing(request.app[DEPS].store.pool, state, dataset, limit)
     return json_response({"entries": rows})
 
 
@@ -342,7 +346,7 @@ async def journal_retry(request: web.Request) -> web.Response:
     except UsageError as exc:
         return json_error(400, "bad_request", str(exc))
     try:
-        count = await journal.retry(request.app[DEPS].store.pool, seq, all_dead=all_dead)
+        count = await queries.retry(request.app[DEPS].store.pool, seq, all_dead=all_dead)
     except StoreError as exc:
         return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
     if seq is not None and count == 0:
@@ -359,19 +363,19 @@ async def journal_skip(request: web.Request) -> web.Response:
     seq = int(raw_seq)
     try:
         body = await _body(request)
-        reason = controller.require_reason(_text(body, "reason"))
+        reason = checks.require_reason(_text(body, "reason"))
         on_behalf_of = _text(body, "by")
         details = {"via": "admin-api"}
         if on_behalf_of and on_behalf_of != identity:
             details["on_behalf_of"] = check_text("by", on_behalf_of)
-        dataset = await journal.skip(
+        dataset = await queries.skip(
             request.app[DEPS].store.pool, seq, actor=identity, reason=reason, details=details
         )
     except ValueError as exc:  # UsageError is one
         return json_error(400, "bad_request", str(exc))
     except Refused as exc:
         return json_error(409, "refused", str(exc))
-    except journal.IllegalTransition as exc:
+    except IllegalTransition as exc:
         return json_error(409, "refused", str(exc))
     except StoreError as exc:
         return json_error(503, "state_unavailable", f"nothing was changed: {exc}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from cutover.store import reaching_postgres
+from bascule.state.postgres import reaching_postgres
 
 
 @dataclass(frozen=True)

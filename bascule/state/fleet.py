@@ -22,10 +22,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bascule.errors import StoreError
+from bascule.stages import Stage
+from bascule.state import replicas
+from bascule.state.stage_store import StageRow, StageStore
 from bascule.tasks import spawn
-from cutover import replicas
-from cutover.stages import Stage
-from cutover.store import StageRow, StageStore
 
 log = logging.getLogger("bascule.fleet")
 
@@ -108,7 +108,8 @@ class StageView:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.replica = replica
-        """This replica's name: set, it reports the versions it runs (``cutover/replicas.py``)."""
+        """This replica's name: set, it reports the versions it runs
+        (``bascule/state/replicas.py``)."""
         self.report_lease = max(3 * poll_interval, 2.0)
 
     async def start(self) -> None:

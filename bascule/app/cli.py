@@ -27,18 +27,21 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bascule import schema
+from bascule import checks
 from bascule.config import Config, load_config
 from bascule.errors import Refused, StoreError, UsageError
-from bascule.stores import provide_stores
-from cutover import controller, replicas
-from cutover.fleet import RedisAnnouncer
-from cutover.stages import Side, Stage
-from cutover.store import StageStore, open_pool, reaching_postgres, schema_check
+from bascule.stages import Side, Stage
+from bascule.state import replicas, schema
+from bascule.state.fleet import RedisAnnouncer
+from bascule.state.journal import queries
+from bascule.state.journal.entries import IllegalTransition
+from bascule.state.postgres import open_pool, reaching_postgres, schema_check
+from bascule.state.servers import provide_stores
+from bascule.state.stage_store import StageStore
+from cutover import controller
 from cutover.switch import Switcher, switcher_for
-from proxy import journal
 from shadow import ledger
-from shadow.noise import NoiseStore, noise_pairs, pairs_needed
+from shadow.noise_store import NoiseStore, noise_pairs, pairs_needed
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -258,8 +261,8 @@ class DirectClient:
 
     async def datasets(self) -> list[dict[str, Any]]:
         rows = await self.store.all()
-        counts = await journal.backlog(self.store.pool)
-        return [{**rows[n].as_json(), **counts.get(n, journal.EMPTY_BACKLOG)} for n in sorted(rows)]
+        counts = await queries.backlog(self.store.pool)
+        return [{**rows[n].as_json(), **counts.get(n, queries.EMPTY_BACKLOG)} for n in sorted(rows)]
 
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         return [r.as_json() for r in await self.store.history(dataset, limit)]
@@ -268,7 +271,7 @@ class DirectClient:
         return [r.as_json() for r in await replicas.listing(self.store.pool)]
 
     async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
-        await self.store.get(controller.check_name(dataset))  # UnknownDataset names the known ones
+        await self.store.get(checks.check_name(dataset))  # UnknownDataset names the known ones
         start = datetime.now(UTC) - timedelta(seconds=since)
         return {
             "divergence": await ledger.divergence(self.store.pool, dataset, start),
@@ -321,21 +324,21 @@ class DirectClient:
         return closed.as_json()
 
     async def journal_status(self) -> dict[str, dict[str, Any]]:
-        counts = await journal.backlog(self.store.pool)
-        return {n: counts.get(n, journal.EMPTY_BACKLOG) for n in await self.store.names()}
+        counts = await queries.backlog(self.store.pool)
+        return {n: counts.get(n, queries.EMPTY_BACKLOG) for n in await self.store.names()}
 
     async def journal_list(
         self, state: str, dataset: str | None, limit: int
     ) -> list[dict[str, Any]]:
-        return await journal.listing(self.store.pool, state, dataset, limit)
+        return await queries.listing(self.store.pool, state, dataset, limit)
 
     async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
-        return await journal.retry(self.store.pool, seq, all_dead=all_dead)
+        return await queries.retry(self.store.pool, seq, all_dead=all_dead)
 
     async def journal_skip(self, seq: int, by: str, reason: str) -> str:
         try:
-            return await journal.skip(self.store.pool, seq, actor=by, reason=reason)
-        except journal.IllegalTransition as exc:
+            return await queries.skip(self.store.pool, seq, actor=by, reason=reason)
+        except IllegalTransition as exc:
             raise Refused(str(exc)) from None
 
 
@@ -669,8 +672,8 @@ def _report_dry_run(args: argparse.Namespace, result: dict[str, Any]) -> int:
 
 
 async def _gap_close(args: argparse.Namespace) -> int:
-    reason = controller.require_reason(args.reason)
-    controller.check_actor(args.by)
+    reason = checks.require_reason(args.reason)
+    checks.check_actor(args.by)
     async with client_for(args, change=True) as client:
         closed = await client.gap_close(args.dataset, args.side, args.by, reason)
     _say(
@@ -733,8 +736,8 @@ async def _noise(args: argparse.Namespace) -> int:
             f"name the pointer to {args.action}: "
             f"bascule noise DATASET {args.action} POINTER --reason TEXT"
         )
-    reason = controller.require_reason(args.reason)
-    controller.check_actor(args.by)
+    reason = checks.require_reason(args.reason)
+    checks.check_actor(args.by)
     async with client_for(args, change=True) as client:
         result = await client.noise_decide(
             args.dataset, args.pointer, args.action == "accept", args.by, reason, args.route
@@ -844,7 +847,7 @@ async def _journal_status(args: argparse.Namespace) -> int:
         if args.dataset not in names:
             raise Refused(f"unknown dataset {args.dataset!r}")
         names = [args.dataset]
-    rows = [{"dataset": n, **counts.get(n, journal.EMPTY_BACKLOG)} for n in names]
+    rows = [{"dataset": n, **counts.get(n, queries.EMPTY_BACKLOG)} for n in names]
     if args.json:
         _print_json({"journal": rows})
         return 0
@@ -917,8 +920,8 @@ async def _journal_retry(args: argparse.Namespace) -> int:
 
 
 async def _journal_skip(args: argparse.Namespace) -> int:
-    reason = controller.require_reason(args.reason)
-    controller.check_text("by", args.by)
+    reason = checks.require_reason(args.reason)
+    checks.check_text("by", args.by)
     async with client_for(args, change=True) as client:
         dataset = await client.journal_skip(args.seq, args.by, reason)
     _say(

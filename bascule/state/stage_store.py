@@ -7,18 +7,18 @@ of a change that did not happen.
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from bascule import schema
-from bascule.errors import BasculeError, StaleVersion, StoreError, UnknownDataset
-from cutover.stages import Side, Stage, alters_writes, check_gap_close, opens_gaps
+from bascule.errors import StaleVersion, UnknownDataset
+from bascule.stages import Side, Stage, alters_writes, check_gap_close, opens_gaps
+from bascule.state import audit
+from bascule.state.audit import AuditRow
+from bascule.state.postgres import reaching_postgres
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ class StageRow:
     updated_by: str
     reason: str
     write_epoch: int = 1
-    """Bumped by every change that alters writes (see :func:`cutover.stages.alters_writes`)."""
+    """Bumped by every change that alters writes (see :func:`bascule.stages.alters_writes`)."""
     gap_source_since: datetime | None = None
     gap_target_since: datetime | None = None
     """Since when each side has missed writes; None: no open gap."""
@@ -54,38 +54,6 @@ class StageRow:
                 side.value: (self.gaps[side].isoformat() if side in self.gaps else None)
                 for side in Side
             },
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRow:
-    id: int
-    at: datetime
-    dataset: str
-    action: str
-    actor: str
-    from_stage: str | None
-    to_stage: str | None
-    from_version: int | None
-    to_version: int | None
-    reason: str
-    forced: bool
-    details: dict[str, Any]
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "at": self.at.isoformat(),
-            "dataset": self.dataset,
-            "action": self.action,
-            "actor": self.actor,
-            "from_stage": self.from_stage,
-            "to_stage": self.to_stage,
-            "from_version": self.from_version,
-            "to_version": self.to_version,
-            "reason": self.reason,
-            "forced": self.forced,
-            "details": self.details,
         }
 
 
@@ -118,40 +86,6 @@ def _stage_row(rec: asyncpg.Record) -> StageRow:
         rec["gap_source_since"],
         rec["gap_target_since"],
     )
-
-
-def _audit_row(rec: asyncpg.Record) -> AuditRow:
-    return AuditRow(**{**dict(rec), "details": json.loads(rec["details"])})
-
-
-UNREACHABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    # A pooled connection caught mid-operation by a server restart can be left in a state
-    # asyncpg reports this way; to the caller it is the same: the store is not usable now.
-    asyncpg.InternalClientError,
-)
-
-
-@contextlib.asynccontextmanager
-async def reaching_postgres() -> AsyncIterator[None]:
-    """Turn the many ways a connection fails into one :class:`StoreError`."""
-    try:
-        yield
-    except BasculeError:
-        raise  # ours already say what is wrong (SchemaError is a ConnectionError too)
-    except UNREACHABLE as exc:
-        raise StoreError(f"the state Postgres is unreachable ({type(exc).__name__})") from exc
-    except asyncpg.PostgresError as exc:
-        # Too many clients, a cancelled statement, a crash restart, a bad password: to the
-        # caller these all mean the state store cannot be used right now.
-        raise StoreError(
-            f"the state Postgres refused the operation ({type(exc).__name__})"
-        ) from exc
 
 
 class StageStore:
@@ -190,18 +124,14 @@ class StageStore:
                     actor,
                 )
                 if rec is not None:
-                    await _audit(
+                    await audit.record(
                         conn,
                         name,
                         "register",
-                        actor,
-                        None,
-                        "source",
-                        None,
-                        1,
-                        "registered from the configuration",
-                        False,
-                        {},
+                        actor=actor,
+                        reason="registered from the configuration",
+                        to_stage="source",
+                        to_version=1,
                     )
                     added.append(name)
         return added
@@ -255,18 +185,18 @@ class StageStore:
                 recorded["write_epoch"] = rec["write_epoch"]
             if opened:
                 recorded["gaps_opened"] = sorted(side.value for side in opened)
-            await _audit(
+            await audit.record(
                 conn,
                 dataset,
                 action,
-                actor,
-                before["stage"],
-                to.value,
-                expected_version,
-                rec["version"],
-                reason,
-                forced,
-                recorded,
+                actor=actor,
+                reason=reason,
+                from_stage=before["stage"],
+                to_stage=to.value,
+                from_version=expected_version,
+                to_version=rec["version"],
+                forced=forced,
+                details=recorded,
             )
             return _stage_row(rec)
 
@@ -294,18 +224,13 @@ class StageStore:
                 dataset,
             )
             assert rec is not None  # locked FOR UPDATE above
-            await _audit(
+            await audit.record(
                 conn,
                 dataset,
                 "gap-close",
-                actor,
-                None,
-                None,
-                None,
-                None,
-                reason,
-                False,
-                {
+                actor=actor,
+                reason=reason,
+                details={
                     **(details or {}),
                     "side": side.value,
                     "since": since.isoformat(),
@@ -316,81 +241,4 @@ class StageStore:
             return _stage_row(rec), since
 
     async def history(self, dataset: str | None = None, limit: int = 100) -> list[AuditRow]:
-        async with reaching_postgres():
-            rows = await self.pool.fetch(
-                "SELECT * FROM bascule_audit WHERE ($1::text IS NULL OR dataset = $1)"
-                " ORDER BY id DESC LIMIT $2",
-                dataset,
-                limit,
-            )
-        return [_audit_row(r) for r in reversed(rows)]
-
-
-async def _audit(
-    conn: schema.Conn,
-    dataset: str,
-    action: str,
-    actor: str,
-    from_stage: str | None,
-    to_stage: str | None,
-    from_version: int | None,
-    to_version: int | None,
-    reason: str,
-    forced: bool,
-    details: Mapping[str, Any],
-) -> None:
-    await conn.execute(
-        "INSERT INTO bascule_audit (dataset, action, actor, from_stage, to_stage, from_version,"
-        " to_version, reason, forced, details) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb)",
-        dataset,
-        action,
-        actor,
-        from_stage,
-        to_stage,
-        from_version,
-        to_version,
-        reason,
-        forced,
-        json.dumps(dict(details)),
-    )
-
-
-class StatelessConnection(asyncpg.Connection):
-    """A session that only ever runs self-contained statements (no SET, LISTEN, prepared
-    state of its own): handing it back to its pool needs no reset round trip (asyncpg's
-    ``RESET ALL; UNLISTEN *; ...`` on every release)."""
-
-    def get_reset_query(self) -> str:
-        return ""
-
-
-async def open_pool(
-    url: str,
-    *,
-    max_size: int = 10,
-    connection_class: type[asyncpg.Connection] = asyncpg.Connection,
-    application_name: str | None = None,
-) -> asyncpg.Pool:
-    """A pool on the state database that fails fast when Postgres is away (no 60 s hangs).
-
-    ``min_size=0``: creating the pool connects nothing, so a replica can start, and keep
-    serving on its last known stages, while Postgres is unreachable.
-    """
-    pool = asyncpg.create_pool(
-        url,
-        min_size=0,
-        max_size=max_size,
-        timeout=2.0,
-        command_timeout=5.0,
-        max_inactive_connection_lifetime=60.0,
-        connection_class=connection_class,
-        server_settings={"application_name": application_name} if application_name else None,
-    )
-    async with reaching_postgres():
-        return await pool
-
-
-async def schema_check(pool: asyncpg.Pool) -> None:
-    """Refuse to run on an unmigrated or newer state schema (the error says what to run)."""
-    async with reaching_postgres(), pool.acquire() as conn:
-        await schema.check(conn)
+        return await audit.history(self.pool, dataset, limit)

@@ -1,8 +1,8 @@
 """bascule's own state schema: versioned SQL migrations, applied by ``bascule migrate``.
 
-Migrations are the files ``bascule/migrations/NNNN_name.sql``, applied in order, each in its own
-transaction, under an advisory lock so two ``migrate`` runs cannot interleave. Processes that use
-the state check the version at start-up and refuse an unmigrated or newer schema.
+Migrations are the files ``bascule/state/migrations/NNNN_name.sql``, applied in order, each in
+its own transaction, under an advisory lock so two ``migrate`` runs cannot interleave. Processes
+that use the state check the version at start-up and refuse an unmigrated or newer schema.
 """
 
 from __future__ import annotations

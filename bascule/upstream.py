@@ -10,7 +10,7 @@ import ssl
 from urllib.parse import urlsplit
 
 from bascule.config import Backend
-from proxy.http1 import Headers, Pool, Response, _Connection
+from bascule.http1 import Headers, Pool, Response, _Connection
 
 
 class Upstream:

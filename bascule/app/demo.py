@@ -31,7 +31,7 @@ from rich.table import Table
 from bascule.config import Config, load_config
 from bascule.errors import UsageError
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.stores import StoreEndpoints, create_database, provide_stores, redact_url
+from bascule.state.servers import StoreEndpoints, create_database, provide_stores, redact_url
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "bascule.example.toml"
 VOLATILE = ("served_at",)

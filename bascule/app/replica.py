@@ -17,28 +17,30 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from bascule import telemetry
+from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.config import Backend, Config, Secrets, load_config
 from bascule.errors import UsageError
-from bascule.stores import provide_stores
+from bascule.sealing import Namer, Sealer
+from bascule.stages import Side
+from bascule.state.fleet import RedisAnnouncer, StageView
+from bascule.state.journal import Journal
+from bascule.state.journal.writes import WriterConnection
+from bascule.state.postgres import open_pool, schema_check
+from bascule.state.servers import provide_stores
+from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
-from cutover.admin import AdminDeps, create_admin_app
-from cutover.fleet import RedisAnnouncer, StageView
-from cutover.store import StageStore, open_pool, schema_check
+from bascule.upstream import Upstream
 from cutover.switch import switcher_for
 from proxy.dualwrite import DualWriter
 from proxy.forward import Forwarder
-from proxy.journal import Journal, WriterConnection
-from proxy.plan import Side
 from proxy.replayer import Replayer
 from proxy.resolver import Resolver
 from proxy.routing import Router
-from proxy.sealing import Namer, Sealer
 from proxy.server import Server
-from proxy.upstream import Upstream
 from shadow.dispatch import Dispatcher
 from shadow.ledger import Ledger
 from shadow.link import ShadowLink
-from shadow.noise import NoiseStore, noise_pairs
+from shadow.noise_store import NoiseStore, noise_pairs
 from shadow.reads import open_dispatcher
 
 log = logging.getLogger("bascule.proxy")

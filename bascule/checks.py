@@ -1,0 +1,40 @@
+"""Operator input checks: names, free text and reasons, refused before any SQL or audit."""
+
+from __future__ import annotations
+
+import re
+
+from bascule.errors import UsageError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def check_name(dataset: str) -> str:
+    """A dataset name as the configuration allows them, or UsageError (before any SQL)."""
+    if not _NAME.match(dataset):
+        raise UsageError(
+            "a dataset name is lower-case letters, digits, '-' and '_', starting with a letter"
+        )
+    return dataset
+
+
+def check_text(what: str, text: str) -> str:
+    """Free text for the audit: any printable text, no control characters, bounded."""
+    if _CONTROL.search(text):
+        raise UsageError(f"{what}: control characters are not allowed")
+    if len(text) > 2000:
+        raise UsageError(f"{what}: at most 2000 characters")
+    return text
+
+
+def require_reason(reason: str | None) -> str:
+    if reason is None or not reason.strip():
+        raise UsageError("a reason is required (--reason TEXT): it goes into the audit trail")
+    return check_text("reason", reason.strip())
+
+
+def check_actor(actor: str) -> str:
+    if not actor.strip():
+        raise UsageError("who makes the change must be named (--by)")
+    return check_text("by", actor)

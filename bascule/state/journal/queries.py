@@ -1,0 +1,138 @@
+"""What SREs and the authority switch ask of the journal: backlogs, listings, retry and skip,
+orphans; and the purge of settled entries past their retention.
+
+None of these opens a body: entries are listed by their metadata only, with record tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from bascule.state import audit
+from bascule.state.journal.entries import OPEN, ORPHANED, IllegalTransition
+from bascule.state.postgres import reaching_postgres
+
+
+async def backlog(pool: asyncpg.Pool) -> dict[str, dict[str, Any]]:
+    """Per dataset: backlog (intent + pending), oldest pending age, in doubt, dead."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT dataset,"
+            " count(*) FILTER (WHERE state IN ('intent', 'pending')) AS backlog,"
+            " extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending'))"
+            "   AS oldest_pending_seconds,"
+            " count(*) FILTER (WHERE state = 'in_doubt') AS in_doubt,"
+            " count(*) FILTER (WHERE state = 'dead') AS dead"
+            " FROM bascule_journal WHERE state = ANY($1::text[]) GROUP BY dataset",
+            list(OPEN),
+        )
+    return {
+        r["dataset"]: {
+            "backlog": r["backlog"],
+            "oldest_pending_seconds": (
+                round(float(r["oldest_pending_seconds"]), 3)
+                if r["oldest_pending_seconds"] is not None
+                else None
+            ),
+            "in_doubt": r["in_doubt"],
+            "dead": r["dead"],
+        }
+        for r in rows
+    }
+
+
+EMPTY_BACKLOG: dict[str, Any] = {
+    "backlog": 0,
+    "oldest_pending_seconds": None,
+    "in_doubt": 0,
+    "dead": 0,
+}
+
+
+async def listing(
+    pool: asyncpg.Pool, state: str, dataset: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Entries in ``state``: what SREs see (never a body: those stay sealed)."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT seq, dataset, record, route, method, authority, state, status, attempts,"
+            " last_error, created_at FROM bascule_journal"
+            " WHERE state = $1 AND ($2::text IS NULL OR dataset = $2) ORDER BY seq LIMIT $3",
+            state,
+            dataset,
+            limit,
+        )
+    return [
+        {**dict(r), "record": r["record"][:12], "created_at": r["created_at"].isoformat()}
+        for r in rows
+    ]
+
+
+async def retry(pool: asyncpg.Pool, seq: int | None, *, all_dead: bool = False) -> int:
+    """Send dead entries (one, or all) back to the replayer; return how many."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "UPDATE bascule_journal SET state = 'pending', attempts = 0, next_attempt_at = now()"
+            " WHERE state = 'dead' AND ($1::bigint IS NULL OR seq = $1) AND ($2 OR seq = $1)"
+            " RETURNING seq",
+            seq,
+            all_dead,
+        )
+    return len(rows)
+
+
+async def skip(
+    pool: asyncpg.Pool,
+    seq: int,
+    *,
+    actor: str,
+    reason: str,
+    details: dict[str, str] | None = None,
+) -> str:
+    """Give up replaying an entry, audited in the same transaction; return its dataset."""
+    async with reaching_postgres(), pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE bascule_journal SET state = 'skipped', applied_at = now()"
+            " WHERE seq = $1 AND state IN ('pending', 'in_doubt', 'dead')"
+            " RETURNING dataset, state",
+            seq,
+        )
+        if row is None:
+            raise IllegalTransition(
+                f"journal entry {seq} does not exist or is not pending, in doubt or dead"
+            )
+        await audit.record(
+            conn,
+            row["dataset"],
+            "journal-skip",
+            actor=actor,
+            reason=reason,
+            details={**(details or {}), "seq": seq},
+        )
+        return str(row["dataset"])
+
+
+async def purge(pool: asyncpg.Pool, retention_seconds: float) -> int:
+    """Delete settled entries older than the retention period; return how many."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "DELETE FROM bascule_journal WHERE seq IN (SELECT seq FROM bascule_journal"
+            " WHERE state IN ('applied', 'rejected', 'skipped')"
+            " AND coalesce(applied_at, decided_at, created_at)"
+            "   < now() - make_interval(secs => $1) LIMIT 10000) RETURNING seq",
+            retention_seconds,
+        )
+    return len(rows)
+
+
+async def orphan_count(pool: asyncpg.Pool, dataset: str) -> int:
+    """How many of ``dataset``'s writes were left by a writer whose session has ended before
+    recording their outcome (whatever their age: the resolver settles them after a grace)."""
+    async with reaching_postgres():
+        found: int = await pool.fetchval(
+            f"SELECT count(*) FROM bascule_journal j WHERE j.dataset = $1 AND {ORPHANED}",
+            dataset,
+        )
+    return found

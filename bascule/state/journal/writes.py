@@ -1,0 +1,286 @@
+"""A write's session: the dataset's fence and the record locks, its intent and its outcome.
+
+A write in a dual-write stage runs inside :meth:`WriteLocks.locked`: a dedicated session holds
+the dataset's write fence (shared) and the record's advisory lock (the dataset's, for a write
+that names no record) from before the intent until the outcome is recorded. So, for one record,
+sequence numbers are allocated in lock order. The plan (stage, version, write epoch) is read
+under the fence, in the statement that commits the intent; a change that alters writes takes
+the fence exclusively (``cutover/switch.py``). If the writer's session ends, its locks go with
+it and its unsettled entry is an orphan at once (:data:`~bascule.state.journal.entries.ORPHANED`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from bascule.errors import RecordBusy, StoreError
+from bascule.sealing import DATASET_WIDE, fence_id, lock_id
+from bascule.stages import Stage, authority
+from bascule.state.journal.core import JournalCore
+from bascule.state.journal.entries import (
+    AUTHORITY_SQL,
+    JOURNALED_STAGES,
+    IllegalTransition,
+    State,
+)
+from bascule.state.postgres import reaching_postgres
+
+
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """A write's plan as read under its dataset's fence."""
+
+    stage: str
+    version: int
+    epoch: int
+    seq: int | None
+    """The journal entry of its intent; None in a stage that writes one side only."""
+
+
+class WriterConnection(asyncpg.Connection):
+    """A writer's session. Its locks are released by the outcome statement itself, or the
+    session is ended on failure (:meth:`Journal.locked`), and it holds no other state: handing
+    it back to the pool needs no reset round trip (asyncpg's ``RESET ALL; UNLISTEN *; ...``)."""
+
+    _started: datetime | None = None
+
+    async def backend_start(self) -> datetime:
+        """When this session's backend started: with its pid, what names the writer of an
+        entry (a pid alone can be reused). Read once per session, not in every intent."""
+        if self._started is None:
+            self._started = await _read_backend_start(self)
+        return self._started
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
+class WriteSession:
+    """The session holding a write's record locks; intents are committed through it."""
+
+    def __init__(self, journal: JournalCore, conn: Any, dataset: str) -> None:
+        self.journal = journal
+        self.conn = conn
+        self.dataset = dataset
+        self.unlocked = False
+        """Set once the outcome statement has released the locks."""
+
+    async def intent(
+        self,
+        *,
+        record: str,
+        route: str,
+        method: str,
+        authority: str,
+        stage_version: int,
+        request: dict[str, Any],
+        write_epoch: int | None = None,
+    ) -> int:
+        """Commit the intent of a write with the plan given (tests and tools; the write path
+        uses :meth:`plan`, which reads it under the fence); return its sequence number."""
+        sealed = self._sealed(request)
+        async with reaching_postgres():
+            started = await _backend_start(self.conn)
+            seq: int = await self.conn.fetchval(
+                "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
+                " stage_version, writer, writer_pid, writer_started, state, request, write_epoch)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'intent', $10, $11) RETURNING seq",
+                self.dataset,
+                record,
+                route,
+                method,
+                authority,
+                stage_version,
+                self.journal.replica,
+                self.conn.get_server_pid(),
+                started,
+                sealed,
+                write_epoch,
+            )
+        return seq
+
+    def _sealed(self, request: dict[str, Any]) -> bytes:
+        return self.journal.sealer.seal(
+            json.dumps(request, separators=(",", ":")).encode(),
+            dataset=self.dataset,
+            field="request",
+        )
+
+    async def plan(
+        self,
+        *,
+        record: str,
+        route: str,
+        method: str,
+        request: Callable[[], dict[str, Any]],
+        expect_journal: bool = True,
+    ) -> Fenced:
+        """Read the dataset's stage under the fence this session holds and, in a dual-write
+        stage, commit the write's intent — in one statement. Under the fence, no change that
+        alters writes can commit until this write's outcome is recorded.
+
+        ``expect_journal``: this replica's view says the stage journals writes. When it says
+        not, the request is neither built nor sent to Postgres (a body of up to
+        ``max_body_bytes`` for nothing); should the stage read under the fence journal it
+        after all (the view was behind), the intent follows in a second statement."""
+        if not expect_journal:
+            async with reaching_postgres():
+                stage = await self.conn.fetchrow(
+                    "SELECT stage, version, write_epoch FROM bascule_stage WHERE dataset = $1",
+                    self.dataset,
+                )
+            if stage is None:
+                raise StoreError(f"no stage is recorded for dataset {self.dataset!r}")
+            seq = None
+            if stage["stage"] in JOURNALED_STAGES:
+                seq = await self.intent(
+                    record=record,
+                    route=route,
+                    method=method,
+                    authority=authority(Stage(stage["stage"])).value,
+                    stage_version=stage["version"],
+                    request=request(),
+                    write_epoch=stage["write_epoch"],
+                )
+            return Fenced(stage["stage"], stage["version"], stage["write_epoch"], seq)
+        sealed = self._sealed(request())
+        async with reaching_postgres():
+            started = await _backend_start(self.conn)
+            row = await self.conn.fetchrow(
+                "WITH s AS (SELECT stage, version, write_epoch FROM bascule_stage"
+                "   WHERE dataset = $1),"
+                " ins AS (INSERT INTO bascule_journal (dataset, record, route, method, authority,"
+                "   stage_version, write_epoch, writer, writer_pid, writer_started, state,"
+                "   request)"
+                "   SELECT $1, $2, $3, $4,"
+                f"     {AUTHORITY_SQL},"
+                "     s.version, s.write_epoch, $5, $6, $7, 'intent', $8"
+                "   FROM s WHERE s.stage = ANY($9::text[])"
+                "   RETURNING seq)"
+                " SELECT s.stage, s.version, s.write_epoch, (SELECT seq FROM ins) AS seq FROM s",
+                self.dataset,
+                record,
+                route,
+                method,
+                self.journal.replica,
+                self.conn.get_server_pid(),
+                started,
+                sealed,
+                list(JOURNALED_STAGES),
+            )
+        if row is None:
+            raise StoreError(f"no stage is recorded for dataset {self.dataset!r}")
+        return Fenced(row["stage"], row["version"], row["write_epoch"], row["seq"])
+
+    async def decide(
+        self,
+        seq: int,
+        state: State,
+        *,
+        status: int | None = None,
+        answer: bytes | None = None,
+        stage_version: int | None = None,
+        fenced: bool = False,
+    ) -> None:
+        """Record the outcome on this session, and release its locks in the same statement.
+
+        On this session: a write never needs a second connection (with every session of the
+        pool held by writers, waiting for another would deadlock). The outcome is flushed like
+        the intent: were it lost in a crash, the entry would be back at *intent* as an orphan
+        whose answer is unknown — a refused write would then look like one to settle.
+        """
+        sealed = (
+            self.journal.sealer.seal(answer, dataset=self.dataset, field="answer")
+            if answer
+            else None
+        )
+        try:
+            await self.journal._move(
+                seq,
+                state,
+                status=status,
+                answer=sealed,
+                stage_version=stage_version,
+                conn=self.conn,
+                release=True,
+                fenced=fenced,
+            )
+        except IllegalTransition:
+            self.unlocked = True  # the statement ran to its end, unlock included
+            raise
+        self.unlocked = True
+
+
+async def _read_backend_start(conn: Any) -> datetime:
+    started: datetime = await conn.fetchval(
+        "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    )
+    return started
+
+
+async def _backend_start(conn: Any) -> datetime:
+    # Through the pool's proxy, a method call reaches the connection itself (attributes set
+    # on the proxy would not).
+    if hasattr(conn, "backend_start"):
+        started: datetime = await conn.backend_start()
+        return started
+    return await _read_backend_start(conn)
+
+
+class WriteLocks(JournalCore):
+    """The fence and the record locks a write holds for its whole life."""
+
+    @contextlib.asynccontextmanager
+    async def locked(
+        self, dataset: str, records: Iterable[str], *, wait: float = 10.0
+    ) -> AsyncIterator[WriteSession]:
+        """Hold the locks of ``records`` (tokens; ``*`` for the whole dataset) for one write.
+
+        A record write holds the dataset's lock shared and its records' locks exclusively, in
+        sorted order (no deadlock between writes naming several records); a dataset-wide write
+        holds the dataset's lock exclusively. Waiting longer than ``wait`` raises StoreError.
+        """
+        wanted = sorted(set(records))
+        whole = lock_id(dataset, DATASET_WIDE)
+        # The dataset's write fence first (shared: writes do not exclude each other; a stage
+        # change that alters writes takes it exclusively), then the record locks.
+        takes = [f"SELECT pg_advisory_lock_shared({fence_id(dataset)})"]
+        if DATASET_WIDE in wanted:
+            takes.append(f"SELECT pg_advisory_lock({whole})")
+        else:
+            takes.append(f"SELECT pg_advisory_lock_shared({whole})")
+            takes += [f"SELECT pg_advisory_lock({lock_id(dataset, r)})" for r in wanted]
+        # One round trip for the timeout and every lock, taken in this order (the ids are
+        # integers computed here, never text from a request).
+        statement = "; ".join([f"SET lock_timeout = '{max(1, int(wait * 1000))}ms'", *takes])
+        async with reaching_postgres(), self.sessions.acquire() as conn:
+            session: WriteSession | None = None
+            try:
+                try:
+                    # The statement's own timeout outlasts the lock wait (the pool's default
+                    # command timeout would cut it short, as if Postgres were unreachable).
+                    await conn.execute(statement, timeout=wait + 5.0)
+                except asyncpg.LockNotAvailableError:
+                    raise RecordBusy(
+                        f"waited more than {wait:g} s for this record: another write to it, or "
+                        "a stage switch of its dataset, held it"
+                    ) from None
+                session = WriteSession(self, conn, dataset)
+                yield session
+            except BaseException:
+                # A write whose outcome could not be recorded: end the session now, so its
+                # entry is an orphan at once instead of when the pool drops the connection.
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+                raise
+            finally:
+                if session is None or not session.unlocked:
+                    with contextlib.suppress(Exception):
+                        await conn.execute("SELECT pg_advisory_unlock_all()")
