@@ -2,7 +2,9 @@
 
 The CLI (directly on the stores) and the admin API both call :func:`move`, so a change made
 either way is checked and audited the same way. A move is first *assessed* (a pure function:
-the checks and the steps a real move takes); a dry run stops there.
+the stage rules, the gap rule, and the steps a real move takes); then the switcher takes those
+steps (``cutover/switch.py``). A dry run takes the same steps with every side effect off, so
+it refuses what the real move would refuse now, and the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -18,20 +20,16 @@ from bascule.stages import (
     GapOpen,
     Side,
     Stage,
-    alters_writes,
-    authority,
     blocking_gaps,
     check_move,
     illegal,
     is_rollback,
-    opens_gaps,
     previous,
     role,
-    switches_authority,
     when,
 )
 from bascule.state.stage_store import StageRow, StageStore
-from cutover.switch import Switcher
+from cutover.switch import Switcher, planned_steps
 
 
 class Announcer(Protocol):
@@ -62,6 +60,7 @@ class Assessment:
     forced_gaps: dict[Side, datetime]
     """Open gaps that ``force`` overrides (audited)."""
     steps: tuple[str, ...]
+    """The steps a real move takes (:func:`cutover.switch.planned_steps`)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,8 @@ class MoveResult:
     """Why the move would be refused (dry runs only; a real refused move raises)."""
     forced_gaps: Mapping[Side, datetime] | None = None
     done: tuple[str, ...] = ()
-    """The steps a real move took (the fence, the barrier, confirmations), in order."""
+    """The steps a real move took (the fence, the barrier, confirmations), in order; for a dry
+    run, what each step's check found."""
     lagging: tuple[str, ...] = ()
     """Live replicas that had not confirmed the change when the wait ended."""
 
@@ -144,45 +144,9 @@ def assess(
             checks.append(Check("gaps", False, gap_refusal.why))
             refusal = refusal or gap_refusal
     legal = checks[0].ok
-    steps = planned_steps(row, wanted) if legal else ()  # an illegal move has no steps
+    # An illegal move has no steps; a legal one, those a real move takes (cutover/switch.py).
+    steps = tuple(step.text for step in planned_steps(row, wanted)) if legal else ()
     return Assessment(tuple(checks), refusal, forced, steps)
-
-
-def planned_steps(row: StageRow, wanted: Stage) -> tuple[str, ...]:
-    """The steps a real move takes, in order (DESIGN: *Fencing, and switching authority*)."""
-    d, current = row.dataset, row.stage
-    version, epoch = row.version, row.write_epoch
-    steps: list[str] = []
-    alters = alters_writes(current, wanted)
-    switch = switches_authority(current, wanted)
-    if switch:
-        new, old = authority(wanted).value, authority(current).value
-        steps.append(f"wait until the backlog of {d}'s writes toward the {new} is small")
-    if alters:
-        steps.append(
-            f"take {d}'s write fence exclusively: new writes to {d} wait (bounded; past it 503) "
-            "and writes in flight finish"
-        )
-    if switch:
-        steps.append(f"drain the backlog toward the {new} to zero")
-        steps.append(f"advance the {new}'s id sequence past every id the {old} holds")
-    commit = f"compare-and-set the stage {current.value} -> {wanted.value} (version {version} -> "
-    commit += f"{version + 1})"
-    if alters:
-        commit += f", bump the write epoch ({epoch} -> {epoch + 1})"
-    for side in sorted(opens_gaps(current, wanted)):
-        if side not in row.gaps:
-            commit += f", open the {side.value}'s gap marker (writes stop reaching it)"
-    steps.append(commit + ", with its audit row, in one transaction")
-    steps.append("announce the change on Redis (replicas also poll Postgres)")
-    if alters:
-        steps.append(
-            f"wait until every live replica has confirmed version {version + 1} (or its lease "
-            f"has expired); {d}'s writes resume under the new stage"
-        )
-    else:
-        steps.append("writes are unaffected: same authority, same sides written")
-    return tuple(steps)
 
 
 async def move(
@@ -288,16 +252,26 @@ async def _move(
 ) -> MoveResult:
     found = assess(before, wanted, force=force, illegal_move=illegal_move)
     if dry_run:
+        checks, refusal = found.checks, found.refusal
+        findings: tuple[str, ...] = ()
+        if refusal is None and switcher is not None:
+            # The same steps a real move takes, side effects off (Vitess's SwitchTraffic
+            # --dry-run): what it would meet now, it reports instead of meeting it.
+            rehearsed, refusal = await switcher.rehearse(before.dataset, before, wanted)
+            detail = str(refusal) if refusal else "; ".join(rehearsed.steps)
+            checks = (*checks, Check("switch", refusal is None, detail))
+            findings = tuple(rehearsed.steps)
         return MoveResult(
             before,
             wanted,
             None,
             False,
             dry_run=True,
-            checks=found.checks,
+            checks=checks,
             steps=found.steps,
-            refusal=None if found.refusal is None else str(found.refusal),
+            refusal=None if refusal is None else str(refusal),
             forced_gaps=found.forced_gaps,
+            done=findings,
         )
     if found.refusal is not None:
         raise found.refusal

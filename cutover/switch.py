@@ -21,17 +21,19 @@ and the refusal says which step and what was left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
 from bascule.config import Config, IdAllocation, SwitchSettings
-from bascule.errors import Refused, StoreError
+from bascule.errors import Refused, StaleVersion, StoreError
 from bascule.sealing import fence_id
-from bascule.stages import Stage, alters_writes, authority, switches_authority
+from bascule.stages import Stage, alters_writes, authority, opens_gaps, switches_authority
 from bascule.state import replicas
 from bascule.state.journal import queries
 from bascule.state.postgres import reaching_postgres
@@ -40,9 +42,98 @@ from bascule.state.stage_store import StageRow
 log = logging.getLogger("bascule.switch")
 
 
+class Do(enum.Enum):
+    """What one step of a change does (:func:`planned_steps`)."""
+
+    NO_ORPHANS = "no orphans"
+    SMALL_BACKLOG = "small backlog"
+    FENCE = "fence"
+    DRAIN = "drain"
+    ADVANCE_IDS = "advance ids"
+    COMMIT = "commit"
+    RELEASE = "release"
+    ANNOUNCE = "announce"
+    CONFIRM = "confirm"
+    UNAFFECTED = "unaffected"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    do: Do
+    text: str
+    """What a real move does, in words for an SRE."""
+
+
+def planned_steps(row: StageRow, wanted: Stage) -> tuple[Step, ...]:
+    """The steps of ``row.stage -> wanted``, in order (docs/architecture.md, *A flip*). Pure.
+
+    A real move runs exactly these (:meth:`Switcher.change`), and so does its dry run, with
+    every side effect turned off: the two cannot drift apart."""
+    d, current = row.dataset, row.stage
+    version, epoch = row.version, row.write_epoch
+    steps: list[Step] = []
+    alters = alters_writes(current, wanted)
+    switch = switches_authority(current, wanted)
+    new, old = authority(wanted).value, authority(current).value
+    if alters:
+        steps.append(
+            Step(
+                Do.NO_ORPHANS,
+                f"make sure no write of {d} was left by a replica that died before recording "
+                "its outcome (no one could settle it while writes are held)",
+            )
+        )
+    if switch:
+        steps.append(
+            Step(
+                Do.SMALL_BACKLOG,
+                f"wait until the backlog of {d}'s writes toward the {new} is small, with "
+                "nothing in doubt or dead",
+            )
+        )
+    if alters:
+        steps.append(
+            Step(
+                Do.FENCE,
+                f"take {d}'s write fence exclusively: new writes to {d} wait (bounded; past it "
+                "503) and writes in flight finish",
+            )
+        )
+    if switch:
+        steps.append(Step(Do.DRAIN, f"drain the backlog toward the {new} to zero"))
+        steps.append(
+            Step(Do.ADVANCE_IDS, f"advance the {new}'s id sequence past every id the {old} holds")
+        )
+    commit = f"compare-and-set the stage {current.value} -> {wanted.value} (version {version} -> "
+    commit += f"{version + 1})"
+    if alters:
+        commit += f", bump the write epoch ({epoch} -> {epoch + 1})"
+    for side in sorted(opens_gaps(current, wanted)):
+        if side not in row.gaps:
+            commit += f", open the {side.value}'s gap marker (writes stop reaching it)"
+    steps.append(Step(Do.COMMIT, commit + ", with its audit row, in one transaction"))
+    if alters:
+        steps.append(Step(Do.RELEASE, "release the write fence: writes resume under the new stage"))
+    steps.append(Step(Do.ANNOUNCE, "announce the change on Redis (replicas also poll Postgres)"))
+    if alters:
+        steps.append(
+            Step(
+                Do.CONFIRM,
+                f"wait until every live replica has confirmed version {version + 1} (or its "
+                f"lease has expired); {d}'s writes resume under the new stage",
+            )
+        )
+    else:
+        steps.append(
+            Step(Do.UNAFFECTED, "writes are unaffected: same authority, same sides written")
+        )
+    return tuple(steps)
+
+
 @dataclass
 class Outcome:
-    """What a fenced change did: the steps, in order, for the CLI and the audit."""
+    """What a fenced change did (or, in a dry run, found): the steps, in order, for the CLI and
+    the audit."""
 
     steps: list[str] = field(default_factory=list)
     lagging: list[str] = field(default_factory=list)
@@ -67,152 +158,328 @@ class Switcher:
         commit: Callable[[], Awaitable[StageRow]],
         announce: Callable[[StageRow], Awaitable[bool]] | None = None,
     ) -> tuple[StageRow, Outcome]:
-        """Run ``commit`` (the compare-and-set of the stage) as the change requires: under the
-        exclusive fence when it alters writes, after the barrier for an authority switch.
-        ``announce`` tells the replicas, once the fence is released, before their
-        confirmations are awaited."""
-        done = Outcome()
-        if not alters_writes(before.stage, wanted):
-            after = await commit()
-            done.announced = await announce(after) if announce else False
-            return after, done
-        switch = switches_authority(before.stage, wanted)
-        new_authority = authority(wanted).value
-        await self._no_orphans(dataset)
-        if switch:
-            await self._small_backlog(dataset, done)
-        async with reaching_postgres(), self.pool.acquire() as conn:
-            try:
-                await self._fence(conn, dataset, done)
-                if switch:
-                    await self._drained(dataset, done)
-                    await self._advance_ids(dataset, new_authority, done)
-                after = await commit()
-                done.steps.append(f"committed {wanted.value} (version {after.version})")
-            finally:
-                # On any failure, end the session: its locks go with it, whatever state the
-                # connection is in (a cancelled statement, a broken socket).
-                try:
-                    await conn.execute("SELECT pg_advisory_unlock_all()", timeout=5.0)
-                except BaseException:
-                    conn.terminate()
-                    raise
-        done.steps.append("released the write fence: writes resume under the new stage")
-        # Committed: from here on nothing may say "nothing was changed".
-        try:
-            done.announced = await announce(after) if announce else False
-            done.lagging = await replicas.confirmed(
-                self.pool, dataset, after.version, timeout=self.settings.confirm_wait
-            )
-        except StoreError as exc:
-            done.steps.append(
-                f"committed, but the replicas' confirmations could not be read: {exc}"
-            )
-            done.lagging = ["(unknown: the state Postgres did not answer)"]
-            return after, done
-        if done.lagging:
-            log.warning(
-                "%s: replicas %s have not confirmed version %d yet",
-                dataset,
-                ", ".join(done.lagging),
-                after.version,
-            )
-            done.steps.append(f"replicas still to confirm: {', '.join(done.lagging)}")
-        else:
-            done.steps.append("every live replica confirmed it")
-        return after, done
+        """Run the steps of the change (:func:`planned_steps`): ``commit`` (the
+        compare-and-set of the stage) under the exclusive fence when it alters writes, after
+        the barrier for an authority switch. ``announce`` tells the replicas, once the fence is
+        released, before their confirmations are awaited. A step that cannot be taken raises
+        :class:`Refused` and nothing is committed."""
+        run = _Run(self, dataset, before, wanted, commit, announce, dry_run=False)
+        await run.all()
+        assert run.after is not None
+        return run.after, run.done
 
-    async def _no_orphans(self, dataset: str) -> None:
+    async def rehearse(
+        self, dataset: str, before: StageRow, wanted: Stage
+    ) -> tuple[Outcome, Refused | None]:
+        """The same steps as :meth:`change`, every side effect off: each check is made as the
+        real move would make it now, without waiting, taking the fence, moving ids,
+        committing or announcing. Returns what the checks found, in order, and the refusal a
+        real move would meet now (None: it would go ahead)."""
+        run = _Run(self, dataset, before, wanted, None, None, dry_run=True)
+        try:
+            await run.all()
+        except Refused as exc:
+            return run.done, exc
+        return run.done, None
+
+
+class _Run:
+    """One change, real or rehearsed: the steps of :func:`planned_steps`, in order."""
+
+    def __init__(
+        self,
+        switcher: Switcher,
+        dataset: str,
+        before: StageRow,
+        wanted: Stage,
+        commit: Callable[[], Awaitable[StageRow]] | None,
+        announce: Callable[[StageRow], Awaitable[bool]] | None,
+        *,
+        dry_run: bool,
+    ) -> None:
+        self.s = switcher
+        self.pool = switcher.pool
+        self.settings = switcher.settings
+        self.dataset, self.before, self.wanted = dataset, before, wanted
+        self.commit, self.announce = commit, announce
+        self.dry_run = dry_run
+        self.done = Outcome()
+        self.after: StageRow | None = None
+        self.new_authority = authority(wanted).value
+
+    async def all(self) -> None:
+        steps = planned_steps(self.before, self.wanted)
+        async with contextlib.AsyncExitStack() as held:
+            self.held = held
+            for step in steps:
+                await self.take(step)
+
+    async def take(self, step: Step) -> None:
+        match step.do:
+            case Do.NO_ORPHANS:
+                await self._no_orphans()
+            case Do.SMALL_BACKLOG:
+                await self._small_backlog()
+            case Do.FENCE:
+                await self._fence()
+            case Do.DRAIN:
+                await self._drained()
+            case Do.ADVANCE_IDS:
+                await self._advance_ids()
+            case Do.COMMIT:
+                await self._commit()
+            case Do.RELEASE:
+                await self.held.aclose()  # the fence's session is released or ended
+                self._note("released the write fence: writes resume under the new stage")
+            case Do.ANNOUNCE:
+                await self._announce()
+            case Do.CONFIRM:
+                await self._confirm()
+            case Do.UNAFFECTED:
+                pass
+
+    def _note(self, text: str, rehearsed: str | None = None) -> None:
+        """Record what a real step did, or (a dry run) what its check found."""
+        found = rehearsed if self.dry_run else text
+        if found:
+            self.done.steps.append(found)
+
+    async def _no_orphans(self) -> None:
         """A write whose replica died before recording its outcome holds its record back until
         the resolver settles it (after its deadline and ``orphan_grace``): under the fence it
         could neither drain nor be waited for."""
-        orphans = await queries.orphan_count(self.pool, dataset)
+        orphans = await queries.orphan_count(self.pool, self.dataset)
         if orphans:
             raise Refused(
-                f"{dataset}: {orphans} write(s) left by a replica that died before recording "
-                "their outcome; the resolver settles them once their deadline and orphan_grace "
-                "have passed: try again then; nothing was changed"
+                f"{self.dataset}: {orphans} write(s) left by a replica that died before "
+                "recording their outcome; the resolver settles them once their deadline and "
+                "orphan_grace have passed: try again then; nothing was changed"
             )
+        self._note("", "no write left by a dead replica")
 
-    async def _small_backlog(self, dataset: str, done: Outcome) -> None:
+    async def _backlog(self) -> dict[str, Any]:
+        counts = await queries.backlog(self.pool)
+        found: dict[str, Any] = counts.get(self.dataset, queries.EMPTY_BACKLOG)
+        if found["in_doubt"] or found["dead"]:
+            raise Refused(
+                f"{self.dataset}: {found['in_doubt']} in doubt and {found['dead']} dead journal "
+                "entries would never reach the new authority: settle them first "
+                "(bascule journal list --state in-doubt|dead); nothing was changed"
+            )
+        return found
+
+    async def _small_backlog(self) -> None:
+        small, wait = self.settings.small_backlog, self.settings.backlog_wait
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.backlog_wait
+        deadline = loop.time() + wait
         while True:
-            counts = (await queries.backlog(self.pool)).get(dataset, queries.EMPTY_BACKLOG)
-            if counts["in_doubt"] or counts["dead"]:
-                raise Refused(
-                    f"{dataset}: {counts['in_doubt']} in doubt and {counts['dead']} dead journal "
-                    "entries would never reach the new authority: settle them first "
-                    "(bascule journal list --state in-doubt|dead); nothing was changed"
+            counts = await self._backlog()
+            if counts["backlog"] < small:
+                self._note(
+                    f"backlog toward the new authority small ({counts['backlog']})",
+                    f"backlog toward the new authority small now ({counts['backlog']} < {small})"
+                    ", nothing in doubt or dead",
                 )
-            if counts["backlog"] < self.settings.small_backlog:
-                done.steps.append(f"backlog toward the new authority small ({counts['backlog']})")
                 return
+            if self.dry_run:
+                raise Refused(
+                    f"{self.dataset}: the backlog toward the new authority is "
+                    f"{counts['backlog']} entries now, not under {small}: a real move would "
+                    f"wait up to {wait:g} s for it and give up if it stays; nothing was changed"
+                )
             if loop.time() >= deadline:
                 raise Refused(
-                    f"{dataset}: the backlog toward the new authority is {counts['backlog']} "
-                    f"entries, not under {self.settings.small_backlog} after "
-                    f"{self.settings.backlog_wait:g} s; nothing was changed"
+                    f"{self.dataset}: the backlog toward the new authority is "
+                    f"{counts['backlog']} entries, not under {small} after {wait:g} s; "
+                    "nothing was changed"
                 )
             await asyncio.sleep(0.2)
 
-    async def _fence(self, conn: Any, dataset: str, done: Outcome) -> None:
+    async def _fence(self) -> None:
         hold = self.settings.hold
+        if self.dry_run:
+            stuck = await _stuck_writers(self.pool, self.dataset, hold)
+            if stuck:
+                raise Refused(
+                    f"{self.dataset}: writes in flight have held the fence for longer than "
+                    f"{hold:g} s ({stuck}): a real move would wait {hold:g} s for them and give "
+                    "up; nothing was changed (a replica that stays frozen keeps its writes' "
+                    "sessions and their fence: stop it)"
+                )
+            holders = await _fence_holders(self.pool, self.dataset)
+            self.done.steps.append(
+                f"writes in flight now: {holders or 'none'} (a real move waits up to {hold:g} s "
+                "for them)"
+            )
+            return
+        conn = await self.held.enter_async_context(_fence_session(self.pool))
         await conn.execute(f"SET lock_timeout = '{max(1, int(hold * 1000))}ms'")
         # Should this process freeze or lose its network while holding the fence, Postgres
         # ends the session, and the fence with it, instead of leaving every write blocked.
         idle = int((2 * hold + 30.0) * 1000)
         await conn.execute(f"SET idle_session_timeout = '{idle}ms'")
         try:
-            await conn.execute("SELECT pg_advisory_lock($1)", fence_id(dataset), timeout=hold + 5.0)
+            await conn.execute(
+                "SELECT pg_advisory_lock($1)", fence_id(self.dataset), timeout=hold + 5.0
+            )
         except asyncpg.LockNotAvailableError:
-            holders = await _fence_holders(self.pool, dataset)
+            holders = await _fence_holders(self.pool, self.dataset)
             raise Refused(
-                f"{dataset}: writes in flight did not finish within {hold:g} s (held by "
+                f"{self.dataset}: writes in flight did not finish within {hold:g} s (held by "
                 f"{holders or 'sessions that are gone now'}); nothing was changed (try again; a "
                 "replica that stays frozen keeps its writes' sessions and their fence: stop it)"
             ) from None
         finally:
             await conn.execute("SET lock_timeout = 0")
-        done.steps.append("took the write fence: new writes wait, writes in flight finished")
+        self.done.steps.append("took the write fence: new writes wait, writes in flight finished")
         # Reset when the pool hands the connection back (RESET ALL).
 
-    async def _drained(self, dataset: str, done: Outcome) -> None:
+    async def _drained(self) -> None:
+        hold = self.settings.hold
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.hold
+        deadline = loop.time() + hold
         while True:
-            counts = (await queries.backlog(self.pool)).get(dataset, queries.EMPTY_BACKLOG)
-            if counts["backlog"] == 0 and not counts["in_doubt"] and not counts["dead"]:
-                done.steps.append("backlog toward the new authority drained to zero")
+            counts = await self._backlog()
+            if counts["backlog"] == 0:
+                self._note(
+                    "backlog toward the new authority drained to zero",
+                    f"backlog toward the new authority now {counts['backlog']}: a real move "
+                    f"drains it to zero under the fence (within {hold:g} s)",
+                )
+                return
+            if self.dry_run:
+                self.done.steps.append(
+                    f"backlog toward the new authority now {counts['backlog']}: a real move "
+                    f"drains it to zero under the fence (within {hold:g} s)"
+                )
                 return
             if loop.time() >= deadline:
                 raise Refused(
-                    f"{dataset}: the backlog toward the new authority did not drain within "
-                    f"{self.settings.hold:g} s ({counts['backlog']} left, {counts['in_doubt']} "
-                    f"in doubt, {counts['dead']} dead); nothing was changed"
+                    f"{self.dataset}: the backlog toward the new authority did not drain within "
+                    f"{hold:g} s ({counts['backlog']} left, {counts['in_doubt']} in doubt, "
+                    f"{counts['dead']} dead); nothing was changed"
                 )
             await asyncio.sleep(0.05)
 
-    async def _advance_ids(self, dataset: str, new_authority: str, done: Outcome) -> None:
-        spec = self.ids.get(dataset)
+    async def _advance_ids(self) -> None:
+        dataset, new_authority = self.dataset, self.new_authority
+        spec = self.s.ids.get(dataset)
         if spec is None:
-            done.steps.append(
+            self.done.steps.append(
                 "no id allocation configured ([datasets.X] ids): ids not moved — if the backends "
                 "assign ids, the new authority's may collide with the other side's"
             )
-            log.warning("%s: authority switch with no id allocation configured", dataset)
+            if not self.dry_run:
+                log.warning("%s: authority switch with no id allocation configured", dataset)
             return
         other = "source" if new_authority == "target" else "target"
-        new_db, other_db = self.databases.get(new_authority), self.databases.get(other)
+        new_db, other_db = self.s.databases.get(new_authority), self.s.databases.get(other)
         if not new_db or not other_db:
             raise Refused(
                 f"{dataset}: moving ids needs both backends' `database` DSNs; nothing was changed"
             )
         timeout = self.settings.hold
-        highest = await _highest_id(other_db, spec, timeout)
-        value = await _advance(new_db, spec, highest, timeout)
-        done.steps.append(f"{new_authority}'s id allocation moved past the {other}'s ids")
+        try:
+            highest = await _highest_id(other_db, spec, timeout)
+            if self.dry_run:
+                current = await _sequence_value(new_db, spec, timeout)
+                self.done.steps.append(
+                    f"the {other} holds ids up to {highest}; the {new_authority}'s sequence is at "
+                    f"{current}: a real move advances it to at least {highest}"
+                )
+                return
+            value = await _advance(new_db, spec, highest, timeout)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise Refused(
+                f"{dataset}: cannot move the {new_authority}'s ids: a backend database did not "
+                f"answer ({type(exc).__name__}); nothing was changed"
+            ) from exc
+        self.done.steps.append(f"{new_authority}'s id allocation moved past the {other}'s ids")
         log.info("%s: %s sequence now at %s", dataset, new_authority, value)
+
+    async def _commit(self) -> None:
+        if self.dry_run:
+            async with reaching_postgres():
+                version = await self.pool.fetchval(
+                    "SELECT version FROM bascule_stage WHERE dataset = $1", self.dataset
+                )
+            if version != self.before.version:
+                raise StaleVersion(self.dataset, self.before.version, version)
+            return
+        assert self.commit is not None
+        self.after = await self.commit()
+        if alters_writes(self.before.stage, self.wanted):
+            self._note(f"committed {self.wanted.value} (version {self.after.version})")
+
+    async def _announce(self) -> None:
+        if self.dry_run or self.after is None:
+            return
+        # Committed: from here on nothing may say "nothing was changed".
+        self.done.announced = await self.announce(self.after) if self.announce else False
+
+    async def _confirm(self) -> None:
+        if self.dry_run:
+            live = [r.name for r in await replicas.listing(self.pool) if r.alive]
+            self.done.steps.append(f"live replicas that would confirm: {', '.join(live) or 'none'}")
+            return
+        after = self.after
+        assert after is not None
+        try:
+            self.done.lagging = await replicas.confirmed(
+                self.pool, self.dataset, after.version, timeout=self.settings.confirm_wait
+            )
+        except StoreError as exc:
+            self.done.steps.append(
+                f"committed, but the replicas' confirmations could not be read: {exc}"
+            )
+            self.done.lagging = ["(unknown: the state Postgres did not answer)"]
+            return
+        if self.done.lagging:
+            log.warning(
+                "%s: replicas %s have not confirmed version %d yet",
+                self.dataset,
+                ", ".join(self.done.lagging),
+                after.version,
+            )
+            self.done.steps.append(f"replicas still to confirm: {', '.join(self.done.lagging)}")
+        else:
+            self.done.steps.append("every live replica confirmed it")
+
+
+@contextlib.asynccontextmanager
+async def _fence_session(pool: asyncpg.Pool) -> AsyncIterator[Any]:
+    """A session of the pool for holding the fence; on leaving, its locks are released or, on
+    any failure, the session is ended: its locks go with it, whatever state the connection is
+    in (a cancelled statement, a broken socket)."""
+    async with reaching_postgres(), pool.acquire() as conn:
+        try:
+            yield conn
+        finally:
+            try:
+                await conn.execute("SELECT pg_advisory_unlock_all()", timeout=5.0)
+            except BaseException:
+                conn.terminate()
+                raise
+
+
+async def _stuck_writers(pool: asyncpg.Pool, dataset: str, hold: float) -> str:
+    """Sessions holding the dataset's fence that have been idle longer than ``hold``: a writer
+    frozen mid-write (a real change would wait ``hold`` for it in vain)."""
+    key = fence_id(dataset) & 0xFFFFFFFFFFFFFFFF
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT coalesce(nullif(a.application_name, ''), 'pid ' || l.pid) AS who,"
+            " count(*) AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid"
+            " AND a.state <> 'active' AND a.state_change < now() - make_interval(secs => $3)"
+            " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5",
+            key >> 32,
+            key & 0xFFFFFFFF,
+            hold,
+        )
+    return ", ".join(f"{r['who']} ({r['n']})" for r in rows)
 
 
 async def _fence_holders(pool: asyncpg.Pool, dataset: str) -> str:
@@ -255,6 +522,16 @@ async def _highest_id(dsn: str, spec: IdAllocation, timeout: float) -> int:
             f"SELECT greatest((SELECT coalesce(max({_ident(spec.column)}), 0)"
             f" FROM {_ident(spec.table)}), (SELECT last_value FROM {_ident(spec.sequence)}))"
         )
+        return int(value)
+    finally:
+        await conn.close()
+
+
+async def _sequence_value(dsn: str, spec: IdAllocation, timeout: float) -> int:
+    """Where ``spec.sequence`` stands (read only: a dry run's look)."""
+    conn = await asyncpg.connect(dsn, timeout=timeout, command_timeout=timeout)
+    try:
+        value = await conn.fetchval(f"SELECT last_value FROM {_ident(spec.sequence)}")
         return int(value)
     finally:
         await conn.close()

@@ -665,6 +665,10 @@ def _report_dry_run(args: argparse.Namespace, result: dict[str, Any]) -> int:
         print("a real move would:")
         for i, step in enumerate(result["steps"], 1):
             print(f"  {i}. {step}")
+        if result.get("done"):
+            print("found now:")
+            for finding in result["done"]:
+                print(f"  - {finding}")
         print("it would be allowed" if allowed else "it would be refused:")
     if not allowed:
         raise Refused(result["refusal"])  # exit 3, the refusal on stderr like any other

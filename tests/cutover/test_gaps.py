@@ -38,6 +38,7 @@ from bascule.state.fleet import channel
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageRow, StageStore
 from cutover import controller
+from cutover.switch import planned_steps
 from tests.cutover.test_admin_and_cli import OP, VIEW, Admin, admin, arun, call
 from tests.harness import OPERATOR_TOKEN, migrate_state
 from tests.harness import cli_env as harness_cli_env
@@ -186,9 +187,13 @@ def test_assess_refuses_an_illegal_move_before_the_gap_and_checks_both() -> None
     )
 
 
+def steps_of(row: StageRow, wanted: Stage) -> tuple[str, ...]:
+    return tuple(step.text for step in planned_steps(row, wanted))
+
+
 def test_the_steps_of_a_move_depend_on_what_it_changes() -> None:
     fence = "write fence exclusively"
-    switch = controller.planned_steps(_row(SH), LIVE)
+    switch = steps_of(_row(SH), LIVE)
     text = " | ".join(switch)
     for needle in (
         "wait until the backlog of dcir's writes toward the target is small",
@@ -202,15 +207,15 @@ def test_the_steps_of_a_move_depend_on_what_it_changes() -> None:
         assert needle in text, needle
     # The order of the barrier (DESIGN: wait for a small backlog, hold writes, drain, commit).
     assert text.index("is small") < text.index(fence) < text.index("drain") < text.index("bump")
-    back = " | ".join(controller.planned_steps(_row(LIVE), SH))
+    back = " | ".join(steps_of(_row(LIVE), SH))
     assert "toward the source is small" in back and "the source's id sequence" in back
-    last = " | ".join(controller.planned_steps(_row(RD), TGT))
+    last = " | ".join(steps_of(_row(RD), TGT))
     assert fence in last and "bump the write epoch" in last and "open the source's gap" in last
     assert "drain" not in last
-    quiet = " | ".join(controller.planned_steps(_row(DW), SH))
+    quiet = " | ".join(steps_of(_row(DW), SH))
     assert fence not in quiet and "write epoch" not in quiet and "writes are unaffected" in quiet
     # A gap already open is not opened again.
-    again = " | ".join(controller.planned_steps(_row(DW, target=SINCE), SRC))
+    again = " | ".join(steps_of(_row(DW, target=SINCE), SRC))
     assert "gap marker" not in again
 
 
@@ -465,7 +470,8 @@ async def test_cli_dry_run_changes_nothing_allowed_or_refused(
             "dualwrite",
             "source",
         )
-        assert [c["check"] for c in plan["checks"]] == ["legal move", "gaps"]
+        # The rules, then the switch's own checks, rehearsed (cutover/switch.py).
+        assert [c["check"] for c in plan["checks"]] == ["legal move", "gaps", "switch"]
         assert await snapshot(store) == before
         assert await heard(pubsub) == []
         # The same listener hears a real move: the silence above means something.
