@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from bascule import checks
+from bascule.app.operations import Operations
 from bascule.checks import check_name, check_text
 from bascule.errors import (
     BasculeError,
@@ -28,35 +27,20 @@ from bascule.errors import (
     UnknownStage,
     UsageError,
 )
-from bascule.stages import GapOpen, Side, Stage
-from bascule.state import replicas
+from bascule.stages import GapOpen, Side
 from bascule.state.fleet import StageView
-from bascule.state.journal import queries
-from bascule.state.journal.entries import IllegalTransition
-from bascule.state.stage_store import StageStore
-from cutover import controller
-from cutover.controller import Announcer
-from cutover.switch import Switcher
-from shadow import ledger
-from shadow.noise_store import NoiseStore, pairs_needed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
 class AdminDeps:
-    store: StageStore
-    announcer: Announcer
+    ops: Operations
+    """The operator commands (``bascule/app/operations.py``): the CLI runs the same."""
     view: StageView | None
     operator_tokens: Mapping[str, str]
     """Operator tokens by name: the name is recorded in the audit as who made a change."""
     viewer_token: str | None
-    switcher: Switcher | None = None
-    """Takes the write fence for changes that alter writes; None only in tests of the rules."""
-    noise: NoiseStore | None = None
-    """Noise proposals and decisions; None: the noise endpoints answer 503."""
-    noise_pairs: Mapping[str, int] = field(default_factory=dict)
-    """Each configured dataset's ``noise_pairs`` (:func:`shadow.noise.noise_pairs`)."""
 
 
 DEPS = web.AppKey("admin_deps", AdminDeps)
@@ -122,36 +106,197 @@ async def readyz(request: web.Request) -> web.Response:
 
 @_requires("viewer")
 async def list_datasets(request: web.Request) -> web.Response:
-    store = request.app[DEPS].store
-    rows = await store.all()
-    counts = await queries.backlog(store.pool)
-    return json_response(
-        {
-            "datasets": [
-                {**rows[n].as_json(), **counts.get(n, queries.EMPTY_BACKLOG)} for n in sorted(rows)
-            ]
-        }
-    )
-
-
-def _dataset_and_limit(request: web.Request) -> tuple[str | None, int]:
-    """The ``dataset`` (checked) and ``limit`` (1..1000) of a listing's query string;
-    ValueError names what is wrong."""
-    dataset = request.query.get("dataset")
-    limit = int(request.query.get("limit", "100"))
-    if dataset is not None:
-        check_name(dataset)
-    return dataset, max(1, min(limit, 1000))
+    return await _answer(lambda ops: ops.datasets(), request, key="datasets")
 
 
 @_requires("viewer")
 async def history(request: web.Request) -> web.Response:
+    dataset = request.query.get("dataset")
+    return await _answer(
+        lambda ops: ops.history(dataset, _int(request, "limit", 100)), request, key="history"
+    )
+
+
+@_requires("viewer")
+async def list_replicas(request: web.Request) -> web.Response:
+    return await _answer(lambda ops: ops.replicas(), request, key="replicas")
+
+
+@_requires("viewer")
+async def divergence(request: web.Request) -> web.Response:
+    dataset = request.match_info["dataset"]
+    return await _answer(
+        lambda ops: ops.divergence(dataset, _float(request, "since", 24 * 3600.0)), request
+    )
+
+
+@_requires("viewer")
+async def journal_status(request: web.Request) -> web.Response:
+    async def rows(ops: Operations) -> list[dict[str, Any]]:
+        return [{"dataset": n, **counts} for n, counts in (await ops.journal_status()).items()]
+
+    return await _answer(rows, request, key="journal")
+
+
+@_requires("viewer")
+async def journal_entries(request: web.Request) -> web.Response:
+    state = request.query.get("state", "")
+    dataset = request.query.get("dataset")
+    return await _answer(
+        lambda ops: ops.journal_list(state, dataset, _int(request, "limit", 100)),
+        request,
+        key="entries",
+    )
+
+
+@_requires("viewer")
+async def noise_proposals(request: web.Request) -> web.Response:
+    dataset = request.match_info["dataset"]
+    return await _answer(lambda ops: ops.noise(dataset), request)
+
+
+@_requires("operator")
+async def change_stage(request: web.Request) -> web.Response:
+    return await _change(request, rollback=False)
+
+
+@_requires("operator")
+async def rollback(request: web.Request) -> web.Response:
+    return await _change(request, rollback=True)
+
+
+async def _change(request: web.Request, *, rollback: bool) -> web.Response:
+    ops, identity = request.app[DEPS].ops, request[IDENTITY]
+    dataset = request.match_info["dataset"]
     try:
-        dataset, limit = _dataset_and_limit(request)
-    except ValueError as exc:
-        return json_error(400, "bad_request", str(exc) or "limit must be a whole number")
-    rows = await request.app[DEPS].store.history(dataset, limit)
-    return json_response({"history": [r.as_json() for r in rows]})
+        check_name(dataset)
+        body = await _body(request)
+        stage_key = "to" if rollback else "stage"
+        _only(body, stage_key, "by", "reason", "force", "dry_run")
+        force, dry_run = _flag(body, "force"), _flag(body, "dry_run")
+        reason, stage = _text(body, "reason"), _text(body, stage_key)
+        details = _on_behalf(body, identity)
+        if rollback:
+            result = await ops.rollback(
+                dataset, stage, identity, reason, force=force, dry_run=dry_run, details=details
+            )
+        else:
+            if not stage:
+                raise UsageError("'stage' is required")
+            result = await ops.stage(
+                dataset, stage, identity, reason, force=force, dry_run=dry_run, details=details
+            )
+    except BasculeError as exc:
+        return _refusal(exc)
+    if result["dry_run"] and not result["allowed"]:
+        # As a real move would be: 409, with what the dry run found.
+        payload = {"error": {"code": "refused", "message": result["refusal"]}}
+        return json_response({**payload, "dry_run": result}, 409)
+    return json_response(result)
+
+
+@_requires("operator")
+async def close_gap(request: web.Request) -> web.Response:
+    identity: str = request[IDENTITY]
+    dataset, side = request.match_info["dataset"], request.match_info["side"]
+
+    async def close(ops: Operations) -> dict[str, Any]:
+        check_name(dataset)
+        Side.parse(side)
+        body = await _body(request)
+        _only(body, "by", "reason")
+        details = _on_behalf(body, identity)
+        return await ops.gap_close(dataset, side, identity, _text(body, "reason"), details)
+
+    return await _answer(close, request)
+
+
+@_requires("operator")
+async def journal_retry(request: web.Request) -> web.Response:
+    async def retry(ops: Operations) -> dict[str, int]:
+        body = await _body(request)
+        _only(body, "seq", "all_dead")
+        seq, all_dead = body.get("seq"), body.get("all_dead", False)
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+            raise UsageError("'seq' must be a whole number")
+        if not isinstance(all_dead, bool):
+            raise UsageError("'all_dead' must be true or false")
+        return {"retried": await ops.journal_retry(seq, all_dead)}
+
+    return await _answer(retry, request)
+
+
+@_requires("operator")
+async def journal_skip(request: web.Request) -> web.Response:
+    identity: str = request[IDENTITY]
+    raw_seq = request.match_info["seq"]
+
+    async def skip(ops: Operations) -> dict[str, Any]:
+        if not raw_seq.isdigit():
+            raise UsageError("the journal entry must be a whole number")
+        body = await _body(request)
+        _only(body, "by", "reason")
+        seq = int(raw_seq)
+        dataset = await ops.journal_skip(
+            seq, identity, _text(body, "reason"), _on_behalf(body, identity)
+        )
+        return {"skipped": seq, "dataset": dataset}
+
+    return await _answer(skip, request)
+
+
+@_requires("operator")
+async def noise_decide(request: web.Request) -> web.Response:
+    """``{"pointer", "decision": "accept"|"reject", "reason", "route"?, "by"?}``: audited under
+    the token's name, like a stage change."""
+    identity: str = request[IDENTITY]
+    dataset = request.match_info["dataset"]
+
+    async def decide(ops: Operations) -> dict[str, Any]:
+        body = await _body(request)
+        _only(body, "pointer", "decision", "reason", "route", "by")
+        pointer = _text(body, "pointer")
+        if not pointer:
+            raise UsageError("'pointer' is required")
+        decision = _text(body, "decision")
+        if decision not in ("accept", "reject"):
+            raise UsageError("'decision' must be 'accept' or 'reject'")
+        return await ops.noise_decide(
+            dataset,
+            pointer,
+            decision == "accept",
+            identity,
+            _text(body, "reason"),
+            _text(body, "route"),
+            _on_behalf(body, identity),
+        )
+
+    return await _answer(decide, request)
+
+
+async def _answer(
+    call: Callable[[Operations], Awaitable[Any]], request: web.Request, *, key: str | None = None
+) -> web.Response:
+    """Run one operation; its answer as JSON (under ``key``), or its refusal as an error."""
+    try:
+        result = await call(request.app[DEPS].ops)
+    except BasculeError as exc:
+        return _refusal(exc)
+    return json_response(result if key is None else {key: result})
+
+
+def _int(request: web.Request, name: str, default: int) -> int:
+    try:
+        return int(request.query.get(name, str(default)))
+    except ValueError:
+        raise UsageError(f"{name} must be a whole number") from None
+
+
+def _float(request: web.Request, name: str, default: float) -> float:
+    try:
+        return float(request.query.get(name, str(default)))
+    except ValueError:
+        raise UsageError(f"{name} must be a number of seconds") from None
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -188,67 +333,6 @@ def _only(body: dict[str, Any], *keys: str) -> None:
         )
 
 
-@_requires("operator")
-async def change_stage(request: web.Request) -> web.Response:
-    return await _change(request, rollback=False)
-
-
-@_requires("operator")
-async def rollback(request: web.Request) -> web.Response:
-    return await _change(request, rollback=True)
-
-
-async def _change(request: web.Request, *, rollback: bool) -> web.Response:
-    deps = request.app[DEPS]
-    dataset = request.match_info["dataset"]
-    identity: str = request[IDENTITY]
-    try:
-        check_name(dataset)
-        body = await _body(request)
-        stage_key = "to" if rollback else "stage"
-        _only(body, stage_key, "by", "reason", "force", "dry_run")
-        force, dry_run = _flag(body, "force"), _flag(body, "dry_run")
-        reason = _text(body, "reason")
-        details = _on_behalf(body, identity)
-        stage_text = _text(body, stage_key)
-        if rollback:
-            to = Stage.parse(stage_text) if stage_text else None
-            result = await controller.rollback(
-                deps.store,
-                deps.announcer,
-                dataset,
-                to=to,
-                actor=identity,
-                reason=reason,
-                details=details,
-                force=force,
-                dry_run=dry_run,
-                switcher=deps.switcher,
-            )
-        else:
-            if not stage_text:
-                raise UsageError("'stage' is required")
-            result = await controller.move(
-                deps.store,
-                deps.announcer,
-                dataset,
-                Stage.parse(stage_text),
-                actor=identity,
-                reason=reason,
-                details=details,
-                force=force,
-                dry_run=dry_run,
-                switcher=deps.switcher,
-            )
-    except BasculeError as exc:
-        return _refusal(exc)
-    if result.dry_run and not result.allowed:
-        # As a real move would be: 409, with what the dry run found.
-        payload = {"error": {"code": "refused", "message": result.refusal}}
-        return json_response({**payload, "dry_run": result.as_json()}, 409)
-    return json_response(result.as_json())
-
-
 def _on_behalf(body: dict[str, Any], identity: str) -> dict[str, str]:
     """The audit's details: the token names who; a name the caller typed is kept apart."""
     details = {"via": "admin-api"}
@@ -275,190 +359,6 @@ def _refusal(exc: BasculeError) -> web.Response:
     if isinstance(exc, StoreError):
         return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
     raise exc
-
-
-@_requires("operator")
-async def close_gap(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
-    dataset = request.match_info["dataset"]
-    identity: str = request[IDENTITY]
-    try:
-        check_name(dataset)
-        side = Side.parse(request.match_info["side"])
-        body = await _body(request)
-        _only(body, "by", "reason")
-        closed = await controller.close_gap(
-            deps.store,
-            dataset,
-            side,
-            actor=identity,
-            reason=_text(body, "reason"),
-            details=_on_behalf(body, identity),
-        )
-    except BasculeError as exc:
-        return _refusal(exc)
-    return json_response(closed.as_json())
-
-
-_LISTED_STATES = {
-    "pending": "pending",
-    "dead": "dead",
-    "in-doubt": "in_doubt",
-    "in_doubt": "in_doubt",
-    "intent": "intent",
-}
-
-
-@_requires("viewer")
-async def journal_status(request: web.Request) -> web.Response:
-    store = request.app[DEPS].store
-    counts = await queries.backlog(store.pool)
-    names = sorted(await store.names())
-    return json_response(
-        {"journal": [{"dataset": n, **counts.get(n, queries.EMPTY_BACKLOG)} for n in names]}
-    )
-
-
-@_requires("viewer")
-async def journal_entries(request: web.Request) -> web.Response:
-    state = _LISTED_STATES.get(request.query.get("state", ""))
-    if state is None:
-        return json_error(
-            400, "bad_request", "state must be one of pending, dead, in-doubt, intent"
-        )
-    try:
-        dataset, limit = _dataset_and_limit(request)
-    except ValueError as exc:
-        return json_error(400, "bad_request", str(exc) or "limit must be a whole number")
-    rows = await queries.listing(request.app[DEPS].store.pool, state, dataset, limit)
-    return json_response({"entries": rows})
-
-
-@_requires("operator")
-async def journal_retry(request: web.Request) -> web.Response:
-    try:
-        body = await _body(request)
-        seq, all_dead = body.get("seq"), body.get("all_dead", False)
-        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
-            raise UsageError("'seq' must be a whole number")
-        if not isinstance(all_dead, bool) or (seq is None) == (not all_dead):
-            raise UsageError("name one entry ('seq') or set 'all_dead': true")
-    except UsageError as exc:
-        return json_error(400, "bad_request", str(exc))
-    try:
-        count = await queries.retry(request.app[DEPS].store.pool, seq, all_dead=all_dead)
-    except StoreError as exc:
-        return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
-    if seq is not None and count == 0:
-        return json_error(409, "refused", f"journal entry {seq} does not exist or is not dead")
-    return json_response({"retried": count})
-
-
-@_requires("operator")
-async def journal_skip(request: web.Request) -> web.Response:
-    identity: str = request[IDENTITY]
-    raw_seq = request.match_info["seq"]
-    if not raw_seq.isdigit():
-        return json_error(400, "bad_request", "the journal entry must be a whole number")
-    seq = int(raw_seq)
-    try:
-        body = await _body(request)
-        reason = checks.require_reason(_text(body, "reason"))
-        on_behalf_of = _text(body, "by")
-        details = {"via": "admin-api"}
-        if on_behalf_of and on_behalf_of != identity:
-            details["on_behalf_of"] = check_text("by", on_behalf_of)
-        dataset = await queries.skip(
-            request.app[DEPS].store.pool, seq, actor=identity, reason=reason, details=details
-        )
-    except ValueError as exc:  # UsageError is one
-        return json_error(400, "bad_request", str(exc))
-    except Refused as exc:
-        return json_error(409, "refused", str(exc))
-    except IllegalTransition as exc:
-        return json_error(409, "refused", str(exc))
-    except StoreError as exc:
-        return json_error(503, "state_unavailable", f"nothing was changed: {exc}")
-    return json_response({"skipped": seq, "dataset": dataset})
-
-
-@_requires("viewer")
-async def divergence(request: web.Request) -> web.Response:
-    dataset = request.match_info["dataset"]
-    try:
-        check_name(dataset)
-        since = float(request.query.get("since", str(24 * 3600)))
-        if not since > 0:
-            raise ValueError("since must be a positive number of seconds")
-    except ValueError as exc:
-        return json_error(400, "bad_request", str(exc) or "since must be a number of seconds")
-    store = request.app[DEPS].store
-    try:
-        await store.get(dataset)
-    except UnknownDataset as exc:
-        return json_error(404, "unknown_dataset", str(exc))
-    start = datetime.now(UTC) - timedelta(seconds=since)
-    rows = await ledger.divergence(store.pool, dataset, start)
-    errored = await ledger.errored(store.pool, dataset, start)
-    return json_response({"dataset": dataset, "divergence": rows, "errored": errored})
-
-
-def _noise_of(deps: AdminDeps) -> NoiseStore:
-    if deps.noise is None:
-        raise StoreError("noise proposals are not available on this replica")
-    return deps.noise
-
-
-@_requires("viewer")
-async def noise_proposals(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
-    dataset = request.match_info["dataset"]
-    try:
-        noise = _noise_of(deps)
-        min_pairs = pairs_needed(deps.noise_pairs, dataset)
-        rows = await noise.proposals(dataset, min_pairs)
-    except BasculeError as exc:
-        return _refusal(exc)
-    return json_response({"dataset": dataset, "min_pairs": min_pairs, "proposals": rows})
-
-
-@_requires("operator")
-async def noise_decide(request: web.Request) -> web.Response:
-    """``{"pointer", "decision": "accept"|"reject", "reason", "route"?, "by"?}``: audited under
-    the token's name, like a stage change."""
-    deps = request.app[DEPS]
-    dataset = request.match_info["dataset"]
-    identity: str = request[IDENTITY]
-    try:
-        noise = _noise_of(deps)
-        min_pairs = pairs_needed(deps.noise_pairs, dataset)
-        body = await _body(request)
-        _only(body, "pointer", "decision", "reason", "route", "by")
-        pointer = _text(body, "pointer")
-        if not pointer:
-            raise UsageError("'pointer' is required")
-        decision = _text(body, "decision")
-        if decision not in ("accept", "reject"):
-            raise UsageError("'decision' must be 'accept' or 'reject'")
-        result = await noise.decide(
-            dataset,
-            pointer,
-            decision == "accept",
-            _text(body, "reason"),
-            identity,
-            _text(body, "route"),
-            min_pairs=min_pairs,
-            details=_on_behalf(body, identity),
-        )
-    except BasculeError as exc:
-        return _refusal(exc)
-    return json_response(result)
-
-
-@_requires("viewer")
-async def list_replicas(request: web.Request) -> web.Response:
-    listed = await replicas.listing(request.app[DEPS].store.pool)
-    return json_response({"replicas": [r.as_json() for r in listed]})
 
 
 def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> web.Application:

@@ -1,9 +1,10 @@
 """SRE commands: migrate, status, stage, rollback, gap close, history, journal, divergence, noise.
 
-Each works either directly on the state stores named by the configuration, or through a
-proxy's admin API (``--admin URL``, token from ``BASCULE_ADMIN_TOKEN``/``BASCULE_VIEWER_TOKEN``);
-both paths run the same checks and write the same audit. Human output is a table; ``--json``
-is stable for scripts. Exit codes: 0 done, 1 error, 2 bad usage, 3 refused (nothing changed).
+The argument parsing of each command and its exit code. What a command does is
+:class:`~bascule.app.operations.Operations` (on the stores, or through a proxy's admin API:
+``bascule/app/clients.py``); how its answer looks is ``bascule/app/render.py``. Human output is
+a table; ``--json`` is stable for scripts. Exit codes: 0 done, 1 error, 2 bad usage, 3 refused
+(nothing changed).
 """
 
 from __future__ import annotations
@@ -12,36 +13,19 @@ import argparse
 import asyncio
 import getpass
 import os
-import sys
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import quote
+from typing import Any
 
-import aiohttp
-import orjson
-import redis.asyncio as aioredis
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
-from bascule import checks
-from bascule.config import Config, load_config
-from bascule.errors import Refused, StoreError, UsageError
-from bascule.stages import Side, Stage
-from bascule.state import replicas, schema
-from bascule.state.fleet import RedisAnnouncer
+from bascule.app import render
+from bascule.app.clients import client_for, config_of
+from bascule.checks import check_actor, require_reason
+from bascule.errors import Refused, UsageError
+from bascule.stages import Side
+from bascule.state import schema
 from bascule.state.journal import queries
-from bascule.state.journal.entries import IllegalTransition
-from bascule.state.postgres import open_pool, reaching_postgres, schema_check
+from bascule.state.postgres import open_pool, reaching_postgres
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
-from cutover import controller
-from cutover.switch import Switcher, switcher_for
-from shadow import ledger
-from shadow.noise_store import NoiseStore, noise_pairs, pairs_needed
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -174,352 +158,8 @@ def _run(coro: Any) -> int:
     return result
 
 
-class Client(Protocol):
-    async def datasets(self) -> list[dict[str, Any]]: ...
-    async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]: ...
-    async def stage(
-        self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
-    ) -> dict[str, Any]: ...
-    async def rollback(
-        self,
-        dataset: str,
-        to: str | None,
-        by: str,
-        reason: str | None,
-        *,
-        force: bool,
-        dry_run: bool,
-    ) -> dict[str, Any]: ...
-    async def gap_close(self, dataset: str, side: str, by: str, reason: str) -> dict[str, Any]: ...
-    async def journal_status(self) -> dict[str, dict[str, Any]]: ...
-    async def journal_list(
-        self, state: str, dataset: str | None, limit: int
-    ) -> list[dict[str, Any]]: ...
-    async def journal_retry(self, seq: int | None, all_dead: bool) -> int: ...
-    async def journal_skip(self, seq: int, by: str, reason: str) -> str: ...
-    async def replicas(self) -> list[dict[str, Any]]: ...
-    async def divergence(self, dataset: str, since: float) -> dict[str, Any]: ...
-    async def noise(self, dataset: str) -> dict[str, Any]: ...
-    async def noise_decide(
-        self,
-        dataset: str,
-        pointer: str,
-        accept: bool,
-        by: str,
-        reason: str,
-        route: str | None,
-    ) -> dict[str, Any]: ...
-
-
-def _config(args: argparse.Namespace) -> Config:
-    if args.config is None:
-        raise UsageError("no configuration: pass --config FILE or set BASCULE_CONFIG")
-    return load_config(args.config)
-
-
-class DirectClient:
-    """Works on the stores themselves."""
-
-    def __init__(
-        self,
-        store: StageStore,
-        announcer: RedisAnnouncer,
-        switcher: Switcher,
-        noise: NoiseStore | None = None,
-        pairs: Mapping[str, int] | None = None,
-    ) -> None:
-        self.store = store
-        self.announcer = announcer
-        self.switcher = switcher
-        self.noise_store = noise
-        self.pairs = dict(pairs or {})
-        """Each configured dataset's ``noise_pairs``."""
-
-    def _noise_store(self) -> NoiseStore:
-        if self.noise_store is None:
-            raise UsageError("noise proposals need the configured stores")
-        return self.noise_store
-
-    async def noise(self, dataset: str) -> dict[str, Any]:
-        min_pairs = pairs_needed(self.pairs, dataset)
-        rows = await self._noise_store().proposals(dataset, min_pairs)
-        return {"dataset": dataset, "min_pairs": min_pairs, "proposals": rows}
-
-    async def noise_decide(
-        self,
-        dataset: str,
-        pointer: str,
-        accept: bool,
-        by: str,
-        reason: str,
-        route: str | None,
-    ) -> dict[str, Any]:
-        min_pairs = pairs_needed(self.pairs, dataset)
-        return await self._noise_store().decide(
-            dataset, pointer, accept, reason, by, route, min_pairs=min_pairs
-        )
-
-    async def datasets(self) -> list[dict[str, Any]]:
-        rows = await self.store.all()
-        counts = await queries.backlog(self.store.pool)
-        return [{**rows[n].as_json(), **counts.get(n, queries.EMPTY_BACKLOG)} for n in sorted(rows)]
-
-    async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
-        return [r.as_json() for r in await self.store.history(dataset, limit)]
-
-    async def replicas(self) -> list[dict[str, Any]]:
-        return [r.as_json() for r in await replicas.listing(self.store.pool)]
-
-    async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
-        await self.store.get(checks.check_name(dataset))  # UnknownDataset names the known ones
-        start = datetime.now(UTC) - timedelta(seconds=since)
-        return {
-            "divergence": await ledger.divergence(self.store.pool, dataset, start),
-            "errored": await ledger.errored(self.store.pool, dataset, start),
-        }
-
-    async def stage(
-        self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
-    ) -> dict[str, Any]:
-        result = await controller.move(
-            self.store,
-            self.announcer,
-            dataset,
-            Stage.parse(stage),
-            actor=by,
-            reason=reason,
-            force=force,
-            dry_run=dry_run,
-            switcher=self.switcher,
-        )
-        return result.as_json()
-
-    async def rollback(
-        self,
-        dataset: str,
-        to: str | None,
-        by: str,
-        reason: str | None,
-        *,
-        force: bool,
-        dry_run: bool,
-    ) -> dict[str, Any]:
-        result = await controller.rollback(
-            self.store,
-            self.announcer,
-            dataset,
-            to=Stage.parse(to) if to else None,
-            actor=by,
-            reason=reason,
-            force=force,
-            dry_run=dry_run,
-            switcher=self.switcher,
-        )
-        return result.as_json()
-
-    async def gap_close(self, dataset: str, side: str, by: str, reason: str) -> dict[str, Any]:
-        closed = await controller.close_gap(
-            self.store, dataset, Side.parse(side), actor=by, reason=reason
-        )
-        return closed.as_json()
-
-    async def journal_status(self) -> dict[str, dict[str, Any]]:
-        counts = await queries.backlog(self.store.pool)
-        return {n: counts.get(n, queries.EMPTY_BACKLOG) for n in await self.store.names()}
-
-    async def journal_list(
-        self, state: str, dataset: str | None, limit: int
-    ) -> list[dict[str, Any]]:
-        return await queries.listing(self.store.pool, state, dataset, limit)
-
-    async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
-        return await queries.retry(self.store.pool, seq, all_dead=all_dead)
-
-    async def journal_skip(self, seq: int, by: str, reason: str) -> str:
-        try:
-            return await queries.skip(self.store.pool, seq, actor=by, reason=reason)
-        except IllegalTransition as exc:
-            raise Refused(str(exc)) from None
-
-
-class AdminClient:
-    """Works through a proxy's admin API."""
-
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
-        self.session = session
-        self.base = base.rstrip("/")
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None = None,
-        *,
-        refused_with: str | None = None,
-    ) -> Any:
-        """The answer's JSON. ``refused_with``: on a 409 whose body carries that key (a dry
-        run's findings), return it rather than raising :class:`Refused`."""
-        try:
-            async with self.session.request(
-                method,
-                self.base + path,
-                data=orjson.dumps(body) if body is not None else None,
-                headers={"Content-Type": "application/json"},
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise StoreError(
-                f"the admin API at {self.base} did not answer ({type(exc).__name__})"
-            ) from exc
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise StoreError(f"the admin API answered {status} with a non-JSON body") from None
-        if status < 400:
-            return payload
-        message = payload.get("error", {}).get("message", raw.decode(errors="replace"))
-        if status == 409 and refused_with is not None and refused_with in payload:
-            return payload[refused_with]
-        if status in (404, 409):
-            raise Refused(message)
-        if status in (400, 401, 403):
-            raise UsageError(f"admin API: {message}")
-        raise StoreError(f"admin API: {message}")
-
-    async def datasets(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = (await self._call("GET", "/v1/datasets"))["datasets"]
-        return result
-
-    async def replicas(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = (await self._call("GET", "/v1/replicas"))["replicas"]
-        return result
-
-    async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
-        path = f"/v1/datasets/{quote(dataset, safe='')}/divergence?since={since:g}"
-        result = await self._call("GET", path)
-        return {"divergence": result["divergence"], "errored": result.get("errored", [])}
-
-    async def noise(self, dataset: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            "GET", f"/v1/datasets/{quote(dataset, safe='')}/noise"
-        )
-        return result
-
-    async def noise_decide(
-        self,
-        dataset: str,
-        pointer: str,
-        accept: bool,
-        by: str,
-        reason: str,
-        route: str | None,
-    ) -> dict[str, Any]:
-        body = {
-            "pointer": pointer,
-            "decision": "accept" if accept else "reject",
-            "reason": reason,
-            "by": by,
-            **({"route": route} if route is not None else {}),
-        }
-        path = f"/v1/datasets/{quote(dataset, safe='')}/noise"
-        result: dict[str, Any] = await self._call("POST", path, body)
-        return result
-
-    async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
-        query = f"?limit={limit}" + (f"&dataset={quote(dataset, safe='')}" if dataset else "")
-        result: list[dict[str, Any]] = (await self._call("GET", "/v1/history" + query))["history"]
-        return result
-
-    async def stage(
-        self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
-    ) -> dict[str, Any]:
-        body = {"stage": stage, "by": by, "reason": reason, "force": force, "dry_run": dry_run}
-        path = f"/v1/datasets/{quote(dataset, safe='')}/stage"
-        result: dict[str, Any] = await self._call("POST", path, body, refused_with="dry_run")
-        return result
-
-    async def rollback(
-        self,
-        dataset: str,
-        to: str | None,
-        by: str,
-        reason: str | None,
-        *,
-        force: bool,
-        dry_run: bool,
-    ) -> dict[str, Any]:
-        body = {"to": to, "by": by, "reason": reason, "force": force, "dry_run": dry_run}
-        path = f"/v1/datasets/{quote(dataset, safe='')}/rollback"
-        result: dict[str, Any] = await self._call("POST", path, body, refused_with="dry_run")
-        return result
-
-    async def gap_close(self, dataset: str, side: str, by: str, reason: str) -> dict[str, Any]:
-        path = f"/v1/datasets/{quote(dataset, safe='')}/gaps/{quote(side, safe='')}/close"
-        result: dict[str, Any] = await self._call("POST", path, {"by": by, "reason": reason})
-        return result
-
-    async def journal_status(self) -> dict[str, dict[str, Any]]:
-        rows = (await self._call("GET", "/v1/journal"))["journal"]
-        return {r.pop("dataset"): r for r in rows}
-
-    async def journal_list(
-        self, state: str, dataset: str | None, limit: int
-    ) -> list[dict[str, Any]]:
-        query = f"?state={quote(state, safe='')}&limit={limit}"
-        if dataset:
-            query += f"&dataset={quote(dataset, safe='')}"
-        result: list[dict[str, Any]] = (await self._call("GET", "/v1/journal/entries" + query))[
-            "entries"
-        ]
-        return result
-
-    async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
-        body = {"seq": seq, "all_dead": all_dead}
-        count: int = (await self._call("POST", "/v1/journal/retry", body))["retried"]
-        return count
-
-    async def journal_skip(self, seq: int, by: str, reason: str) -> str:
-        body = {"by": by, "reason": reason}
-        dataset: str = (await self._call("POST", f"/v1/journal/{seq}/skip", body))["dataset"]
-        return dataset
-
-
-@asynccontextmanager
-async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator[Client]:
-    if args.admin:
-        env_name = "BASCULE_ADMIN_TOKEN" if change else "BASCULE_VIEWER_TOKEN"
-        token = os.environ.get(env_name) or os.environ.get("BASCULE_ADMIN_TOKEN")
-        if not token:
-            raise UsageError(f"--admin needs a token: set {env_name}")
-        headers = {"Authorization": f"Bearer {token}"}
-        # An authority switch may wait for its backlog, its barrier and its replicas.
-        timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-            yield AdminClient(session, args.admin)
-        return
-    config = _config(args)
-    with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
-        # Up to 3 at once: the write fence held during a change, its commit, and the backlog
-        # and replica queries of an authority switch.
-        pool = await open_pool(found.postgres_url, max_size=4)
-        redis = aioredis.Redis.from_url(found.redis_url, socket_connect_timeout=1.0)
-        try:
-            await schema_check(pool)
-            yield DirectClient(
-                StageStore(pool),
-                RedisAnnouncer(redis, config.state.redis_prefix),
-                switcher_for(config, pool),
-                NoiseStore(pool, redis, config.state.redis_prefix),
-                noise_pairs(config),
-            )
-        finally:
-            await redis.aclose()
-            await pool.close()
-
-
 async def _migrate(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
         pool = await open_pool(found.postgres_url, max_size=1)
         try:
@@ -529,13 +169,9 @@ async def _migrate(args: argparse.Namespace) -> int:
         finally:
             await pool.close()
     names = [f"{m.version:04d}_{m.name}" for m in applied]
-    out = {
-        "applied": names,
-        "registered": added,
-        "schema_version": schema.LATEST,
-    }
+    out = {"applied": names, "registered": added, "schema_version": schema.LATEST}
     if args.json:
-        _print_json(out)
+        render.print_json(out)
     else:
         print(f"schema at version {schema.LATEST}; applied: {', '.join(names) or 'none'}")
         print(f"datasets registered at 'source': {', '.join(added) or 'none new'}")
@@ -551,72 +187,16 @@ async def _status(args: argparse.Namespace) -> int:
         if not rows:
             raise Refused(f"unknown dataset {args.dataset!r}")
     if args.json:
-        _print_json({"datasets": rows, "replicas": fleet})
-        return 0
-    table = Table(title="datasets")
-    for col in (
-        "dataset",
-        "stage",
-        "version",
-        "since",
-        "by",
-        "reason",
-        "backlog",
-        "oldest",
-        "in doubt",
-        "dead",
-        "gaps",
-    ):
-        table.add_column(col)
-    for r in rows:
-        oldest = r.get("oldest_pending_seconds")
-        gaps = r.get("gaps") or {}
-        open_gaps = ", ".join(f"{side} since {_when(gaps[side])}" for side in gaps if gaps[side])
-        cells = (
-            r["dataset"],
-            r["stage"],
-            str(r["version"]),
-            _when(r["updated_at"]),
-            r["updated_by"],
-            r["reason"],
-            str(r.get("backlog", 0)),
-            f"{oldest:.1f}s" if oldest is not None else "-",
-            str(r.get("in_doubt", 0)),
-            str(r.get("dead", 0)),
-            open_gaps or "-",
-        )
-        table.add_row(*(Text(c) for c in cells))  # Text: audit free text is never markup
-    _console().print(table)
-    shown = [r["dataset"] for r in rows]
-    replica_table = Table(title="replicas (the stage version each runs)")
-    for col in ("replica", "alive", "last report", *shown):
-        replica_table.add_column(col)
-    current = {r["dataset"]: r["version"] for r in rows}
-    for rep in fleet:
-        versions = rep["versions"]
-        cells = (
-            rep["name"],
-            "yes" if rep["alive"] else "lease expired",
-            _when(rep["seen_at"]),
-            *(
-                f"{versions.get(d, '-')}" + ("" if versions.get(d) == current[d] else " (behind)")
-                for d in shown
-            ),
-        )
-        replica_table.add_row(*(Text(c) for c in cells))
-    _console().print(replica_table)
+        render.print_json({"datasets": rows, "replicas": fleet})
+    else:
+        render.status(rows, fleet)
     return 0
 
 
 async def _stage(args: argparse.Namespace) -> int:
     async with client_for(args, change=True) as client:
         result = await client.stage(
-            args.dataset,
-            args.stage,
-            args.by,
-            args.reason,
-            force=args.force,
-            dry_run=args.dry_run,
+            args.dataset, args.stage, args.by, args.reason, force=args.force, dry_run=args.dry_run
         )
     return _report_move(args, result)
 
@@ -630,61 +210,28 @@ async def _rollback(args: argparse.Namespace) -> int:
 
 
 def _report_move(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    if result.get("dry_run"):
-        return _report_dry_run(args, result)
+    """A move made, or a dry run: exit 3 when it would be refused (nothing changed either way)."""
     if args.json:
-        _print_json(result)
-        return 0
-    note = ""
-    if not result["announced"]:
-        note = " (Redis unreachable: replicas will pick it up by polling)"
-    forced = result.get("forced_gaps") or {}
-    if forced:
-        sides = ", ".join(f"the {side}'s gap (open since {_when(t)})" for side, t in forced.items())
-        note += f"; forced over {sides}: audited"
-    print(
-        f"{result['dataset']}: {result['from']} -> {result['to']} "
-        f"(version {result['version']}){note}"
-    )
-    return 0
-
-
-def _report_dry_run(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    """What a real move would do; exit 3 when it would be refused (nothing changed either way)."""
-    allowed = bool(result["allowed"])
-    if args.json:
-        _print_json(result)
+        render.print_json(result)
+    elif result.get("dry_run"):
+        render.dry_run(result)
     else:
-        print(
-            f"{result['dataset']}: dry run of {result['from']} -> {result['to']} "
-            f"(version {result['version']}, write epoch {result['write_epoch']}): nothing changed"
-        )
-        print("checks:")
-        for check in result["checks"]:
-            print(f"  {'ok' if check['ok'] else 'REFUSED':8} {check['check']}: {check['detail']}")
-        print("a real move would:")
-        for i, step in enumerate(result["steps"], 1):
-            print(f"  {i}. {step}")
-        if result.get("done"):
-            print("found now:")
-            for finding in result["done"]:
-                print(f"  - {finding}")
-        print("it would be allowed" if allowed else "it would be refused:")
-    if not allowed:
+        print(render.move(result))
+    if result.get("dry_run") and not result["allowed"]:
         raise Refused(result["refusal"])  # exit 3, the refusal on stderr like any other
     return 0
 
 
 async def _gap_close(args: argparse.Namespace) -> int:
-    reason = checks.require_reason(args.reason)
-    checks.check_actor(args.by)
+    reason = require_reason(args.reason)
+    check_actor(args.by)
     async with client_for(args, change=True) as client:
         closed = await client.gap_close(args.dataset, args.side, args.by, reason)
-    _say(
-        args,
+    render.say(
+        args.json,
         closed,
-        f"{closed['dataset']}: the {closed['side']}'s gap (open since {_when(closed['since'])}) "
-        f"is closed, in {closed['stage']} (audited)",
+        f"{closed['dataset']}: the {closed['side']}'s gap (open since "
+        f"{render.when(closed['since'])}) is closed, in {closed['stage']} (audited)",
     )
     return 0
 
@@ -694,41 +241,16 @@ async def _divergence(args: argparse.Namespace) -> int:
         raise UsageError("--since must be a positive number of seconds")
     async with client_for(args, change=False) as client:
         found = await client.divergence(args.dataset, args.since)
-    rows, errored = found["divergence"], found["errored"]
     if args.json:
-        _print_json({"dataset": args.dataset, "divergence": rows, "errored": errored})
-        return 0
-    table = Table(title=f"{args.dataset}: mismatches in the last {args.since:g} s, by pointer")
-    for col in ("part", "pointer", "kind", "count", "first seen", "last seen", "traces"):
-        table.add_column(col)
-    for r in rows:
-        cells = (
-            r["part"],
-            r["pointer"] or "(whole)",
-            r["kind"],
-            str(r["count"]),
-            _when(r["first_seen"]),
-            _when(r["last_seen"]),
-            " ".join(r["trace_ids"]),
+        render.print_json(
+            {
+                "dataset": args.dataset,
+                "divergence": found["divergence"],
+                "errored": found["errored"],
+            }
         )
-        table.add_row(*(Text(c) for c in cells))
-    _console().print(table)
-    if not rows:
-        print("no mismatch recorded in that window")
-    if errored:
-        failed = Table(title=f"{args.dataset}: comparisons that could not be made, by reason")
-        for col in ("route", "reason", "count", "first seen", "last seen"):
-            failed.add_column(col)
-        for r in errored:
-            row = (
-                r["route"],
-                r["reason"],
-                str(r["count"]),
-                _when(r["first_seen"]),
-                _when(r["last_seen"]),
-            )
-            failed.add_row(*(Text(c) for c in row))
-        _console().print(failed)
+    else:
+        render.divergence(args.dataset, args.since, found)
     return 0
 
 
@@ -740,24 +262,13 @@ async def _noise(args: argparse.Namespace) -> int:
             f"name the pointer to {args.action}: "
             f"bascule noise DATASET {args.action} POINTER --reason TEXT"
         )
-    reason = checks.require_reason(args.reason)
-    checks.check_actor(args.by)
+    reason = require_reason(args.reason)
+    check_actor(args.by)
     async with client_for(args, change=True) as client:
         result = await client.noise_decide(
             args.dataset, args.pointer, args.action == "accept", args.by, reason, args.route
         )
-    rules = ", ".join(
-        f"{r['rule']}" + (f" by {r['key']}" if r["key"] else "") + f" on {r['route']}"
-        for r in result["rules"]
-    )
-    note = ""
-    if not result["announced"]:
-        note = " (Redis unreachable: replicas will pick it up by polling)"
-    _say(
-        args,
-        result,
-        f"{result['dataset']}: {result['pointer']} {result['decision']} ({rules}); audited{note}",
-    )
+    render.say(args.json, result, render.noise_decided(result))
     return 0
 
 
@@ -768,41 +279,9 @@ async def _noise_list(args: argparse.Namespace) -> int:
         found = await client.noise(args.dataset)
     rows = [r for r in found["proposals"] if args.route is None or r["route"] == args.route]
     if args.json:
-        _print_json({**found, "proposals": rows})
-        return 0
-    table = Table(
-        title=f"{args.dataset}: noise proposals (seen differing in at least "
-        f"{found['min_pairs']} independent pairs of one side's answers)"
-    )
-    for col in (
-        "status",
-        "pointer",
-        "rule",
-        "pairs",
-        "route",
-        "first seen",
-        "last seen",
-        "decided by",
-        "reason",
-    ):
-        table.add_column(col)
-    for r in rows:
-        decided = f"{r['decided_by']} {_when(r['decided_at'])}" if r["decided_at"] else ""
-        cells = (
-            r["status"],
-            r["pointer"],
-            r["rule"] + (f" by {r['key']}" if r["key"] else ""),
-            str(r["pairs"]),
-            r["route"],
-            _when(r["first_seen"]),
-            _when(r["last_seen"]),
-            decided,
-            r["reason"] or "",
-        )
-        table.add_row(*(Text(c) for c in cells))
-    _console().print(table)
-    if not rows:
-        print("no noise proposal yet")
+        render.print_json({**found, "proposals": rows})
+    else:
+        render.noise(args.dataset, found["min_pairs"], rows)
     return 0
 
 
@@ -812,34 +291,9 @@ async def _history(args: argparse.Namespace) -> int:
     async with client_for(args, change=False) as client:
         rows = await client.history(args.dataset, args.limit)
     if args.json:
-        _print_json({"history": rows})
-        return 0
-    table = Table(title="history")
-    for col in ("when", "dataset", "action", "from", "to", "by", "reason"):
-        table.add_column(col)
-    for r in rows:
-        by = r["actor"]
-        details = r.get("details", {})
-        if details.get("on_behalf_of"):
-            by += f" for {details['on_behalf_of']}"
-        action = r["action"]
-        if action == "gap-close" and details.get("side"):
-            action += f" {details['side']}"
-        if action.startswith("noise-") and details.get("pointer"):
-            action += f" {details['pointer']}"
-        if r.get("forced"):
-            action += " (forced)"
-        cells = (
-            _when(r["at"]),
-            r["dataset"],
-            action,
-            r["from_stage"] or "",
-            r["to_stage"] or "",
-            by,
-            r["reason"],
-        )
-        table.add_row(*(Text(c) for c in cells))
-    _console().print(table)
+        render.print_json({"history": rows})
+    else:
+        render.history(rows)
     return 0
 
 
@@ -853,58 +307,19 @@ async def _journal_status(args: argparse.Namespace) -> int:
         names = [args.dataset]
     rows = [{"dataset": n, **counts.get(n, queries.EMPTY_BACKLOG)} for n in names]
     if args.json:
-        _print_json({"journal": rows})
-        return 0
-    table = Table(title="journal")
-    for col in ("dataset", "backlog", "oldest pending", "in doubt", "dead"):
-        table.add_column(col)
-    for r in rows:
-        oldest = r["oldest_pending_seconds"]
-        table.add_row(
-            r["dataset"],
-            str(r["backlog"]),
-            f"{oldest:.1f}s" if oldest is not None else "-",
-            str(r["in_doubt"]),
-            str(r["dead"]),
-        )
-    _console().print(table)
+        render.print_json({"journal": rows})
+    else:
+        render.journal(rows)
     return 0
 
 
 async def _journal_list(args: argparse.Namespace) -> int:
-    state = args.state.replace("-", "_")
     async with client_for(args, change=False) as client:
-        rows = await client.journal_list(state, args.dataset, args.limit)
+        rows = await client.journal_list(args.state, args.dataset, args.limit)
     if args.json:
-        _print_json({"entries": rows})
-        return 0
-    table = Table(title=f"journal entries: {args.state}")
-    for col in (
-        "seq",
-        "dataset",
-        "record",
-        "route",
-        "method",
-        "status",
-        "attempts",
-        "error",
-        "since",
-    ):
-        table.add_column(col)
-    for r in rows:
-        cells = (
-            str(r["seq"]),
-            r["dataset"],
-            r["record"],
-            r["route"],
-            r["method"],
-            str(r["status"] or "-"),
-            str(r["attempts"]),
-            r["last_error"] or "",
-            _when(r["created_at"]),
-        )
-        table.add_row(*(Text(c) for c in cells))
-    _console().print(table)
+        render.print_json({"entries": rows})
+    else:
+        render.journal_entries(args.state, rows)
     return 0
 
 
@@ -913,10 +328,8 @@ async def _journal_retry(args: argparse.Namespace) -> int:
         raise UsageError("name one entry (SEQ) or pass --all-dead")
     async with client_for(args, change=True) as client:
         count = await client.journal_retry(args.seq, args.all_dead)
-    if args.seq is not None and count == 0:
-        raise Refused(f"journal entry {args.seq} does not exist or is not dead")
-    _say(
-        args,
+    render.say(
+        args.json,
         {"retried": count},
         f"{count} dead entr{'y' if count == 1 else 'ies'} sent back to the replayer",
     )
@@ -924,34 +337,13 @@ async def _journal_retry(args: argparse.Namespace) -> int:
 
 
 async def _journal_skip(args: argparse.Namespace) -> int:
-    reason = checks.require_reason(args.reason)
-    checks.check_text("by", args.by)
+    reason = require_reason(args.reason)
+    check_actor(args.by)
     async with client_for(args, change=True) as client:
         dataset = await client.journal_skip(args.seq, args.by, reason)
-    _say(
-        args,
+    render.say(
+        args.json,
         {"skipped": args.seq, "dataset": dataset},
         f"journal entry {args.seq} of {dataset} skipped (audited)",
     )
     return 0
-
-
-def _say(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
-    if args.json:
-        _print_json(payload)
-    else:
-        print(text)
-
-
-def _console() -> Console:
-    """The terminal's width on a terminal; wide enough for every column in a pipe or a log."""
-    return Console() if sys.stdout.isatty() else Console(width=200)
-
-
-def _when(iso: str) -> str:
-    """Compact UTC time for tables (the JSON output keeps full ISO timestamps)."""
-    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _print_json(payload: Any) -> None:
-    sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")

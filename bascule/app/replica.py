@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bascule import telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
+from bascule.app.operations import Operations
 from bascule.config import Backend, Config, Secrets, load_config
 from bascule.errors import UsageError
 from bascule.sealing import Namer, Sealer
@@ -227,14 +228,16 @@ class Replica:
 
     def admin_deps(self) -> AdminDeps:
         return AdminDeps(
-            store=self.store,
-            announcer=RedisAnnouncer(self.redis, self.config.state.redis_prefix),
+            Operations(
+                self.store,
+                RedisAnnouncer(self.redis, self.config.state.redis_prefix),
+                switcher_for(self.config, self.pool),
+                NoiseStore(self.pool, self.redis, self.config.state.redis_prefix),
+                noise_pairs(self.config),
+            ),
             view=self.view,
             operator_tokens=self.secrets.operators(),
             viewer_token=self.secrets.viewer_token,
-            switcher=switcher_for(self.config, self.pool),
-            noise=NoiseStore(self.pool, self.redis, self.config.state.redis_prefix),
-            noise_pairs=noise_pairs(self.config),
         )
 
 

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bascule.app.admin import AdminDeps, create_admin_app
+from bascule.app.operations import Operations
 from bascule.procs import bascule_argv
 from bascule.state.fleet import RedisAnnouncer
 from bascule.state.postgres import open_pool
@@ -49,8 +50,10 @@ async def admin(pg_url: str, redis_url: str, redis_prefix: str) -> AsyncIterator
     redis = aioredis.Redis.from_url(redis_url)
     store = StageStore(pool)
     deps = AdminDeps(
-        store,
-        RedisAnnouncer(redis, redis_prefix),
+        Operations(
+            store,
+            RedisAnnouncer(redis, redis_prefix),
+        ),
         None,
         {"operator": OPERATOR_TOKEN, "alice": ALICE_TOKEN},
         VIEWER_TOKEN,

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bascule.app.admin import AdminDeps, create_admin_app
+from bascule.app.operations import Operations
 from bascule.procs import bascule_argv
 from bascule.stages import Stage
 from bascule.state.fleet import RedisAnnouncer, StageView
@@ -206,8 +207,10 @@ async def admin_url(pg_url: str, redis_url: str, redis_prefix: str) -> AsyncIter
     pool = await open_pool(pg_url)
     redis = aioredis.Redis.from_url(redis_url)
     deps = AdminDeps(
-        StageStore(pool),
-        RedisAnnouncer(redis, redis_prefix),
+        Operations(
+            StageStore(pool),
+            RedisAnnouncer(redis, redis_prefix),
+        ),
         None,
         {"operator": OPERATOR_TOKEN},
         VIEWER_TOKEN,

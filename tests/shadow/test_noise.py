@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bascule.app.admin import AdminDeps, create_admin_app
+from bascule.app.operations import Operations
 from bascule.config import CompareRules
 from bascule.errors import Refused, UnknownDataset, UnknownProposal, UsageError
 from bascule.state.fleet import RedisAnnouncer
@@ -529,13 +530,15 @@ async def test_cli_refusals_have_their_exit_code_and_change_nothing(
 @pytest.fixture
 async def admin(noise: NoiseStore) -> AsyncIterator[str]:
     deps = AdminDeps(
-        StageStore(noise.pool),
-        RedisAnnouncer(noise.redis, noise.prefix),
+        Operations(
+            StageStore(noise.pool),
+            RedisAnnouncer(noise.redis, noise.prefix),
+            noise_store=noise,
+            noise_pairs={"dcir": 3, "pmsi": 5},
+        ),
         None,
         {"operator": OPERATOR_TOKEN},
         VIEWER_TOKEN,
-        noise=noise,
-        noise_pairs={"dcir": 3, "pmsi": 5},
     )
     async with serve_app(create_admin_app(deps)) as url:
         yield url
@@ -624,8 +627,10 @@ async def test_admin_refusals_change_nothing(
 
 async def test_admin_without_noise_store_says_so(noise: NoiseStore) -> None:
     deps = AdminDeps(
-        StageStore(noise.pool),
-        RedisAnnouncer(noise.redis, noise.prefix),
+        Operations(
+            StageStore(noise.pool),
+            RedisAnnouncer(noise.redis, noise.prefix),
+        ),
         None,
         {"operator": OPERATOR_TOKEN},
         VIEWER_TOKEN,

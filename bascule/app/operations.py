@@ -1,0 +1,215 @@
+"""Every operator command, written once: the CLI (on the stores) and the admin API both call it.
+
+Each method checks its input (names, reasons, who), does the change with its audit, and
+answers JSON-ready data; a refusal raises a :class:`~bascule.errors.BasculeError` that each
+surface turns into its own form (an exit code, an HTTP status). Nothing here knows HTTP or a
+terminal: ``bascule/app/admin.py`` and ``bascule/app/cli.py`` do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bascule.checks import check_actor, check_name, check_text, require_reason
+from bascule.errors import Refused, StoreError, UsageError
+from bascule.stages import Side, Stage
+from bascule.state import replicas
+from bascule.state.journal import queries
+from bascule.state.journal.entries import IllegalTransition
+from bascule.state.stage_store import StageStore
+from cutover import controller
+from cutover.controller import Announcer
+from cutover.switch import Switcher
+from shadow import ledger
+from shadow.noise_store import NoiseStore, pairs_needed
+
+LISTED_STATES = {
+    "pending": "pending",
+    "dead": "dead",
+    "in-doubt": "in_doubt",
+    "in_doubt": "in_doubt",
+    "intent": "intent",
+}
+"""Journal states SREs list entries in, as they spell them."""
+
+
+@dataclass(frozen=True)
+class Operations:
+    store: StageStore
+    announcer: Announcer
+    switcher: Switcher | None = None
+    """Takes the write fence for changes that alter writes; None only in tests of the rules."""
+    noise_store: NoiseStore | None = None
+    """Noise proposals and decisions; None: the noise commands answer that they are away."""
+    noise_pairs: Mapping[str, int] = field(default_factory=dict)
+    """Each configured dataset's ``noise_pairs`` (:func:`shadow.noise_store.noise_pairs`)."""
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def datasets(self) -> list[dict[str, Any]]:
+        """Each dataset's stage row with its journal backlog."""
+        rows = await self.store.all()
+        counts = await queries.backlog(self.store.pool)
+        return [{**rows[n].as_json(), **counts.get(n, queries.EMPTY_BACKLOG)} for n in sorted(rows)]
+
+    async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
+        if dataset is not None:
+            check_name(dataset)
+        if limit < 1:
+            raise UsageError("the limit must be at least 1")
+        return [r.as_json() for r in await self.store.history(dataset, min(limit, 1000))]
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        return [r.as_json() for r in await replicas.listing(self.store.pool)]
+
+    async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
+        """Mismatches by pointer and the comparisons that could not be made, ``since`` seconds
+        back."""
+        if not since > 0:
+            raise UsageError("since must be a positive number of seconds")
+        await self.store.get(check_name(dataset))  # UnknownDataset names the known ones
+        start = datetime.now(UTC) - timedelta(seconds=since)
+        return {
+            "dataset": dataset,
+            "divergence": await ledger.divergence(self.store.pool, dataset, start),
+            "errored": await ledger.errored(self.store.pool, dataset, start),
+        }
+
+    async def journal_status(self) -> dict[str, dict[str, Any]]:
+        counts = await queries.backlog(self.store.pool)
+        return {n: counts.get(n, queries.EMPTY_BACKLOG) for n in sorted(await self.store.names())}
+
+    async def journal_list(
+        self, state: str, dataset: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Entries in ``state`` (never their bodies)."""
+        listed = LISTED_STATES.get(state)
+        if listed is None:
+            raise UsageError("state must be one of pending, dead, in-doubt, intent")
+        if dataset is not None:
+            check_name(dataset)
+        return await queries.listing(self.store.pool, listed, dataset, max(1, min(limit, 1000)))
+
+    async def noise(self, dataset: str) -> dict[str, Any]:
+        noise = self._noise()
+        min_pairs = pairs_needed(self.noise_pairs, dataset)
+        rows = await noise.proposals(dataset, min_pairs)
+        return {"dataset": dataset, "min_pairs": min_pairs, "proposals": rows}
+
+    # --- changing (each audited) -------------------------------------------------------------
+
+    async def stage(
+        self,
+        dataset: str,
+        stage: str,
+        by: str,
+        reason: str | None,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+        details: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        result = await controller.move(
+            self.store,
+            self.announcer,
+            check_name(dataset),
+            Stage.parse(stage),
+            actor=by,
+            reason=reason,
+            details=details,
+            force=force,
+            dry_run=dry_run,
+            switcher=self.switcher,
+        )
+        return result.as_json()
+
+    async def rollback(
+        self,
+        dataset: str,
+        to: str | None,
+        by: str,
+        reason: str | None,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+        details: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        result = await controller.rollback(
+            self.store,
+            self.announcer,
+            check_name(dataset),
+            to=Stage.parse(to) if to else None,
+            actor=by,
+            reason=reason,
+            details=details,
+            force=force,
+            dry_run=dry_run,
+            switcher=self.switcher,
+        )
+        return result.as_json()
+
+    async def gap_close(
+        self,
+        dataset: str,
+        side: str,
+        by: str,
+        reason: str | None,
+        details: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        closed = await controller.close_gap(
+            self.store,
+            check_name(dataset),
+            Side.parse(side),
+            actor=by,
+            reason=reason,
+            details=details,
+        )
+        return closed.as_json()
+
+    async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
+        """Send dead entries (one, or all) back to the replayer; how many."""
+        if (seq is None) == (not all_dead):
+            raise UsageError("name one entry (its seq) or ask for all dead entries")
+        count = await queries.retry(self.store.pool, seq, all_dead=all_dead)
+        if seq is not None and count == 0:
+            raise Refused(f"journal entry {seq} does not exist or is not dead")
+        return count
+
+    async def journal_skip(
+        self, seq: int, by: str, reason: str | None, details: Mapping[str, Any] | None = None
+    ) -> str:
+        """Give up replaying an entry, audited; its dataset."""
+        why = require_reason(reason)
+        check_actor(by)
+        try:
+            return await queries.skip(
+                self.store.pool, seq, actor=by, reason=why, details=dict(details or {})
+            )
+        except IllegalTransition as exc:
+            raise Refused(str(exc)) from None
+
+    async def noise_decide(
+        self,
+        dataset: str,
+        pointer: str,
+        accept: bool,
+        by: str,
+        reason: str | None,
+        route: str | None,
+        details: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        noise = self._noise()
+        min_pairs = pairs_needed(self.noise_pairs, dataset)
+        if route is not None:
+            check_text("route", route)
+        return await noise.decide(
+            dataset, pointer, accept, reason, by, route, min_pairs=min_pairs, details=details
+        )
+
+    def _noise(self) -> NoiseStore:
+        if self.noise_store is None:
+            raise StoreError("noise proposals are not available on this replica")
+        return self.noise_store
