@@ -91,7 +91,8 @@ class Side(enum.StrEnum):
 
 _S, _T = Side.SOURCE, Side.TARGET
 
-# The stage table of DESIGN.md: (reads served by, shadow-read, writes go to, authoritative).
+# The stage table (docs/architecture.md): (reads served by, shadow-read, writes go to,
+# authoritative).
 _ROLES: dict[Stage, tuple[Side, Side | None, frozenset[Side], Side]] = {
     Stage.SOURCE: (_S, None, frozenset({_S}), _S),
     Stage.DUALWRITE: (_S, None, frozenset({_S, _T}), _S),

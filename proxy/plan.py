@@ -27,7 +27,7 @@ class Plan:
 
 
 def plan(stage: Stage, kind: Kind) -> Plan:
-    """The stage table of DESIGN.md (``bascule/stages.py``) applied to one request."""
+    """The stage table (``bascule/stages.py``, docs/architecture.md) applied to one request."""
     if kind == "read":
         return Plan(stage, kind, serving(stage), shadowed(stage), None)
     auth = authority(stage)

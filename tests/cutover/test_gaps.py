@@ -52,8 +52,8 @@ SINCE = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 # --- the pure rule -----------------------------------------------------------------------------
 
-# Written out again from the stage table of DESIGN.md: in which stages each side, if it has an
-# open gap, blocks the move. The target: serving, authoritative, or compared in `shadow`. The
+# Written out again from the stage table of docs/architecture.md: in which stages each side, if it
+# has an open gap, blocks the move. The target: serving, authoritative, or compared in `shadow`. The
 # source: serving or authoritative (its shadow-read in `live` does not count).
 BLOCKS = {
     #          source  dualwrite shadow  live   rampdown target
@@ -205,7 +205,8 @@ def test_the_steps_of_a_move_depend_on_what_it_changes() -> None:
         "every live replica has confirmed version 8",
     ):
         assert needle in text, needle
-    # The order of the barrier (DESIGN: wait for a small backlog, hold writes, drain, commit).
+    # The order of the barrier (docs/architecture.md, *A flip*): wait for a small backlog, hold
+    # writes, drain, commit.
     assert text.index("is small") < text.index(fence) < text.index("drain") < text.index("bump")
     back = " | ".join(steps_of(_row(LIVE), SH))
     assert "toward the source is small" in back and "the source's id sequence" in back

@@ -167,7 +167,7 @@ class Cuttable:
 async def test_a_replica_partitioned_from_postgres_stops_being_ready(
     pg_url: str, redis_url: str, redis_prefix: str
 ) -> None:
-    """DESIGN: a replica cut off from the stores keeps serving on its last known stages *for a
+    """The design: a replica cut off from the stores keeps serving on its last known stages *for a
     bounded time* ... *and then reports not ready*. StageView.ready ignores store health, so a
     replica partitioned from Postgres (Redis fine) stays in the load balancer forever, serving
     -- and routing writes by -- stages the rest of the fleet has long left."""
@@ -310,8 +310,8 @@ async def test_non_ascii_bearer_token_is_401_not_500(admin_url: str) -> None:
 async def test_a_deleted_stage_row_is_an_alarm_not_a_cached_stage(
     pg_url: str, redis_url: str, redis_prefix: str
 ) -> None:
-    """DESIGN: a stage missing from every store is an alarm. StageView.reload() only ever adds or
-    advances rows, so a row that disappears (or is re-registered at version 1) is served from
+    """The design: a stage missing from every store is an alarm. StageView.reload() only ever adds
+    or advances rows, so a row that disappears (or is re-registered at version 1) is served from
     the cache forever, and /readyz does not notice."""
     await migrate_state(pg_url)
     pool = await open_pool(pg_url)

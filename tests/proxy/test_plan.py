@@ -1,4 +1,5 @@
-"""The plan against the whole stage table of DESIGN.md, written out again independently."""
+"""The plan against the whole stage table (docs/architecture.md), written out again
+independently."""
 
 from __future__ import annotations
 

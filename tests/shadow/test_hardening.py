@@ -1,6 +1,6 @@
 """Shadow reads, hardened: one test per finding of a red-team review of shadow/dispatch.py,
-proxy/forward.py and ``Journal.race``. Each failed on the code reviewed; the fix is named in
-docs/decisions.md (Shadow reads).
+proxy/forward.py and the race guard (``RaceGuard.race``). Each failed on the code reviewed; the fix
+is named in docs/decisions.md (Shadow reads).
 
 False mismatches (a comparison called divergent when the data are not):
 - F1 a replay applied between the shadow read and the guard's statement;
