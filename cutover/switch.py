@@ -215,28 +215,26 @@ class _Run:
                 await self.take(step)
 
     async def take(self, step: Step) -> None:
-        match step.do:
-            case Do.NO_ORPHANS:
-                await self._no_orphans()
-            case Do.SMALL_BACKLOG:
-                await self._small_backlog()
-            case Do.FENCE:
-                await self._fence()
-            case Do.DRAIN:
-                await self._drained()
-            case Do.ADVANCE_IDS:
-                await self._advance_ids()
-            case Do.COMMIT:
-                await self._commit()
-            case Do.RELEASE:
-                await self.held.aclose()  # the fence's session is released or ended
-                self._note("released the write fence: writes resume under the new stage")
-            case Do.ANNOUNCE:
-                await self._announce()
-            case Do.CONFIRM:
-                await self._confirm()
-            case Do.UNAFFECTED:
-                pass
+        actions: dict[Do, Callable[[], Awaitable[None]]] = {
+            Do.NO_ORPHANS: self._no_orphans,
+            Do.SMALL_BACKLOG: self._small_backlog,
+            Do.FENCE: self._fence,
+            Do.DRAIN: self._drained,
+            Do.ADVANCE_IDS: self._advance_ids,
+            Do.COMMIT: self._commit,
+            Do.RELEASE: self._release,
+            Do.ANNOUNCE: self._announce,
+            Do.CONFIRM: self._confirm,
+            Do.UNAFFECTED: self._unaffected,
+        }
+        await actions[step.do]()
+
+    async def _release(self) -> None:
+        await self.held.aclose()  # the fence's session is released, or ended
+        self._note("released the write fence: writes resume under the new stage")
+
+    async def _unaffected(self) -> None:
+        """Nothing to do: same authority, same sides written."""
 
     def _note(self, text: str, rehearsed: str | None = None) -> None:
         """Record what a real step did, or (a dry run) what its check found."""

@@ -12,7 +12,7 @@ import argparse
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -28,47 +28,6 @@ from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 from cutover.switch import switcher_for
 from shadow.noise_store import NoiseStore, noise_pairs
-
-
-class Client(Protocol):
-    """What the CLI calls: :class:`Operations`'s methods, on the stores or over HTTP."""
-
-    async def datasets(self) -> list[dict[str, Any]]: ...
-    async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]: ...
-    async def replicas(self) -> list[dict[str, Any]]: ...
-    async def divergence(self, dataset: str, since: float) -> dict[str, Any]: ...
-    async def journal_status(self) -> dict[str, dict[str, Any]]: ...
-    async def journal_list(
-        self, state: str, dataset: str | None, limit: int
-    ) -> list[dict[str, Any]]: ...
-    async def noise(self, dataset: str) -> dict[str, Any]: ...
-    async def stage(
-        self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
-    ) -> dict[str, Any]: ...
-    async def rollback(
-        self,
-        dataset: str,
-        to: str | None,
-        by: str,
-        reason: str | None,
-        *,
-        force: bool,
-        dry_run: bool,
-    ) -> dict[str, Any]: ...
-    async def gap_close(
-        self, dataset: str, side: str, by: str, reason: str | None
-    ) -> dict[str, Any]: ...
-    async def journal_retry(self, seq: int | None, all_dead: bool) -> int: ...
-    async def journal_skip(self, seq: int, by: str, reason: str | None) -> str: ...
-    async def noise_decide(
-        self,
-        dataset: str,
-        pointer: str,
-        accept: bool,
-        by: str,
-        reason: str | None,
-        route: str | None,
-    ) -> dict[str, Any]: ...
 
 
 def config_of(args: argparse.Namespace) -> Config:
@@ -202,10 +161,7 @@ class AdminClient:
     async def stage(
         self, dataset: str, stage: str, by: str, reason: str | None, *, force: bool, dry_run: bool
     ) -> dict[str, Any]:
-        body = {"stage": stage, "by": by, "reason": reason, "force": force, "dry_run": dry_run}
-        path = f"/v1/datasets/{quote(dataset, safe='')}/stage"
-        result: dict[str, Any] = await self._call("POST", path, body, refused_with="dry_run")
-        return result
+        return await self._move(dataset, "stage", {"stage": stage}, by, reason, force, dry_run)
 
     async def rollback(
         self,
@@ -217,8 +173,21 @@ class AdminClient:
         force: bool,
         dry_run: bool,
     ) -> dict[str, Any]:
-        body = {"to": to, "by": by, "reason": reason, "force": force, "dry_run": dry_run}
-        path = f"/v1/datasets/{quote(dataset, safe='')}/rollback"
+        return await self._move(dataset, "rollback", {"to": to}, by, reason, force, dry_run)
+
+    async def _move(
+        self,
+        dataset: str,
+        action: str,
+        body: dict[str, Any],
+        by: str,
+        reason: str | None,
+        force: bool,
+        dry_run: bool,
+    ) -> dict[str, Any]:
+        """A stage change or a rollback: a dry run's refusal comes back as its findings."""
+        body = {**body, "by": by, "reason": reason, "force": force, "dry_run": dry_run}
+        path = f"/v1/datasets/{quote(dataset, safe='')}/{action}"
         result: dict[str, Any] = await self._call("POST", path, body, refused_with="dry_run")
         return result
 
@@ -253,3 +222,7 @@ class AdminClient:
         body = {"by": by, "reason": reason}
         dataset: str = (await self._call("POST", f"/v1/journal/{seq}/skip", body))["dataset"]
         return dataset
+
+
+Client = Operations | AdminClient
+"""What the CLI calls: :class:`Operations` on the stores, or the same methods over HTTP."""

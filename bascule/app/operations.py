@@ -112,17 +112,9 @@ class Operations:
         dry_run: bool = False,
         details: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        moving = self._moving(by, reason, force, dry_run, details)
         result = await controller.move(
-            self.store,
-            self.announcer,
-            check_name(dataset),
-            Stage.parse(stage),
-            actor=by,
-            reason=reason,
-            details=details,
-            force=force,
-            dry_run=dry_run,
-            switcher=self.switcher,
+            self.store, self.announcer, check_name(dataset), Stage.parse(stage), **moving
         )
         return result.as_json()
 
@@ -137,19 +129,30 @@ class Operations:
         dry_run: bool = False,
         details: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        moving = self._moving(by, reason, force, dry_run, details)
+        to_stage = Stage.parse(to) if to else None
         result = await controller.rollback(
-            self.store,
-            self.announcer,
-            check_name(dataset),
-            to=Stage.parse(to) if to else None,
-            actor=by,
-            reason=reason,
-            details=details,
-            force=force,
-            dry_run=dry_run,
-            switcher=self.switcher,
+            self.store, self.announcer, check_name(dataset), to=to_stage, **moving
         )
         return result.as_json()
+
+    def _moving(
+        self,
+        by: str,
+        reason: str | None,
+        force: bool,
+        dry_run: bool,
+        details: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """What a stage change and a rollback both pass the controller."""
+        return {
+            "actor": by,
+            "reason": reason,
+            "details": details,
+            "force": force,
+            "dry_run": dry_run,
+            "switcher": self.switcher,
+        }
 
     async def gap_close(
         self,
