@@ -17,6 +17,9 @@ CREATE TABLE bascule_verify_run (
     stage_version  bigint NOT NULL,
     actor          text NOT NULL,
     started_at     timestamptz NOT NULL DEFAULT now(),
+    -- When the rows this run relies on began to be read: its own start, or that of the first
+    -- run of a resumed chain. What a clean run proves holds from then on.
+    swept_since    timestamptz NOT NULL DEFAULT now(),
     finished_at    timestamptz,
     resumed_from   bigint REFERENCES bascule_verify_run (id),
     backfill_run   bigint,          -- the backfill this verification ended, if any
@@ -28,17 +31,19 @@ CREATE TABLE bascule_verify_run (
 CREATE INDEX bascule_verify_run_by_dataset ON bascule_verify_run (dataset, status, started_at);
 
 CREATE VIEW bascule_verify_latest_clean AS
-    SELECT DISTINCT ON (dataset) dataset, id AS run_id, mode, verified, started_at, finished_at
+    SELECT DISTINCT ON (dataset) dataset, id AS run_id, mode, verified, swept_since, started_at,
+        finished_at
     FROM bascule_verify_run WHERE status = 'clean'
-    ORDER BY dataset, started_at DESC, id DESC;
+    ORDER BY dataset, swept_since DESC, id DESC;
 
 CREATE TABLE bascule_verify_checkpoint (
     run_id      bigint NOT NULL REFERENCES bascule_verify_run (id) ON DELETE CASCADE,
     tbl         text NOT NULL,      -- schema-qualified table name (not a value)
     done        boolean NOT NULL DEFAULT false,
-    position    bytea,              -- sealed: the last key swept (NULL: from the start)
-    found       bytea,              -- sealed: key ranges that differed so far
-    figures     jsonb NOT NULL DEFAULT '{}'::jsonb,
+    -- Sealed: where each side's scan stands (its next heap block and the chunk figures summed
+    -- so far), the chunk thresholds (keys), and what differed. Hash sums are keyed too.
+    position    bytea,
+    figures     jsonb NOT NULL DEFAULT '{}'::jsonb,  -- counts only
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, tbl)
 );
