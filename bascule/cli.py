@@ -7,12 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from bascule.errors import BasculeError, Refused, UsageError
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3
+from bascule.errors import EXIT_ERROR, EXIT_REFUSED, EXIT_USAGE, BasculeError, Refused, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:

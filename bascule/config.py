@@ -80,6 +80,17 @@ class SwitchSettings(_Record, frozen=True):
     once its lease runs out)."""
 
 
+class ControllerSettings(_Record, frozen=True):
+    """The controller (``[controller]``; ``cutover/autopilot.py``): one replica of the fleet,
+    holding a lease, promotes datasets whose gate holds and rolls back a diverging ``live``."""
+
+    interval: float = 5.0
+    """Seconds between the controller's rounds."""
+    lease: float = 15.0
+    """Seconds the controller's lease lasts; another replica takes over that long after its
+    holder stopped renewing it."""
+
+
 class ShadowSettings(_Record, frozen=True):
     """How shadow reads run on each replica (``[shadow]``); see ``shadow/dispatch.py``. A shadow
     read is off the researcher's path: these bound what it may cost, never what researchers see."""
@@ -136,12 +147,22 @@ class CompareRules(_Record, frozen=True):
 
 
 class GateSettings(_Record, frozen=True):
+    """When a dataset may move forward past ``shadow`` (``cutover/gate.py``)."""
+
     min_compared: int = 1000
     """Comparisons needed in the window before a move past ``shadow``."""
     window: float = 3600.0
-    """Seconds of evidence the gate looks at (never before the current stage took effect)."""
+    """Seconds of evidence the gate looks at: the current stage must have been in effect that
+    long, and its evidence is read from then on (never before the stage took effect)."""
     live_mismatch_budget: int = 0
     """Mismatches tolerated in ``live`` before an automatic rollback to ``shadow``."""
+    replay_grace: float = 5.0
+    """Seconds a journaled write may wait for its replay before it counts as backlog: a write
+    being replayed right now is not one (under steady writes the backlog is never empty)."""
+    verification: bool = True
+    """Whether the gate wants a clean stored-data verification newer than the last gap.
+    ``false`` only where bascule cannot reach the backends' databases; the gate then says so
+    in every answer, and each move's audit records it."""
 
 
 class IdAllocation(_Record, frozen=True):
@@ -288,6 +309,7 @@ class Config(_Record, frozen=True):
     datasets: dict[str, Dataset]
     switch: SwitchSettings = SwitchSettings()
     shadow: ShadowSettings = ShadowSettings()
+    controller: ControllerSettings = ControllerSettings()
 
     @property
     def source_backend(self) -> Backend:
@@ -312,6 +334,7 @@ _TOP_KEYS = (
     "defaults",
     "switch",
     "shadow",
+    "controller",
 )
 
 
@@ -345,6 +368,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     migration = _convert(raw["migration"], MigrationSettings, source, "migration")
     switch = _convert(raw.get("switch", {}), SwitchSettings, source, "switch")
     shadow = _convert(raw.get("shadow", {}), ShadowSettings, source, "shadow")
+    controller = _convert(raw.get("controller", {}), ControllerSettings, source, "controller")
 
     backends_raw = _table(raw.get("backends", {}), source, "backends")
     backends = {
@@ -383,6 +407,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         datasets=datasets,
         switch=switch,
         shadow=shadow,
+        controller=controller,
     )
     _check(config)
     return config
@@ -464,6 +489,10 @@ def _check(config: Config) -> None:
             raise ConfigError(src, f"switch.{field}", "expected a positive number of seconds")
     if config.switch.small_backlog < 1:
         raise ConfigError(src, "switch.small_backlog", "expected at least 1 entry")
+    if config.controller.interval <= 0:
+        raise ConfigError(src, "controller.interval", "expected a positive number of seconds")
+    if config.controller.lease <= config.controller.interval:
+        raise ConfigError(src, "controller.lease", "must be longer than controller.interval")
     for field in ("queue", "concurrency", "max_body_bytes"):
         if getattr(config.shadow, field) < 1:
             raise ConfigError(src, f"shadow.{field}", "expected a positive number")
@@ -530,6 +559,8 @@ def _check_dataset(src: str, name: str, dataset: Dataset) -> None:
         raise ConfigError(src, f"{key}.gate", "counts must not be negative")
     if dataset.gate.window <= 0:
         raise ConfigError(src, f"{key}.gate.window", "expected a positive number of seconds")
+    if dataset.gate.replay_grace < 0:
+        raise ConfigError(src, f"{key}.gate.replay_grace", "expected seconds, not negative")
     _check_compare(src, f"{key}.compare", dataset.compare)
     if dataset.ids is not None:
         for part in ("table", "sequence", "column"):

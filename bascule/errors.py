@@ -24,6 +24,17 @@ the standard library still catch them sensibly.
 
 from __future__ import annotations
 
+# What the ``bascule`` command exits with (docs/operations.md).
+EXIT_OK = 0
+EXIT_ERROR = 1
+"""An error: a store unreachable, a backend that answers garbage."""
+EXIT_USAGE = 2
+"""Bad usage: a missing reason, a malformed argument (:class:`UsageError`)."""
+EXIT_REFUSED = 3
+"""Refused, nothing changed (:class:`Refused`); also a gate that does not hold."""
+EXIT_DIVERGENT = 4
+"""A verification found the two sides' data differ."""
+
 
 class BasculeError(Exception):
     """Base of every error bascule raises on purpose."""

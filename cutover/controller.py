@@ -9,12 +9,14 @@ it refuses what the real move would refuse now, and the two cannot drift apart.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from bascule.checks import check_actor, check_name, require_reason
+from bascule.config import Config
 from bascule.errors import IllegalMove, Refused, StaleVersion
 from bascule.stages import (
     GapOpen,
@@ -29,6 +31,7 @@ from bascule.stages import (
     when,
 )
 from bascule.state.stage_store import StageRow, StageStore
+from cutover.gate import Gate, GateClosed, GateReport, gated
 from cutover.switch import Switcher, planned_steps
 
 
@@ -81,6 +84,14 @@ class MoveResult:
     run, what each step's check found."""
     lagging: tuple[str, ...] = ()
     """Live replicas that had not confirmed the change when the wait ended."""
+    gate: GateReport | None = None
+    """What the gate found, for a forward move past ``shadow``."""
+    forced_gate: tuple[str, ...] = ()
+    """The gate's failing conditions that ``force`` overrode (audited)."""
+    group: Group | None = None
+    """The group the dataset moved with, if any."""
+    moved: tuple[StageRow, ...] = ()
+    """Every dataset's row after the move (the group's members, or the dataset alone)."""
 
     @property
     def allowed(self) -> bool:
@@ -98,12 +109,24 @@ class MoveResult:
             "dry_run": self.dry_run,
             "allowed": self.allowed,
             "refusal": self.refusal,
-            "forced": bool(self.forced_gaps),
+            "forced": bool(self.forced_gaps) or bool(self.forced_gate),
+            "forced_gate": list(self.forced_gate),
             "forced_gaps": {s.value: t.isoformat() for s, t in (self.forced_gaps or {}).items()},
             "checks": [c.as_json() for c in self.checks],
             "steps": list(self.steps),
             "done": list(self.done),
             "lagging_replicas": list(self.lagging),
+            "gate": None if self.gate is None else self.gate.as_json(),
+            "group": None
+            if self.group is None
+            else {
+                "name": self.group.name,
+                "members": list(self.group.members),
+                "moved": [
+                    {"dataset": r.dataset, "stage": r.stage.value, "version": r.version}
+                    for r in self.moved
+                ],
+            },
         }
 
 
@@ -149,6 +172,34 @@ def assess(
     return Assessment(tuple(checks), refusal, forced, steps)
 
 
+@dataclass(frozen=True)
+class Group:
+    """Datasets whose data depend on each other: they move through the stages together, as
+    one audited change, or not at all (``[datasets.X] group``)."""
+
+    name: str
+    members: tuple[str, ...]
+    """In name order."""
+
+
+Groups = Mapping[str, Group]
+"""Each grouped dataset's group."""
+
+
+def groups_of(config: Config) -> dict[str, Group]:
+    """The groups of the configuration, by member (a group of one is no group)."""
+    found: dict[str, list[str]] = {}
+    for name, dataset in config.datasets.items():
+        if dataset.group is not None:
+            found.setdefault(dataset.group, []).append(name)
+    return {
+        member: Group(group, tuple(sorted(members)))
+        for group, members in found.items()
+        if len(members) > 1
+        for member in members
+    }
+
+
 async def move(
     store: StageStore,
     announcer: Announcer,
@@ -163,20 +214,26 @@ async def move(
     force: bool = False,
     dry_run: bool = False,
     switcher: Switcher | None = None,
+    gate: Gate | None = None,
+    groups: Groups | None = None,
 ) -> MoveResult:
     """Move ``dataset`` to ``wanted`` if the rules allow it. Raises IllegalMove, GapOpen,
-    StaleVersion, UnknownDataset or UsageError (all refusals: nothing changes). A dry run
-    changes nothing, announces nothing, and returns what was found instead of raising it.
-    ``force`` overrides the gap rule only, and is audited."""
+    GateClosed, StaleVersion, UnknownDataset or UsageError (all refusals: nothing changes). A
+    dry run changes nothing, announces nothing, and returns what was found instead of raising
+    it. ``force`` overrides the gap rule and the gate, never an illegal move, and is audited
+    with the figures it overrode. ``gate``: None only in tests of the stage rules alone. A
+    dataset of a group (``groups``) moves with every other member, or none moves."""
     why = _reason(reason, dry_run)
     check_actor(actor)
-    before = await store.get(check_name(dataset))
+    befores = await _members(store, check_name(dataset), groups)
+    before = next(r for r in befores if r.dataset == dataset)
     if expected_version is not None and expected_version != before.version:
         raise StaleVersion(dataset, expected_version, before.version)
     return await _move(
         store,
         announcer,
-        before,
+        dataset,
+        befores,
         wanted,
         actor=actor,
         reason=why,
@@ -185,6 +242,8 @@ async def move(
         force=force,
         dry_run=dry_run,
         switcher=switcher,
+        gate=gate,
+        group=groups.get(dataset) if groups else None,
     )
 
 
@@ -200,11 +259,14 @@ async def rollback(
     force: bool = False,
     dry_run: bool = False,
     switcher: Switcher | None = None,
+    gate: Gate | None = None,
+    groups: Groups | None = None,
 ) -> MoveResult:
-    """Move back: to the previous stage, or to ``to`` (any earlier stage)."""
+    """Move back: to the previous stage, or to ``to`` (any earlier stage). Never gated."""
     why = _reason(reason, dry_run)
     check_actor(actor)
-    before = await store.get(check_name(dataset))
+    befores = await _members(store, check_name(dataset), groups)
+    before = next(r for r in befores if r.dataset == dataset)
     wanted = to if to is not None else previous(before.stage)
     bad = None
     if wanted is None:
@@ -215,7 +277,8 @@ async def rollback(
     return await _move(
         store,
         announcer,
-        before,
+        dataset,
+        befores,
         wanted,
         actor=actor,
         reason=why,
@@ -225,7 +288,31 @@ async def rollback(
         dry_run=dry_run,
         illegal_move=bad,
         switcher=switcher,
+        gate=gate,
+        group=groups.get(dataset) if groups else None,
     )
+
+
+async def _members(store: StageStore, dataset: str, groups: Groups | None) -> list[StageRow]:
+    """The rows of every dataset that moves with ``dataset`` (itself alone, or its group's,
+    which must all be at one stage)."""
+    group = groups.get(dataset) if groups else None
+    if group is None:
+        return [await store.get(dataset)]
+    rows = await store.all()
+    missing = [m for m in group.members if m not in rows]
+    if missing:
+        await store.get(missing[0])  # UnknownDataset names the known ones
+    found = [rows[m] for m in group.members]
+    stages = {r.stage for r in found}
+    if len(stages) > 1:
+        where = ", ".join(f"{r.dataset} at {r.stage.value}" for r in found)
+        raise Refused(
+            f"{dataset}: its group {group.name!r} is split across stages ({where}): its members "
+            "move together; bring them to one stage first (each one alone, with the group "
+            "removed from the configuration for that move); nothing was changed"
+        )
+    return found
 
 
 def _reason(reason: str | None, dry_run: bool) -> str:
@@ -235,10 +322,58 @@ def _reason(reason: str | None, dry_run: bool) -> str:
     return require_reason(reason)
 
 
+@dataclass
+class _Judged:
+    """One member's checks, refusal and what ``force`` overrode."""
+
+    checks: tuple[Check, ...]
+    refusal: Refused | None
+    forced_gaps: dict[Side, datetime]
+    forced_gate: tuple[str, ...]
+    report: GateReport | None
+    recorded: dict[str, Any]
+
+
+async def _judge(
+    before: StageRow,
+    wanted: Stage,
+    *,
+    force: bool,
+    illegal_move: IllegalMove | None,
+    gate: Gate | None,
+    details: Mapping[str, Any] | None,
+) -> tuple[_Judged, Assessment]:
+    """The stage rules, the gap rule and the gate for one dataset's move."""
+    found = assess(before, wanted, force=force, illegal_move=illegal_move)
+    checks, refusal = found.checks, found.refusal
+    recorded = dict(details or {})
+    report: GateReport | None = None
+    forced_gate: tuple[str, ...] = ()
+    if checks[0].ok and gate is not None and gated(before.stage, wanted):
+        report = await gate.judge(before, wanted)
+        # The figures go into the audit whatever the answer: what the gate saw at the move.
+        recorded["gate"] = report.figures()
+        if report.ok:
+            checks = (*checks, Check("gate", True, "every condition holds"))
+        elif force:
+            forced_gate = tuple(c.name for c in report.failing)
+            recorded["forced_gate"] = list(forced_gate)
+            overridden = f"overridden by force (audited): {report.why()}"
+            checks = (*checks, Check("gate", True, overridden))
+        else:
+            checks = (*checks, Check("gate", False, report.why()))
+            refusal = refusal or GateClosed(report)
+    if found.forced_gaps:
+        recorded["forced_gaps"] = {s.value: t.isoformat() for s, t in found.forced_gaps.items()}
+    judged = _Judged(checks, refusal, found.forced_gaps, forced_gate, report, recorded)
+    return judged, found
+
+
 async def _move(
     store: StageStore,
     announcer: Announcer,
-    before: StageRow,
+    dataset: str,
+    befores: list[StageRow],
     wanted: Stage,
     *,
     actor: str,
@@ -249,71 +384,103 @@ async def _move(
     dry_run: bool,
     illegal_move: IllegalMove | None = None,
     switcher: Switcher | None = None,
+    gate: Gate | None = None,
+    group: Group | None = None,
 ) -> MoveResult:
-    found = assess(before, wanted, force=force, illegal_move=illegal_move)
+    if group is not None:
+        details = {
+            **(details or {}),
+            "group": group.name,
+            "members": list(group.members),
+            "change": uuid.uuid4().hex[:12],  # the one change every member's audit row is part of
+        }
+    judged: dict[str, _Judged] = {}
+    found: Assessment | None = None
+    for row in befores:
+        bad = illegal_move if row.dataset == dataset else None
+        one, assessed = await _judge(
+            row, wanted, force=force, illegal_move=bad, gate=gate, details=details
+        )
+        judged[row.dataset] = one
+        if row.dataset == dataset:
+            found = assessed
+    assert found is not None
+    mine = judged[dataset]
+    checks = mine.checks
+    if group is not None:
+        checks = tuple(
+            Check(f"{name}: {c.name}" if name != dataset else c.name, c.ok, c.detail)
+            for name, one in judged.items()
+            for c in one.checks
+        )
+    refusal = next((one.refusal for one in judged.values() if one.refusal is not None), None)
+    steps = tuple(step.text for step in planned_steps(befores, wanted)) if checks[0].ok else ()
     if dry_run:
-        checks, refusal = found.checks, found.refusal
         findings: tuple[str, ...] = ()
         if refusal is None and switcher is not None:
             # The same steps a real move takes, side effects off (Vitess's SwitchTraffic
             # --dry-run): what it would meet now, it reports instead of meeting it.
-            rehearsed, refusal = await switcher.rehearse(before.dataset, before, wanted)
+            rehearsed, refusal = await switcher.rehearse(dataset, befores, wanted)
             detail = str(refusal) if refusal else "; ".join(rehearsed.steps)
             checks = (*checks, Check("switch", refusal is None, detail))
             findings = tuple(rehearsed.steps)
         return MoveResult(
-            before,
+            next(r for r in befores if r.dataset == dataset),
             wanted,
             None,
             False,
             dry_run=True,
             checks=checks,
-            steps=found.steps,
+            steps=steps,
             refusal=None if refusal is None else str(refusal),
-            forced_gaps=found.forced_gaps,
+            forced_gaps=mine.forced_gaps,
             done=findings,
+            gate=mine.report,
+            forced_gate=mine.forced_gate,
+            group=group,
         )
-    if found.refusal is not None:
-        raise found.refusal
-    recorded = dict(details or {})
-    if found.forced_gaps:
-        recorded["forced_gaps"] = {s.value: t.isoformat() for s, t in found.forced_gaps.items()}
-    # The gaps were checked on ``before``; the compare-and-set on its version keeps that sound:
-    # a gap opens only with a stage change (which bumps the version), and a gap closed meanwhile
-    # only makes the check stricter than needed.
+    if refusal is not None:
+        raise refusal
+    # The gaps were checked on ``befores``; the compare-and-set on their versions keeps that
+    # sound: a gap opens only with a stage change (which bumps the version), and a gap closed
+    # meanwhile only makes the check stricter than needed. The gate's evidence is tied to
+    # that version too: a change in between makes the compare-and-set fail.
+    forced = any(one.forced_gaps or one.forced_gate for one in judged.values())
 
-    def commit() -> Awaitable[StageRow]:
-        return store.change(
-            before.dataset,
-            before.version,
+    def commit() -> Awaitable[list[StageRow]]:
+        return store.change_many(
+            [(r.dataset, r.version, judged[r.dataset].recorded) for r in befores],
             wanted,
             actor=actor,
             reason=reason,
             action=action,
-            forced=bool(found.forced_gaps),
-            details=recorded,
+            forced=forced,
         )
 
     if switcher is None:  # no fence to take (tests of the stage rules alone)
-        after = await commit()
-        announced = await announcer.announce(after)
+        afters = await commit()
+        announced = all([await announcer.announce(after) for after in afters])
         done: tuple[str, ...] = ()
         lagging: tuple[str, ...] = ()
     else:
-        after, outcome = await switcher.change(
-            before.dataset, before, wanted, commit, announcer.announce
-        )
+        afters, outcome = await switcher.change_group(befores, wanted, commit, announcer.announce)
         announced, done, lagging = outcome.announced, tuple(outcome.steps), tuple(outcome.lagging)
+    before = next(r for r in befores if r.dataset == dataset)
+    after = next(r for r in afters if r.dataset == dataset)
     return MoveResult(
         before,
         wanted,
         after,
         announced,
-        checks=found.checks,
-        steps=found.steps,
-        forced_gaps=found.forced_gaps,
+        checks=checks,
+        steps=steps,
+        forced_gaps=mine.forced_gaps,
         done=done,
         lagging=lagging,
+        gate=mine.report,
+        forced_gate=mine.forced_gate,
+        group=group,
+        moved=tuple(afters),
     )
 
 

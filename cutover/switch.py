@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,17 +64,27 @@ class Step:
     """What a real move does, in words for an SRE."""
 
 
-def planned_steps(row: StageRow, wanted: Stage) -> tuple[Step, ...]:
-    """The steps of ``row.stage -> wanted``, in order (docs/architecture.md, *A flip*). Pure.
+def planned_steps(rows: StageRow | Sequence[StageRow], wanted: Stage) -> tuple[Step, ...]:
+    """The steps of moving ``rows`` (one dataset, or a group's, all at one stage) to
+    ``wanted``, in order (docs/architecture.md, *A flip*). Pure.
 
     A real move runs exactly these (:meth:`Switcher.change`), and so does its dry run, with
     every side effect turned off: the two cannot drift apart."""
-    d, current = row.dataset, row.stage
-    version, epoch = row.version, row.write_epoch
+    members = (rows,) if isinstance(rows, StageRow) else tuple(rows)
+    d, current = " and ".join(r.dataset for r in members), members[0].stage
+    versions = ", ".join(
+        (f"{r.dataset} " if len(members) > 1 else "") + f"{r.version} -> {r.version + 1}"
+        for r in members
+    )
+    epochs = ", ".join(
+        (f"{r.dataset} " if len(members) > 1 else "") + f"{r.write_epoch} -> {r.write_epoch + 1}"
+        for r in members
+    )
     steps: list[Step] = []
     alters = alters_writes(current, wanted)
     switch = switches_authority(current, wanted)
     new, old = authority(wanted).value, authority(current).value
+    whose = f"{d}'s" if len(members) == 1 else f"each of {d}'s"
     if alters:
         steps.append(
             Step(
@@ -95,8 +105,8 @@ def planned_steps(row: StageRow, wanted: Stage) -> tuple[Step, ...]:
         steps.append(
             Step(
                 Do.FENCE,
-                f"take {d}'s write fence exclusively: new writes to {d} wait (bounded; past it "
-                "503) and writes in flight finish",
+                f"take {whose} write fence exclusively: new writes to {d} wait (bounded; past "
+                "it 503) and writes in flight finish",
             )
         )
     if switch:
@@ -104,23 +114,29 @@ def planned_steps(row: StageRow, wanted: Stage) -> tuple[Step, ...]:
         steps.append(
             Step(Do.ADVANCE_IDS, f"advance the {new}'s id sequence past every id the {old} holds")
         )
-    commit = f"compare-and-set the stage {current.value} -> {wanted.value} (version {version} -> "
-    commit += f"{version + 1})"
+    commit = f"compare-and-set the stage {current.value} -> {wanted.value} (version {versions})"
     if alters:
-        commit += f", bump the write epoch ({epoch} -> {epoch + 1})"
+        commit += f", bump the write epoch ({epochs})"
     for side in sorted(opens_gaps(current, wanted)):
-        if side not in row.gaps:
-            commit += f", open the {side.value}'s gap marker (writes stop reaching it)"
-    steps.append(Step(Do.COMMIT, commit + ", with its audit row, in one transaction"))
+        missing = [r.dataset for r in members if side not in r.gaps]
+        if missing:
+            of = "" if len(members) == 1 else f" of {', '.join(missing)}"
+            commit += f", open the {side.value}'s gap marker{of} (writes stop reaching it)"
+    audit = "with its audit row" if len(members) == 1 else "with an audit row each"
+    steps.append(Step(Do.COMMIT, f"{commit}, {audit}, in one transaction"))
     if alters:
         steps.append(Step(Do.RELEASE, "release the write fence: writes resume under the new stage"))
     steps.append(Step(Do.ANNOUNCE, "announce the change on Redis (replicas also poll Postgres)"))
     if alters:
+        confirmed = ", ".join(
+            (f"{r.dataset} " if len(members) > 1 else "") + f"version {r.version + 1}"
+            for r in members
+        )
         steps.append(
             Step(
                 Do.CONFIRM,
-                f"wait until every live replica has confirmed version {version + 1} (or its "
-                f"lease has expired); {d}'s writes resume under the new stage",
+                f"wait until every live replica has confirmed {confirmed} (or its lease has "
+                f"expired); {d}'s writes resume under the new stage",
             )
         )
     else:
@@ -139,6 +155,10 @@ class Outcome:
     lagging: list[str] = field(default_factory=list)
     """Replicas that had not confirmed when the wait ended (leases still alive)."""
     announced: bool = False
+
+
+Commit = Callable[[], Awaitable[list[StageRow]]]
+"""The compare-and-set of every member's stage, with their audit rows, in one transaction."""
 
 
 @dataclass
@@ -163,19 +183,37 @@ class Switcher:
         the barrier for an authority switch. ``announce`` tells the replicas, once the fence is
         released, before their confirmations are awaited. A step that cannot be taken raises
         :class:`Refused` and nothing is committed."""
-        run = _Run(self, dataset, before, wanted, commit, announce, dry_run=False)
+
+        async def one() -> list[StageRow]:
+            return [await commit()]
+
+        after, done = await self.change_group([before], wanted, one, announce)
+        return after[0], done
+
+    async def change_group(
+        self,
+        befores: Sequence[StageRow],
+        wanted: Stage,
+        commit: Commit,
+        announce: Callable[[StageRow], Awaitable[bool]] | None = None,
+    ) -> tuple[list[StageRow], Outcome]:
+        """:meth:`change` for several datasets that move together (a group): every check for
+        each, every fence in one session (in name order: no deadlock), one commit."""
+        run = _Run(self, befores, wanted, commit, announce, dry_run=False)
         await run.all()
         assert run.after is not None
         return run.after, run.done
 
     async def rehearse(
-        self, dataset: str, before: StageRow, wanted: Stage
+        self, dataset: str, before: StageRow | Sequence[StageRow], wanted: Stage
     ) -> tuple[Outcome, Refused | None]:
-        """The same steps as :meth:`change`, every side effect off: each check is made as the
-        real move would make it now, without waiting, taking the fence, moving ids,
-        committing or announcing. Returns what the checks found, in order, and the refusal a
-        real move would meet now (None: it would go ahead)."""
-        run = _Run(self, dataset, before, wanted, None, None, dry_run=True)
+        """The same steps as :meth:`change` (or :meth:`change_group`, given several rows),
+        every side effect off: each check is made as the real move would make it now, without
+        waiting, taking the fence, moving ids, committing or announcing. Returns what the checks
+        found, in order, and the refusal a real move would meet now (None: it would go
+        ahead)."""
+        befores = [before] if isinstance(before, StageRow) else list(before)
+        run = _Run(self, befores, wanted, None, None, dry_run=True)
         try:
             await run.all()
         except Refused as exc:
@@ -184,15 +222,15 @@ class Switcher:
 
 
 class _Run:
-    """One change, real or rehearsed: the steps of :func:`planned_steps`, in order."""
+    """One change, real or rehearsed: the steps of :func:`planned_steps`, in order, for each
+    dataset that moves."""
 
     def __init__(
         self,
         switcher: Switcher,
-        dataset: str,
-        before: StageRow,
+        befores: Sequence[StageRow],
         wanted: Stage,
-        commit: Callable[[], Awaitable[StageRow]] | None,
+        commit: Commit | None,
         announce: Callable[[StageRow], Awaitable[bool]] | None,
         *,
         dry_run: bool,
@@ -200,15 +238,17 @@ class _Run:
         self.s = switcher
         self.pool = switcher.pool
         self.settings = switcher.settings
-        self.dataset, self.before, self.wanted = dataset, before, wanted
+        self.befores = sorted(befores, key=lambda r: r.dataset)
+        self.datasets = [r.dataset for r in self.befores]
+        self.wanted = wanted
         self.commit, self.announce = commit, announce
         self.dry_run = dry_run
         self.done = Outcome()
-        self.after: StageRow | None = None
+        self.after: list[StageRow] | None = None
         self.new_authority = authority(wanted).value
 
     async def all(self) -> None:
-        steps = planned_steps(self.before, self.wanted)
+        steps = planned_steps(self.befores, self.wanted)
         async with contextlib.AsyncExitStack() as held:
             self.held = held
             for step in steps:
@@ -242,28 +282,35 @@ class _Run:
         if found:
             self.done.steps.append(found)
 
+    def _of(self, dataset: str) -> str:
+        """``dcir``'s prefix in a finding, only when a group moves."""
+        return f"{dataset}: " if len(self.datasets) > 1 else ""
+
     async def _no_orphans(self) -> None:
         """A write whose replica died before recording its outcome holds its record back until
         the resolver settles it (after its deadline and ``orphan_grace``): under the fence it
         could neither drain nor be waited for."""
-        orphans = await queries.orphan_count(self.pool, self.dataset)
-        if orphans:
-            raise Refused(
-                f"{self.dataset}: {orphans} write(s) left by a replica that died before "
-                "recording their outcome; the resolver settles them once their deadline and "
-                "orphan_grace have passed: try again then; nothing was changed"
-            )
+        for dataset in self.datasets:
+            orphans = await queries.orphan_count(self.pool, dataset)
+            if orphans:
+                raise Refused(
+                    f"{dataset}: {orphans} write(s) left by a replica that died before "
+                    "recording their outcome; the resolver settles them once their deadline and "
+                    "orphan_grace have passed: try again then; nothing was changed"
+                )
         self._note("", "no write left by a dead replica")
 
-    async def _backlog(self) -> dict[str, Any]:
+    async def _backlog(self) -> dict[str, dict[str, Any]]:
         counts = await queries.backlog(self.pool)
-        found: dict[str, Any] = counts.get(self.dataset, queries.EMPTY_BACKLOG)
-        if found["in_doubt"] or found["dead"]:
-            raise Refused(
-                f"{self.dataset}: {found['in_doubt']} in doubt and {found['dead']} dead journal "
-                "entries would never reach the new authority: settle them first "
-                "(bascule journal list --state in-doubt|dead); nothing was changed"
-            )
+        found: dict[str, dict[str, Any]] = {}
+        for dataset in self.datasets:
+            of = found[dataset] = counts.get(dataset, queries.EMPTY_BACKLOG)
+            if of["in_doubt"] or of["dead"]:
+                raise Refused(
+                    f"{dataset}: {of['in_doubt']} in doubt and {of['dead']} dead journal "
+                    "entries would never reach the new authority: settle them first "
+                    "(bascule journal list --state in-doubt|dead); nothing was changed"
+                )
         return found
 
     async def _small_backlog(self) -> None:
@@ -272,43 +319,47 @@ class _Run:
         deadline = loop.time() + wait
         while True:
             counts = await self._backlog()
-            if counts["backlog"] < small:
-                self._note(
-                    f"backlog toward the new authority small ({counts['backlog']})",
-                    f"backlog toward the new authority small now ({counts['backlog']} < {small})"
-                    ", nothing in doubt or dead",
-                )
+            large = {d: c["backlog"] for d, c in counts.items() if c["backlog"] >= small}
+            if not large:
+                for dataset, c in counts.items():
+                    of = self._of(dataset)
+                    self._note(
+                        f"{of}backlog toward the new authority small ({c['backlog']})",
+                        f"{of}backlog toward the new authority small now ({c['backlog']} < "
+                        f"{small}), nothing in doubt or dead",
+                    )
                 return
+            dataset, backlog = next(iter(large.items()))
             if self.dry_run:
                 raise Refused(
-                    f"{self.dataset}: the backlog toward the new authority is "
-                    f"{counts['backlog']} entries now, not under {small}: a real move would "
-                    f"wait up to {wait:g} s for it and give up if it stays; nothing was changed"
+                    f"{dataset}: the backlog toward the new authority is {backlog} entries now, "
+                    f"not under {small}: a real move would wait up to {wait:g} s for it and give "
+                    "up if it stays; nothing was changed"
                 )
             if loop.time() >= deadline:
                 raise Refused(
-                    f"{self.dataset}: the backlog toward the new authority is "
-                    f"{counts['backlog']} entries, not under {small} after {wait:g} s; "
-                    "nothing was changed"
+                    f"{dataset}: the backlog toward the new authority is {backlog} entries, not "
+                    f"under {small} after {wait:g} s; nothing was changed"
                 )
             await asyncio.sleep(0.2)
 
     async def _fence(self) -> None:
         hold = self.settings.hold
         if self.dry_run:
-            stuck = await _stuck_writers(self.pool, self.dataset, hold)
-            if stuck:
-                raise Refused(
-                    f"{self.dataset}: writes in flight have held the fence for longer than "
-                    f"{hold:g} s ({stuck}): a real move would wait {hold:g} s for them and give "
-                    "up; nothing was changed (a replica that stays frozen keeps its writes' "
-                    "sessions and their fence: stop it)"
+            for dataset in self.datasets:
+                stuck = await _stuck_writers(self.pool, dataset, hold)
+                if stuck:
+                    raise Refused(
+                        f"{dataset}: writes in flight have held the fence for longer than "
+                        f"{hold:g} s ({stuck}): a real move would wait {hold:g} s for them and "
+                        "give up; nothing was changed (a replica that stays frozen keeps its "
+                        "writes' sessions and their fence: stop it)"
+                    )
+                holders = await _fence_holders(self.pool, dataset)
+                self.done.steps.append(
+                    f"{self._of(dataset)}writes in flight now: {holders or 'none'} (a real move "
+                    f"waits up to {hold:g} s for them)"
                 )
-            holders = await _fence_holders(self.pool, self.dataset)
-            self.done.steps.append(
-                f"writes in flight now: {holders or 'none'} (a real move waits up to {hold:g} s "
-                "for them)"
-            )
             return
         conn = await self.held.enter_async_context(_fence_session(self.pool))
         await conn.execute(f"SET lock_timeout = '{max(1, int(hold * 1000))}ms'")
@@ -317,16 +368,19 @@ class _Run:
         idle = int((2 * hold + 30.0) * 1000)
         await conn.execute(f"SET idle_session_timeout = '{idle}ms'")
         try:
-            await conn.execute(
-                "SELECT pg_advisory_lock($1)", fence_id(self.dataset), timeout=hold + 5.0
-            )
-        except asyncpg.LockNotAvailableError:
-            holders = await _fence_holders(self.pool, self.dataset)
-            raise Refused(
-                f"{self.dataset}: writes in flight did not finish within {hold:g} s (held by "
-                f"{holders or 'sessions that are gone now'}); nothing was changed (try again; a "
-                "replica that stays frozen keeps its writes' sessions and their fence: stop it)"
-            ) from None
+            for dataset in self.datasets:  # in name order: two group moves cannot deadlock
+                try:
+                    await conn.execute(
+                        "SELECT pg_advisory_lock($1)", fence_id(dataset), timeout=hold + 5.0
+                    )
+                except asyncpg.LockNotAvailableError:
+                    holders = await _fence_holders(self.pool, dataset)
+                    raise Refused(
+                        f"{dataset}: writes in flight did not finish within {hold:g} s (held by "
+                        f"{holders or 'sessions that are gone now'}); nothing was changed (try "
+                        "again; a replica that stays frozen keeps its writes' sessions and their "
+                        "fence: stop it)"
+                    ) from None
         finally:
             await conn.execute("SET lock_timeout = 0")
         self.done.steps.append("took the write fence: new writes wait, writes in flight finished")
@@ -338,34 +392,36 @@ class _Run:
         deadline = loop.time() + hold
         while True:
             counts = await self._backlog()
-            if counts["backlog"] == 0:
+            left = {d: c for d, c in counts.items() if c["backlog"]}
+            if not left or self.dry_run:
+                now = ", ".join(f"{self._of(d)}{c['backlog']}" for d, c in counts.items())
                 self._note(
                     "backlog toward the new authority drained to zero",
-                    f"backlog toward the new authority now {counts['backlog']}: a real move "
-                    f"drains it to zero under the fence (within {hold:g} s)",
-                )
-                return
-            if self.dry_run:
-                self.done.steps.append(
-                    f"backlog toward the new authority now {counts['backlog']}: a real move "
-                    f"drains it to zero under the fence (within {hold:g} s)"
+                    f"backlog toward the new authority now {now}: a real move drains it to "
+                    f"zero under the fence (within {hold:g} s)",
                 )
                 return
             if loop.time() >= deadline:
+                dataset, c = next(iter(left.items()))
                 raise Refused(
-                    f"{self.dataset}: the backlog toward the new authority did not drain within "
-                    f"{hold:g} s ({counts['backlog']} left, {counts['in_doubt']} in doubt, "
-                    f"{counts['dead']} dead); nothing was changed"
+                    f"{dataset}: the backlog toward the new authority did not drain within "
+                    f"{hold:g} s ({c['backlog']} left, {c['in_doubt']} in doubt, "
+                    f"{c['dead']} dead); nothing was changed"
                 )
             await asyncio.sleep(0.05)
 
     async def _advance_ids(self) -> None:
-        dataset, new_authority = self.dataset, self.new_authority
+        for dataset in self.datasets:
+            await self._advance_ids_of(dataset)
+
+    async def _advance_ids_of(self, dataset: str) -> None:
+        new_authority = self.new_authority
         spec = self.s.ids.get(dataset)
         if spec is None:
             self.done.steps.append(
-                "no id allocation configured ([datasets.X] ids): ids not moved — if the backends "
-                "assign ids, the new authority's may collide with the other side's"
+                f"{self._of(dataset)}no id allocation configured ([datasets.X] ids): ids not "
+                "moved — if the backends assign ids, the new authority's may collide with the "
+                "other side's"
             )
             if not self.dry_run:
                 log.warning("%s: authority switch with no id allocation configured", dataset)
@@ -382,8 +438,9 @@ class _Run:
             if self.dry_run:
                 current = await _sequence_value(new_db, spec, timeout)
                 self.done.steps.append(
-                    f"the {other} holds ids up to {highest}; the {new_authority}'s sequence is at "
-                    f"{current}: a real move advances it to at least {highest}"
+                    f"{self._of(dataset)}the {other} holds ids up to {highest}; the "
+                    f"{new_authority}'s sequence is at {current}: a real move advances it to at "
+                    f"least {highest}"
                 )
                 return
             value = await _advance(new_db, spec, highest, timeout)
@@ -392,52 +449,64 @@ class _Run:
                 f"{dataset}: cannot move the {new_authority}'s ids: a backend database did not "
                 f"answer ({type(exc).__name__}); nothing was changed"
             ) from exc
-        self.done.steps.append(f"{new_authority}'s id allocation moved past the {other}'s ids")
+        self.done.steps.append(
+            f"{self._of(dataset)}{new_authority}'s id allocation moved past the {other}'s ids"
+        )
         log.info("%s: %s sequence now at %s", dataset, new_authority, value)
 
     async def _commit(self) -> None:
         if self.dry_run:
             async with reaching_postgres():
-                version = await self.pool.fetchval(
-                    "SELECT version FROM bascule_stage WHERE dataset = $1", self.dataset
+                rows = await self.pool.fetch(
+                    "SELECT dataset, version FROM bascule_stage WHERE dataset = ANY($1::text[])",
+                    self.datasets,
                 )
-            if version != self.before.version:
-                raise StaleVersion(self.dataset, self.before.version, version)
+            now = {r["dataset"]: r["version"] for r in rows}
+            for before in self.befores:
+                if now.get(before.dataset) != before.version:
+                    raise StaleVersion(before.dataset, before.version, now.get(before.dataset))
             return
         assert self.commit is not None
         self.after = await self.commit()
-        if alters_writes(self.before.stage, self.wanted):
-            self._note(f"committed {self.wanted.value} (version {self.after.version})")
+        if alters_writes(self.befores[0].stage, self.wanted):
+            versions = ", ".join(f"{self._of(r.dataset)}version {r.version}" for r in self.after)
+            self._note(f"committed {self.wanted.value} ({versions})")
 
     async def _announce(self) -> None:
         if self.dry_run or self.after is None:
             return
         # Committed: from here on nothing may say "nothing was changed".
-        self.done.announced = await self.announce(self.after) if self.announce else False
+        announced = True
+        for after in self.after:
+            announced &= await self.announce(after) if self.announce else False
+        self.done.announced = announced
 
     async def _confirm(self) -> None:
         if self.dry_run:
             live = [r.name for r in await replicas.listing(self.pool) if r.alive]
             self.done.steps.append(f"live replicas that would confirm: {', '.join(live) or 'none'}")
             return
-        after = self.after
-        assert after is not None
+        assert self.after is not None
+        lagging: set[str] = set()
         try:
-            self.done.lagging = await replicas.confirmed(
-                self.pool, self.dataset, after.version, timeout=self.settings.confirm_wait
-            )
+            for after in self.after:
+                lagging.update(
+                    await replicas.confirmed(
+                        self.pool, after.dataset, after.version, timeout=self.settings.confirm_wait
+                    )
+                )
         except StoreError as exc:
             self.done.steps.append(
                 f"committed, but the replicas' confirmations could not be read: {exc}"
             )
             self.done.lagging = ["(unknown: the state Postgres did not answer)"]
             return
+        self.done.lagging = sorted(lagging)
         if self.done.lagging:
             log.warning(
-                "%s: replicas %s have not confirmed version %d yet",
-                self.dataset,
+                "%s: replicas %s have not confirmed the new versions yet",
+                ", ".join(self.datasets),
                 ", ".join(self.done.lagging),
-                after.version,
             )
             self.done.steps.append(f"replicas still to confirm: {', '.join(self.done.lagging)}")
         else:

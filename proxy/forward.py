@@ -27,6 +27,7 @@ from proxy.routing import Match, Router
 from proxy.server import Request, Responder
 from shadow.compare import Answer
 from shadow.dispatch import DECODABLE, Job, Shadows, unavailable
+from shadow.ledger import Outcome
 
 log = logging.getLogger("bascule.proxy")
 
@@ -121,20 +122,21 @@ class Forwarder:
             and request.header("Range") is None  # a part is not the answer the other side gives
             and self.shadow.wanted(match.dataset)
         ):
-            return await self.forward_shadowed(request, out, match, planned)
+            return await self.forward_shadowed(request, out, match, planned, row.version)
         await self.forward(request, out, match, self.upstreams[planned.serve])
 
     async def forward_shadowed(
-        self, request: Request, out: Responder, match: Match, planned: Plan
+        self, request: Request, out: Responder, match: Match, planned: Plan, version: int
     ) -> None:
         """Serve a read, keep its answer, and hand both to the shadow dispatcher once the
         researcher has it. The researcher keeps their compression, limited to codings the
         dispatcher can undo (gzip, deflate): it compares what the answers say, not their bytes
-        on the wire."""
+        on the wire. ``version``: the dataset's stage version the read is served under (the
+        gate counts each stage's evidence apart)."""
         assert self.shadow is not None and planned.shadow is not None
         room = self.shadow.room()
         if room < STREAM_ABOVE:  # the shadow reads' memory budget is spent: don't even keep it
-            self.shadow.count(match.dataset, match.template, "dropped")
+            self.shadow.count(match.dataset, match.template, "dropped", version)
             await self.forward(request, out, match, self.upstreams[planned.serve])
             return
         headers = [
@@ -155,12 +157,11 @@ class Forwarder:
             return
         if answer is False:
             too_large = limit == self.shadow.settings.max_body_bytes
-            self.shadow.count(
-                match.dataset, match.template, "skipped_large" if too_large else "dropped"
-            )
+            outcome: Outcome = "skipped_large" if too_large else "dropped"
+            self.shadow.count(match.dataset, match.template, outcome, version)
             return
         if unavailable(answer.status):  # nothing to compare: the serving side could not answer
-            self.shadow.count(match.dataset, match.template, "skipped_unavailable")
+            self.shadow.count(match.dataset, match.template, "skipped_unavailable", version)
             return
         records = (
             None
@@ -181,6 +182,7 @@ class Forwarder:
                 t0=t0,
                 records=records,
                 traceparent=request.header("traceparent"),
+                version=version,
             )
         )
 

@@ -31,11 +31,11 @@ from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
 from bascule.sealing import SealError
 from bascule.stages import Side
+from bascule.state import leases
 from bascule.state.fleet import StageView
 from bascule.state.journal import Journal
 from bascule.state.journal.entries import Entry
 from bascule.state.journal.queries import purge
-from bascule.state.postgres import reaching_postgres
 from bascule.upstream import Upstream
 from proxy.dualwrite import call_deadline
 from proxy.plan import plan
@@ -180,11 +180,7 @@ class Replayer:
     async def _release(self, name: str) -> None:
         self._held.pop(name.removeprefix("replay:"), None)
         self._renewed.pop(name.removeprefix("replay:"), None)
-        with contextlib.suppress(Exception):
-            async with reaching_postgres():
-                await self.journal.pool.execute(
-                    "DELETE FROM bascule_lease WHERE name = $1 AND holder = $2", name, self.replica
-                )
+        await leases.release(self.journal.pool, name, self.replica)
 
     async def _lease(self, name: str) -> bool:
         # A round starts no call once the lease has expired, and each call is held to the call
@@ -205,21 +201,7 @@ class Replayer:
                 and asked < min(renewed + duration / 2, held)
             ):
                 return True
-        async with reaching_postgres():
-            holder = await self.journal.pool.fetchval(
-                "INSERT INTO bascule_lease (name, holder, expires_at)"
-                " VALUES ($1, $2, now() + make_interval(secs => $3))"
-                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
-                " expires_at = excluded.expires_at"
-                " WHERE bascule_lease.holder = excluded.holder"
-                " OR bascule_lease.expires_at < now() - make_interval(secs => $4)"
-                " RETURNING holder",
-                name,
-                self.replica,
-                duration,
-                deadline,
-            )
-        if holder != self.replica:
+        if not await leases.take(self.journal.pool, name, self.replica, duration, deadline):
             return False
         if dataset is not None:
             self._held[dataset] = asked + duration - 0.5

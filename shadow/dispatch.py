@@ -111,6 +111,9 @@ class Job:
     traceparent: str | None = None
     seq: int = 0
     """Its number on the link from the proxy to a worker process (:mod:`shadow.link`)."""
+    version: int = 0
+    """The version of the dataset's stage the read was served under: its outcome counts as
+    that stage's evidence (the gate's)."""
 
     @property
     def size(self) -> int:
@@ -135,7 +138,7 @@ class Shadows(Protocol):
 
     def submit(self, job: Job) -> None: ...
 
-    def count(self, dataset: str, route: str, outcome: Outcome) -> None: ...
+    def count(self, dataset: str, route: str, outcome: Outcome, version: int) -> None: ...
 
 
 class DbClock:
@@ -308,9 +311,9 @@ class Dispatcher(Sampling):
     def _dropped(self, job: Job) -> None:
         self._record(job, "dropped")
 
-    def count(self, dataset: str, route: str, outcome: Outcome) -> None:
+    def count(self, dataset: str, route: str, outcome: Outcome, version: int) -> None:
         """Counted in memory, flushed to the ledger about once a second (one pipeline)."""
-        self.tally.count(dataset, route, outcome)
+        self.tally.count(dataset, route, outcome, version)
 
     def errored(self, job: Job, reason: str) -> Outcome:
         """The outcome ``errored``, and why: counted in Postgres too once it is recorded."""
@@ -323,13 +326,15 @@ class Dispatcher(Sampling):
         """A job's one outcome, counted; told to ``done`` in the same step, so that a worker's
         report never has one without the other."""
         reason = self._reasons.pop(id(job), None)
-        self.tally.count(job.dataset, job.route, outcome)
+        self.tally.count(job.dataset, job.route, outcome, job.version)
         if outcome in ("matched", "mismatched"):
-            self.tally.count(job.dataset, job.route, "compared")
+            self.tally.count(job.dataset, job.route, "compared", job.version)
         elif outcome == "errored":
-            self.tally.error(job.dataset, job.route, reason or "internal")
+            self.tally.error(job.dataset, job.route, reason or "internal", job.version)
         if diff is not None:
-            self.tally.mismatch(job.dataset, job.route, diff, trace_id, self.clock.now())
+            self.tally.mismatch(
+                job.dataset, job.route, diff, trace_id, self.clock.now(), job.version
+            )
         if self.done is not None:
             self.done(job)
 

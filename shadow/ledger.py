@@ -79,14 +79,15 @@ class Ledger:
         except (RedisError, OSError) as exc:
             log.warning("ledger counters not updated (%s)", type(exc).__name__)
 
-    async def count_many(self, counts: Mapping[tuple[str, str, Outcome], int]) -> bool:
-        """Add several ``(dataset, route, outcome) -> n`` at once: one pipeline. False when
-        Redis could not be reached (the caller keeps them for its next flush)."""
+    async def count_many(self, counts: Mapping[tuple[str, str, Outcome, int], int]) -> bool:
+        """Add several ``(dataset, route, outcome, stage version) -> n`` at once: one pipeline
+        (Redis's counters are per minute, whatever the version). False when Redis could not
+        be reached (the caller keeps them for its next flush)."""
         bucket = int(self.clock()) // self.bucket_seconds * self.bucket_seconds
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 keys = set()
-                for (dataset, route, outcome), n in counts.items():
+                for (dataset, route, outcome, _version), n in counts.items():
                     key = self._key(dataset, bucket)
                     keys.add(key)
                     pipe.hincrby(key, outcome, n)
@@ -99,17 +100,44 @@ class Ledger:
             return False
         return True
 
-    async def errors(self, errors: Mapping[tuple[str, str, str], int]) -> None:
-        """Add errored comparisons, ``(dataset, route, reason) -> n``, to this minute's rows
-        in Postgres: like mismatches, they must outlive Redis (the gate wants none)."""
-        at = datetime.fromtimestamp(int(self.clock()) // 60 * 60, UTC)
+    async def errors(self, errors: Mapping[tuple[str, str, str, int], int]) -> None:
+        """Add errored comparisons, ``(dataset, route, reason, stage version) -> n``, to this
+        minute's rows in Postgres: like mismatches, they must outlive Redis (the gate wants
+        none)."""
+        at = self._minute()
         async with reaching_postgres():
             await self.pool.executemany(
-                "INSERT INTO bascule_shadow_error (dataset, route, reason, minute, n)"
-                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (dataset, minute, route, reason)"
+                "INSERT INTO bascule_shadow_error (dataset, route, reason, minute, n,"
+                " stage_version) VALUES ($1, $2, $3, $4, $5, $6)"
+                " ON CONFLICT (dataset, stage_version, minute, route, reason)"
                 " DO UPDATE SET n = bascule_shadow_error.n + excluded.n",
-                [(d, r, reason, at, n) for (d, r, reason), n in errors.items()],
+                [(d, r, reason, at, n, v) for (d, r, reason, v), n in errors.items()],
             )
+
+    async def gate_counts(self, counts: Mapping[tuple[str, str, Outcome, int], int]) -> None:
+        """Add outcomes, ``(dataset, route, outcome, stage version) -> n``, to this minute's
+        rows in Postgres: the gate's figures, by the stage version reads were served under.
+        One statement; rows in one order, so two replicas flushing at once cannot deadlock."""
+        at = self._minute()
+        rows = sorted((d, v, r, o, n) for (d, r, o, v), n in counts.items())
+        async with reaching_postgres():
+            await self.pool.execute(
+                "INSERT INTO bascule_shadow_count (dataset, stage_version, route, outcome,"
+                " minute, n) SELECT c.d, c.v, c.r, c.o, $6, c.n"
+                " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])"
+                "   WITH ORDINALITY AS c(d, v, r, o, n, i) ORDER BY c.i"
+                " ON CONFLICT (dataset, stage_version, minute, route, outcome)"
+                " DO UPDATE SET n = bascule_shadow_count.n + excluded.n",
+                [row[0] for row in rows],
+                [row[1] for row in rows],
+                [row[2] for row in rows],
+                [row[3] for row in rows],
+                [row[4] for row in rows],
+                at,
+            )
+
+    def _minute(self) -> datetime:
+        return datetime.fromtimestamp(int(self.clock()) // 60 * 60, UTC)
 
     async def mismatch(
         self,
@@ -120,23 +148,27 @@ class Ledger:
         *,
         count: bool = True,
         at: float | None = None,
+        version: int = 0,
     ) -> None:
         """Keep a mismatch in Postgres (the evidence), then count it (unless the caller
         counts it itself, as the dispatcher does in batches). ``at``: when it was found, in
         epoch seconds on this database's clock (a row written late, after a Postgres outage,
-        still says when the divergence was seen); None: now."""
+        still says when the divergence was seen); None: now. ``version``: the version of the
+        dataset's stage the read was served under."""
         rows = [[d.part, d.pointer, d.kind] for d in diff.differences]
         async with reaching_postgres():
             await self.pool.execute(
                 "INSERT INTO bascule_mismatch"
-                " (at, dataset, route, differences, truncated, trace_id)"
-                " VALUES (coalesce(to_timestamp($6::float8), now()), $1, $2, $3::jsonb, $4, $5)",
+                " (at, dataset, route, differences, truncated, trace_id, stage_version)"
+                " VALUES (coalesce(to_timestamp($6::float8), now()), $1, $2, $3::jsonb, $4, $5,"
+                " $7)",
                 dataset,
                 route,
                 json.dumps(rows),
                 diff.truncated,
                 trace_id,
                 at,
+                version,
             )
         if count:
             await self.count(dataset, route, "mismatched")
@@ -158,6 +190,27 @@ class Ledger:
                     for outcome, value in zip(OUTCOMES, values, strict=True):
                         totals[outcome] += int(value or 0)
         return totals
+
+
+async def counts_under(
+    pool: asyncpg.Pool, versions: Mapping[str, int]
+) -> dict[str, dict[str, int]]:
+    """Per dataset, the outcomes of the shadow reads served under the given stage version
+    (every outcome named, zero where none), from Postgres: the gate's figures."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT c.dataset, c.outcome, sum(c.n)::bigint AS n FROM bascule_shadow_count c"
+            " JOIN unnest($1::text[], $2::bigint[]) AS v(dataset, version)"
+            "   ON c.dataset = v.dataset AND c.stage_version = v.version"
+            " GROUP BY 1, 2",
+            list(versions),
+            list(versions.values()),
+        )
+    found: dict[str, dict[str, int]] = {name: dict.fromkeys(OUTCOMES, 0) for name in versions}
+    for r in rows:
+        if r["outcome"] in found[r["dataset"]]:
+            found[r["dataset"]][r["outcome"]] = int(r["n"])
+    return found
 
 
 async def divergence(

@@ -80,7 +80,7 @@ class ShadowLink(Sampling):
         self.budget = 4 * self.settings.max_body_bytes
         self.tally = Tally()
         self._hello = Hello(config, secrets, postgres_url, redis_url, replica)
-        self._inflight: dict[int, tuple[str, str]] = {}
+        self._inflight: dict[int, tuple[str, str, int]] = {}
         """Jobs sent and not yet reported done: (dataset, route) by number."""
         self._seq = 0
         self._joins: dict[int, asyncio.Future[None]] = {}
@@ -107,23 +107,23 @@ class ShadowLink(Sampling):
         dropped, counted."""
         writer = self._open_writer()
         if writer is None:
-            return self.count(job.dataset, job.route, "dropped")
+            return self.count(job.dataset, job.route, "dropped", job.version)
         self._seq += 1
         try:
             data = frame(job_frame(job, self._seq))
         except (TypeError, ValueError) as exc:
             log.error("shadow read of %s %s not sent: %s", job.dataset, job.route, type(exc))
-            return self.count(job.dataset, job.route, "dropped")
+            return self.count(job.dataset, job.route, "dropped", job.version)
         if writer.transport.get_write_buffer_size() + len(data) > self.budget:
-            return self.count(job.dataset, job.route, "dropped")
+            return self.count(job.dataset, job.route, "dropped", job.version)
         try:
             writer.write(data)
         except (RuntimeError, OSError):  # the link closed under us: the supervisor sees it
-            return self.count(job.dataset, job.route, "dropped")
-        self._inflight[self._seq] = (job.dataset, job.route)
+            return self.count(job.dataset, job.route, "dropped", job.version)
+        self._inflight[self._seq] = (job.dataset, job.route, job.version)
 
-    def count(self, dataset: str, route: str, outcome: Outcome) -> None:
-        self.tally.count(dataset, route, outcome)
+    def count(self, dataset: str, route: str, outcome: Outcome, version: int) -> None:
+        self.tally.count(dataset, route, outcome, version)
 
     def _open_writer(self) -> asyncio.StreamWriter | None:
         writer = self._writer
@@ -275,8 +275,8 @@ class ShadowLink(Sampling):
     def _apply(self, report: Report) -> None:
         """A worker's report: its jobs done and their outcomes, in one step."""
         self.tally.add(
-            Counter({(d, r, o): n for d, r, o, n in report.counts}),
-            Counter({(d, r, why): n for d, r, why, n in report.errors}),
+            Counter({(d, r, o, v): n for d, r, o, v, n in report.counts}),
+            Counter({(d, r, why, v): n for d, r, why, v, n in report.errors}),
             list(report.mismatches),
         )
         for seq in report.seqs:
@@ -296,8 +296,8 @@ class ShadowLink(Sampling):
                 "shadow worker ended holding %d shadow reads: counted dropped",
                 len(self._inflight),
             )
-            for dataset, route in self._inflight.values():
-                self.count(dataset, route, "dropped")
+            for dataset, route, version in self._inflight.values():
+                self.count(dataset, route, "dropped", version)
             self._inflight.clear()
         for waiter in self._joins.values():
             if not waiter.done():

@@ -23,26 +23,38 @@ log = logging.getLogger("bascule.shadow")
 EVIDENCE_CAP = 10_000
 """Mismatches kept while Postgres cannot be reached; past it each is logged as lost."""
 
-Evidence = tuple[str, str, Diff, str | None, float | None]
-"""(dataset, route template, diff, trace id, when it was found) of one mismatch: epoch seconds
-on the state database's clock (None: not known, the time it is written stands for it)."""
+Evidence = tuple[str, str, Diff, str | None, float | None, int]
+"""(dataset, route template, diff, trace id, when it was found, stage version) of one
+mismatch: epoch seconds on the state database's clock (None: not known, the time it is written
+stands for it); the version of the dataset's stage the read was served under."""
+
+Counted = tuple[str, str, Outcome, int]
+"""(dataset, route template, outcome, stage version)."""
+Errored = tuple[str, str, str, int]
+"""(dataset, route template, reason, stage version)."""
 
 
 class Tally:
     def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str, Outcome]] = Counter()
-        self.errors: Counter[tuple[str, str, str]] = Counter()
-        """Errored comparisons by (dataset, route, reason)."""
+        self.counts: Counter[Counted] = Counter()
+        """Outcomes for Redis (the fast per-minute counters): written by their own step."""
+        self.gated: Counter[Counted] = Counter()
+        """The same outcomes for Postgres (the gate's, by stage version): written, or kept,
+        apart from the Redis ones, so that neither store's outage counts one twice."""
+        self.errors: Counter[Errored] = Counter()
+        """Errored comparisons."""
         self.evidence: deque[Evidence] = deque()
         self._writing = asyncio.Lock()
         """One flush or evidence write at a time: each mismatch written once, in order, and a
         flush that follows another (a join's) waits for it."""
 
-    def count(self, dataset: str, route: str, outcome: Outcome) -> None:
-        self.counts[(dataset, route, outcome)] += 1
+    def count(self, dataset: str, route: str, outcome: Outcome, version: int = 0) -> None:
+        """One outcome of a read served under ``version`` of the dataset's stage."""
+        self.counts[(dataset, route, outcome, version)] += 1
+        self.gated[(dataset, route, outcome, version)] += 1
 
-    def error(self, dataset: str, route: str, reason: str) -> None:
-        self.errors[(dataset, route, reason)] += 1
+    def error(self, dataset: str, route: str, reason: str, version: int = 0) -> None:
+        self.errors[(dataset, route, reason, version)] += 1
 
     def mismatch(
         self,
@@ -51,28 +63,25 @@ class Tally:
         diff: Diff,
         trace_id: str | None,
         at: float | None = None,
+        version: int = 0,
     ) -> None:
         if len(self.evidence) < EVIDENCE_CAP:
-            self.evidence.append((dataset, route, diff, trace_id, at))
+            self.evidence.append((dataset, route, diff, trace_id, at, version))
         else:
             log.error("mismatch of %s %s not recorded: backlog full", dataset, route)
 
-    def take(
-        self,
-    ) -> tuple[Counter[tuple[str, str, Outcome]], Counter[tuple[str, str, str]], list[Evidence]]:
+    def take(self) -> tuple[Counter[Counted], Counter[Errored], list[Evidence]]:
         """Everything held, handed over (a worker's report), and forgotten here."""
         taken = self.counts, self.errors, list(self.evidence)
-        self.counts, self.errors = Counter(), Counter()
+        self.counts, self.gated, self.errors = Counter(), Counter(), Counter()
         self.evidence.clear()
         return taken
 
     def add(
-        self,
-        counts: Counter[tuple[str, str, Outcome]],
-        errors: Counter[tuple[str, str, str]],
-        evidence: list[Evidence],
+        self, counts: Counter[Counted], errors: Counter[Errored], evidence: list[Evidence]
     ) -> None:
         self.counts.update(counts)
+        self.gated.update(counts)
         self.errors.update(errors)
         for item in evidence:
             self.mismatch(*item)
@@ -80,7 +89,7 @@ class Tally:
     def held(self) -> str:
         """What is held, in words, for a log line."""
         return (
-            f"{sum(self.counts.values())} counts, {sum(self.errors.values())} errored "
+            f"{sum(self.gated.values())} counts, {sum(self.errors.values())} errored "
             f"comparisons, {len(self.evidence)} mismatches"
         )
 
@@ -113,14 +122,17 @@ class Tally:
 
     async def _write_evidence(self, ledger: Ledger) -> None:
         while self.evidence:
-            dataset, route, diff, trace_id, at = self.evidence[0]
-            await ledger.mismatch(dataset, route, diff, trace_id, count=False, at=at)
+            dataset, route, diff, trace_id, at, version = self.evidence[0]
+            await ledger.mismatch(
+                dataset, route, diff, trace_id, count=False, at=at, version=version
+            )
             self.evidence.popleft()
 
     async def _flush(self, ledger: Ledger, postgres: bool) -> None:
         failure: StoreError | None = None
         if postgres:
             errors, self.errors = self.errors, Counter()
+            gated, self.gated = self.gated, Counter()
             try:
                 if errors:
                     await ledger.errors(errors)
@@ -129,11 +141,23 @@ class Tally:
                 if not isinstance(exc, StoreError):
                     raise
                 failure = exc
+            try:
+                if gated and failure is None:
+                    await ledger.gate_counts(gated)
+                else:
+                    self.gated.update(gated)
+            except BaseException as exc:
+                self.gated.update(gated)
+                if not isinstance(exc, StoreError):
+                    raise
+                failure = exc
             if failure is None:
                 try:
                     await self._write_evidence(ledger)
                 except StoreError as exc:
                     failure = exc
+        else:
+            self.gated.clear()  # this tally's evidence is written by another process's
         counts, self.counts = self.counts, Counter()
         if counts and not await ledger.count_many(counts):
             self.counts.update(counts)

@@ -55,6 +55,7 @@ class JobFrame(msgspec.Struct, tag="job", frozen=True):
     t0: float
     records: tuple[str, ...] | None
     traceparent: str | None
+    version: int = 0
 
 
 class Join(msgspec.Struct, tag="join", frozen=True):
@@ -77,12 +78,13 @@ class Report(msgspec.Struct, tag="report", frozen=True):
     sign of life."""
 
     seqs: list[int]
-    counts: list[tuple[str, str, Outcome, int]] = []
-    """(dataset, route, outcome, n)."""
-    errors: list[tuple[str, str, str, int]] = []
-    """Errored comparisons: (dataset, route, reason, n)."""
-    mismatches: list[tuple[str, str, Diff, str | None, float | None]] = []
-    """(dataset, route, diff, trace id, when found): pointers and kinds, never a value."""
+    counts: list[tuple[str, str, Outcome, int, int]] = []
+    """(dataset, route, outcome, stage version, n)."""
+    errors: list[tuple[str, str, str, int, int]] = []
+    """Errored comparisons: (dataset, route, reason, stage version, n)."""
+    mismatches: list[tuple[str, str, Diff, str | None, float | None, int]] = []
+    """(dataset, route, diff, trace id, when found, stage version): pointers and kinds, never
+    a value."""
 
 
 class Joined(msgspec.Struct, tag="joined", frozen=True):
@@ -146,6 +148,7 @@ def job_frame(job: Job, seq: int) -> JobFrame:
         t0=job.t0,
         records=job.records,
         traceparent=job.traceparent,
+        version=job.version,
     )
 
 
@@ -164,4 +167,5 @@ def job_of(f: JobFrame) -> Job:
         records=f.records,
         traceparent=f.traceparent,
         seq=f.seq,
+        version=f.version,
     )

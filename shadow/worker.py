@@ -98,8 +98,8 @@ async def serve(fd: int) -> None:
             return frame(
                 Report(
                     seqs,
-                    [(d, r, o, n) for (d, r, o), n in counts.items()],
-                    [(d, r, why, n) for (d, r, why), n in errors.items()],
+                    [(d, r, o, v, n) for (d, r, o, v), n in counts.items()],
+                    [(d, r, why, v, n) for (d, r, why, v), n in errors.items()],
                     evidence,
                 )
             )

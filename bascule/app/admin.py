@@ -149,6 +149,28 @@ async def journal_entries(request: web.Request) -> web.Response:
     )
 
 
+@_requires("operator")
+async def auto_promote(request: web.Request) -> web.Response:
+    identity: str = request[IDENTITY]
+    dataset = request.match_info["dataset"]
+
+    async def switch(ops: Operations) -> dict[str, Any]:
+        body = await _body(request)
+        _only(body, "on", "by", "reason")
+        on = _flag(body, "on")
+        return await ops.auto_promote(
+            dataset, on, identity, _text(body, "reason"), _on_behalf(body, identity)
+        )
+
+    return await _answer(switch, request)
+
+
+@_requires("viewer")
+async def gate(request: web.Request) -> web.Response:
+    dataset = request.match_info["dataset"]
+    return await _answer(lambda ops: ops.gate_report(dataset), request)
+
+
 @_requires("viewer")
 async def noise_proposals(request: web.Request) -> web.Response:
     dataset = request.match_info["dataset"]
@@ -370,6 +392,8 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     app.router.add_get("/v1/history", history)
     app.router.add_get("/v1/replicas", list_replicas)
     app.router.add_get("/v1/datasets/{dataset}/divergence", divergence)
+    app.router.add_get("/v1/datasets/{dataset}/gate", gate)
+    app.router.add_post("/v1/datasets/{dataset}/auto-promote", auto_promote)
     app.router.add_get("/v1/datasets/{dataset}/noise", noise_proposals)
     app.router.add_post("/v1/datasets/{dataset}/noise", noise_decide)
     app.router.add_post("/v1/datasets/{dataset}/stage", change_stage)

@@ -19,7 +19,7 @@ from typing import Any
 from bascule.app import render
 from bascule.app.clients import client_for, config_of
 from bascule.checks import check_actor, require_reason
-from bascule.errors import Refused, UsageError
+from bascule.errors import EXIT_REFUSED, Refused, UsageError
 from bascule.stages import Side
 from bascule.state import schema
 from bascule.state.journal import queries
@@ -114,6 +114,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--reason", help="why (required; goes into the audit trail)")
     p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
     p.set_defaults(func=lambda a: _run(_journal_skip(a)))
+
+    p = sub.add_parser(
+        "auto-promote",
+        parents=[common],
+        help="turn a dataset's auto_promote on or off (audited): the controller moves it "
+        "shadow -> live once the gate holds only while it is on",
+    )
+    p.add_argument("dataset")
+    p.add_argument("switch", choices=["on", "off"])
+    p.add_argument("--reason", help="why (required; goes into the audit trail)")
+    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
+    p.set_defaults(func=lambda a: _run(_auto_promote(a)))
+
+    p = sub.add_parser(
+        "gate",
+        parents=[common],
+        help="whether a dataset may move forward past shadow: each condition with its figure "
+        "(exit 0 if it holds, 3 if not)",
+    )
+    p.add_argument("dataset")
+    p.set_defaults(func=lambda a: _run(_gate(a)))
 
     p = sub.add_parser(
         "divergence", parents=[common], help="recent mismatches grouped by where they differ"
@@ -236,19 +257,36 @@ async def _gap_close(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _auto_promote(args: argparse.Namespace) -> int:
+    reason = require_reason(args.reason)
+    check_actor(args.by)
+    async with client_for(args, change=True) as client:
+        result = await client.auto_promote(args.dataset, args.switch == "on", args.by, reason)
+    render.say(
+        args.json,
+        result,
+        f"auto_promote {args.switch} for {', '.join(result['datasets'])} (audited)",
+    )
+    return 0
+
+
+async def _gate(args: argparse.Namespace) -> int:
+    async with client_for(args, change=False) as client:
+        report = await client.gate_report(args.dataset)
+    if args.json:
+        render.print_json(report)
+    else:
+        render.gate(report)
+    return 0 if report["ok"] else EXIT_REFUSED
+
+
 async def _divergence(args: argparse.Namespace) -> int:
     if args.since <= 0:
         raise UsageError("--since must be a positive number of seconds")
     async with client_for(args, change=False) as client:
         found = await client.divergence(args.dataset, args.since)
     if args.json:
-        render.print_json(
-            {
-                "dataset": args.dataset,
-                "divergence": found["divergence"],
-                "errored": found["errored"],
-            }
-        )
+        render.print_json({**found, "dataset": args.dataset})
     else:
         render.divergence(args.dataset, args.since, found)
     return 0

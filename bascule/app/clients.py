@@ -26,6 +26,8 @@ from bascule.state.fleet import RedisAnnouncer
 from bascule.state.postgres import open_pool, schema_check
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
+from cutover.controller import groups_of
+from cutover.gate import gates_of
 from cutover.switch import switcher_for
 from shadow.noise_store import NoiseStore, noise_pairs
 
@@ -63,6 +65,8 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
                 switcher_for(config, pool),
                 NoiseStore(pool, redis, config.state.redis_prefix),
                 noise_pairs(config),
+                gates_of(config, pool),
+                groups_of(config),
             )
         finally:
             await redis.aclose()
@@ -125,6 +129,20 @@ class AdminClient:
     async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
         path = f"/v1/datasets/{quote(dataset, safe='')}/divergence?since={since:g}"
         result: dict[str, Any] = await self._call("GET", path)
+        return result
+
+    async def auto_promote(
+        self, dataset: str, on: bool, by: str, reason: str | None
+    ) -> dict[str, Any]:
+        path = f"/v1/datasets/{quote(dataset, safe='')}/auto-promote"
+        body = {"on": on, "by": by, "reason": reason}
+        result: dict[str, Any] = await self._call("POST", path, body)
+        return result
+
+    async def gate_report(self, dataset: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            "GET", f"/v1/datasets/{quote(dataset, safe='')}/gate"
+        )
         return result
 
     async def noise(self, dataset: str) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from bascule.state.journal import queries
 from bascule.state.journal.entries import IllegalTransition
 from bascule.state.stage_store import StageStore
 from cutover import controller
-from cutover.controller import Announcer
+from cutover.controller import Announcer, Groups
+from cutover.gate import Gate
 from cutover.switch import Switcher
 from shadow import ledger
 from shadow.noise_store import NoiseStore, pairs_needed
@@ -46,6 +47,10 @@ class Operations:
     """Noise proposals and decisions; None: the noise commands answer that they are away."""
     noise_pairs: Mapping[str, int] = field(default_factory=dict)
     """Each configured dataset's ``noise_pairs`` (:func:`shadow.noise_store.noise_pairs`)."""
+    gate: Gate | None = None
+    """The gate of moves past ``shadow``; None only in tests of the stage rules alone."""
+    groups: Groups = field(default_factory=dict)
+    """Datasets that move together (:func:`cutover.controller.groups_of`)."""
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -53,7 +58,17 @@ class Operations:
         """Each dataset's stage row with its journal backlog."""
         rows = await self.store.all()
         counts = await queries.backlog(self.store.pool)
-        return [{**rows[n].as_json(), **counts.get(n, queries.EMPTY_BACKLOG)} for n in sorted(rows)]
+        shadowed = await ledger.counts_under(
+            self.store.pool, {name: row.version for name, row in rows.items()}
+        )
+        return [
+            {
+                **rows[n].as_json(),
+                **counts.get(n, queries.EMPTY_BACKLOG),
+                "shadow": shadowed[n],  # the ledger's counts under the current stage version
+            }
+            for n in sorted(rows)
+        ]
 
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         if dataset is not None:
@@ -70,12 +85,16 @@ class Operations:
         back."""
         if not since > 0:
             raise UsageError("since must be a positive number of seconds")
-        await self.store.get(check_name(dataset))  # UnknownDataset names the known ones
+        row = await self.store.get(check_name(dataset))  # UnknownDataset names the known ones
         start = datetime.now(UTC) - timedelta(seconds=since)
+        counts = await ledger.counts_under(self.store.pool, {dataset: row.version})
         return {
             "dataset": dataset,
             "divergence": await ledger.divergence(self.store.pool, dataset, start),
             "errored": await ledger.errored(self.store.pool, dataset, start),
+            "stage": row.stage.value,
+            "version": row.version,
+            "counts": counts[dataset],
         }
 
     async def journal_status(self) -> dict[str, dict[str, Any]]:
@@ -92,6 +111,14 @@ class Operations:
         if dataset is not None:
             check_name(dataset)
         return await queries.listing(self.store.pool, listed, dataset, max(1, min(limit, 1000)))
+
+    async def gate_report(self, dataset: str) -> dict[str, Any]:
+        """The gate of ``dataset``'s move forward from its current stage, condition by
+        condition, with figures."""
+        if self.gate is None:
+            raise StoreError("the gate is not available here")
+        row = await self.store.get(check_name(dataset))
+        return (await self.gate.judge(row)).as_json()
 
     async def noise(self, dataset: str) -> dict[str, Any]:
         noise = self._noise()
@@ -152,6 +179,8 @@ class Operations:
             "force": force,
             "dry_run": dry_run,
             "switcher": self.switcher,
+            "gate": self.gate,
+            "groups": self.groups,
         }
 
     async def gap_close(
@@ -171,6 +200,27 @@ class Operations:
             details=details,
         )
         return closed.as_json()
+
+    async def auto_promote(
+        self,
+        dataset: str,
+        on: bool,
+        by: str,
+        reason: str | None,
+        details: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Turn ``auto_promote`` on or off for ``dataset`` (and its group), audited: the
+        controller promotes ``shadow -> live`` once the gate holds only while it is on, and an
+        automatic rollback turns it off."""
+        why = require_reason(reason)
+        check_actor(by)
+        group = self.groups.get(check_name(dataset))
+        members = group.members if group is not None else (dataset,)
+        rows = [
+            await self.store.set_auto_promote(m, on, actor=by, reason=why, details=details)
+            for m in members
+        ]
+        return {"auto_promote": on, "datasets": [r.dataset for r in rows]}
 
     async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
         """Send dead entries (one, or all) back to the replayer; how many."""

@@ -68,10 +68,11 @@ def status(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> None:
                 str(r.get("in_doubt", 0)),
                 str(r.get("dead", 0)),
                 open_gaps or "-",
+                shadow_counts(r.get("shadow") or {}),
             )
         )
     columns = "dataset stage version since by reason backlog oldest".split()
-    columns += ["in doubt", "dead", "gaps"]
+    columns += ["in doubt", "dead", "gaps", "shadow reads (this stage version)"]
     out = console()
     out.print(table("datasets", columns, cells))
     shown = [r["dataset"] for r in rows]
@@ -93,6 +94,17 @@ def status(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> None:
         )
     title = "replicas (the stage version each runs)"
     out.print(table(title, ("replica", "alive", "last report", *shown), replicas))
+
+
+def shadow_counts(counts: dict[str, int]) -> str:
+    """The ledger's counts in one cell: compared, mismatched, errored, skipped, dropped."""
+    if not any(counts.values()):
+        return "-"
+    skipped = sum(n for outcome, n in counts.items() if outcome.startswith("skipped"))
+    return (
+        f"{counts.get('compared', 0)} compared, {counts.get('mismatched', 0)} mismatched, "
+        f"{counts.get('errored', 0)} errored, {skipped} skipped, {counts.get('dropped', 0)} dropped"
+    )
 
 
 def move(result: dict[str, Any]) -> str:
@@ -129,9 +141,34 @@ def dry_run(result: dict[str, Any]) -> None:
     print("it would be allowed" if result["allowed"] else "it would be refused:")
 
 
+def gate(report: dict[str, Any]) -> None:
+    """Each condition of the gate, its figure, and whether it holds."""
+    move = report["move"] or report["stage"]
+    cells = [
+        (
+            "ok" if c["ok"] else "NO",
+            c["condition"],
+            orjson.dumps(c["figure"]).decode(),
+            c["detail"],
+        )
+        for c in report["conditions"]
+    ]
+    title = (
+        f"{report['dataset']}: the gate of {move} (stage version {report['version']}, "
+        f"evidence since {when(report['since'])})"
+    )
+    console().print(table(title, ("", "condition", "figure", "detail"), cells))
+    print("the gate holds" if report["ok"] else "the gate is closed")
+
+
 def divergence(dataset: str, since: float, found: dict[str, Any]) -> None:
     rows, errored = found["divergence"], found["errored"]
     out = console()
+    if "counts" in found:
+        print(
+            f"{dataset} in {found['stage']} (version {found['version']}): shadow reads "
+            f"{shadow_counts(found['counts'])}"
+        )
     cells = [
         (
             r["part"],

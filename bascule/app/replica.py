@@ -31,6 +31,9 @@ from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
 from bascule.upstream import Upstream
+from cutover.autopilot import autopilot_for
+from cutover.controller import groups_of
+from cutover.gate import gates_of
 from cutover.switch import switcher_for
 from proxy.dualwrite import DualWriter
 from proxy.forward import Forwarder
@@ -162,6 +165,16 @@ class Replica:
                 "BASCULE_JOURNAL_KEY or BASCULE_HMAC_KEY is not set: writes to datasets in "
                 "dual-write stages will be refused"
             )
+        # Every replica runs the controller's loop; the one holding its lease acts.
+        self.autopilot = autopilot_for(
+            self.config,
+            self.store,
+            RedisAnnouncer(self.redis, self.config.state.redis_prefix),
+            switcher_for(self.config, self.pool),
+            gates_of(self.config, self.pool),
+            self.name,
+        )
+        self.autopilot_task = spawn(self.autopilot.run(), name="controller")
         self.shadow_stack = AsyncExitStack()
         self.shadow = await self._shadow_reads()
         return self
@@ -199,6 +212,9 @@ class Replica:
         return link
 
     async def __aexit__(self, *exc: object) -> None:
+        self.autopilot_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.autopilot_task
         await self.shadow_stack.aclose()
         if self.replayer_task is not None:
             self.replayer_task.cancel()
@@ -234,6 +250,8 @@ class Replica:
                 switcher_for(self.config, self.pool),
                 NoiseStore(self.pool, self.redis, self.config.state.redis_prefix),
                 noise_pairs(self.config),
+                gates_of(self.config, self.pool),
+                groups_of(self.config),
             ),
             view=self.view,
             operator_tokens=self.secrets.operators(),

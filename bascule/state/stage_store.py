@@ -7,7 +7,7 @@ of a change that did not happen.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,6 +34,19 @@ class StageRow:
     gap_source_since: datetime | None = None
     gap_target_since: datetime | None = None
     """Since when each side has missed writes; None: no open gap."""
+    gap_source_opened: datetime | None = None
+    gap_target_opened: datetime | None = None
+    """When each side's latest gap opened, closed since or not (the gate wants a clean
+    verification newer than that)."""
+    auto_promote: bool | None = None
+    """As operators and the controller left it: None follows the configuration's
+    ``auto_promote``; False once an automatic rollback turned it off."""
+
+    @property
+    def last_gap_opened(self) -> datetime | None:
+        """When the latest gap of either side opened (None: never, as far as recorded)."""
+        opened = [t for t in (self.gap_source_opened, self.gap_target_opened) if t is not None]
+        return max(opened, default=None)
 
     @property
     def gaps(self) -> dict[Side, datetime]:
@@ -54,12 +67,13 @@ class StageRow:
                 side.value: (self.gaps[side].isoformat() if side in self.gaps else None)
                 for side in Side
             },
+            "auto_promote": self.auto_promote,
         }
 
 
 _STAGE_COLUMNS = (
     "dataset, stage, version, updated_at, updated_by, reason, write_epoch,"
-    " gap_source_since, gap_target_since"
+    " gap_source_since, gap_target_since, gap_source_opened, gap_target_opened, auto_promote"
 )
 
 
@@ -85,6 +99,9 @@ def _stage_row(rec: asyncpg.Record) -> StageRow:
         rec["write_epoch"],
         rec["gap_source_since"],
         rec["gap_target_since"],
+        rec["gap_source_opened"],
+        rec["gap_target_opened"],
+        rec["auto_promote"],
     )
 
 
@@ -154,51 +171,38 @@ class StageStore:
         ``target`` (``source``) opens the source's (target's) gap marker unless one is open.
         The gap rule itself is the controller's: this is the mechanism, also used directly by
         tests and tools that need a stage whatever the gaps."""
+        changed = await self.change_many(
+            [(dataset, expected_version, details)],
+            to,
+            actor=actor,
+            reason=reason,
+            action=action,
+            forced=forced,
+        )
+        return changed[0]
+
+    async def change_many(
+        self,
+        changes: Sequence[tuple[str, int, Mapping[str, Any] | None]],
+        to: Stage,
+        *,
+        actor: str,
+        reason: str,
+        action: str = "stage",
+        forced: bool = False,
+    ) -> list[StageRow]:
+        """:meth:`change` of several datasets (``(dataset, expected version, audit details)``)
+        to one stage, all or none, in one transaction: a group moving together. Rows are locked
+        in name order, so two such changes cannot deadlock."""
+        rows: list[StageRow] = []
         async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
-            before = await _row_for_update(conn, dataset)
-            if before["version"] != expected_version:
-                raise StaleVersion(dataset, expected_version, before["version"])
-            current = Stage(before["stage"])
-            bump = alters_writes(current, to)
-            opened = opens_gaps(current, to)
-            rec = await conn.fetchrow(
-                "UPDATE bascule_stage SET stage = $3, version = version + 1, updated_at = now(),"
-                " updated_by = $4, reason = $5,"
-                " write_epoch = write_epoch + CASE WHEN $6 THEN 1 ELSE 0 END,"
-                " gap_source_since = CASE WHEN $7 THEN coalesce(gap_source_since, now())"
-                "  ELSE gap_source_since END,"
-                " gap_target_since = CASE WHEN $8 THEN coalesce(gap_target_since, now())"
-                "  ELSE gap_target_since END"
-                f" WHERE dataset = $1 AND version = $2 RETURNING {_STAGE_COLUMNS}",
-                dataset,
-                expected_version,
-                to.value,
-                actor,
-                reason,
-                bump,
-                Side.SOURCE in opened,
-                Side.TARGET in opened,
-            )
-            assert rec is not None  # the row is locked FOR UPDATE at that version
-            recorded = dict(details or {})
-            if bump:
-                recorded["write_epoch"] = rec["write_epoch"]
-            if opened:
-                recorded["gaps_opened"] = sorted(side.value for side in opened)
-            await audit.record(
-                conn,
-                dataset,
-                action,
-                actor=actor,
-                reason=reason,
-                from_stage=before["stage"],
-                to_stage=to.value,
-                from_version=expected_version,
-                to_version=rec["version"],
-                forced=forced,
-                details=recorded,
-            )
-            return _stage_row(rec)
+            for dataset, expected_version, details in sorted(changes, key=lambda c: c[0]):
+                rows.append(
+                    await _change_on(
+                        conn, dataset, expected_version, to, actor, reason, action, forced, details
+                    )
+                )
+        return rows
 
     async def close_gap(
         self,
@@ -240,5 +244,117 @@ class StageStore:
             )
             return _stage_row(rec), since
 
+    async def set_auto_promote(
+        self,
+        dataset: str,
+        value: bool | None,
+        *,
+        actor: str,
+        reason: str,
+        details: Mapping[str, Any] | None = None,
+    ) -> StageRow:
+        """Turn ``auto_promote`` off (``False``: an automatic rollback did, or an operator), or
+        back to what the configuration says (``None``); audited as ``auto-promote``. The
+        stage's version is not bumped: writes and reads are unaffected."""
+        async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
+            before = await _row_for_update(conn, dataset)
+            rec = await conn.fetchrow(
+                f"UPDATE bascule_stage SET auto_promote = $2 WHERE dataset = $1"
+                f" RETURNING {_STAGE_COLUMNS}",
+                dataset,
+                value,
+            )
+            assert rec is not None  # locked FOR UPDATE above
+            await audit.record(
+                conn,
+                dataset,
+                "auto-promote",
+                actor=actor,
+                reason=reason,
+                details={
+                    **(details or {}),
+                    "was": before["auto_promote"],
+                    "now": value,
+                    "stage": before["stage"],
+                    "version": before["version"],
+                },
+            )
+            return _stage_row(rec)
+
     async def history(self, dataset: str | None = None, limit: int = 100) -> list[AuditRow]:
         return await audit.history(self.pool, dataset, limit)
+
+
+async def open_gap(conn: Any, dataset: str, side: Side) -> bool:
+    """Open ``side``'s gap (it may be missing a write), on ``conn`` inside the caller's
+    transaction; False when one was open already (its older ``since`` is kept)."""
+    column = f"gap_{side.value}"  # one of two fixed names, never caller text
+    opened: bool | None = await conn.fetchval(
+        f"UPDATE bascule_stage SET {column}_opened = CASE WHEN {column}_since IS NULL THEN now()"
+        f" ELSE {column}_opened END, {column}_since = coalesce({column}_since, now())"
+        f" WHERE dataset = $1 RETURNING {column}_opened = now()",
+        dataset,
+    )
+    return bool(opened)
+
+
+async def _change_on(
+    conn: Any,
+    dataset: str,
+    expected_version: int,
+    to: Stage,
+    actor: str,
+    reason: str,
+    action: str,
+    forced: bool,
+    details: Mapping[str, Any] | None,
+) -> StageRow:
+    """One compare-and-set with its audit row, inside the caller's transaction."""
+    before = await _row_for_update(conn, dataset)
+    if before["version"] != expected_version:
+        raise StaleVersion(dataset, expected_version, before["version"])
+    current = Stage(before["stage"])
+    bump = alters_writes(current, to)
+    opened = opens_gaps(current, to)
+    rec = await conn.fetchrow(
+        "UPDATE bascule_stage SET stage = $3, version = version + 1, updated_at = now(),"
+        " updated_by = $4, reason = $5,"
+        " write_epoch = write_epoch + CASE WHEN $6 THEN 1 ELSE 0 END,"
+        " gap_source_opened = CASE WHEN $7 AND gap_source_since IS NULL THEN now()"
+        "  ELSE gap_source_opened END,"
+        " gap_target_opened = CASE WHEN $8 AND gap_target_since IS NULL THEN now()"
+        "  ELSE gap_target_opened END,"
+        " gap_source_since = CASE WHEN $7 THEN coalesce(gap_source_since, now())"
+        "  ELSE gap_source_since END,"
+        " gap_target_since = CASE WHEN $8 THEN coalesce(gap_target_since, now())"
+        "  ELSE gap_target_since END"
+        f" WHERE dataset = $1 AND version = $2 RETURNING {_STAGE_COLUMNS}",
+        dataset,
+        expected_version,
+        to.value,
+        actor,
+        reason,
+        bump,
+        Side.SOURCE in opened,
+        Side.TARGET in opened,
+    )
+    assert rec is not None  # the row is locked FOR UPDATE at that version
+    recorded = dict(details or {})
+    if bump:
+        recorded["write_epoch"] = rec["write_epoch"]
+    if opened:
+        recorded["gaps_opened"] = sorted(side.value for side in opened)
+    await audit.record(
+        conn,
+        dataset,
+        action,
+        actor=actor,
+        reason=reason,
+        from_stage=before["stage"],
+        to_stage=to.value,
+        from_version=expected_version,
+        to_version=rec["version"],
+        forced=forced,
+        details=recorded,
+    )
+    return _stage_row(rec)

@@ -26,6 +26,7 @@ class Ledger:
         self.fail_postgres = False
         self.counts: Counter[Any] = Counter()
         self.errors_: Counter[Any] = Counter()
+        self.gated: Counter[Any] = Counter()
         self.rows: list[tuple[str, str]] = []
         self.order: list[str] = []
 
@@ -40,6 +41,13 @@ class Ledger:
         if self.fail_postgres:
             raise StoreError("the state Postgres is away")
         self.errors_.update(errors)
+        self.order.append("postgres")
+
+    async def gate_counts(self, counts: Any) -> None:
+        await self.release.wait()
+        if self.fail_postgres:
+            raise StoreError("the state Postgres is away")
+        self.gated.update(counts)
         self.order.append("postgres")
 
     async def mismatch(self, dataset: str, route: str, diff: Diff, trace_id: Any, **_: Any) -> None:
@@ -72,9 +80,11 @@ async def test_a_cancelled_flush_still_writes_what_it_took_once() -> None:
     assert not final.done()  # it waits for the write under way
     ledger.release.set()
     await final
-    assert ledger.errors_ == {("dcir", "/r", "shadow_timeout"): 3}
+    assert ledger.errors_ == {("dcir", "/r", "shadow_timeout", 0): 3}
     assert ledger.rows == [("dcir", "/r")]  # once, not again by the final flush
-    assert ledger.counts == {("dcir", "/r", "errored"): 3, ("dcir", "/r", "mismatched"): 1}
+    counted = {("dcir", "/r", "errored", 0): 3, ("dcir", "/r", "mismatched", 0): 1}
+    assert ledger.counts == counted  # Redis's
+    assert ledger.gated == counted  # and the gate's, once each
     assert tally.held() == "0 counts, 0 errored comparisons, 0 mismatches"
 
 
@@ -84,15 +94,17 @@ async def test_the_evidence_goes_first_and_a_postgres_failure_keeps_it() -> None
     ledger.fail_postgres = True
     with pytest.raises(StoreError):
         await tally.flush(ledger)  # type: ignore[arg-type]
-    # Counts still reach Redis; errored comparisons and the mismatch are kept for later.
+    # Counts still reach Redis; errored comparisons, the gate's counts and the mismatch are
+    # kept for later.
     assert sum(ledger.counts.values()) == 4 and not tally.counts
-    assert tally.held() == "0 counts, 3 errored comparisons, 1 mismatches"
+    assert tally.held() == "4 counts, 3 errored comparisons, 1 mismatches"
     ledger.fail_postgres = False
     tally.count("dcir", "/r", "matched")
     await tally.flush(ledger)  # type: ignore[arg-type]
-    assert ledger.errors_ == {("dcir", "/r", "shadow_timeout"): 3}
+    assert ledger.errors_ == {("dcir", "/r", "shadow_timeout", 0): 3}
+    assert sum(ledger.gated.values()) == 5  # each once, the kept ones with the new one
     assert ledger.rows == [("dcir", "/r")]
-    assert ledger.order == ["redis", "postgres", "postgres", "redis"]
+    assert ledger.order == ["redis", "postgres", "postgres", "postgres", "redis"]
 
 
 async def test_evidence_writers_take_turns() -> None:

@@ -95,18 +95,20 @@ async def test_a_report_carries_outcomes_and_pointers_only() -> None:
     diff = Diff((Difference("body", "/records/3/amount", "changed"),), truncated=2)
     report = Report(
         [4, 5],
-        [("dcir", "/r", "matched", 3), ("dcir", "/r", "compared", 4)],
-        [("dcir", "/r", "shadow_timeout", 1)],
+        [("dcir", "/r", "matched", 7, 3), ("dcir", "/r", "compared", 7, 4)],
+        [("dcir", "/r", "shadow_timeout", 7, 1)],
         [
-            ("dcir", "/r", diff, "0af7651916cd43dd8448eb211c80319c", 1796000000.25),
-            ("dcir", "/r", diff, None, None),
+            ("dcir", "/r", diff, "0af7651916cd43dd8448eb211c80319c", 1796000000.25, 7),
+            ("dcir", "/r", diff, None, None, 6),
         ],
     )
     got = await read_to_proxy(reader_of(frame(report)))
     assert got == report
     assert isinstance(got, Report) and got.mismatches[0][2] == diff
     assert got.mismatches[0][4] == 1796000000.25  # when it was found, to the microsecond
-    bad = msgspec.msgpack.encode({"type": "report", "seqs": [], "counts": [["d", "r", "won", 1]]})
+    bad = msgspec.msgpack.encode(
+        {"type": "report", "seqs": [], "counts": [["d", "r", "won", 1, 1]]}
+    )
     with pytest.raises(msgspec.ValidationError):  # an outcome the ledger does not know
         await read_to_proxy(reader_of(struct.pack(">I", len(bad)) + bad))
 

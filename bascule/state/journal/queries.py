@@ -10,9 +10,11 @@ from typing import Any
 
 import asyncpg
 
+from bascule.stages import Side
 from bascule.state import audit
 from bascule.state.journal.entries import OPEN, ORPHANED, IllegalTransition
 from bascule.state.postgres import reaching_postgres
+from bascule.state.stage_store import open_gap
 
 
 async def backlog(pool: asyncpg.Pool) -> dict[str, dict[str, Any]]:
@@ -91,25 +93,38 @@ async def skip(
     reason: str,
     details: dict[str, str] | None = None,
 ) -> str:
-    """Give up replaying an entry, audited in the same transaction; return its dataset."""
+    """Give up replaying an entry, audited in the same transaction; return its dataset.
+
+    The side the entry was to be replayed to may now miss that write (an in-doubt one may or
+    may not have reached its authority: the other side is the one that may lack it): its gap
+    opens in the same transaction, so no move exposes it until a verification closes it."""
     async with reaching_postgres(), pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            "UPDATE bascule_journal SET state = 'skipped', applied_at = now()"
-            " WHERE seq = $1 AND state IN ('pending', 'in_doubt', 'dead')"
-            " RETURNING dataset, state",
+            "WITH was AS (SELECT seq, state FROM bascule_journal WHERE seq = $1 FOR UPDATE)"
+            " UPDATE bascule_journal j SET state = 'skipped', applied_at = now() FROM was"
+            " WHERE j.seq = was.seq AND was.state IN ('pending', 'in_doubt', 'dead')"
+            " RETURNING j.dataset, was.state, j.authority",
             seq,
         )
         if row is None:
             raise IllegalTransition(
                 f"journal entry {seq} does not exist or is not pending, in doubt or dead"
             )
+        missed = Side.TARGET if row["authority"] == Side.SOURCE.value else Side.SOURCE
+        opened = await open_gap(conn, row["dataset"], missed)
         await audit.record(
             conn,
             row["dataset"],
             "journal-skip",
             actor=actor,
             reason=reason,
-            details={**(details or {}), "seq": seq},
+            details={
+                **(details or {}),
+                "seq": seq,
+                "was": row["state"],
+                "gap": missed.value,
+                "gap_opened": opened,
+            },
         )
         return str(row["dataset"])
 

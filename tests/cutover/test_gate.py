@@ -1,0 +1,312 @@
+"""The gate, through the real command: each condition failing alone refuses ``shadow -> live``
+with its own reason and figure; all holding, the flip passes; a forced flip is audited with the
+failing figures; the dry run and the admin API give the same answer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from bascule.app.admin import AdminDeps, create_admin_app
+from bascule.app.operations import Operations
+from bascule.stages import Side, Stage
+from bascule.state.fleet import RedisAnnouncer
+from bascule.state.postgres import open_pool
+from bascule.state.stage_store import StageStore
+from cutover.gate import gates_of
+from tests.cutover.test_admin_and_cli import OP, arun, call
+from tests.harness import OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state, serve_app, write_config
+
+GATE = """
+[datasets.dcir.gate]
+min_compared = 5
+window = 60
+replay_grace = 5
+"""
+ROUTE = "/v1/datasets/{dataset}/records/{id}"
+OTHER_ROUTE = "/v1/datasets/{dataset}/query"
+
+
+@dataclass
+class Gated:
+    """dcir in ``shadow`` with every condition of the gate holding (evidence written
+    straight into the state database); ``env`` runs ``bascule`` against it."""
+
+    pool: asyncpg.Pool
+    store: StageStore
+    env: dict[str, str]
+    config: Path
+
+    async def version(self) -> int:
+        return (await self.store.get("dcir")).version
+
+    async def sql(self, statement: str, *args: Any) -> None:
+        await self.pool.execute(statement, *args)
+
+    async def counted(self, route: str, outcome: str, n: int) -> None:
+        await self.sql(
+            "INSERT INTO bascule_shadow_count (dataset, stage_version, route, outcome, minute, n)"
+            " VALUES ('dcir', $1, $2, $3, date_trunc('minute', now()), $4)"
+            " ON CONFLICT (dataset, stage_version, minute, route, outcome)"
+            " DO UPDATE SET n = excluded.n",
+            await self.version(),
+            route,
+            outcome,
+            n,
+        )
+
+    async def entry(self, state: str, age: float) -> None:
+        await self.sql(
+            "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
+            " stage_version, writer, writer_pid, writer_started, state, request, created_at)"
+            " VALUES ('dcir', 'r', '/r', 'PUT', 'source', 1, 'w', pg_backend_pid(),"
+            " (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()),"
+            " $1, '\\x00'::bytea, now() - make_interval(secs => $2))",
+            state,
+            age,
+        )
+
+
+@pytest.fixture
+async def gated(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
+) -> AsyncIterator[Gated]:
+    await migrate_state(pg_url)
+    config = tmp_path / "bascule.toml"
+    write_config(
+        config,
+        source_url="http://127.0.0.1:9",
+        target_url="http://127.0.0.1:9",
+        postgres_url=pg_url,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        extra=GATE,
+    )
+    pool = await open_pool(pg_url, max_size=2)
+    store = StageStore(pool)
+    row = await store.change("dcir", 1, Stage.DUALWRITE, actor="setup", reason="setup")
+    await store.close_gap("dcir", Side.TARGET, actor="setup", reason="verified below")
+    row = await store.change("dcir", row.version, Stage.SHADOW, actor="setup", reason="setup")
+    world = Gated(pool, store, {**os.environ, "BASCULE_CONFIG": str(config)}, config)
+    # Every condition holding: in effect for longer than the window, evidence enough, clean.
+    await world.sql("UPDATE bascule_stage SET updated_at = now() - interval '2 minutes'")
+    await world.sql(
+        "INSERT INTO bascule_verify_run (dataset, mode, status, verified, authority, stage,"
+        " stage_version, actor, started_at, swept_since, finished_at) VALUES ('dcir', 'full',"
+        " 'clean', 'target', 'source', 'dualwrite', 2, 'setup', now(), now(), now())"
+    )
+    await world.counted(ROUTE, "compared", 10)
+    await world.counted(ROUTE, "matched", 10)
+    yield world
+    await pool.close()
+
+
+async def gate_of(world: Gated) -> dict[str, Any]:
+    done = await arun(world.env, "gate", "dcir", "--json")
+    report: dict[str, Any] = orjson.loads(done.stdout)
+    assert done.returncode == (0 if report["ok"] else 3), done.stderr
+    return report
+
+
+async def test_with_every_condition_holding_the_flip_passes(gated: Gated) -> None:
+    report = await gate_of(gated)
+    assert report["ok"] is True and report["move"] == "shadow -> live"
+    names = [c["condition"] for c in report["conditions"]]
+    assert names == [
+        "window",
+        "volume",
+        "routes",
+        "mismatches",
+        "errored",
+        "backlog",
+        "journal",
+        "gap",
+        "verified",
+    ]
+    done = await arun(gated.env, "stage", "dcir", "live", "--reason", "gate holds")
+    assert done.returncode == 0, done.stderr
+    last = (await gated.store.history("dcir"))[-1]
+    assert (last.to_stage, last.forced) == ("live", False)
+    assert last.details["gate"]["volume"] == 10  # audited with the figures it passed on
+
+
+Breaker = Callable[[Gated], Awaitable[None]]
+
+
+async def _recent(world: Gated) -> None:
+    await world.sql("UPDATE bascule_stage SET updated_at = now() - interval '5 seconds'")
+
+
+async def _few(world: Gated) -> None:
+    await world.counted(ROUTE, "compared", 3)
+
+
+async def _silent_route(world: Gated) -> None:
+    await world.counted(OTHER_ROUTE, "dropped", 4)
+
+
+async def _mismatch(world: Gated) -> None:
+    await world.sql(
+        "INSERT INTO bascule_mismatch (dataset, route, differences, stage_version)"
+        ' VALUES (\'dcir\', $1, \'[["body", "/record/amount", "changed"]]\', $2)',
+        ROUTE,
+        await world.version(),
+    )
+
+
+async def _errored(world: Gated) -> None:
+    await world.sql(
+        "INSERT INTO bascule_shadow_error (dataset, route, reason, minute, n, stage_version)"
+        " VALUES ('dcir', $1, 'shadow_timeout', date_trunc('minute', now()), 2, $2)",
+        ROUTE,
+        await world.version(),
+    )
+
+
+async def _waiting(world: Gated) -> None:
+    await world.entry("pending", age=30.0)
+
+
+async def _dead(world: Gated) -> None:
+    await world.entry("dead", age=1.0)
+
+
+async def _gap(world: Gated) -> None:
+    # The target's gap open again (as a skip or a rollback through `source` would), kept apart
+    # from the verification's time so that only this condition fails.
+    await world.sql("UPDATE bascule_stage SET gap_target_since = now() - interval '3 minutes'")
+
+
+async def _unverified(world: Gated) -> None:
+    await world.sql("DELETE FROM bascule_verify_run")
+
+
+@pytest.mark.parametrize(
+    ("condition", "breaker", "figure", "reason"),
+    [
+        ("window", _recent, None, "s of the 60 s window"),
+        ("volume", _few, 3, "3 comparisons of the target in the window, 5 needed"),
+        ("routes", _silent_route, [OTHER_ROUTE], "read routes seen with no comparison"),
+        ("mismatches", _mismatch, 1, "1 mismatches in the window"),
+        ("errored", _errored, 2, "2 comparisons could not be made"),
+        ("backlog", _waiting, 1, "1 journaled writes waiting longer than 5 s"),
+        ("journal", _dead, {"in_doubt": 0, "dead": 1, "orphans": 0}, "1 dead"),
+        ("gap", _gap, "*", "has had an open gap since"),
+        ("verified", _unverified, None, "no clean verification yet"),
+    ],
+)
+async def test_each_condition_failing_alone_refuses_the_flip_with_its_figure(
+    gated: Gated, condition: str, breaker: Breaker, figure: Any, reason: str
+) -> None:
+    await breaker(gated)
+    report = await gate_of(gated)
+    failing = {c["condition"]: c for c in report["conditions"] if not c["ok"]}
+    assert list(failing) == [condition], failing
+    if figure == "*":
+        assert failing[condition]["figure"] is not None
+    elif condition != "window":
+        assert failing[condition]["figure"] == figure
+    assert reason in failing[condition]["detail"]
+    before = (await gated.store.all(), await gated.store.history())
+    done = await arun(gated.env, "stage", "dcir", "live", "--reason", "try")
+    assert done.returncode == 3, done.stdout
+    if condition == "gap":  # the gap rule refuses first, naming the gap as the gate does
+        assert "the target has had an open gap since" in done.stderr
+    else:
+        assert f"the gate refuses shadow -> live: {condition}: " in done.stderr
+        assert reason in done.stderr
+    dry = await arun(gated.env, "stage", "dcir", "live", "--dry-run", "--json")
+    assert dry.returncode == 3
+    found = orjson.loads(dry.stdout)
+    assert found["allowed"] is False
+    assert [c["condition"] for c in found["gate"]["conditions"] if not c["ok"]] == [condition]
+    assert (await gated.store.all(), await gated.store.history()) == before  # nothing changed
+
+
+async def test_a_forced_flip_is_audited_with_the_failing_figures(gated: Gated) -> None:
+    await _few(gated)
+    await _mismatch(gated)
+    done = await arun(
+        gated.env, "stage", "dcir", "live", "--force", "--reason", "CHG-42", "--by", "alice"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (await gated.store.get("dcir")).stage is Stage.LIVE
+    last = (await gated.store.history("dcir"))[-1]
+    assert (last.actor, last.forced, last.reason) == ("alice", True, "CHG-42")
+    assert last.details["forced_gate"] == ["volume", "mismatches"]
+    assert (last.details["gate"]["volume"], last.details["gate"]["mismatches"]) == (3, 1)
+
+
+async def test_rollbacks_are_never_gated(gated: Gated) -> None:
+    await _mismatch(gated)
+    await _unverified(gated)
+    done = await arun(gated.env, "rollback", "dcir", "--reason", "back")
+    assert done.returncode == 0, done.stderr
+    assert (await gated.store.get("dcir")).stage is Stage.DUALWRITE
+
+
+async def test_the_admin_api_gives_the_same_answer(
+    gated: Gated, redis_url: str, redis_prefix: str
+) -> None:
+    await _few(gated)
+    redis = aioredis.Redis.from_url(redis_url)
+    from bascule.config import load_config
+
+    config = load_config(gated.config)
+    ops = Operations(
+        gated.store,
+        RedisAnnouncer(redis, redis_prefix),
+        gate=gates_of(config, gated.pool),
+    )
+    deps = AdminDeps(ops, None, {"operator": OPERATOR_TOKEN}, VIEWER_TOKEN)
+    try:
+        async with serve_app(create_admin_app(deps)) as url:
+            view = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+            status, report = await call("GET", url + "/v1/datasets/dcir/gate", view)
+            assert (status, report["ok"]) == (200, False)
+            status, body = await call(
+                "POST", url + "/v1/datasets/dcir/stage", OP, {"stage": "live", "reason": "go"}
+            )
+            assert (
+                status == 409
+                and "the gate refuses shadow -> live: volume" in (body["error"]["message"])
+            )
+            status, body = await call(
+                "POST",
+                url + "/v1/datasets/dcir/stage",
+                OP,
+                {"stage": "live", "dry_run": True},
+            )
+            assert status == 409 and body["dry_run"]["gate"]["ok"] is False
+    finally:
+        await redis.aclose()
+    assert (await gated.store.get("dcir")).stage is Stage.SHADOW
+
+
+async def test_a_skipped_write_opens_the_gap_the_gate_and_the_dry_run_then_refuse(
+    gated: Gated,
+) -> None:
+    """`journal skip` gives up a write the target never got: the target's gap opens (audited),
+    `status` shows it, and the dry run and the gate refuse what the gap forbids."""
+    await gated.entry("dead", age=1.0)
+    seq = await gated.pool.fetchval("SELECT max(seq) FROM bascule_journal")
+    assert (await gate_of(gated))["ok"] is False  # the dead entry itself
+    done = await arun(gated.env, "journal", "skip", str(seq), "--reason", "gave up")
+    assert done.returncode == 0, done.stderr
+    status = orjson.loads((await arun(gated.env, "status", "dcir", "--json")).stdout)
+    assert status["datasets"][0]["gaps"]["target"] is not None
+    last = (await gated.store.history("dcir"))[-1]
+    assert last.details["gap"] == "target" and last.details["gap_opened"] is True
+    report = await gate_of(gated)
+    failing = [c["condition"] for c in report["conditions"] if not c["ok"]]
+    assert failing == ["gap", "verified"]  # the verification is older than the new gap
+    dry = await arun(gated.env, "stage", "dcir", "live", "--dry-run")
+    assert dry.returncode == 3 and "the target has had an open gap since" in dry.stderr
