@@ -41,7 +41,7 @@ from bascule.state import replicas
 from cutover.checksum import Key, Range, key_hashes, predicate, thresholds
 from cutover.job import Job
 from cutover.repair import staging
-from cutover.tables import Conn, Pair, ident, reading, session
+from cutover.tables import Conn, Pair, ident, paired, reading, session
 from cutover.verify import Options, VerifyReport, describe, settle, verify
 
 BATCH_ROWS = 65536
@@ -326,8 +326,9 @@ async def _settle(
     written = await job.view.keys_since(since)
     keys = list(written.keys)
     job.progress.note(f"{pair.name}: settling {len(keys)} record(s) written during the copy")
-    src, tgt = await asyncio.gather(
-        *(key_hashes(job.conns[s], pair, s, keys) for s in (Side.SOURCE, Side.TARGET))
+    src, tgt = await paired(
+        key_hashes(job.conns[Side.SOURCE], pair, Side.SOURCE, keys),
+        key_hashes(job.conns[Side.TARGET], pair, Side.TARGET, keys),
     )
     differ = [k for k in keys if src.get(k) != tgt.get(k)]
     outcome, left, unsettled = await settle(

@@ -18,14 +18,13 @@ per-row hashes of the differing leaves are compared key by key.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bascule.stages import Side
-from cutover.tables import Conn, Pair, ident, reading
+from cutover.tables import Conn, Pair, ident, paired, reading
 
 CHUNK_ROWS = 16384
 """Keys per chunk. Narrowing a differing chunk costs a split and a few thousand row hashes per
@@ -283,8 +282,9 @@ async def narrow(
         if not sub:
             leaves.append(d)  # cannot be cut further (one side's rows are all one key)
             continue
-        figures = await asyncio.gather(
-            *(range_figures(conns[s], pair, s, sub, d.range) for s in (Side.SOURCE, Side.TARGET))
+        figures = await paired(
+            range_figures(conns[Side.SOURCE], pair, Side.SOURCE, sub, d.range),
+            range_figures(conns[Side.TARGET], pair, Side.TARGET, sub, d.range),
         )
         inner = differing(sub, {Side.SOURCE: figures[0], Side.TARGET: figures[1]})
         next_level.extend(Differing(_clip(r.range, d.range), r.rows) for r in inner)
@@ -292,7 +292,7 @@ async def narrow(
         result.update(await narrow(conns, pair, next_level))
     for i in range(0, len(leaves), 1000):
         batch = [d.range for d in leaves[i : i + 1000]]
-        src, tgt = await asyncio.gather(
+        src, tgt = await paired(
             row_hashes(conns[Side.SOURCE], pair, Side.SOURCE, batch, bounds),
             row_hashes(conns[Side.TARGET], pair, Side.TARGET, batch, bounds),
         )

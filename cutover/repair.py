@@ -22,7 +22,6 @@ Rows cross as COPY text under the pinned session settings: exact for every type.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Collection, Mapping
 from contextlib import AsyncExitStack
@@ -35,7 +34,7 @@ from bascule.state.journal.entries import JOURNALED_STAGES
 from bascule.state.postgres import reaching_postgres
 from cutover.checksum import Key, key_hashes
 from cutover.journaled import REPAIR_ROUTE, JournalView
-from cutover.tables import Conn, Pair, ident, reading, session
+from cutover.tables import Conn, Pair, ident, paired, reading, session
 
 BATCH = 50
 """Records locked and written together: a researcher's write to one of them waits for the
@@ -122,15 +121,14 @@ class Repairer:
                 return
             auth = authority(Stage(stage["stage"]))
             other = Side.TARGET if auth is Side.SOURCE else Side.SOURCE
-            # Open entries only (nothing after the highest sequence there will ever be).
-            busy = await self.view.touched(tokens, after=2**62)
+            busy = await self.view.open_on(tokens)
             candidates = [k for t, k in tokens.items() if t not in busy]
             for t, k in tokens.items():
                 if t in busy:
                     outcome.skipped[k] = "a write to it is still open in the journal"
             if not candidates:
                 return
-            theirs, ours = await asyncio.gather(
+            theirs, ours = await paired(
                 key_hashes(self.read[auth], self.pair, auth, candidates),
                 key_hashes(self.read[other], self.pair, other, candidates),
             )

@@ -13,12 +13,13 @@ errors name tables, columns and SQLSTATEs, never a value (a server's message may
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -28,6 +29,7 @@ from bascule.errors import ConfigError, Refused, UpstreamError, UpstreamUnreacha
 from bascule.stages import Side
 
 Conn = psycopg.AsyncConnection[TupleRow]
+T = TypeVar("T")
 
 # Session settings every verification and backfill session runs with: the text form of a
 # timestamptz depends on TimeZone, of a date on DateStyle, of an interval on IntervalStyle, of a
@@ -60,6 +62,17 @@ _NATIVE = frozenset(
 )
 _TEXTUAL = frozenset({"text", "varchar", "bpchar", "name"})
 _INTEGER_KEYS = frozenset({"int2", "int4", "int8"})
+
+
+async def paired(first: Coroutine[Any, Any, T], second: Coroutine[Any, Any, T]) -> tuple[T, T]:
+    """Run one read on each side at once. If one fails, the other is cancelled and waited
+    for (``asyncio.gather`` would leave it running on a session about to be closed)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            a, b = group.create_task(first), group.create_task(second)
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None  # what failed first, as itself
+    return a.result(), b.result()
 
 
 def ident(name: str) -> str:

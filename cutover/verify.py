@@ -48,7 +48,7 @@ from cutover.checksum import (
 )
 from cutover.job import Job
 from cutover.repair import Outcome, Repairer
-from cutover.tables import Pair, SchemaDiff
+from cutover.tables import Pair, SchemaDiff, paired
 
 Mode = Literal["full", "incremental"]
 _KINDS = ("missing", "extra", "changed")
@@ -64,7 +64,7 @@ class Options:
     show_keys: bool = False
     reason: str | None = None
     drain_wait: float = 30.0
-    """Seconds a re-check waits for the dataset's journal backlog to drain."""
+    """Seconds a re-check round waits for the open writes of the records it checks."""
     settle_for: float = 120.0
     """Seconds keys that differ are checked again, at most, before they are called unsettled."""
 
@@ -260,8 +260,9 @@ async def _run(job: Job, options: Options, report: VerifyReport, written: set[Ke
             found = await _sweep(job, report.run, pair, saved.get(pair.name), report, table)
         else:
             table.scanned = {s: len(written) for s in Side}
-            src, tgt = await asyncio.gather(
-                *(key_hashes(job.conns[s], pair, s, written) for s in (Side.SOURCE, Side.TARGET))
+            src, tgt = await paired(
+                key_hashes(job.conns[Side.SOURCE], pair, Side.SOURCE, written),
+                key_hashes(job.conns[Side.TARGET], pair, Side.TARGET, written),
             )
             table.rows = {Side.SOURCE: len(src), Side.TARGET: len(tgt)}
             found = {k: (src.get(k), tgt.get(k)) for k in written if src.get(k) != tgt.get(k)}
@@ -394,7 +395,7 @@ async def _sweep(
         progress.done(side.value)
 
     try:
-        await asyncio.gather(side_scan(Side.SOURCE), side_scan(Side.TARGET))
+        await paired(side_scan(Side.SOURCE), side_scan(Side.TARGET))
     except BaseException:
         # Stopped (Ctrl-C, a failure on one side): keep what both sides have summed so far.
         with contextlib.suppress(Exception):
@@ -433,11 +434,15 @@ async def _recheck(
 ) -> tuple[Compared, Compared]:
     """Check the keys ``found`` again until quiet: (divergent, unsettled).
 
-    Each round waits for the dataset's journal entries up to ``after`` (the journal's highest
-    sequence once the keys' rows had been read) to settle, reads the rows again, and calls a
-    key divergent when it still differs although no write may have touched it since: no entry
-    after ``after``, none still open, none settled since this read began. The others go round
-    again, until ``settle_for``; what still differs then, with writes open, is unsettled."""
+    ``after``: the journal's highest sequence once the rows that differed had been read. Each
+    round reads the keys' rows again (noting the state database's time first, and the highest
+    sequence after) and calls a key divergent when it still differs though no write can
+    explain it: no entry of its record after ``after``, none still open, none settled since
+    this read began (a write whose intent was not visible yet when ``after`` was read), and no
+    dataset-wide write whose records cannot be told. Any write to the record is then either in
+    both sides' rows read, or not yet sent. The other keys wait for their records' open writes
+    to settle (bounded by ``drain_wait``), and go round again until ``settle_for``; what still
+    differs then, with writes open, is unsettled."""
     pending = set(found)
     final: Compared = {}
     last: Compared = {}
@@ -445,16 +450,13 @@ async def _recheck(
     if pending:
         job.progress.note(f"{pair.name}: checking {len(pending)} record(s) again until quiet")
     while pending:
-        left = max(0.0, deadline - time.monotonic())
-        await job.view.drained(after, within=min(options.drain_wait, left))
         reading_from = await job.runs.now()
-        src, tgt = await asyncio.gather(
-            *(key_hashes(job.conns[s], pair, s, pending) for s in (Side.SOURCE, Side.TARGET))
+        src, tgt = await paired(
+            key_hashes(job.conns[Side.SOURCE], pair, Side.SOURCE, pending),
+            key_hashes(job.conns[Side.TARGET], pair, Side.TARGET, pending),
         )
         newest = await job.view.high()
         now: Compared = {k: (src.get(k), tgt.get(k)) for k in pending if src.get(k) != tgt.get(k)}
-        if not now:
-            return final, {}
         tokens = {job.view.token(k): k for k in now}
         touched = await job.view.touched(tokens, after, settled_since=reading_from)
         for token, key in tokens.items():
@@ -463,8 +465,11 @@ async def _recheck(
         last = {k: v for k, v in now.items() if k not in final}
         pending = set(last)
         after = newest
-        if time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if not pending or left <= 0:
             break
+        waiting = {job.view.token(k) for k in pending}
+        await job.view.quiet(waiting, within=min(options.drain_wait, left))
     return final, last
 
 

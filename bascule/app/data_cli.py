@@ -37,7 +37,7 @@ from bascule.checks import check_actor, require_reason
 from bascule.config import Secrets
 from bascule.errors import UsageError
 from bascule.state.servers import provide_stores
-from cutover.backfill import BackfillOptions, BackfillReport, backfill
+from cutover.backfill import BATCH_ROWS, BackfillOptions, BackfillReport, backfill
 from cutover.job import Progress as JobProgress
 from cutover.job import Silent, data_job
 from cutover.verify import Options, VerifyReport, verify
@@ -96,6 +96,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="copy the source's rows into the target's database (dualwrite only), then verify",
     )
     p.add_argument("dataset")
+    p.add_argument(
+        "--batch-rows",
+        type=int,
+        default=BATCH_ROWS,
+        help=f"rows per transaction on the target and per checkpoint (default {BATCH_ROWS:,})",
+    )
     p.set_defaults(func=lambda a: _run(_backfill(a)))
 
 
@@ -153,6 +159,8 @@ async def _verify(args: argparse.Namespace) -> int:
 
 async def _backfill(args: argparse.Namespace) -> int:
     check_actor(args.by)
+    if args.batch_rows < 1:
+        raise UsageError("--batch-rows must be at least 1")
     config = config_of(args)
     secrets = Secrets.from_env(os.environ)
     progress = _progress(args.json)
@@ -167,7 +175,9 @@ async def _backfill(args: argparse.Namespace) -> int:
             progress=progress,
         ) as job:
             try:
-                report = await backfill(job, BackfillOptions(resume=args.resume))
+                report = await backfill(
+                    job, BackfillOptions(resume=args.resume, batch_rows=args.batch_rows)
+                )
             finally:
                 _stop(progress)
     if args.json:

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from refapi.datasets import DCIR
 from refapi.schema import table_ddl
 
 DATASETS = ("default", "dcir", "pmsi", "cepidc")
+MakeDatabase = Callable[[str], Awaitable[str]]
 
 DCIR_ROWS = """
 INSERT INTO dcir (id, patient_id, act_code, act_date, amount, prescriber_speciality, department,
@@ -39,7 +40,7 @@ FROM generate_series($1::bigint, $2::bigint) g
 """dcir rows ``$1..$2`` as the reference API stores them: a pure function of the id."""
 
 # The CLI with the data commands, whatever bascule/cli.py registers yet.
-_MAIN = (
+MAIN = (
     "import argparse, sys\n"
     "import bascule.cli as cli\n"
     "from bascule.app import data_cli\n"
@@ -154,7 +155,7 @@ def write_config(
 def run_cli(config: Path, *args: str, timeout: float = 110) -> subprocess.CompletedProcess[str]:
     """``bascule ARGS`` in a process of its own, as an SRE runs it."""
     return subprocess.run(
-        [sys.executable, "-c", _MAIN, *args],
+        [sys.executable, "-c", MAIN, *args],
         env={**os.environ, "BASCULE_CONFIG": str(config)},
         capture_output=True,
         text=True,
@@ -168,7 +169,7 @@ async def run_cli_async(config: Path, *args: str, timeout: float = 110) -> tuple
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        _MAIN,
+        MAIN,
         *args,
         env={**os.environ, "BASCULE_CONFIG": str(config)},
         stdout=asyncio.subprocess.PIPE,
@@ -179,8 +180,10 @@ async def run_cli_async(config: Path, *args: str, timeout: float = 110) -> tuple
             out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
-        await proc.wait()
-        raise
+        out, err = await proc.communicate()
+        raise AssertionError(
+            f"bascule {' '.join(args)} did not end in {timeout} s; stderr: {err.decode()}"
+        ) from None
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -204,3 +207,43 @@ async def audit_rows(state_url: str, action: str) -> list[dict[str, Any]]:
         action,
     )
     return [{**dict(r), "details": json.loads(r["details"])} for r in rows]
+
+
+def report_text(stdout: str, stderr: str) -> dict[str, Any]:
+    """:func:`report` of an output captured by :func:`run_cli_async`."""
+    try:
+        found: dict[str, Any] = json.loads(stdout)
+    except ValueError:
+        raise AssertionError(f"stdout: {stdout!r}; stderr: {stderr!r}") from None
+    return found
+
+
+async def journaled(config: Config, state_url: str, key: int, method: str) -> None:
+    """A write of dcir record ``key`` in the journal as the proxy leaves it once replayed
+    (applied), its key sealed in its request."""
+    from cutover.job import data_job
+
+    secrets = Secrets.from_env(os.environ)
+    async with data_job(config, secrets, "dcir", state_url, actor="t", purpose="test") as job:
+        record = token(key)
+        async with job.journal.locked("dcir", [record]) as held:
+            seq = await held.intent(
+                record=record,
+                route="/v1/datasets/{dataset}/records/{id}",
+                method=method,
+                authority="source",
+                stage_version=job.stage.version,
+                request={"method": method, "target": "/x", "key": str(key), "body": ""},
+            )
+            await held.decide(seq, "pending", status=200, answer=b"{}")
+        await job.journal.applied(seq)
+
+
+async def digest(database: str, table: str = "dcir") -> tuple[int, str]:
+    """A table's row count and a digest of every row in key order: equal, identical tables."""
+    rows = await fetch(
+        database,
+        f"SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t.id), ''))"
+        f" FROM {table} t",
+    )
+    return rows[0][0], rows[0][1]

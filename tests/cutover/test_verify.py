@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,16 @@ from bascule.tasks import spawn
 from cutover.job import Silent, data_job
 from cutover.verify import Options, VerifyReport, verify
 from tests.cutover import datajobs
-from tests.cutover.datajobs import both, execute, fetch, report, run_cli, state, token
-
-MakeDatabase = Callable[[str], Awaitable[str]]
+from tests.cutover.datajobs import (
+    MakeDatabase,
+    both,
+    execute,
+    fetch,
+    report,
+    run_cli,
+    state,
+    token,
+)
 
 
 async def world(
@@ -318,19 +324,24 @@ async def test_an_interrupted_run_resumes_from_its_checkpoint(
     config = load_config(path)
     await execute(target, "UPDATE dcir SET act_code = 'CS' WHERE id = 119000")
 
+    current = asyncio.current_task()
+    assert current is not None
+    this = current
+
     class Stops(Silent):
+        """Stops the run (as Ctrl-C would) once the target's scan has read two block ranges."""
+
         seen = 0
 
         def advance(self, task: str, rows: int, nbytes: int = 0) -> None:
             if task == "target":
                 self.seen += 1
                 if self.seen == 2:
-                    task_now = asyncio.current_task()
-                    assert task_now is not None
-                    task_now.cancel()
+                    this.cancel()
 
     with pytest.raises(asyncio.CancelledError):
         await run(config, pg_url, progress=Stops())
+    this.uncancel()  # the cancellation was this test's own, and it is over
     first = (await runs(pg_url))[-1]
     assert first["status"] == "interrupted"
     sealed = await fetch(pg_url, "SELECT position FROM bascule_verify_checkpoint")
