@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bascule.state.servers import StoreEndpoints, create_database, drop_database, provide_stores
+from refapi.lab import PROXY_ENV, migrate_state
 
 _stack = ExitStack()
 _endpoints: StoreEndpoints | None = None
@@ -26,8 +27,6 @@ _endpoints: StoreEndpoints | None = None
 def pytest_configure(config: pytest.Config) -> None:
     global _endpoints
     _endpoints = _stack.enter_context(provide_stores())
-    from tests.harness import PROXY_ENV
-
     # Proxies started in-process read their service credential from the environment.
     os.environ.update(PROXY_ENV)
 
@@ -81,7 +80,6 @@ async def pg_url(make_database: MakeDatabase) -> str:
 async def state_pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the test's database, migrated as a state database."""
     from bascule.state.postgres import open_pool
-    from tests.harness import migrate_state
 
     await migrate_state(pg_url)
     pool = await open_pool(pg_url)
