@@ -16,6 +16,7 @@ from typing import NamedTuple
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from _pytest.nodeid import NodeId
 
 from bascule.state.servers import StoreEndpoints, create_database, drop_database, provide_stores
 from refapi.lab import PROXY_ENV, migrate_state
@@ -29,6 +30,24 @@ def pytest_configure(config: pytest.Config) -> None:
     _endpoints = _stack.enter_context(provide_stores())
     # Proxies started in-process read their service credential from the environment.
     os.environ.update(PROXY_ENV)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put each ``xdist_group`` on one worker (``--dist loadgroup``) again: pytest-xdist 3.8
+    names a test's group by appending ``@group`` to ``item._nodeid``, which pytest 9 no longer
+    reads (a node's id is ``item._id``), so the groups were ignored and two proxy fleets ran
+    at once, past the server's 100 connections (a 200-writer test then got 503s from a
+    reference API refused its sessions)."""
+    if not config.getoption("loadgroup", False):
+        return
+    for item in items:
+        groups = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
