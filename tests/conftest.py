@@ -21,6 +21,9 @@ from _pytest.nodeid import NodeId
 from bascule.state.servers import StoreEndpoints, create_database, drop_database, provide_stores
 from refapi.lab import PROXY_ENV, migrate_state
 
+# A test fails when a background task dies or the event loop reports an exception.
+pytest_plugins = ["tests.surfacing"]
+
 _stack = ExitStack()
 _endpoints: StoreEndpoints | None = None
 
