@@ -46,6 +46,16 @@ async def serve_app(
         await runner.cleanup()
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def catch_all(handler: Handler, *, client_max_size: int = 1024**2) -> web.Application:
+    """An app answering every method on every path with ``handler``: a stand-in backend."""
+    app = web.Application(client_max_size=client_max_size)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
 Forward = Callable[[], Awaitable[web.Response]]
 """Sends the relayed request to the backend (which applies it) and gives back its answer."""
 Hook = Callable[[web.Request, Forward], Awaitable[web.StreamResponse]]
@@ -98,10 +108,8 @@ async def relay(backend: str, hook: Hook = passthrough) -> AsyncIterator[str]:
 
         return await hook(request, forward)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
     try:
-        async with serve_app(app) as url:
+        async with serve_app(catch_all(handle)) as url:
             yield url
     finally:
         await client.close()

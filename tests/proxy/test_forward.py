@@ -16,7 +16,7 @@ from yarl import URL
 from bascule.stages import Stage
 from refapi.lab import AUTH
 from tests.conftest import Ground
-from tests.harness import closed_port_url, dcir_record, garbage_server
+from tests.harness import catch_all, closed_port_url, dcir_record, garbage_server
 from tests.world import LIVE, World, build_world
 
 BIG = 300 * 1024
@@ -56,9 +56,7 @@ def echo_backend(name: str) -> web.Application:
             },
         )
 
-    app = web.Application(client_max_size=10 * 1024 * 1024)
-    app.router.add_route("*", "/{tail:.*}", echo)
-    return app
+    return catch_all(echo, client_max_size=10 * 1024 * 1024)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from aiohttp import web
 from bascule.errors import RouteError
 from refapi.lab import AUTH, RESEARCHER_TOKEN
 from tests.conftest import Ground
-from tests.harness import dcir_record, serve_app
+from tests.harness import catch_all, dcir_record, serve_app
 from tests.world import LIVE, World, build_world
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,9 +41,7 @@ def seeing_backend(name: str) -> web.Application:
             headers={"X-Served-By": name},
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    return app
+    return catch_all(echo)
 
 
 @pytest.fixture
