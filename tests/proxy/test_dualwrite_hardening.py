@@ -163,8 +163,10 @@ async def test_lease_expiry_mid_round_reorders_and_kills_replayer(env) -> None: 
 
     # The target does not honour Idempotency-Key (the design only relies on it where declared).
     async with env(target_idem=False, hooks=Hooks(target=delaying(delay))) as world:
-        await world.to_stage(Stage.DUALWRITE)
+        # Stopped before dcir is journaled, so it never takes the replay lease the test's own
+        # replayers need (taken between the stage change and the cancel, it held it 5 s).
         world.replica.replayer_task.cancel()
+        await world.to_stage(Stage.DUALWRITE)
         await asyncio.sleep(0.1)
         base = f"{world.proxy}/v1/datasets/dcir/records/3"
         async with aiohttp.ClientSession(headers=AUTH) as s:
@@ -187,8 +189,10 @@ async def test_lease_expiry_mid_round_reorders_and_kills_replayer(env) -> None: 
 
 async def test_no_replay_starts_once_the_lease_may_have_expired(env) -> None:  # type: ignore[no-untyped-def]
     async with env() as world:
-        await world.to_stage(Stage.DUALWRITE)
+        # Stopped before dcir is journaled, so it never takes the replay lease the test's own
+        # replayers need (taken between the stage change and the cancel, it held it 5 s).
         world.replica.replayer_task.cancel()
+        await world.to_stage(Stage.DUALWRITE)
         await asyncio.sleep(0.1)
         base = f"{world.proxy}/v1/datasets/dcir/records/3"
         async with aiohttp.ClientSession(headers=AUTH) as s:
