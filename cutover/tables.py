@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from contextlib import asynccontextmanager
+import re
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from bascule.errors import ConfigError, Refused, UpstreamError, UpstreamUnreacha
 from bascule.stages import Side
 
 Conn = psycopg.AsyncConnection[TupleRow]
+SyncConn = psycopg.Connection[TupleRow]
 T = TypeVar("T")
 
 # Session settings every verification and backfill session runs with: the text form of a
@@ -54,13 +56,17 @@ PINNED: tuple[tuple[str, str], ...] = (
 # Types whose own hash function tells identical values only (their equality is identity), so
 # ``hash_record_extended`` may hash them in their binary form: no rendering to text, the costly
 # part of hashing a row (timestamps especially). Text types are hashed under COLLATE "C" (bytes,
-# whatever the column's collation); numeric adds its scale (1.0 = 1.00, but they render apart).
-# Anything else (floats: -0 = 0; intervals: '1 day' = '24 hours'; json, jsonb, enums, money,
-# arrays, composites...) is hashed as its text form under the pinned settings.
+# whatever the column's collation); numeric adds its scale unless its type fixes it (1.0 = 1.00,
+# but they render apart); floats are hashed as their bytes. Anything else (intervals: '1 day' =
+# '24 hours'; json, jsonb, enums, money, arrays, composites...) is hashed as its text form under
+# the pinned settings.
 _NATIVE = frozenset(
     {"int2", "int4", "int8", "bool", "date", "timestamp", "timestamptz", "time", "uuid", "bytea"}
 )
 _TEXTUAL = frozenset({"text", "varchar", "bpchar", "name"})
+_FIXED_SCALE = re.compile(r"^numeric\(\d+,\d+\)$")
+_FLOATS = {"float8": "float8send", "float4": "float4send"}
+"""Floats are hashed as their bytes (network order): -0 and 0, equal to ``=``, render apart."""
 _INTEGER_KEYS = frozenset({"int2", "int4", "int8"})
 
 
@@ -194,6 +200,12 @@ class Pair:
         """An array of keys given as text, read as an array of the key's type."""
         return f"{placeholder}::text[]::{self.key_type}[]"
 
+    def index_ordered(self, side: Side) -> bool:
+        """Does ``side``'s primary key index serve the agreed order (a range of keys, or the
+        keys in order, without a sort)? Not for a text key under another collation than C."""
+        collation = self.side(side).key_column.collation
+        return collation is None or collation in ("C", "POSIX")
+
     @property
     def integer_key(self) -> bool:
         return self.source.key_column.base in _INTEGER_KEYS
@@ -211,7 +223,11 @@ class Pair:
             elif column.base in _TEXTUAL:
                 parts.append(f'{ref} COLLATE "C"')
             elif column.base == "numeric":
-                parts.append(f"{ref}, scale({ref})")
+                # numeric(p,s) holds every value at scale s: only a free scale needs hashing.
+                fixed = not column.domain and _FIXED_SCALE.match(column.type)
+                parts.append(ref if fixed else f"{ref}, scale({ref})")
+            elif column.base in _FLOATS:
+                parts.append(f"{_FLOATS[column.base]}({ref})")
             else:
                 parts.append(f'{ref}::text COLLATE "C"')
         row = f"ROW({', '.join(parts)})"
@@ -229,6 +245,21 @@ class Pair:
         return (self.key, *(c for c in self.compared if c != self.key))
 
 
+def _settings(read_only: bool) -> list[tuple[str, str]]:
+    settings = list(PINNED)
+    if read_only:
+        # Verification never writes: the server holds it to that.
+        settings.append(("default_transaction_read_only", "on"))
+    return settings
+
+
+def _unreachable(backend: str, exc: psycopg.Error) -> UpstreamUnreachable:
+    # A connection error says which server and database, never a row.
+    return UpstreamUnreachable(
+        backend, f"cannot reach its database (backends.{backend}.database): {exc}"
+    )
+
+
 @asynccontextmanager
 async def session(
     config: Config, side: Side, purpose: str, *, read_only: bool = True
@@ -240,43 +271,73 @@ async def session(
             dsn, autocommit=True, application_name=f"bascule {purpose}"[:63], connect_timeout=10
         )
     except psycopg.Error as exc:
-        # A connection error says which server and database, never a row.
-        raise UpstreamUnreachable(
-            backend, f"cannot reach its database (backends.{backend}.database): {exc}"
-        ) from None
+        raise _unreachable(backend, exc) from None
     # Never prepared: a generic plan would cast the thresholds (given as text) for every row,
     # and hide constant TID ranges from the planner. Each statement is planned for its values.
     conn.prepare_threshold = None
     try:
         async with reading(backend, "pinning the session settings"):
-            settings = list(PINNED)
-            if read_only:
-                # Verification never writes: the server holds it to that.
-                settings.append(("default_transaction_read_only", "on"))
-            for name, value in settings:
+            for name, value in _settings(read_only):
                 await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         yield backend, conn
     finally:
         await conn.close()
 
 
+@contextmanager
+def blocking_session(
+    config: Config, side: Side, purpose: str, *, read_only: bool = True
+) -> Iterator[SyncConn]:
+    """:func:`session`, blocking: for a worker thread that relays rows (a blocking COPY costs
+    half the CPU per row of an asynchronous one)."""
+    backend, dsn = database_of(config, side)
+    try:
+        conn = psycopg.connect(
+            dsn, autocommit=True, application_name=f"bascule {purpose}"[:63], connect_timeout=10
+        )
+    except psycopg.Error as exc:
+        raise _unreachable(backend, exc) from None
+    conn.prepare_threshold = None
+    try:
+        with blocking_reading(backend, "pinning the session settings"):
+            for name, value in _settings(read_only):
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        yield conn
+    finally:
+        conn.close()
+
+
+def failure(backend: str, doing: str, exc: psycopg.Error) -> UpstreamError:
+    """A database error as an UpstreamError naming the backend, the step and the SQLSTATE: a
+    server's own message may quote a value, so it is never passed on."""
+    if isinstance(exc, psycopg.OperationalError):
+        return UpstreamUnreachable(
+            backend, f"its database failed while {doing} ({type(exc).__name__})"
+        )
+    if exc.sqlstate is None:
+        # Raised by psycopg itself (a query it could not send): about the query, no data.
+        return UpstreamError(backend, f"{doing}: {type(exc).__name__}: {exc}")
+    return UpstreamError(
+        backend, f"its database refused {doing} ({exc.sqlstate} {type(exc).__name__})"
+    )
+
+
 @asynccontextmanager
 async def reading(backend: str, doing: str) -> AsyncIterator[None]:
-    """Turn a database error into an UpstreamError naming the backend, the step and the
-    SQLSTATE: a server's own message may quote a value, so it is never passed on."""
+    """Database errors raised inside as :func:`failure`."""
     try:
         yield
-    except psycopg.OperationalError as exc:
-        raise UpstreamUnreachable(
-            backend, f"its database failed while {doing} ({type(exc).__name__})"
-        ) from None
     except psycopg.Error as exc:
-        if exc.sqlstate is None:
-            # Raised by psycopg itself (a query it could not send): about the query, no data.
-            raise UpstreamError(backend, f"{doing}: {type(exc).__name__}: {exc}") from None
-        raise UpstreamError(
-            backend, f"its database refused {doing} ({exc.sqlstate} {type(exc).__name__})"
-        ) from None
+        raise failure(backend, doing, exc) from None
+
+
+@contextmanager
+def blocking_reading(backend: str, doing: str) -> Iterator[None]:
+    """:func:`reading` for blocking sessions."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise failure(backend, doing, exc) from None
 
 
 async def discover(conn: Conn, backend: str, side: Side, dataset: str) -> Table:

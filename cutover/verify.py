@@ -41,6 +41,7 @@ from cutover.checksum import (
     Figures,
     Key,
     differing,
+    integer_thresholds,
     key_hashes,
     narrow,
     scan,
@@ -325,17 +326,24 @@ async def _sweep(
         return {k: (v[0], v[1]) for k, v in state["found"].items()}
     progress = job.progress
     if "bounds" not in state:
-        # Boundaries from the side with more of the table (the authority's, normally).
-        leader = max(Side, key=lambda s: (pair.side(s).pages, s is report.authority))
-        progress.start("chunks", _estimate(pair, leader))
-        bounds = await thresholds(
-            job.conns[leader],
-            pair,
-            leader,
-            CHUNK_ROWS,
-            on_rows=lambda n: progress.advance("chunks", n),
-        )
-        progress.done("chunks")
+        found_bounds = await integer_thresholds(job.conns, pair) if pair.integer_key else None
+        if found_bounds is None:
+            # Streamed from a side whose key index serves the order, with more of the table
+            # (the authority's, normally).
+            leader = max(
+                Side,
+                key=lambda s: (pair.index_ordered(s), pair.side(s).pages, s is report.authority),
+            )
+            progress.start("chunks", _estimate(pair, leader))
+            found_bounds = await thresholds(
+                job.conns[leader],
+                pair,
+                leader,
+                CHUNK_ROWS,
+                on_rows=lambda n: progress.advance("chunks", n),
+            )
+            progress.done("chunks")
+        bounds = found_bounds
         state = {"bounds": bounds, "sides": {}}
         await job.runs.checkpoint("verify", run, pair.name, state)
     bounds = state["bounds"]

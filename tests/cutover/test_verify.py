@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import cutover.checksum
 from bascule.config import Config, Secrets, load_config
 from bascule.stages import Stage
 from bascule.tasks import spawn
@@ -318,8 +319,9 @@ async def test_a_clean_run_closes_a_gap_open_before_it_and_only_that(
 
 
 async def test_an_interrupted_run_resumes_from_its_checkpoint(
-    tmp_path: Path, make_database: MakeDatabase, pg_url: str
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(cutover.checksum, "BLOCKS_PER_SCAN", 512)  # a few ranges per side
     path, _, target = await world(tmp_path, make_database, pg_url, 120_000, Stage.DUALWRITE)
     config = load_config(path)
     await execute(target, "UPDATE dcir SET act_code = 'CS' WHERE id = 119000")
