@@ -29,19 +29,18 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for tests.harness
-
 from bascule.procs import ServerProcess, bascule_argv
 from bascule.stages import Stage
 from bascule.state.postgres import open_pool
 from bascule.state.servers import create_database, free_port, provide_stores
 from bascule.state.stage_store import StageStore
-from tests.harness import (
+from refapi.lab import (
     AUTH,
     PROXY_ENV,
     RESEARCHER_TOKEN,
     SERVICE_TOKEN,
     migrate_state,
+    walk,
     write_config,
 )
 
@@ -161,8 +160,7 @@ async def main(args: argparse.Namespace) -> None:
             stack.push_async_callback(journal.close)
             pool = await open_pool(state, max_size=1)
             store = StageStore(pool)
-            row = await store.get("dcir")
-            await store.change("dcir", row.version, Stage.DUALWRITE, actor="bench", reason="b")
+            await walk(store, "dcir", Stage.DUALWRITE, actor="bench", reason="b")
             await pool.close()
             await asyncio.sleep(1.5)  # the proxy polls the new stage
             direct_url = f"http://127.0.0.1:{ports['src']}"

@@ -69,8 +69,6 @@ import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for tests.harness
-
 from bascule.procs import ServerProcess, bascule_argv
 from bascule.stages import Stage
 from bascule.state.postgres import open_pool
@@ -82,14 +80,8 @@ from bascule.state.servers import (
     provide_stores,
 )
 from bascule.state.stage_store import StageStore
+from refapi.lab import PROXY_ENV, RESEARCHER_TOKEN, SERVICE_TOKEN, migrate_state, walk, write_config
 from shadow.ledger import OUTCOMES, Ledger
-from tests.harness import (
-    PROXY_ENV,
-    RESEARCHER_TOKEN,
-    SERVICE_TOKEN,
-    migrate_state,
-    write_config,
-)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 LEDGER_SINCE = time.time() - 60
@@ -622,9 +614,7 @@ async def start_bascule(
         stack.push_async_callback(pool.close)
         store = StageStore(pool)
         for dataset in MIX_DATASETS:
-            for stage in (Stage.DUALWRITE, Stage.SHADOW):
-                row = await store.get(dataset)
-                await store.change(dataset, row.version, stage, actor="bench", reason="bench")
+            await walk(store, dataset, Stage.DUALWRITE, Stage.SHADOW, actor="bench")
         redis = aioredis.Redis.from_url(stores.redis_url)
         stack.push_async_callback(redis.aclose)
         ledger = Ledger(pool, redis, prefix)

@@ -16,8 +16,13 @@ from typing import NamedTuple
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from _pytest.nodeid import NodeId
 
 from bascule.state.servers import StoreEndpoints, create_database, drop_database, provide_stores
+from refapi.lab import PROXY_ENV, migrate_state
+
+# A test fails when a background task dies or the event loop reports an exception.
+pytest_plugins = ["tests.surfacing"]
 
 _stack = ExitStack()
 _endpoints: StoreEndpoints | None = None
@@ -26,10 +31,26 @@ _endpoints: StoreEndpoints | None = None
 def pytest_configure(config: pytest.Config) -> None:
     global _endpoints
     _endpoints = _stack.enter_context(provide_stores())
-    from tests.harness import PROXY_ENV
-
     # Proxies started in-process read their service credential from the environment.
     os.environ.update(PROXY_ENV)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put each ``xdist_group`` on one worker (``--dist loadgroup``) again: pytest-xdist 3.8
+    names a test's group by appending ``@group`` to ``item._nodeid``, which pytest 9 no longer
+    reads (a node's id is ``item._id``), so the groups were ignored and two proxy fleets ran
+    at once, past the server's 100 connections (a 200-writer test then got 503s from a
+    reference API refused its sessions)."""
+    if not config.getoption("loadgroup", False):
+        return
+    for item in items:
+        groups = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -81,7 +102,6 @@ async def pg_url(make_database: MakeDatabase) -> str:
 async def state_pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the test's database, migrated as a state database."""
     from bascule.state.postgres import open_pool
-    from tests.harness import migrate_state
 
     await migrate_state(pg_url)
     pool = await open_pool(pg_url)

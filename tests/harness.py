@@ -1,4 +1,5 @@
-"""Shared test helpers: backends on loopback, a config file for them, a migrated state store."""
+"""Parts of test worlds: servers on loopback (reference APIs, proxies, processes), the one HTTP
+relay that rewrites answers, and the CLI as an SRE runs it."""
 
 from __future__ import annotations
 
@@ -7,41 +8,22 @@ import errno
 import os
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-import asyncpg
 from aiohttp import web
+from yarl import URL
 
-from bascule.config import Config, load_config
+from bascule.config import Config
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.state import schema
-from bascule.state.postgres import open_pool
 from bascule.state.servers import free_port, free_ports
-from bascule.state.stage_store import StageStore
 from proxy.server import Server
 from refapi.app import create_app
-
-RESEARCHER_TOKEN = "researcher-token-0123456789"
-SERVICE_TOKEN = "service-token-0123456789abcdef"
-OPERATOR_TOKEN = "operator-token-0123456789"
-VIEWER_TOKEN = "viewer-token-0123456789"
-DATASETS = ("default", "dcir", "pmsi", "cepidc")
-TEST_POOL = 6
-"""Connections per reference API, and journal sessions per proxy, in tests: two workers each
-running a two-proxy fleet stay under the server's 100 connections."""
-AUTH = {"Authorization": f"Bearer {RESEARCHER_TOKEN}"}
-JOURNAL_KEY = "11" * 32
-HMAC_KEY = "22" * 32
-# What a proxy process in the tests is started with: the journal keys and the service token.
-PROXY_ENV = {
-    "BASCULE_JOURNAL_KEY": JOURNAL_KEY,
-    "BASCULE_HMAC_KEY": HMAC_KEY,
-    "BASCULE_TEST_SERVICE_TOKEN": SERVICE_TOKEN,
-}
+from refapi.lab import POOL_SIZE, RESEARCHER_TOKEN, SERVICE_TOKEN, write_config
 
 
 @asynccontextmanager
@@ -64,36 +46,73 @@ async def serve_app(
         await runner.cleanup()
 
 
-Finish = Callable[[web.Request, web.Response], web.Response]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def catch_all(handler: Handler, *, client_max_size: int = 1024**2) -> web.Application:
+    """An app answering every method on every path with ``handler``: a stand-in backend."""
+    app = web.Application(client_max_size=client_max_size)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+Forward = Callable[[], Awaitable[web.Response]]
+"""Sends the relayed request to the backend (which applies it) and gives back its answer."""
+Hook = Callable[[web.Request, Forward], Awaitable[web.StreamResponse]]
+"""Answers one request a relay received, calling ``forward()`` when and if it wants to."""
+
+# The backend's answer headers a relay passes on (its framing is the relay's own).
+RELAYED = ("Content-Type", "Content-Encoding", "Idempotency-Replayed", "X-Served-By")
+
+
+async def passthrough(request: web.Request, forward: Forward) -> web.StreamResponse:
+    return await forward()
+
+
+def late(delay: float = 2.0) -> Hook:
+    """A relay hook: the backend applies each request at once, its answer comes ``delay``
+    seconds late (a slow network, a busy gateway)."""
+
+    async def hook(request: web.Request, forward: Forward) -> web.StreamResponse:
+        answer = await forward()
+        await asyncio.sleep(delay)
+        return answer
+
+    return hook
 
 
 @asynccontextmanager
-async def relay(
-    backend: str, finish: Finish = lambda request, answer: answer
-) -> AsyncIterator[str]:
-    """An HTTP relay in front of ``backend``: every request is forwarded (so the backend
-    commits it) and ``finish`` decides what the client gets instead of the backend's answer —
-    a fault injector (a 504 after the commit, a gzipped answer...)."""
+async def relay(backend: str, hook: Hook = passthrough) -> AsyncIterator[str]:
+    """An HTTP relay in front of ``backend``, the one fault injector that speaks HTTP: for each
+    request, ``hook(request, forward)`` decides what the client gets — the backend's answer
+    (``forward()`` makes the backend apply the request, and returns its answer as sent, never
+    decoded), an answer of its own after the backend committed (a 504, a gzipped body...),
+    either one late, or no forwarding at all. Faults below HTTP (latency, reset, cut,
+    blackhole) are :class:`tests.faults.FaultProxy`'s."""
+    client = aiohttp.ClientSession(auto_decompress=False)
 
-    async def forward(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        async with aiohttp.ClientSession() as session:
-            async with session.request(
-                request.method, backend + request.path_qs, data=body, headers=headers
-            ) as resp:
-                answer = web.Response(
-                    status=resp.status, body=await resp.read(), content_type=resp.content_type
-                )
-                for name in ("Idempotency-Replayed", "X-Served-By"):
+        drop = ("host", "content-length")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
+
+        async def forward() -> web.Response:
+            # The request target as received, not re-encoded: a path's spelling is the test's.
+            target = URL(backend + request.raw_path, encoded=True)
+            async with client.request(request.method, target, data=body, headers=headers) as resp:
+                answer = web.Response(status=resp.status, body=await resp.read())
+                for name in RELAYED:
                     if name in resp.headers:
                         answer.headers[name] = resp.headers[name]
-        return finish(request, answer)
+                return answer
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    async with serve_app(app) as url:
-        yield url
+        return await hook(request, forward)
+
+    try:
+        async with serve_app(catch_all(handle)) as url:
+            yield url
+    finally:
+        await client.close()
 
 
 @asynccontextmanager
@@ -104,16 +123,6 @@ async def serve_proxy(server: Server) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await server.close(grace=1.0)
-
-
-@asynccontextmanager
-async def refapi(name: str, database_url: str, **kwargs: bool) -> AsyncIterator[str]:
-    """A reference API instance named ``name`` over ``database_url``; yields its URL."""
-    app = create_app(
-        name, database_url, [RESEARCHER_TOKEN, SERVICE_TOKEN], pool_size=TEST_POOL, **kwargs
-    )
-    async with serve_app(app) as url:
-        yield url
 
 
 class RestartableRefapi:
@@ -154,7 +163,7 @@ class RestartableRefapi:
             self.name,
             self.database_url,
             [RESEARCHER_TOKEN, SERVICE_TOKEN],
-            pool_size=TEST_POOL,
+            pool_size=POOL_SIZE,
             **self.kwargs,
         )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout)
@@ -196,146 +205,6 @@ async def refuses_connections(url: str) -> bool:
     writer.close()
     await writer.wait_closed()
     return False
-
-
-def write_config(
-    path: Path,
-    *,
-    source_url: str,
-    target_url: str,
-    postgres_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    poll_interval: float = 0.5,
-    stale_after: float = 30.0,
-    orphan_grace: float = 5.0,
-    read_timeout: float = 5.0,
-    max_body_bytes: int = 1024 * 1024,
-    idempotent_creates: bool = False,
-    databases: tuple[str, str] | None = None,
-    extra: str = "",
-    shadow_worker: str | None = "inline",
-) -> Config:
-    """A proxy config over the two backends. ``idempotent_creates``: the create route declares
-    ``idempotent_backend`` (the backend honours Idempotency-Key there). ``databases``: the
-    (source, target) databases of the reference APIs, so an authority switch moves dcir's id
-    sequence past the other side's ids. ``shadow_worker``: ``[shadow] worker`` — ``inline`` by
-    default, so that tests see inside the dispatcher and a replica costs no second process;
-    the worker process has tests of its own (tests/shadow/test_worker.py); None: the
-    product's default."""
-    source_db, target_db = databases or (None, None)
-    if shadow_worker is not None:
-        line = f'worker = "{shadow_worker}"\n'
-        extra = (
-            extra.replace("[shadow]\n", "[shadow]\n" + line, 1)
-            if "[shadow]\n" in extra
-            else f"{extra}\n[shadow]\n{line}"
-        )
-    db_line = 'database = "{}"'
-    ids = 'ids = { table = "dcir", sequence = "dcir_id_seq" }' if databases else ""
-    listen, admin = free_ports(2)
-    path.write_text(
-        f"""
-[proxy]
-listen = "127.0.0.1:{listen}"
-admin_listen = "127.0.0.1:{admin}"
-max_body_bytes = {max_body_bytes}
-
-[state]
-postgres_url = "{postgres_url}"
-redis_url = "{redis_url}"
-redis_prefix = "{redis_prefix}"
-poll_interval = {poll_interval}
-stale_after = {stale_after}
-orphan_grace = {orphan_grace}
-journal_sessions = {TEST_POOL}
-
-[migration]
-source = "azure"
-target = "scaleway"
-
-[backends.azure]
-url = "{source_url}"
-connect_timeout = 1.0
-read_timeout = {read_timeout}
-credential_env = "BASCULE_TEST_SERVICE_TOKEN"
-{db_line.format(source_db) if source_db else ""}
-
-[backends.scaleway]
-url = "{target_url}"
-connect_timeout = 1.0
-read_timeout = {read_timeout}
-credential_env = "BASCULE_TEST_SERVICE_TOKEN"
-{db_line.format(target_db) if target_db else ""}
-
-[datasets.default]
-[datasets.dcir]
-{ids}
-[datasets.pmsi]
-[datasets.cepidc]
-
-[[routes]]
-path = "/v1/datasets"
-methods = ["GET"]
-kind = "read"
-dataset = "default"
-
-[[routes]]
-path = "/v1/datasets/{{dataset}}/records"
-methods = ["GET"]
-kind = "read"
-
-[[routes]]
-path = "/v1/datasets/{{dataset}}/records"
-methods = ["POST"]
-kind = "write"
-create_id = "/record/id"
-replay_as = "PUT /v1/datasets/{{dataset}}/records/{{id}}"
-idempotent_backend = {str(idempotent_creates).lower()}
-
-[[routes]]
-path = "/v1/datasets/{{dataset}}/records/{{id}}"
-methods = ["GET"]
-kind = "read"
-key = "id"
-key_format = "integer"
-
-[[routes]]
-path = "/v1/datasets/{{dataset}}/records/{{id}}"
-methods = ["PUT", "PATCH"]
-kind = "write"
-key = "id"
-key_format = "integer"
-replay_as = "PUT /v1/datasets/{{dataset}}/records/{{id}}"
-
-[[routes]]
-path = "/v1/datasets/{{dataset}}/records/{{id}}"
-methods = ["DELETE"]
-kind = "write"
-key = "id"
-key_format = "integer"
-
-[[routes]]
-path = "/v1/datasets/{{dataset}}/query"
-methods = ["POST"]
-kind = "read"
-{extra}
-"""
-    )
-    return load_config(path)
-
-
-async def migrate_state(postgres_url: str, datasets: Sequence[str] = DATASETS) -> None:
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await schema.migrate(conn)
-    finally:
-        await conn.close()
-    pool = await open_pool(postgres_url, max_size=1)
-    try:
-        await StageStore(pool).register(datasets, actor="test")
-    finally:
-        await pool.close()
 
 
 @asynccontextmanager
@@ -411,16 +280,28 @@ async def start_proxy(
     return ProxyProcess(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
 
 
+NOWHERE = "http://127.0.0.1:9"
+"""A backend URL nothing answers at (the discard port)."""
+
+
+def offline_config(path: Path, **options: Any) -> Config:
+    """A configuration for a part built without servers: backends at :data:`NOWHERE`, stores
+    never reached, unless ``options`` (:func:`refapi.lab.write_config`'s) say otherwise."""
+    settings: dict[str, Any] = {
+        "source_url": NOWHERE,
+        "target_url": NOWHERE,
+        "postgres_url": "postgresql://unused",
+        "redis_url": "redis://unused",
+        "redis_prefix": "x:",
+    }
+    return write_config(path, **{**settings, **options})
+
+
 def cli_env(tmp_path: Path, postgres_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
     """The environment of an SRE running `bascule` against these stores (no backend needed)."""
     config = tmp_path / "bascule.toml"
-    write_config(
-        config,
-        source_url="http://127.0.0.1:9",
-        target_url="http://127.0.0.1:9",
-        postgres_url=postgres_url,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
+    offline_config(
+        config, postgres_url=postgres_url, redis_url=redis_url, redis_prefix=redis_prefix
     )
     return {**os.environ, "BASCULE_CONFIG": str(config)}
 

@@ -20,14 +20,9 @@ from bascule.procs import bascule_argv
 from bascule.state.fleet import RedisAnnouncer
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
-from tests.harness import (
-    OPERATOR_TOKEN,
-    VIEWER_TOKEN,
-    migrate_state,
-    run_cli,
-    serve_app,
-)
+from refapi.lab import OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state
 from tests.harness import cli_env as harness_cli_env
+from tests.harness import run_cli, serve_app
 
 OP = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 ALICE_TOKEN = "alice-token-0123456789abcdef"

@@ -33,6 +33,7 @@ from bascule.state.stage_store import StageRow, StageStore
 from cutover import controller
 from cutover.controller import MoveResult
 from cutover.switch import Switcher
+from refapi.lab import walk
 from tests.harness import closed_port_url
 
 QUICK = SwitchSettings(hold=0.5, small_backlog=2, backlog_wait=0.3, confirm_wait=0.3)
@@ -53,9 +54,7 @@ class World:
 
     async def at(self, dataset: str, *stages: Stage) -> None:
         """Set up a stage through the store directly (the mechanism, whatever the rules)."""
-        for stage in stages:
-            row = await self.store.get(dataset)
-            await self.store.change(dataset, row.version, stage, actor="setup", reason="setup")
+        await walk(self.store, dataset, *stages, actor="setup")
 
     async def shadow_with_target_verified(self, dataset: str = "dcir") -> None:
         await self.at(dataset, Stage.DUALWRITE)

@@ -23,18 +23,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from bascule.procs import ServerProcess, bascule_argv
 from bascule.state.servers import EmbeddedPostgres, EmbeddedRedis, create_database
-from tests.conftest import MakeDatabase
-from tests.harness import (
-    AUTH,
-    OPERATOR_TOKEN,
-    VIEWER_TOKEN,
-    migrate_state,
-    refapi,
-    start_proxy,
-    write_config,
-)
+from refapi.lab import AUTH, OPERATOR_TOKEN, VIEWER_TOKEN
+from tests.conftest import Ground
+from tests.world import MakeWorld, World, build_world
 
 # The heavy fleet tests share one worker: two at once would exceed the server's connections.
 pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("fleet")]
@@ -75,93 +67,57 @@ def _answers(port: int) -> bool:
     return port_answers("127.0.0.1", port)
 
 
-@dataclass
-class Fleet:
-    config_path: Path
-    proxies: list[ServerProcess]
-    urls: list[str]
-    admin_urls: list[str]
-    env: dict[str, str]
+async def served_by(fleet: World, session: aiohttp.ClientSession, dataset: str) -> list[str]:
+    async def one(url: str) -> str:
+        async with session.get(f"{url}/v1/datasets/{dataset}/records/1") as resp:
+            assert resp.status == 200, await resp.text()
+            return resp.headers["X-Served-By"]
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            bascule_argv(*args),
-            env={**os.environ, **self.env, "BASCULE_CONFIG": str(self.config_path)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    return list(await asyncio.gather(*(one(u) for u in fleet.proxies)))
 
-    async def served_by(self, session: aiohttp.ClientSession, dataset: str) -> list[str]:
-        async def one(url: str) -> str:
-            async with session.get(f"{url}/v1/datasets/{dataset}/records/1") as resp:
-                assert resp.status == 200, await resp.text()
-                return resp.headers["X-Served-By"]
 
-        return list(await asyncio.gather(*(one(u) for u in self.urls)))
-
-    async def wait_all(
-        self, session: aiohttp.ClientSession, dataset: str, name: str, within: float
-    ) -> float:
-        """Seconds until every proxy serves ``dataset`` from ``name``; fails past ``within``."""
-        started = time.monotonic()
-        while time.monotonic() - started < within:
-            if await self.served_by(session, dataset) == [name] * len(self.urls):
-                return time.monotonic() - started
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{dataset} not served by {name} everywhere within {within}s")
+async def wait_all(
+    fleet: World, session: aiohttp.ClientSession, dataset: str, name: str, within: float
+) -> float:
+    """Seconds until every proxy serves ``dataset`` from ``name``; fails past ``within``."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if await served_by(fleet, session, dataset) == [name] * len(fleet.proxies):
+            return time.monotonic() - started
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{dataset} not served by {name} everywhere within {within}s")
 
 
 @pytest.fixture
-async def fleet_factory(
-    own_up: OwnStores, make_database: MakeDatabase, tmp_path: Path, redis_prefix: str
-) -> AsyncIterator[object]:
+async def fleet_factory(own_up: OwnStores, ground: Ground) -> AsyncIterator[MakeWorld]:
     async with AsyncExitStack() as stack:
 
-        async def make(poll_interval: float) -> Fleet:
-            src = await make_database("src")
-            tgt = await make_database("tgt")
-            for db in (src, tgt):
-                await _seed(db)
-            source = await stack.enter_async_context(refapi("azure", src))
-            target = await stack.enter_async_context(refapi("scaleway", tgt))
+        async def make(poll_interval: float) -> World:
+            """Three `bascule proxy` processes over reference APIs on 20 identical rows; the
+            state stores are the module's own."""
             name = f"fleet_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
             state = await create_database(own_up.postgres.url, name, replace=True)
-            await migrate_state(state)
-            config_path = tmp_path / "bascule.toml"
-            write_config(
-                config_path,
-                source_url=source,
-                target_url=target,
-                postgres_url=state,
-                redis_url=own_up.redis.url,
-                redis_prefix=redis_prefix,
-                poll_interval=poll_interval,
+            return await stack.enter_async_context(
+                build_world(
+                    ground,
+                    replicas=3,
+                    processes=True,
+                    rows=20,
+                    seed=1,
+                    postgres_url=state,
+                    redis_url=own_up.redis.url,
+                    poll_interval=poll_interval,
+                    env={
+                        "BASCULE_ADMIN_TOKEN": OPERATOR_TOKEN,
+                        "BASCULE_VIEWER_TOKEN": VIEWER_TOKEN,
+                    },
+                )
             )
-            env = {"BASCULE_ADMIN_TOKEN": OPERATOR_TOKEN, "BASCULE_VIEWER_TOKEN": VIEWER_TOKEN}
-            fleet = Fleet(config_path, [], [], [], env)
-            for i in range(3):
-                started = await start_proxy(stack, config_path, tmp_path / f"proxy{i}.log", env)
-                fleet.proxies.append(started.proc)
-                fleet.urls.append(started.url)
-                fleet.admin_urls.append(started.admin_url)
-            return fleet
 
         yield make
 
 
-async def _seed(database_url: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *bascule_argv("api", "seed", "--database", database_url, "--rows", "20"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out.decode()
-
-
-def _flip(fleet: Fleet, dataset: str, *stages: str) -> None:
+def _flip(fleet: World, dataset: str, *stages: str) -> None:
     """Move through ``stages``; after ``dualwrite``, close the target's gap (both sides were
     seeded identically) so that ``shadow`` is allowed."""
     for stage in stages:
@@ -171,61 +127,61 @@ def _flip(fleet: Fleet, dataset: str, *stages: str) -> None:
             _close_target_gap(fleet, dataset)
 
 
-def _close_target_gap(fleet: Fleet, dataset: str) -> None:
+def _close_target_gap(fleet: World, dataset: str) -> None:
     reason = "both sides seeded identically by the test"
     done = fleet.cli("gap", "close", dataset, "target", "--reason", reason, "--by", "ci")
     assert done.returncode == 0, done.stderr
 
 
-async def test_a_flip_reaches_three_proxies_fast_with_redis_up(fleet_factory: object) -> None:
+async def test_a_flip_reaches_three_proxies_fast_with_redis_up(fleet_factory: MakeWorld) -> None:
     # Polls every 5 s: reaching all three well within that proves the pub/sub path works.
-    fleet: Fleet = await fleet_factory(poll_interval=5.0)  # type: ignore[operator]
+    fleet = await fleet_factory(poll_interval=5.0)
     async with aiohttp.ClientSession(headers=AUTH) as session:
-        assert await fleet.served_by(session, "dcir") == ["azure"] * 3
+        assert await served_by(fleet, session, "dcir") == ["azure"] * 3
         _flip(fleet, "dcir", "dualwrite", "shadow")
-        await fleet.wait_all(session, "dcir", "azure", within=1.0)
+        await wait_all(fleet, session, "dcir", "azure", within=1.0)
         _flip(fleet, "dcir", "live")
-        took = await fleet.wait_all(session, "dcir", "scaleway", within=2.0)
+        took = await wait_all(fleet, session, "dcir", "scaleway", within=2.0)
         print(f"flip reached 3 proxies in {took * 1000:.0f} ms (poll interval 5 s)")
         assert took < 2.0
-        assert await fleet.served_by(session, "pmsi") == ["azure"] * 3
+        assert await served_by(fleet, session, "pmsi") == ["azure"] * 3
     status = fleet.cli("status", "dcir", "--json")
     assert status.returncode == 0 and '"stage": "live"' in status.stdout
 
 
 async def test_with_redis_stopped_flips_arrive_by_polling_and_nobody_sees_an_error(
-    fleet_factory: object, own_up: OwnStores
+    fleet_factory: MakeWorld, own_up: OwnStores
 ) -> None:
-    fleet: Fleet = await fleet_factory(poll_interval=0.5)  # type: ignore[operator]
+    fleet = await fleet_factory(poll_interval=0.5)
     async with aiohttp.ClientSession(headers=AUTH) as session:
         own_up.redis.stop()
         for _ in range(20):  # researchers keep being served
-            assert await fleet.served_by(session, "dcir") == ["azure"] * 3
+            assert await served_by(fleet, session, "dcir") == ["azure"] * 3
         done = fleet.cli("stage", "dcir", "dualwrite", "--reason", "redis down", "--by", "ci")
         assert done.returncode == 0, done.stderr
         assert "replicas will pick it up by polling" in done.stdout
         _close_target_gap(fleet, "dcir")
         _flip(fleet, "dcir", "shadow", "live")
-        took = await fleet.wait_all(session, "dcir", "scaleway", within=3.0)
+        took = await wait_all(fleet, session, "dcir", "scaleway", within=3.0)
         print(f"flip reached 3 proxies by polling in {took * 1000:.0f} ms (poll 0.5 s)")
         own_up.redis.start()
         await asyncio.sleep(1.5)  # listeners reconnect
         _flip(fleet, "pmsi", "dualwrite", "shadow", "live")
-        await fleet.wait_all(session, "pmsi", "scaleway", within=2.0)
+        await wait_all(fleet, session, "pmsi", "scaleway", within=2.0)
 
 
 async def test_with_postgres_stopped_proxies_serve_last_stages_and_flips_are_refused(
-    fleet_factory: object, own_up: OwnStores
+    fleet_factory: MakeWorld, own_up: OwnStores
 ) -> None:
-    fleet: Fleet = await fleet_factory(poll_interval=0.5)  # type: ignore[operator]
+    fleet = await fleet_factory(poll_interval=0.5)
     async with aiohttp.ClientSession(headers=AUTH) as session:
         _flip(fleet, "dcir", "dualwrite", "shadow", "live")
-        await fleet.wait_all(session, "dcir", "scaleway", within=3.0)
+        await wait_all(fleet, session, "dcir", "scaleway", within=3.0)
         own_up.postgres.stop()
         await asyncio.sleep(1.2)  # several polls fail
         for _ in range(10):
-            assert await fleet.served_by(session, "dcir") == ["scaleway"] * 3
-            assert await fleet.served_by(session, "pmsi") == ["azure"] * 3
+            assert await served_by(fleet, session, "dcir") == ["scaleway"] * 3
+            assert await served_by(fleet, session, "pmsi") == ["azure"] * 3
         async with session.get(fleet.admin_urls[0] + "/readyz") as resp:
             detail = await resp.json()
             assert resp.status == 200
@@ -244,34 +200,34 @@ async def test_with_postgres_stopped_proxies_serve_last_stages_and_flips_are_ref
             assert "nothing was changed" in (await resp.json())["error"]["message"]
         own_up.postgres.start()
         _flip(fleet, "pmsi", "dualwrite", "shadow", "live")
-        await fleet.wait_all(session, "pmsi", "scaleway", within=3.0)
+        await wait_all(fleet, session, "pmsi", "scaleway", within=3.0)
         async with session.get(fleet.admin_urls[0] + "/readyz") as resp:
             assert (await resp.json())["serving_last_known_stages"] is False
 
 
 async def test_redis_emptied_or_restarted_changes_nothing_served(
-    fleet_factory: object, own_up: OwnStores
+    fleet_factory: MakeWorld, own_up: OwnStores
 ) -> None:
-    fleet: Fleet = await fleet_factory(poll_interval=0.5)  # type: ignore[operator]
+    fleet = await fleet_factory(poll_interval=0.5)
     async with aiohttp.ClientSession(headers=AUTH) as session:
         _flip(fleet, "dcir", "dualwrite", "shadow", "live")
-        await fleet.wait_all(session, "dcir", "scaleway", within=3.0)
+        await wait_all(fleet, session, "dcir", "scaleway", within=3.0)
         client = aioredis.Redis.from_url(own_up.redis.url)
         await client.flushall()
         await client.aclose()
         for _ in range(10):
-            assert await fleet.served_by(session, "dcir") == ["scaleway"] * 3
+            assert await served_by(fleet, session, "dcir") == ["scaleway"] * 3
             await asyncio.sleep(0.1)
         own_up.redis.stop()
         own_up.redis.start()
         for _ in range(10):
-            assert await fleet.served_by(session, "dcir") == ["scaleway"] * 3
+            assert await served_by(fleet, session, "dcir") == ["scaleway"] * 3
             await asyncio.sleep(0.1)
         # And the fast path is back: a rollback arrives well within the poll interval.
         await asyncio.sleep(1.0)
         done = fleet.cli("rollback", "dcir", "--reason", "back", "--by", "ci")
         assert done.returncode == 0, done.stderr
-        await fleet.wait_all(session, "dcir", "azure", within=2.0)
+        await wait_all(fleet, session, "dcir", "azure", within=2.0)
 
 
 def test_cli_entry_point_runs() -> None:

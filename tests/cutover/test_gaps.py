@@ -39,8 +39,8 @@ from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageRow, StageStore
 from cutover import controller
 from cutover.switch import planned_steps
+from refapi.lab import OPERATOR_TOKEN, migrate_state, walk
 from tests.cutover.test_admin_and_cli import OP, VIEW, Admin, admin, arun, call
-from tests.harness import OPERATOR_TOKEN, migrate_state
 from tests.harness import cli_env as harness_cli_env
 
 __all__ = ["admin"]  # the admin API fixture, shared
@@ -233,10 +233,7 @@ async def store(pg_url: str) -> AsyncIterator[StageStore]:
 
 async def _to(store: StageStore, dataset: str, *stages: Stage) -> StageRow:
     """Through the store directly: the mechanism, whatever the gaps (test set-up)."""
-    row = await store.get(dataset)
-    for stage in stages:
-        row = await store.change(dataset, row.version, stage, actor="setup", reason="setup")
-    return row
+    return await walk(store, dataset, *stages, actor="setup")
 
 
 async def test_changes_bump_the_write_epoch_and_open_gaps(store: StageStore) -> None:

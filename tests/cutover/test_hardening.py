@@ -25,7 +25,8 @@ from bascule.stages import Stage
 from bascule.state.fleet import RedisAnnouncer, StageView
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
-from tests.harness import DATASETS, OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state, serve_app
+from refapi.lab import DATASETS, OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state, walk
+from tests.harness import serve_app
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -60,9 +61,7 @@ async def limited_role(pg_url: str) -> AsyncIterator[str]:
 
 
 async def _flip(store: StageStore, announcer: RedisAnnouncer, dataset: str, to: Stage) -> None:
-    row = await store.get(dataset)
-    after = await store.change(dataset, row.version, to, actor="rt", reason="rt")
-    await announcer.announce(after)
+    await announcer.announce(await walk(store, dataset, to, actor="rt"))
 
 
 async def test_one_too_many_connections_error_does_not_stop_propagation_forever(
@@ -268,7 +267,7 @@ def test_cli_history_survives_any_reason_text(
 ) -> None:
     from pathlib import Path
 
-    from tests.harness import write_config
+    from refapi.lab import write_config
 
     config = Path(str(tmp_path)) / "bascule.toml"
     write_config(

@@ -11,9 +11,10 @@ import pytest
 from bascule.sealing import Namer, Sealer
 from bascule.state.journal import Journal
 from bascule.state.journal import queries as journal_module
+from refapi.lab import OPERATOR_TOKEN, migrate_state
 from tests.cutover.test_admin_and_cli import Admin, admin, arun
-from tests.harness import OPERATOR_TOKEN, migrate_state, run_cli
 from tests.harness import cli_env as harness_cli_env
+from tests.harness import run_cli
 
 KEY = bytes(range(32))
 

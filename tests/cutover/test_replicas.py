@@ -13,7 +13,8 @@ from bascule.state import replicas
 from bascule.state.fleet import StageView
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
-from tests.harness import DATASETS, cli_env, migrate_state, run_cli
+from refapi.lab import DATASETS, migrate_state
+from tests.harness import cli_env, run_cli
 
 
 async def test_a_replica_reports_what_it_runs_and_withdraws_when_it_stops(

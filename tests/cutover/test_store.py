@@ -14,7 +14,7 @@ from bascule.state import schema
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageRow, StageStore
 from cutover import controller
-from tests.harness import migrate_state
+from refapi.lab import migrate_state
 
 
 class Recorder:

@@ -20,15 +20,13 @@ from bascule.state.stage_store import StageRow, StageStore
 from bascule.tasks import spawn
 from cutover import controller
 from cutover.switch import Switcher
+from refapi.lab import walk
 
 QUICK = SwitchSettings(hold=1.0, small_backlog=10, backlog_wait=1.0, confirm_wait=1.0)
 
 
 async def at(store: StageStore, *stages: Stage) -> StageRow:
-    for stage in stages:
-        row = await store.get("dcir")
-        await store.change("dcir", row.version, stage, actor="t", reason="t")
-    return await store.get("dcir")
+    return await walk(store, "dcir", *stages, actor="t")
 
 
 def committing(store: StageStore, row: StageRow, to: Stage) -> Callable[[], Awaitable[StageRow]]:

@@ -4,13 +4,10 @@ order, and both databases identical row by row once the backlog is drained."""
 from __future__ import annotations
 
 import asyncio
-import os
-import random
+import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,190 +17,27 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bascule.app.replica import Replica
-from bascule.config import Secrets
 from bascule.stages import Side, Stage
-from bascule.state.postgres import open_pool
 from bascule.state.servers import EmbeddedPostgres
-from bascule.state.stage_store import StageStore
-from refapi.seed import seed_database
+from refapi.lab import AUTH, RESEARCHER_TOKEN
 from tests.conftest import Ground
-from tests.harness import (
-    AUTH,
-    PROXY_ENV,
-    RESEARCHER_TOKEN,
-    dcir_record,
-    migrate_state,
-    refapi,
-    relay,
-    serve_proxy,
-    write_config,
-)
+from tests.harness import Forward, Hook, dcir_record
+from tests.world import LIVE, Hooks, World, build_world, researchers, table_digest
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@dataclass
-class World:
-    proxy: str
-    source_db: str
-    target_db: str
-    state_db: str
-    replica: Replica
-
-    async def to_stage(self, *stages: Stage) -> None:
-        pool = await open_pool(self.state_db, max_size=1)
-        try:
-            store = StageStore(pool)
-            for stage in stages:
-                row = await store.get("dcir")
-                await store.change("dcir", row.version, stage, actor="test", reason="test")
-        finally:
-            await pool.close()
-        await self.replica.view.reload()
-
-    async def drained(self, within: float = 30.0) -> dict[str, int]:
-        """Wait for no entry left to replay; the journal's counts by state."""
-        conn = await asyncpg.connect(self.state_db)
-        try:
-            deadline = time.monotonic() + within
-            while True:
-                rows = await conn.fetch(
-                    "SELECT state, count(*) AS n FROM bascule_journal GROUP BY state"
-                )
-                counts = {r["state"]: r["n"] for r in rows}
-                if not any(counts.get(s) for s in ("intent", "pending")):
-                    return counts
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"backlog not drained in {within}s: {counts}")
-                await asyncio.sleep(0.1)
-        finally:
-            await conn.close()
-
-
-async def table_digest(database_url: str, table: str = "dcir") -> tuple[int, str]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow(
-            f"SELECT count(*) AS n, md5(coalesce(string_agg(t::text, '|' ORDER BY t.id), ''))"
-            f" AS digest FROM {table} t"
-        )
-        assert row is not None
-        return row["n"], row["digest"]
-    finally:
-        await conn.close()
-
-
-@asynccontextmanager
-async def make_world(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    *,
-    source_idem: bool = True,
-    target_idem: bool = True,
-    source_wrap: Callable[[str], object] | None = None,
-    target_wrap: Callable[[str], object] | None = None,
-    read_timeout: float = 5.0,
-    orphan_grace: float = 5.0,
-    idempotent_creates: bool = False,
-) -> AsyncIterator[World]:
-    """Two reference APIs over seeded databases, a Replica with its journal, and the proxy
-    server in front: one dual-write world. ``*_wrap`` put a fault injector before a side."""
-    src, tgt = await make_database("src"), await make_database("tgt")
-    for db in (src, tgt):
-        await seed_database(db, 20, seed=7)
-    await migrate_state(pg_url)
-    async with AsyncExitStack() as stack:
-        source = await stack.enter_async_context(
-            refapi("azure", src, honour_idempotency=source_idem)
-        )
-        target = await stack.enter_async_context(
-            refapi("scaleway", tgt, honour_idempotency=target_idem)
-        )
-        if source_wrap:
-            source = await stack.enter_async_context(source_wrap(source))  # type: ignore[arg-type]
-        if target_wrap:
-            target = await stack.enter_async_context(target_wrap(target))  # type: ignore[arg-type]
-        config = write_config(
-            tmp_path / "bascule.toml",
-            source_url=source,
-            target_url=target,
-            postgres_url=pg_url,
-            redis_url=redis_url,
-            redis_prefix=redis_prefix,
-            read_timeout=read_timeout,
-            orphan_grace=orphan_grace,
-            idempotent_creates=idempotent_creates,
-        )
-        secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
-        replica = await stack.enter_async_context(Replica(config, secrets, pg_url, redis_url))
-        url = await stack.enter_async_context(serve_proxy(replica.server()))
-        yield World(url, src, tgt, pg_url, replica)
-
-
 @pytest.fixture
-async def world(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> AsyncIterator[World]:
-    async with make_world(
-        tmp_path, make_database, pg_url, redis_url, redis_prefix, source_idem=False
-    ) as built:
+async def world(ground: Ground) -> AsyncIterator[World]:
+    # The source ignores idempotency keys: a re-sent write would apply twice there.
+    async with build_world(ground, source_idem=False) as built:
         yield built
-
-
-def researcher_write(
-    session: aiohttp.ClientSession,
-    base: str,
-    rng: random.Random,
-    records: int,
-    n: int,
-    i: int,
-) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-    """One write of the researchers' mix on ``records`` shared records of dcir: a PUT, two
-    PATCHes, a DELETE and a create in five. ``n``: the writer, ``i``: its write."""
-    rid = rng.randint(1, records)
-    op = rng.choice(["put", "patch", "patch", "delete", "create"])
-    if op == "put":
-        return session.put(f"{base}/{rid}", json={"id": rid, **dcir_record(rid, i)})
-    if op == "patch":
-        return session.patch(f"{base}/{rid}", json={"amount": rng.randint(1, 999)})
-    if op == "delete":
-        return session.delete(f"{base}/{rid}")
-    return session.post(base, json=dcir_record(1000 + n, i))
-
-
-async def researchers(
-    proxies: World | list[str], writers: int, ops: int, records: int
-) -> list[int]:
-    """Concurrent writers doing creates, PUTs, PATCHes and DELETEs on shared records, spread
-    over the proxies given (or the world's one)."""
-    statuses: list[int] = []
-    urls = [proxies.proxy] if isinstance(proxies, World) else proxies
-
-    async def writer(n: int) -> None:
-        rng = random.Random(n)
-        base = f"{urls[n % len(urls)]}/v1/datasets/dcir/records"
-        async with aiohttp.ClientSession(headers=AUTH) as session:
-            for i in range(ops):
-                async with researcher_write(session, base, rng, records, n, i) as resp:
-                    await resp.read()
-                    statuses.append(resp.status)
-
-    await asyncio.gather(*(writer(n) for n in range(writers)))
-    return statuses
 
 
 async def test_concurrent_writes_leave_both_sides_identical(world: World) -> None:
     assert await table_digest(world.source_db) == await table_digest(world.target_db)
     await world.to_stage(Stage.DUALWRITE)
-    statuses = await researchers(world, writers=40, ops=15, records=10)
+    statuses = await researchers(world.proxies, writers=40, ops=15, records=10)
     assert not [s for s in statuses if s >= 500], sorted(set(statuses))
     counts = await world.drained()
     assert counts.get("dead", 0) == 0 and counts.get("in_doubt", 0) == 0, counts
@@ -213,8 +47,8 @@ async def test_concurrent_writes_leave_both_sides_identical(world: World) -> Non
 
 
 async def test_in_live_the_target_is_authoritative_and_the_source_follows(world: World) -> None:
-    await world.to_stage(Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE)
-    statuses = await researchers(world, writers=20, ops=10, records=5)
+    await world.to_stage(*LIVE)
+    statuses = await researchers(world.proxies, writers=20, ops=10, records=5)
     assert not [s for s in statuses if s >= 500]
     counts = await world.drained()
     assert counts.get("dead", 0) == 0, counts
@@ -241,22 +75,18 @@ async def test_creates_get_the_same_id_and_row_on_both_sides(world: World) -> No
     assert await table_digest(world.source_db) == await table_digest(world.target_db)
 
 
-def compressing(backend: str) -> AbstractAsyncContextManager[str]:
-    """A relay in front of ``backend`` that gzips every answer whose request accepts it, as
-    many API gateways do."""
-
-    def finish(request: web.Request, answer: web.Response) -> web.Response:
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            answer.enable_compression(web.ContentCoding.gzip)
-        return answer
-
-    return relay(backend, finish)
+async def compressing(request: web.Request, forward: Forward) -> web.StreamResponse:
+    """A backend that gzips every answer whose request accepts it, as many API gateways do."""
+    answer = await forward()
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        answer.enable_compression(web.ContentCoding.gzip)
+    return answer
 
 
 async def test_a_backend_that_compresses_its_answers_still_gets_identical_creates(
     ground: Ground,
 ) -> None:
-    async with make_world(*ground, source_wrap=compressing) as world:
+    async with build_world(ground, hooks=Hooks(source=compressing)) as world:
         await world.to_stage(Stage.DUALWRITE)
         async with aiohttp.ClientSession(headers=AUTH) as session:
             async with session.get(
@@ -291,24 +121,22 @@ async def test_without_the_journal_a_write_is_refused_and_reads_go_on(
     assert await table_digest(world.source_db) == await table_digest(world.target_db)
 
 
-def answers_504_after_commit(backend: str, methods: set[str]) -> AbstractAsyncContextManager[str]:
-    """A relay in front of ``backend`` that lets the backend commit every request, then
-    answers 504 instead of the backend's answer for ``methods``."""
+def answers_504_after_commit(methods: set[str]) -> Hook:
+    """A backend that commits every request, then answers 504 instead of its answer for
+    ``methods``."""
 
-    def finish(request: web.Request, answer: web.Response) -> web.Response:
-        return (
-            web.Response(status=504, text="gateway timeout")
-            if request.method in methods
-            else answer
-        )
+    async def hook(request: web.Request, forward: Forward) -> web.StreamResponse:
+        answer = await forward()
+        if request.method in methods:
+            return web.Response(status=504, text="gateway timeout")
+        return answer
 
-    return relay(backend, finish)
+    return hook
 
 
 async def test_a_504_after_the_source_committed_is_resolved_and_replayed(ground: Ground) -> None:
-    async with make_world(
-        *ground,
-        source_wrap=lambda url: answers_504_after_commit(url, {"PATCH"}),
+    async with build_world(
+        ground, hooks=Hooks(source=answers_504_after_commit({"PATCH"}))
     ) as world:
         url, src, tgt = world.proxy, world.source_db, world.target_db
         await world.to_stage(Stage.DUALWRITE)
@@ -375,7 +203,7 @@ async def test_the_other_side_down_for_a_while_grows_then_drains_the_backlog(
     await target.close()
     await target.open()
     try:
-        statuses = await researchers(world, writers=10, ops=10, records=10)
+        statuses = await researchers(world.proxies, writers=10, ops=10, records=10)
         assert not [s for s in statuses if s >= 500]  # researchers notice nothing
         await asyncio.sleep(1.0)
         conn = await asyncpg.connect(world.state_db)
@@ -396,8 +224,6 @@ async def test_the_other_side_down_for_a_while_grows_then_drains_the_backlog(
 
 
 def _closed_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -405,15 +231,12 @@ def _closed_port() -> int:
 
 
 async def test_with_the_state_postgres_stopped_writes_are_refused_and_reads_served(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    redis_url: str,
-    redis_prefix: str,
+    ground: Ground,
 ) -> None:
     state_pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="bt-state-")))
     state_url = state_pg.start()  # the state store of our own, to really stop
     try:
-        async with make_world(tmp_path, make_database, state_url, redis_url, redis_prefix) as world:
+        async with build_world(ground, postgres_url=state_url) as world:
             url, src, tgt = world.proxy, world.source_db, world.target_db
             await world.to_stage(Stage.DUALWRITE)
             before = await table_digest(src)

@@ -8,137 +8,37 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
 
-from bascule.procs import ServerProcess
 from bascule.stages import Stage
-from bascule.state.postgres import open_pool
-from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
-from refapi.seed import seed_database
-from tests.harness import (
-    AUTH,
-    PROXY_ENV,
-    RestartableRefapi,
-    dcir_record,
-    migrate_state,
-    refuses_connections,
-    start_proxy,
-    write_config,
-)
-from tests.proxy.test_dualwrite import World, researcher_write, researchers, table_digest
+from refapi.lab import AUTH
+from tests.harness import RestartableRefapi, dcir_record, refuses_connections
+from tests.world import LIVE, MakeWorld, World, researcher_write, researchers, table_digest
 
 # The heavy fleet tests share one worker: two at once would exceed the server's connections.
 pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("fleet")]
 
 
-@dataclass
-class Fleet:
-    world: World
-    urls: list[str]
-    procs: list[ServerProcess]
-    admin_urls: list[str]
-    source: RestartableRefapi
-    """The reference API of each side: ``stop()`` and ``start()`` it on the same port."""
-    target: RestartableRefapi
-
-
-@pytest.fixture
-async def fleet(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> AsyncIterator[Callable[..., Awaitable[Fleet]]]:
-    async with AsyncExitStack() as stack:
-
-        async def make(
-            failpoints: list[str | None],
-            stages: tuple[Stage, ...] = (Stage.DUALWRITE,),
-            *,
-            ids: bool = False,
-        ) -> Fleet:
-            src, tgt = await make_database("src"), await make_database("tgt")
-            for db in (src, tgt):
-                await seed_database(db, 30, seed=11)
-            await migrate_state(pg_url)
-            # The source ignores idempotency keys: a re-sent write would apply twice there.
-            source = await stack.enter_async_context(
-                RestartableRefapi("azure", src, honour_idempotency=False)
-            )
-            target = await stack.enter_async_context(RestartableRefapi("scaleway", tgt))
-            config = tmp_path / "bascule.toml"
-            write_config(
-                config,
-                source_url=source.url,
-                target_url=target.url,
-                postgres_url=pg_url,
-                redis_url=redis_url,
-                redis_prefix=redis_prefix,
-                read_timeout=2.0,
-                databases=(src, tgt) if ids else None,
-            )
-            urls, procs, admin_urls = [], [], []
-            for i, failpoint in enumerate(failpoints):
-                env = dict(PROXY_ENV)
-                if failpoint:
-                    env["BASCULE_FAILPOINT"] = failpoint
-                started = await start_proxy(stack, config, tmp_path / f"proxy{i}.log", env)
-                urls.append(started.url)
-                procs.append(started.proc)
-                admin_urls.append(started.admin_url)
-            pool = await open_pool(pg_url, max_size=1)
-            try:
-                store = StageStore(pool)
-                for stage in stages:  # dualwrite -> shadow -> live: one stage at a time
-                    row = await store.get("dcir")
-                    await store.change("dcir", row.version, stage, actor="t", reason="t")
-            finally:
-                await pool.close()
-            await replicas_see(admin_urls, "dcir", stages[-1])
-            world = World(urls[0], src, tgt, pg_url, None)  # type: ignore[arg-type]
-            return Fleet(world, urls, procs, admin_urls, source, target)
-
-        yield make
-
-
-async def replicas_see(admin_urls: list[str], dataset: str, stage: Stage) -> None:
-    """Wait until every replica's /readyz reports ``dataset`` in ``stage``."""
-    deadline = time.monotonic() + 15
-    async with aiohttp.ClientSession() as session:
-        for admin in admin_urls:
-            while True:
-                async with session.get(f"{admin}/readyz") as resp:
-                    seen = (await resp.json()).get("stages", {}).get(dataset)
-                if seen == stage.value:
-                    break
-                assert time.monotonic() < deadline, f"{admin} still sees {dataset} in {seen}"
-                await asyncio.sleep(0.1)
-
-
 @pytest.mark.parametrize(
     "stages",
-    [(Stage.DUALWRITE,), (Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE)],
+    [(Stage.DUALWRITE,), LIVE],
     ids=["dualwrite", "live"],
 )
 async def test_200_writers_through_two_replicas_leave_identical_databases(
-    fleet: Callable[..., Awaitable[Fleet]], stages: tuple[Stage, ...]
+    fleet: MakeWorld, stages: tuple[Stage, ...]
 ) -> None:
     # In `live` the target is authoritative and the source follows: the same must hold.
     f = await fleet([None, None], stages)
-    statuses = await researchers(f.urls, writers=200, ops=5, records=20)
+    statuses = await researchers(f.proxies, writers=200, ops=5, records=20)
     assert not [s for s in statuses if s >= 500], sorted(set(statuses))
-    counts = await f.world.drained(within=60)
+    counts = await f.drained(within=60)
     assert counts.get("dead", 0) == 0 and counts.get("in_doubt", 0) == 0, counts
-    assert await table_digest(f.world.source_db) == await table_digest(f.world.target_db)
+    assert await table_digest(f.source_db) == await table_digest(f.target_db)
     # No record value, body or researcher token in any replica's log.
     for proc in f.procs:
         log = proc.log_tail(10**7)
@@ -146,10 +46,10 @@ async def test_200_writers_through_two_replicas_leave_identical_databases(
 
 
 async def test_a_replica_killed_after_the_backend_answered_loses_nothing(
-    fleet: Callable[..., Awaitable[Fleet]],
+    fleet: MakeWorld,
 ) -> None:
     f = await fleet(["kill-after-send:PATCH", None])
-    killer, survivor = f.urls
+    killer, survivor = f.proxies
     got_2xx: list[int] = []
     async with aiohttp.ClientSession(headers=AUTH) as session:
         async with session.put(
@@ -175,16 +75,16 @@ async def test_a_replica_killed_after_the_backend_answered_loses_nothing(
     # The orphan is settled once its call can no longer be in flight (read_timeout + margin).
     deadline = asyncio.get_running_loop().time() + 40
     while True:
-        counts = await f.world.drained(within=40)
+        counts = await f.drained(within=40)
         if not counts.get("in_doubt") and not counts.get("intent"):
             break
         assert asyncio.get_running_loop().time() < deadline, counts
         await asyncio.sleep(0.5)
     assert counts.get("dead", 0) == 0, counts
-    assert await table_digest(f.world.source_db) == await table_digest(f.world.target_db)
+    assert await table_digest(f.source_db) == await table_digest(f.target_db)
     import asyncpg
 
-    for db in (f.world.source_db, f.world.target_db):
+    for db in (f.source_db, f.target_db):
         conn = await asyncpg.connect(db)
         try:
             assert float(await conn.fetchval("SELECT amount FROM dcir WHERE id = 4")) == 601.0
@@ -274,12 +174,12 @@ async def watch_journal(state_db: str, stop: asyncio.Event, every: float = 0.2) 
     return samples
 
 
-async def stopped_under_load(f: Fleet, down: RestartableRefapi) -> None:
+async def stopped_under_load(f: World, down: RestartableRefapi) -> None:
     """200 writers through both replicas; ``down`` (the side that is not authoritative) is
     stopped for OUTAGE seconds while they write, then started again on the same port."""
     stop_load, stop_watch = asyncio.Event(), asyncio.Event()
-    watcher = spawn(watch_journal(f.world.state_db, stop_watch), name="journal-watch")
-    writers = spawn(keep_writing(f.urls, WRITERS, RECORDS, stop_load), name="researchers")
+    watcher = spawn(watch_journal(f.state_db, stop_watch), name="journal-watch")
+    writers = spawn(keep_writing(f.proxies, WRITERS, RECORDS, stop_load), name="researchers")
     started = time.monotonic()
     try:
         try:
@@ -298,7 +198,7 @@ async def stopped_under_load(f: Fleet, down: RestartableRefapi) -> None:
             stop_load.set()
             load = await writers
         load_ended = time.monotonic()
-        counts = await f.world.drained(within=60)
+        counts = await f.drained(within=60)
         drained_at = time.monotonic()
     finally:
         stop_watch.set()
@@ -333,7 +233,7 @@ async def stopped_under_load(f: Fleet, down: RestartableRefapi) -> None:
     assert counts.get("applied", 0) > 0, counts
     caught_up = next((s.at for s in samples if s.at > up_at and s.pending < peak / 10), None)
     assert caught_up is not None
-    assert await table_digest(f.world.source_db) == await table_digest(f.world.target_db)
+    assert await table_digest(f.source_db) == await table_digest(f.target_db)
     print(
         f"\n{down.name} down {up_at - down_at:.1f}s under {WRITERS} writers:"
         f" {len(statuses)} writes ({len(during)} during the outage), statuses"
@@ -347,7 +247,7 @@ async def stopped_under_load(f: Fleet, down: RestartableRefapi) -> None:
 
 @pytest.mark.timeout(90)
 async def test_the_target_stopped_10s_under_200_writers_through_two_replicas(
-    fleet: Callable[..., Awaitable[Fleet]],
+    fleet: MakeWorld,
 ) -> None:
     # dualwrite: the source is authoritative, the target follows through the journal.
     f = await fleet([None, None], (Stage.DUALWRITE,))
@@ -356,8 +256,8 @@ async def test_the_target_stopped_10s_under_200_writers_through_two_replicas(
 
 @pytest.mark.timeout(90)
 async def test_in_live_the_source_stopped_10s_under_200_writers_through_two_replicas(
-    fleet: Callable[..., Awaitable[Fleet]],
+    fleet: MakeWorld,
 ) -> None:
     # live: roles swapped, the target is authoritative and the source follows.
-    f = await fleet([None, None], (Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE))
+    f = await fleet([None, None], LIVE)
     await stopped_under_load(f, f.source)

@@ -4,9 +4,10 @@ failing, as the reproduction of a way a write could be lost, reordered or left d
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any
 
@@ -19,91 +20,46 @@ from bascule.sealing import SealError
 from bascule.stages import Side, Stage
 from bascule.tasks import spawn
 from proxy.replayer import Replayer
-from tests.harness import (
-    AUTH,
-    PROXY_ENV,
-    serve_app,
-)
-from tests.proxy.test_dualwrite import World, make_world
+from refapi.lab import AUTH, PROXY_ENV
+from tests.conftest import Ground
+from tests.harness import Forward, Hook
+from tests.world import LIVE, Hooks, World, amount, build_world
 
 pytestmark = pytest.mark.timeout(90)
 
 Delay = Callable[[web.Request], float]
 
 
-@asynccontextmanager
-async def delaying_relay(backend: str, delay: Delay) -> AsyncIterator[str]:
-    """An HTTP relay in front of ``backend`` that waits ``delay(request)`` s before forwarding."""
+def delaying(delay: Delay) -> Hook:
+    """A backend that waits ``delay(request)`` s before applying each request."""
 
-    async def relay(request: web.Request) -> web.Response:
-        body = await request.read()
+    async def hook(request: web.Request, forward: Forward) -> web.StreamResponse:
         wait = delay(request)
         if wait:
             await asyncio.sleep(wait)
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        async with aiohttp.ClientSession(auto_decompress=False) as session:
-            async with session.request(
-                request.method, backend + request.raw_path, data=body, headers=headers
-            ) as resp:
-                data = await resp.read()
-                return web.Response(
-                    status=resp.status, body=data, headers={"Content-Type": resp.content_type}
-                )
+        return await forward()
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", relay)
-    async with serve_app(app) as url:
-        yield url
+    return hook
 
 
-@asynccontextmanager
-async def processing_relay(backend: str, hold: float) -> AsyncIterator[str]:
-    """A raw relay that answers ``102 Processing`` every 0.3 s for ``hold`` seconds (a
-    long-running request, legal HTTP/1.1), then forwards the request and relays the answer."""
-    host, port = backend.rsplit("/", 1)[1].split(":")
+def processing(hold: float) -> Hook:
+    """A backend that answers ``102 Processing`` to each write every 0.3 s for ``hold``
+    seconds (a long-running request, legal HTTP/1.1), then applies it and answers; a write
+    whose client left meanwhile is never applied."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                body = await reader.readexactly(length) if length else b""
-                if head.split(b" ", 1)[0] in (b"PUT", b"PATCH", b"POST", b"DELETE"):
-                    deadline = time.monotonic() + hold
-                    while time.monotonic() < deadline:
-                        writer.write(b"HTTP/1.1 102 Processing\r\n\r\n")
-                        await writer.drain()
-                        await asyncio.sleep(0.3)
-                r, w = await asyncio.open_connection(host, int(port))
-                w.write(head[:-2] + b"Connection: close\r\n\r\n" + body)
-                await w.drain()
-                answer = await r.read()
-                w.close()
-                writer.write(answer)
-                await writer.drain()
-                break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def hook(request: web.Request, forward: Forward) -> web.StreamResponse:
+        if request.method in ("PUT", "PATCH", "POST", "DELETE"):
+            deadline = time.monotonic() + hold
+            while time.monotonic() < deadline:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    return web.Response(status=499)  # nobody left to answer
+                # An interim answer, ahead of the one the relay sends at the end.
+                transport.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+                await asyncio.sleep(0.3)
+        return await forward()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-
-
-async def amount(db: str, rid: int) -> Decimal | None:
-    conn = await asyncpg.connect(db)
-    try:
-        value: Decimal | None = await conn.fetchval("SELECT amount FROM dcir WHERE id = $1", rid)
-        return value
-    finally:
-        await conn.close()
+    return hook
 
 
 async def journal(db: str) -> list[dict[str, Any]]:
@@ -119,11 +75,9 @@ async def journal(db: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def env(tmp_path, make_database, pg_url, redis_url, redis_prefix):  # type: ignore[no-untyped-def]
-    def build(**kw):  # type: ignore[no-untyped-def]
-        return make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix, **kw)
-
-    return build
+def env(ground: Ground) -> Callable[..., AbstractAsyncContextManager[World]]:
+    """``env(**options)``: :func:`build_world` over this test's stores."""
+    return functools.partial(build_world, ground)
 
 
 # --- 1. A researcher retry under its own Idempotency-Key replays a STALE answer ------------------
@@ -132,7 +86,7 @@ def env(tmp_path, make_database, pg_url, redis_url, redis_prefix):  # type: igno
 async def test_researcher_idempotent_retry_replays_stale_state(env) -> None:  # type: ignore[no-untyped-def]
     # live: the target is authoritative and honours Idempotency-Key (like the World fixture).
     async with env() as world:
-        await world.to_stage(Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE)
+        await world.to_stage(*LIVE)
         url = f"{world.proxy}/v1/datasets/dcir/records/3"
         async with aiohttp.ClientSession(headers=AUTH) as s:
             for key, value in (("k1", 1), ("k2", 2), ("k1", 1)):  # the 3rd is a client retry
@@ -155,7 +109,7 @@ async def test_same_record_two_key_spellings_replayed_out_of_order(env) -> None:
     def delay(req: web.Request) -> float:
         return 1.0 if req.method == "PUT" and req.raw_path.endswith("/records/7") else 0.0
 
-    async with env(target_wrap=lambda u: delaying_relay(u, delay)) as world:
+    async with env(hooks=Hooks(target=delaying(delay))) as world:
         await world.to_stage(Stage.DUALWRITE)
         world.replica.replayer_task.cancel()
         await asyncio.sleep(0.1)
@@ -208,9 +162,11 @@ async def test_lease_expiry_mid_round_reorders_and_kills_replayer(env) -> None: 
         return 0.0
 
     # The target does not honour Idempotency-Key (the design only relies on it where declared).
-    async with env(target_idem=False, target_wrap=lambda u: delaying_relay(u, delay)) as world:
-        await world.to_stage(Stage.DUALWRITE)
+    async with env(target_idem=False, hooks=Hooks(target=delaying(delay))) as world:
+        # Stopped before dcir is journaled, so it never takes the replay lease the test's own
+        # replayers need (taken between the stage change and the cancel, it held it 5 s).
         world.replica.replayer_task.cancel()
+        await world.to_stage(Stage.DUALWRITE)
         await asyncio.sleep(0.1)
         base = f"{world.proxy}/v1/datasets/dcir/records/3"
         async with aiohttp.ClientSession(headers=AUTH) as s:
@@ -233,8 +189,10 @@ async def test_lease_expiry_mid_round_reorders_and_kills_replayer(env) -> None: 
 
 async def test_no_replay_starts_once_the_lease_may_have_expired(env) -> None:  # type: ignore[no-untyped-def]
     async with env() as world:
-        await world.to_stage(Stage.DUALWRITE)
+        # Stopped before dcir is journaled, so it never takes the replay lease the test's own
+        # replayers need (taken between the stage change and the cancel, it held it 5 s).
         world.replica.replayer_task.cancel()
+        await world.to_stage(Stage.DUALWRITE)
         await asyncio.sleep(0.1)
         base = f"{world.proxy}/v1/datasets/dcir/records/3"
         async with aiohttp.ClientSession(headers=AUTH) as s:
@@ -259,7 +217,7 @@ async def test_orphan_resolved_while_its_write_is_still_in_flight(env) -> None: 
     # The source keeps the request 8 s, far past the writer's deadline (2 s): only a grace
     # longer than a backend's own delay keeps the resolver from reading too early.
     async with env(
-        source_wrap=lambda u: processing_relay(u, hold=8.0), read_timeout=1.0, orphan_grace=10.0
+        hooks=Hooks(source=processing(hold=8.0)), read_timeout=1.0, orphan_grace=10.0
     ) as world:
         await world.to_stage(Stage.DUALWRITE)
         before = await amount(world.source_db, 3)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,24 +18,15 @@ import pytest
 from bascule.sealing import fence_id
 from bascule.stages import Stage
 from bascule.state.journal.entries import IllegalTransition
-from bascule.state.postgres import open_pool
-from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
+from refapi.lab import AUTH
 from tests.conftest import Ground
-from tests.harness import AUTH
-from tests.proxy.test_dualwrite import World, make_world, table_digest
-from tests.proxy.test_dualwrite_hardening import amount
+from tests.world import World, amount, build_world, table_digest
 
 
 @pytest.fixture
-async def world(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> AsyncIterator[World]:
-    async with make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as built:
+async def world(ground: Ground) -> AsyncIterator[World]:
+    async with build_world(ground) as built:
         yield built
 
 
@@ -50,16 +40,6 @@ def freeze_view(world: World, stage: Stage) -> None:
     view.get = lambda dataset: frozen if dataset == "dcir" else view.stages.get(dataset)  # type: ignore[method-assign]
 
 
-async def change_stage(state_db: str, stage: Stage) -> None:
-    pool = await open_pool(state_db, max_size=1)
-    try:
-        store = StageStore(pool)
-        row = await store.get("dcir")
-        await store.change("dcir", row.version, stage, actor="test", reason="test")
-    finally:
-        await pool.close()
-
-
 async def patch(world: World, rid: int, value: int) -> int:
     async with aiohttp.ClientSession(headers=AUTH) as session:
         async with session.patch(
@@ -71,7 +51,7 @@ async def patch(world: World, rid: int, value: int) -> int:
 
 async def test_a_replica_with_a_stale_view_still_journals_a_dual_write(world: World) -> None:
     freeze_view(world, Stage.SOURCE)
-    await change_stage(world.state_db, Stage.DUALWRITE)  # the stores say dualwrite
+    await world.to_stage(Stage.DUALWRITE, seen_by=())  # the stores say dualwrite
     assert await patch(world, 4, 404) == 200
     assert (await world.drained()).get("applied") == 1  # journaled, then replayed
     assert await amount(world.target_db, 4) == Decimal(404)
@@ -81,7 +61,7 @@ async def test_a_replica_with_a_stale_view_still_journals_a_dual_write(world: Wo
 async def test_a_replica_with_a_stale_view_writes_to_the_new_authority(world: World) -> None:
     await world.to_stage(Stage.DUALWRITE, Stage.SHADOW)
     freeze_view(world, Stage.SHADOW)
-    await change_stage(world.state_db, Stage.LIVE)  # the target is now authoritative
+    await world.to_stage(Stage.LIVE, seen_by=())  # the target is now authoritative
     assert await patch(world, 5, 505) == 200
     await world.drained()
     assert await amount(world.target_db, 5) == Decimal(505)
@@ -117,7 +97,7 @@ async def test_a_change_holding_the_fence_holds_writes_and_they_follow_it(world:
         write = spawn(patch(world, 6, 606), name="held write")
         await asyncio.sleep(0.5)
         assert not write.done()  # held back by the fence
-        await change_stage(world.state_db, Stage.DUALWRITE)
+        await world.to_stage(Stage.DUALWRITE, seen_by=())
         await flip.execute("SELECT pg_advisory_unlock($1)", fence_id("dcir"))
         assert await write == 200
         assert time.monotonic() - started >= 0.5
@@ -150,7 +130,7 @@ async def test_a_write_that_found_a_newer_stage_refreshes_its_replica(world: Wor
     await view.stop()  # no poll, no Redis: only the write itself can tell this replica
     before = view.get("dcir")
     assert before is not None and before.stage is Stage.SOURCE
-    await change_stage(world.state_db, Stage.DUALWRITE)
+    await world.to_stage(Stage.DUALWRITE, seen_by=())
     assert await patch(world, 7, 707) == 200
     after = view.get("dcir")
     # Refreshed before the answer: the researcher's next read here is planned on it.
@@ -158,7 +138,7 @@ async def test_a_write_that_found_a_newer_stage_refreshes_its_replica(world: Wor
 
 
 async def test_a_write_whose_outcome_is_refused_still_gets_its_answer(ground: Ground) -> None:
-    async with make_world(*ground) as world:
+    async with build_world(ground) as world:
         await world.to_stage(Stage.DUALWRITE)
         journal = world.replica.dual.journal  # type: ignore[union-attr]
         original = journal._move

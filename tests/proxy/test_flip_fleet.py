@@ -2,9 +2,10 @@
 
 - A replica frozen (SIGSTOP) while dcir moves shadow -> live holds the switch up only until its
   lease runs out; resumed, it never writes under the old authority.
-- A replica cut off from the state Postgres (a TCP relay of the test's, in front of that one
-  replica only) keeps serving reads on its last known stages, refuses writes it cannot fence,
-  then reports not ready; the other replica and the flips go on; reconnected, it converges.
+- A replica cut off from the state Postgres (a FaultProxy in front of that one replica's
+  state Postgres only, resetting its sessions) keeps serving reads on its last known stages,
+  refuses writes it cannot fence, then reports not ready; the other replica and the flips go
+  on; reconnected, it converges.
 - ``source -> dualwrite`` with 100 writers in flight through both replicas: every write answered
   2xx that could have read the new stage is journaled, and the databases end identical.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import errno
 import json
 import os
 import random
@@ -27,117 +27,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from bascule.config import IdAllocation, SwitchSettings
-from bascule.procs import ServerProcess
+from bascule.config import SwitchSettings
 from bascule.sealing import Sealer
 from bascule.stages import Side, Stage
 from bascule.state import replicas
 from bascule.state.fleet import RedisAnnouncer
 from bascule.state.postgres import open_pool
-from bascule.state.servers import free_port
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
 from cutover import controller
 from cutover.switch import Switcher
-from refapi.seed import seed_database
-from tests.harness import (
-    AUTH,
-    JOURNAL_KEY,
-    PROXY_ENV,
-    RestartableRefapi,
-    dcir_record,
-    migrate_state,
-    start_proxy,
-    write_config,
-)
-from tests.proxy.test_dualwrite import World, table_digest
-from tests.proxy.test_dualwrite_fleet import replicas_see
+from refapi.lab import AUTH, JOURNAL_KEY
+from tests.conftest import Ground
+from tests.harness import dcir_record
+from tests.world import SHADOWED, Hooks, World, build_world, replicas_see, table_digest
 
 # The heavy fleet tests share one worker: two at once would exceed the server's connections.
 pytestmark = [pytest.mark.timeout(90), pytest.mark.xdist_group("fleet")]
-
-
-# --- A relay a test can cut: one replica's way to the state Postgres ------------------------
-
-
-class Relay:
-    """A TCP relay in front of the state Postgres, for one replica. ``cut()`` closes its
-    listener and every connection through it (the replica's sessions end; new connections are
-    refused), ``restore()`` listens again on the same port."""
-
-    def __init__(self, upstream_url: str) -> None:
-        parts = urlsplit(upstream_url)
-        self.host = parts.hostname or "127.0.0.1"
-        self.upstream_port = parts.port or 5432
-        self.port = free_port()
-        userinfo, at, _ = parts.netloc.rpartition("@")
-        self.url = urlunsplit(parts._replace(netloc=f"{userinfo}{at}127.0.0.1:{self.port}"))
-        self.accepted = 0
-        """Connections accepted since the start."""
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def up(self) -> bool:
-        return self._server is not None
-
-    async def restore(self) -> None:
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-
-    async def cut(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        if server is not None:
-            await server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        if self._server is None:  # cut meanwhile
-            writer.transport.abort()
-            up_writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self._writers -= {writer, up_writer}
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (OSError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.transport.abort()
 
 
 # --- Two proxy processes, and the means to flip them ------------------------------------------
@@ -146,21 +59,14 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 @dataclass
 class FlipFleet:
     world: World
-    urls: list[str]
-    admin_urls: list[str]
-    procs: list[ServerProcess]
-    source: RestartableRefapi
-    target: RestartableRefapi
     pool: asyncpg.Pool
     """The test's own pool on the state database (the SRE's side)."""
     store: StageStore
     switcher: Switcher
     announcer: RedisAnnouncer
-    relay: Relay | None
-    """Proxy 1's way to the state Postgres, when it goes through a relay."""
 
     def pid(self, i: int) -> int:
-        proc = self.procs[i].proc
+        proc = self.world.procs[i].proc
         assert proc is not None
         return proc.pid
 
@@ -185,13 +91,7 @@ MakeFleet = Callable[..., Awaitable[FlipFleet]]
 
 
 @pytest.fixture
-async def flip_fleet(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> AsyncIterator[MakeFleet]:
+async def flip_fleet(ground: Ground) -> AsyncIterator[MakeFleet]:
     async with AsyncExitStack() as stack:
 
         async def make(
@@ -201,81 +101,36 @@ async def flip_fleet(
             poll_interval: float = 0.5,
             stale_after: float = 30.0,
         ) -> FlipFleet:
-            src, tgt = await make_database("src"), await make_database("tgt")
-            for db in (src, tgt):
-                await seed_database(db, 30, seed=11)
-            await migrate_state(pg_url)
-            source = await stack.enter_async_context(
-                RestartableRefapi("azure", src, honour_idempotency=False)
+            # relayed: proxy 1 reaches the state Postgres through a FaultProxy of its own.
+            world = await stack.enter_async_context(
+                build_world(
+                    ground,
+                    replicas=2,
+                    processes=True,
+                    stages=stages,
+                    hooks=Hooks(faults={"postgres"}, faulted=(1,)) if relayed else None,
+                    rows=30,
+                    seed=11,
+                    source_idem=False,
+                    ids=True,
+                    poll_interval=poll_interval,
+                    stale_after=stale_after,
+                    read_timeout=2.0,
+                )
             )
-            target = await stack.enter_async_context(RestartableRefapi("scaleway", tgt))
-            relay: Relay | None = None
-            if relayed:
-                relay = Relay(pg_url)
-                await relay.restore()
-                stack.push_async_callback(relay.cut)  # after the proxies have stopped
-            config = tmp_path / "bascule.toml"
-            write_config(
-                config,
-                source_url=source.url,
-                target_url=target.url,
-                postgres_url=pg_url,
-                redis_url=redis_url,
-                redis_prefix=redis_prefix,
-                poll_interval=poll_interval,
-                stale_after=stale_after,
-                read_timeout=2.0,
-                databases=(src, tgt),
-            )
-            urls, admin_urls, procs = [], [], []
-            for i in range(2):
-                # The environment overrides the configured state Postgres
-                # (bascule/state/servers.py).
-                state = relay.url if relay is not None and i == 1 else pg_url
-                env = {**PROXY_ENV, "BASCULE_POSTGRES_URL": state}
-                started = await start_proxy(stack, config, tmp_path / f"proxy{i}.log", env)
-                urls.append(started.url)
-                admin_urls.append(started.admin_url)
-                procs.append(started.proc)
-
-            # Never leave a frozen replica behind (SIGTERM waits for SIGCONT): runs before
-            # the proxies are stopped.
-            def resume_all() -> None:
-                for proc in procs:
-                    proc.signal(signal.SIGCONT)
-
-            stack.callback(resume_all)
-            pool = await open_pool(pg_url, max_size=6)
+            pool = await open_pool(world.state_db, max_size=6)
             stack.push_async_callback(pool.close)
-            redis = aioredis.Redis.from_url(redis_url)
+            redis = aioredis.Redis.from_url(world.redis_url)
             stack.push_async_callback(redis.aclose)
             store = StageStore(pool)
-            for stage in stages:  # one stage at a time, as set-up (no fence needed: no load)
-                row = await store.get("dcir")
-                await store.change("dcir", row.version, stage, actor="t", reason="t")
             if Stage.SHADOW in stages:
                 await store.close_gap("dcir", Side.TARGET, actor="t", reason="seeded identically")
-            await replicas_see(admin_urls, "dcir", stages[-1] if stages else Stage.SOURCE)
-            switcher = Switcher(
+            switcher = world.switcher(
                 pool,
                 SwitchSettings(hold=5.0, small_backlog=200, backlog_wait=30.0, confirm_wait=15.0),
-                ids={"dcir": IdAllocation(table="dcir", sequence="dcir_id_seq")},
-                databases={"source": src, "target": tgt},
             )
-            world = World(urls[0], src, tgt, pg_url, None)  # type: ignore[arg-type]
-            return FlipFleet(
-                world,
-                urls,
-                admin_urls,
-                procs,
-                source,
-                target,
-                pool,
-                store,
-                switcher,
-                RedisAnnouncer(redis, redis_prefix),
-                relay,
-            )
+            announcer = RedisAnnouncer(redis, world.config.state.redis_prefix)
+            return FlipFleet(world, pool, store, switcher, announcer)
 
         yield make
 
@@ -353,11 +208,11 @@ async def entries_after(pool: asyncpg.Pool, seq: int) -> list[asyncpg.Record]:
 async def test_a_replica_frozen_during_a_switch_holds_it_until_its_lease_expires_only(
     flip_fleet: MakeFleet,
 ) -> None:
-    f = await flip_fleet((Stage.DUALWRITE, Stage.SHADOW))
+    f = await flip_fleet(SHADOWED)
     frozen, name = f.pid(1), f.replica_name(1)
     async with aiohttp.ClientSession(headers=AUTH) as session:
         # Both replicas write in shadow: the source is the authority.
-        for i, url in enumerate(f.urls):
+        for i, url in enumerate(f.world.proxies):
             done = await patch(session, url, 3, 100 + i)
             assert (done.status, done.served_by) == (200, "azure"), done
         await f.world.drained(within=30)
@@ -406,11 +261,11 @@ async def test_a_replica_frozen_during_a_switch_holds_it_until_its_lease_expires
             assert not lease.alive and lease.versions["dcir"] == before.version, lease
 
             # The old authority away: a write applied under it could not succeed.
-            await f.source.stop()
+            await f.world.source.stop()
             latest = await last_seq(f.pool)
             # Sent while the replica is still frozen (the kernel queues it): it is the first
             # thing it reads on resuming, its own view of the stages still at shadow.
-            write = spawn(patch(session, f.urls[1], 3, 4242), name="write-on-resume")
+            write = spawn(patch(session, f.world.proxies[1], 3, 4242), name="write-on-resume")
             await asyncio.sleep(0.3)
             assert not write.done()
         finally:
@@ -427,11 +282,11 @@ async def test_a_replica_frozen_during_a_switch_holds_it_until_its_lease_expires
         assert await amount_in(f.world.target_db, 3) == 4242
         assert await amount_in(f.world.source_db, 3) == 101
         # The researcher's next read there follows the write (the new authority serves it).
-        read = await get(session, f.urls[1], 3)
+        read = await get(session, f.world.proxies[1], 3)
         assert (read.status, read.served_by, amount_of(read)) == (200, "scaleway", Decimal(4242)), (
             read
         )
-        await f.source.start()
+        await f.world.source.start()
         counts = await f.world.drained(within=30)
     assert counts.get("dead", 0) == 0 and counts.get("in_doubt", 0) == 0, counts
     assert await amount_in(f.world.source_db, 3) == 4242
@@ -450,20 +305,18 @@ POLL, STALE = 0.25, 2.0
 async def test_a_replica_cut_off_from_the_state_postgres_serves_reads_refuses_writes(
     flip_fleet: MakeFleet,
 ) -> None:
-    f = await flip_fleet(
-        (Stage.DUALWRITE, Stage.SHADOW), relayed=True, poll_interval=POLL, stale_after=STALE
-    )
-    relay = f.relay
-    assert relay is not None and relay.accepted > 0  # proxy 1 reaches Postgres through it
-    cut, other = f.urls[1], f.urls[0]
-    cut_admin, other_admin = f.admin_urls[1], f.admin_urls[0]
+    f = await flip_fleet(SHADOWED, relayed=True, poll_interval=POLL, stale_after=STALE)
+    line = f.world.faults["postgres"]
+    assert line.accepted > 0  # proxy 1 reaches Postgres through it
+    cut, other = f.world.proxies[1], f.world.proxies[0]
+    cut_admin, other_admin = f.world.admin_urls[1], f.world.admin_urls[0]
     cut_name = f.replica_name(1)
     async with aiohttp.ClientSession(headers=AUTH) as session:
         done = await patch(session, cut, 5, 501)
         assert (done.status, done.served_by) == (200, "azure"), done
         await f.world.drained(within=30)
 
-        await relay.cut()
+        line.reset()  # every session ends (RST), and every new one
         cut_at = time.monotonic()
         # Reads are served, on its last known stages (shadow: the source serves them).
         read = await get(session, cut, 5)
@@ -518,7 +371,7 @@ async def test_a_replica_cut_off_from_the_state_postgres_serves_reads_refuses_wr
         assert await amount_in(f.world.target_db, 5) == 501
 
         # Reconnected, it converges to the latest stage, ready again.
-        await relay.restore()
+        line.heal()
         restored_at = time.monotonic()
         while True:
             status, detail = await readyz(session, cut_admin)
@@ -552,7 +405,7 @@ async def test_a_replica_cut_off_from_the_state_postgres_serves_reads_refuses_wr
     assert await table_digest(f.world.source_db) == await table_digest(f.world.target_db)
     print(
         f"\ncut: write refused in {took:.2f}s; not ready {not_ready_after:.2f}s after the cut;"
-        f" converged {converged:.2f}s after the relay was back"
+        f" converged {converged:.2f}s after the line was back"
     )
 
 
@@ -617,7 +470,8 @@ async def test_source_to_dualwrite_with_100_writers_in_flight_journals_every_wri
     writes: list[Write] = []
     stop = asyncio.Event()
     tasks = [
-        spawn(writer(f.urls[n % 2], n, stop, writes), name=f"writer {n}") for n in range(WRITERS)
+        spawn(writer(f.world.proxies[n % 2], n, stop, writes), name=f"writer {n}")
+        for n in range(WRITERS)
     ]
     try:
         await asyncio.sleep(1.5)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -19,20 +18,18 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from bascule.config import IdAllocation, SwitchSettings
+from bascule.config import SwitchSettings
 from bascule.stages import Side, Stage
 from bascule.state.fleet import RedisAnnouncer
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
 from cutover import controller
-from cutover.switch import Switcher
-from tests.harness import AUTH, dcir_record
-from tests.proxy.test_dualwrite import table_digest
-from tests.proxy.test_dualwrite_fleet import Fleet, fleet
+from refapi.lab import AUTH
+from tests.harness import dcir_record
+from tests.world import SHADOWED, MakeWorld, table_digest
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("fleet")]
-__all__ = ["fleet"]  # the two-replica fixture, shared
 
 
 @dataclass
@@ -92,25 +89,24 @@ async def highest_id(db: str) -> int:
 
 
 async def test_flips_racing_writes_lose_nothing_and_new_ids_never_collide(
-    fleet: Callable[..., Awaitable[Fleet]], redis_url: str, redis_prefix: str
+    fleet: MakeWorld, redis_url: str, redis_prefix: str
 ) -> None:
-    f = await fleet([None, None], (Stage.DUALWRITE, Stage.SHADOW), ids=True)
-    world = f.world
+    f = await fleet([None, None], SHADOWED, ids=True)
+    world = f
     pool = await open_pool(world.state_db, max_size=4)
     redis = aioredis.Redis.from_url(redis_url)
     store = StageStore(pool)
     await store.close_gap("dcir", Side.TARGET, actor="t", reason="seeded identically")
-    switcher = Switcher(
-        pool,
-        SwitchSettings(hold=8.0, small_backlog=500, backlog_wait=30.0, confirm_wait=15.0),
-        ids={"dcir": IdAllocation(table="dcir", sequence="dcir_id_seq")},
-        databases={"source": world.source_db, "target": world.target_db},
+    switcher = world.switcher(
+        pool, SwitchSettings(hold=8.0, small_backlog=500, backlog_wait=30.0, confirm_wait=15.0)
     )
     announcer = RedisAnnouncer(redis, redis_prefix)
     load = Load()
-    writers = [spawn(shared_writer(f.urls[n % 2], n, load), name=f"writer {n}") for n in range(100)]
+    writers = [
+        spawn(shared_writer(f.proxies[n % 2], n, load), name=f"writer {n}") for n in range(100)
+    ]
     writers += [
-        spawn(own_writer(f.urls[n % 2], 11 + n, load), name=f"owner {n}") for n in range(10)
+        spawn(own_writer(f.proxies[n % 2], 11 + n, load), name=f"owner {n}") for n in range(10)
     ]
     flips: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     created: list[int] = []
@@ -136,7 +132,8 @@ async def test_flips_racing_writes_lose_nothing_and_new_ids_never_collide(
                 # A create right after the flip: an id neither side has ever held.
                 before = max(await highest_id(world.source_db), await highest_id(world.target_db))
                 async with session.post(
-                    f"{f.urls[1]}/v1/datasets/dcir/records", json=dcir_record(5000 + len(created))
+                    f"{f.proxies[1]}/v1/datasets/dcir/records",
+                    json=dcir_record(5000 + len(created)),
                 ) as resp:
                     assert resp.status == 201, (wanted, resp.status, await resp.text())
                     new_id = (await resp.json())["record"]["id"]

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,23 +13,11 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from bascule.app.replica import Replica
-from bascule.config import Secrets
 from bascule.stages import Stage
-from bascule.state.postgres import open_pool
-from bascule.state.stage_store import StageStore
-from tests.harness import (
-    AUTH,
-    PROXY_ENV,
-    closed_port_url,
-    dcir_record,
-    garbage_server,
-    migrate_state,
-    refapi,
-    serve_app,
-    serve_proxy,
-    write_config,
-)
+from refapi.lab import AUTH
+from tests.conftest import Ground
+from tests.harness import catch_all, closed_port_url, dcir_record, garbage_server
+from tests.world import LIVE, World, build_world
 
 BIG = 300 * 1024
 
@@ -71,74 +56,19 @@ def echo_backend(name: str) -> web.Application:
             },
         )
 
-    app = web.Application(client_max_size=10 * 1024 * 1024)
-    app.router.add_route("*", "/{tail:.*}", echo)
-    return app
-
-
-Proxy = Callable[..., AsyncIterator[aiohttp.ClientSession]]
-
-
-class Setup:
-    def __init__(self, replica: Replica, proxy_url: str, pg_url: str) -> None:
-        self.replica = replica
-        self.url = proxy_url
-        self.pg_url = pg_url
-
-    async def set_stage(self, dataset: str, stage: Stage) -> None:
-        pool = await open_pool(self.pg_url, max_size=1)
-        try:
-            store = StageStore(pool)
-            row = await store.get(dataset)
-            await store.change(dataset, row.version, stage, actor="test", reason="test")
-        finally:
-            await pool.close()
-        await self.replica.view.reload()
-
-
-async def _setup(
-    stack: AsyncExitStack,
-    tmp_path: Path,
-    pg_url: str,
-    redis_url: str,
-    prefix: str,
-    source_url: str,
-    target_url: str,
-    **kwargs: float,
-) -> Setup:
-    await migrate_state(pg_url)
-    config = write_config(
-        tmp_path / "bascule.toml",
-        source_url=source_url,
-        target_url=target_url,
-        postgres_url=pg_url,
-        redis_url=redis_url,
-        redis_prefix=prefix,
-        **kwargs,  # type: ignore[arg-type]
-    )
-    replica = await stack.enter_async_context(
-        Replica(config, Secrets.from_env({**os.environ, **PROXY_ENV}), pg_url, redis_url)
-    )
-    url = await stack.enter_async_context(serve_proxy(replica.server()))
-    return Setup(replica, url, pg_url)
+    return catch_all(echo, client_max_size=10 * 1024 * 1024)
 
 
 @pytest.fixture
-async def echo(
-    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
-) -> AsyncIterator[Setup]:
-    async with AsyncExitStack() as stack:
-        source = await stack.enter_async_context(serve_app(echo_backend("azure")))
-        target = await stack.enter_async_context(serve_app(echo_backend("scaleway")))
-        yield await _setup(
-            stack, tmp_path, pg_url, redis_url, redis_prefix, source, target, read_timeout=1.0
-        )
+async def echo(ground: Ground) -> AsyncIterator[World]:
+    async with build_world(ground, backends=echo_backend, read_timeout=1.0) as world:
+        yield world
 
 
-async def test_request_reaches_backend_unchanged_but_hop_by_hop(echo: Setup) -> None:
+async def test_request_reaches_backend_unchanged_but_hop_by_hop(echo: World) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.post(
-            URL(echo.url + "/v1/datasets/dcir/query?b=2&a=1&a=%2F", encoded=True),
+            URL(echo.proxy + "/v1/datasets/dcir/query?b=2&a=1&a=%2F", encoded=True),
             data=b'{"group_by": "act_code"}',
             headers={
                 "Authorization": "Bearer researcher-secret",
@@ -165,26 +95,26 @@ async def test_request_reaches_backend_unchanged_but_hop_by_hop(echo: Setup) -> 
         assert hop not in headers
     assert headers["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
     assert headers["x-forwarded-proto"] == "http"
-    assert headers["x-forwarded-host"] == echo.url.removeprefix("http://")
+    assert headers["x-forwarded-host"] == echo.proxy.removeprefix("http://")
 
 
-async def test_large_answers_stream_through_intact(echo: Setup) -> None:
+async def test_large_answers_stream_through_intact(echo: World) -> None:
     async with aiohttp.ClientSession() as session:
-        async with session.get(echo.url + "/big") as resp:
+        async with session.get(echo.proxy + "/big") as resp:
             assert resp.status == 200
             assert resp.headers["Content-Length"] == str(BIG)
             assert await resp.read() == b"x" * BIG
-        async with session.get(echo.url + "/chunked") as resp:
+        async with session.get(echo.proxy + "/chunked") as resp:
             body = await resp.read()
             assert len(body) == 500_000
             assert body[:10_000] == b"A" * 10_000 and body[-10_000:] == b"X" * 10_000
 
 
-async def test_reads_and_writes_follow_the_stage(echo: Setup) -> None:
+async def test_reads_and_writes_follow_the_stage(echo: World) -> None:
     async with aiohttp.ClientSession() as session:
 
         async def served_by(method: str, path: str) -> str:
-            async with session.request(method, echo.url + path, data=b"{}") as resp:
+            async with session.request(method, echo.proxy + path, data=b"{}") as resp:
                 assert resp.status == 200
                 return resp.headers["X-Served-By"]
 
@@ -198,7 +128,7 @@ async def test_reads_and_writes_follow_the_stage(echo: Setup) -> None:
         }
         for stage, (reads, writes) in expected.items():
             if stage is not Stage.SOURCE:
-                await echo.set_stage("dcir", stage)
+                await echo.to_stage(stage)
             assert await served_by("GET", "/v1/datasets/dcir/records/7") == reads, stage
             assert await served_by("POST", "/v1/datasets/dcir/query") == reads, stage
             assert await served_by("PATCH", "/v1/datasets/dcir/records/7") == writes, stage
@@ -218,55 +148,55 @@ async def _error(
         return dict(error)
 
 
-async def test_bad_requests_get_clear_json_errors(echo: Setup) -> None:
+async def test_bad_requests_get_clear_json_errors(echo: World) -> None:
     async with aiohttp.ClientSession() as session:
-        e = await _error(session, "GET", echo.url + "/v1/datasets/secret_ds/records")
+        e = await _error(session, "GET", echo.proxy + "/v1/datasets/secret_ds/records")
         assert (e["status"], e["code"]) == (404, "unknown_dataset")
         assert "secret_ds" in e["message"]
         e = await _error(
-            session, "GET", URL(echo.url + "/v1/datasets/dcir/..%2F..%2Fadmin", encoded=True)
+            session, "GET", URL(echo.proxy + "/v1/datasets/dcir/..%2F..%2Fadmin", encoded=True)
         )
         assert (e["status"], e["code"]) == (400, "bad_path")
         e = await _error(
             session,
             "POST",
-            echo.url + "/v1/datasets/dcir/records",
+            echo.proxy + "/v1/datasets/dcir/records",
             data=io.BytesIO(b"x" * (2 * 1024 * 1024)),
         )
         assert (e["status"], e["code"], e["dataset"]) == (413, "body_too_large", "dcir")
         assert "1048576-byte limit" in e["message"]
 
 
-async def test_oversized_chunked_body_is_refused(echo: Setup) -> None:
+async def test_oversized_chunked_body_is_refused(echo: World) -> None:
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(40):
             yield b"y" * 65536
 
     async with aiohttp.ClientSession() as session:
-        e = await _error(session, "POST", echo.url + "/v1/datasets/dcir/records", data=chunks())
+        e = await _error(session, "POST", echo.proxy + "/v1/datasets/dcir/records", data=chunks())
         assert (e["status"], e["code"]) == (413, "body_too_large")
 
 
-async def test_unrouted_write_is_refused_once_default_is_past_source(echo: Setup) -> None:
+async def test_unrouted_write_is_refused_once_default_is_past_source(echo: World) -> None:
     async with aiohttp.ClientSession() as session:
-        async with session.post(echo.url + "/v2/anything", data=b"{}") as resp:
+        async with session.post(echo.proxy + "/v2/anything", data=b"{}") as resp:
             assert resp.status == 200  # default is at source: passed through
-        await echo.set_stage("default", Stage.DUALWRITE)
-        e = await _error(session, "POST", echo.url + "/v2/anything", data=b"{}")
+        await echo.to_stage(Stage.DUALWRITE, dataset="default")
+        e = await _error(session, "POST", echo.proxy + "/v2/anything", data=b"{}")
         assert (e["status"], e["code"], e["dataset"]) == (409, "unrouted_write", "default")
-        async with session.get(echo.url + "/v2/anything") as resp:
+        async with session.get(echo.proxy + "/v2/anything") as resp:
             assert resp.status == 200  # unrouted reads still pass
 
 
-async def test_backend_timeout_is_504(echo: Setup) -> None:
+async def test_backend_timeout_is_504(echo: World) -> None:
     async with aiohttp.ClientSession() as session:
-        e = await _error(session, "GET", echo.url + "/slow")
+        e = await _error(session, "GET", echo.proxy + "/slow")
         assert (e["status"], e["code"], e["dataset"]) == (504, "backend_timeout", "default")
         assert "azure" in e["message"]
 
 
 async def test_stage_missing_is_503_never_a_guess(
-    echo: Setup, monkeypatch: pytest.MonkeyPatch
+    echo: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Missing from the view for the whole test: its poll of the store (every 0.5 s) would put
     # a popped entry back, mid-request on a slow machine.
@@ -274,55 +204,39 @@ async def test_stage_missing_is_503_never_a_guess(
     known = view.get
     monkeypatch.setattr(view, "get", lambda name: None if name == "pmsi" else known(name))
     async with aiohttp.ClientSession() as session:
-        e = await _error(session, "GET", echo.url + "/v1/datasets/pmsi/records/1")
+        e = await _error(session, "GET", echo.proxy + "/v1/datasets/pmsi/records/1")
         assert (e["status"], e["code"]) == (503, "stage_missing")
 
 
-async def test_unreachable_and_garbage_backends_are_502(
-    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
-) -> None:
-    async with AsyncExitStack() as stack:
-        garbage = await stack.enter_async_context(garbage_server())
-        setup = await _setup(
-            stack, tmp_path, pg_url, redis_url, redis_prefix, closed_port_url(), garbage
-        )
+async def test_unreachable_and_garbage_backends_are_502(ground: Ground) -> None:
+    async with (
+        garbage_server() as garbage,
+        build_world(ground, backends=(closed_port_url(), garbage)) as setup,
+    ):
         async with aiohttp.ClientSession() as session:
-            e = await _error(session, "GET", setup.url + "/v1/datasets/dcir/records/1")
+            e = await _error(session, "GET", setup.proxy + "/v1/datasets/dcir/records/1")
             assert (e["status"], e["code"]) == (502, "backend_unreachable")
             assert "cannot connect" in e["message"]
-            await setup.set_stage("dcir", Stage.DUALWRITE)
-            await setup.set_stage("dcir", Stage.SHADOW)
-            await setup.set_stage("dcir", Stage.LIVE)
-            e = await _error(session, "GET", setup.url + "/v1/datasets/dcir/records/1")
+            await setup.to_stage(*LIVE)
+            e = await _error(session, "GET", setup.proxy + "/v1/datasets/dcir/records/1")
             assert (e["status"], e["code"]) == (502, "backend_unreachable")
             assert "scaleway" in e["message"]
 
 
-async def test_reference_api_answers_through_the_proxy(
-    tmp_path: Path,
-    make_database: Callable[[str], object],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-) -> None:
-    src_db = await make_database("src")  # type: ignore[misc]
-    tgt_db = await make_database("tgt")  # type: ignore[misc]
-    async with AsyncExitStack() as stack:
-        source = await stack.enter_async_context(refapi("azure", src_db))
-        target = await stack.enter_async_context(refapi("scaleway", tgt_db))
-        setup = await _setup(stack, tmp_path, pg_url, redis_url, redis_prefix, source, target)
+async def test_reference_api_answers_through_the_proxy(ground: Ground) -> None:
+    async with build_world(ground, rows=0) as setup:
         async with aiohttp.ClientSession(headers=AUTH) as session:
             async with session.post(
-                setup.url + "/v1/datasets/dcir/records",
+                setup.proxy + "/v1/datasets/dcir/records",
                 json=dcir_record(1),
             ) as resp:
                 created = await resp.json()
                 assert resp.status == 201, created
                 assert resp.headers["X-Served-By"] == "azure"
             rid = created["record"]["id"]
-            async with session.get(setup.url + f"/v1/datasets/dcir/records/{rid}") as resp:
+            async with session.get(setup.proxy + f"/v1/datasets/dcir/records/{rid}") as resp:
                 assert resp.status == 200
                 assert (await resp.json())["record"] == created["record"]
         async with aiohttp.ClientSession() as anonymous:
-            async with anonymous.get(setup.url + "/v1/datasets/dcir/records/1") as resp:
+            async with anonymous.get(setup.proxy + "/v1/datasets/dcir/records/1") as resp:
                 assert resp.status == 401  # the backend's answer, passed through

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -16,16 +14,10 @@ import pytest
 from aiohttp import web
 
 from bascule.errors import RouteError
-from bascule.stages import Stage
+from refapi.lab import AUTH, RESEARCHER_TOKEN
 from tests.conftest import Ground
-from tests.harness import (
-    AUTH,
-    RESEARCHER_TOKEN,
-    dcir_record,
-    refapi,
-    serve_app,
-)
-from tests.proxy.test_forward import Setup, _setup
+from tests.harness import catch_all, dcir_record, serve_app
+from tests.world import LIVE, World, build_world
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,21 +41,13 @@ def seeing_backend(name: str) -> web.Application:
             headers={"X-Served-By": name},
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    return app
+    return catch_all(echo)
 
 
 @pytest.fixture
-async def seeing(
-    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
-) -> AsyncIterator[Setup]:
-    async with AsyncExitStack() as stack:
-        src = await stack.enter_async_context(serve_app(seeing_backend("azure")))
-        tgt = await stack.enter_async_context(serve_app(seeing_backend("scaleway")))
-        yield await _setup(
-            stack, tmp_path, pg_url, redis_url, redis_prefix, src, tgt, read_timeout=2.0
-        )
+async def seeing(ground: Ground) -> AsyncIterator[World]:
+    async with build_world(ground, backends=seeing_backend, read_timeout=2.0) as world:
+        yield world
 
 
 async def raw_request(url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes, bytes]:
@@ -79,29 +63,24 @@ async def raw_request(url: str, head: bytes, body: bytes = b"") -> tuple[int, by
     return int(headers.split(b" ", 2)[1]), headers, rest
 
 
-async def _to_live(setup: Setup, dataset: str) -> None:
-    for stage in (Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE):
-        await setup.set_stage(dataset, stage)
-
-
 # --- F1: a '#' in the request target moves a write out of its dataset --------------------------
 
 
-async def test_fragment_in_target_cannot_move_a_write_off_its_dataset(seeing: Setup) -> None:
+async def test_fragment_in_target_cannot_move_a_write_off_its_dataset(seeing: World) -> None:
     """pmsi is live (target authoritative); default stays at source. A create in pmsi must reach
     the target, or be refused. With '#x' appended to the literal segment, bascule sees no route,
     files it as an *unrouted* write of 'default' (allowed: default is at source) and sends it to
     the SOURCE, whose HTTP server drops the fragment and creates a record in pmsi there."""
-    await _to_live(seeing, "pmsi")
+    await seeing.to_stage(*LIVE, dataset="pmsi")
     head = (
         b"POST /v1/datasets/pmsi/records HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
         b"Connection: close\r\n\r\n"
     )
-    status, _, body = await raw_request(seeing.url, head, b"{}")
+    status, _, body = await raw_request(seeing.proxy, head, b"{}")
     assert status == 200 and orjson.loads(body)["served_by"] == "scaleway"  # control: correct
 
     head = head.replace(b"/records ", b"/records#x ")
-    status, _, body = await raw_request(seeing.url, head, b"{}")
+    status, _, body = await raw_request(seeing.proxy, head, b"{}")
     seen = orjson.loads(body) if status == 200 else {}
     assert status >= 400 or seen["served_by"] == "scaleway", (
         f"create in pmsi (live, target authoritative) was sent to {seen.get('served_by')}; "
@@ -109,7 +88,7 @@ async def test_fragment_in_target_cannot_move_a_write_off_its_dataset(seeing: Se
     )
 
 
-async def test_fragment_is_not_part_of_the_record_key(seeing: Setup) -> None:
+async def test_fragment_is_not_part_of_the_record_key(seeing: World) -> None:
     """The record key is what the record lock (and, later, the journal) serialize on; the backend
     applies '/records/7#a' and '/records/7#b' both to record 7."""
     with pytest.raises(RouteError) as info:
@@ -120,12 +99,12 @@ async def test_fragment_is_not_part_of_the_record_key(seeing: Setup) -> None:
 # --- F5: spoofable X-Forwarded-Host / -Proto ---------------------------------------------------
 
 
-async def test_researcher_cannot_supply_x_forwarded_host_or_proto(seeing: Setup) -> None:
+async def test_researcher_cannot_supply_x_forwarded_host_or_proto(seeing: World) -> None:
     head = (
         b"GET /v1/datasets/dcir/records/1 HTTP/1.1\r\nHost: proxy.example\r\n"
         b"X-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n"
     )
-    _status, _, body = await raw_request(seeing.url, head)
+    _status, _, body = await raw_request(seeing.proxy, head)
     headers = [(k.lower(), v) for k, v in orjson.loads(body)["headers"]]
     hosts = [v for k, v in headers if k == "x-forwarded-host"]
     protos = [v for k, v in headers if k == "x-forwarded-proto"]
@@ -135,21 +114,18 @@ async def test_researcher_cannot_supply_x_forwarded_host_or_proto(seeing: Setup)
 # --- F6: HEAD answers lose their Content-Length -------------------------------------------------
 
 
-async def test_head_keeps_the_backends_content_length(
-    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
-) -> None:
+async def test_head_keeps_the_backends_content_length(ground: Ground) -> None:
     async def page(request: web.Request) -> web.Response:
         return web.Response(body=b"x" * 5000)
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", page)  # aiohttp answers HEAD for GET routes
-    async with AsyncExitStack() as stack:
-        url = await stack.enter_async_context(serve_app(app))
-        setup = await _setup(
-            stack, tmp_path, pg_url, redis_url, redis_prefix, url, url, read_timeout=2.0
-        )
+    async with (
+        serve_app(app) as url,
+        build_world(ground, backends=(url, url), read_timeout=2.0) as setup,
+    ):
         head = b"HEAD /v1/datasets/dcir/records/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        status, headers, _ = await raw_request(setup.url, head)
+        status, headers, _ = await raw_request(setup.proxy, head)
         assert status == 200
         assert b"content-length: 5000" in headers.lower(), headers
 
@@ -157,9 +133,7 @@ async def test_head_keeps_the_backends_content_length(
 # --- F7: an HTTP/1.0 client is sent chunked framing it cannot read -----------------------------
 
 
-async def test_http10_client_never_gets_chunked(
-    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
-) -> None:
+async def test_http10_client_never_gets_chunked(ground: Ground) -> None:
     """RFC 9112 7.1: chunked MUST NOT be sent to an HTTP/1.0 recipient."""
 
     async def streamed(request: web.Request) -> web.StreamResponse:
@@ -172,13 +146,12 @@ async def test_http10_client_never_gets_chunked(
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", streamed)
-    async with AsyncExitStack() as stack:
-        url = await stack.enter_async_context(serve_app(app))
-        setup = await _setup(
-            stack, tmp_path, pg_url, redis_url, redis_prefix, url, url, read_timeout=2.0
-        )
+    async with (
+        serve_app(app) as url,
+        build_world(ground, backends=(url, url), read_timeout=2.0) as setup,
+    ):
         status, headers, body = await raw_request(
-            setup.url, b"GET /v1/datasets/dcir/records HTTP/1.0\r\nHost: x\r\n\r\n"
+            setup.proxy, b"GET /v1/datasets/dcir/records HTTP/1.0\r\nHost: x\r\n\r\n"
         )
         assert status == 200
         assert b"chunked" not in headers.lower() and body == b"line one\n", (headers, body)
@@ -190,28 +163,16 @@ async def test_fragment_create_lands_on_the_retired_side_with_the_reference_api(
     """End to end with refapi: dcir is live (target serves and is authoritative). A create sent
     as 'POST /v1/datasets/dcir/records#x' gets a 201 -- from the SOURCE; reading the new record
     back through the proxy (served by the target) finds nothing."""
-    src_db, tgt_db = await ground.make_database("src"), await ground.make_database("tgt")
-    async with AsyncExitStack() as stack:
-        source = await stack.enter_async_context(refapi("azure", src_db))
-        target = await stack.enter_async_context(refapi("scaleway", tgt_db))
-        setup = await _setup(
-            stack,
-            ground.tmp_path,
-            ground.pg_url,
-            ground.redis_url,
-            ground.redis_prefix,
-            source,
-            target,
-            read_timeout=2.0,
-        )
-        await _to_live(setup, "dcir")
+    async with build_world(ground, rows=0, read_timeout=2.0) as setup:
+        source, target = setup.source_url, setup.target_url
+        await setup.to_stage(*LIVE)
         body = orjson.dumps(dcir_record(1))
         head = (
             "POST /v1/datasets/dcir/records#x HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer {RESEARCHER_TOKEN}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
-        status, _headers, answer = await raw_request(setup.url, head, body)
+        status, _headers, answer = await raw_request(setup.proxy, head, body)
         # Refused outright, and neither side got a record.
         assert status == 400 and orjson.loads(answer)["error"]["code"] == "bad_path", answer
         async with aiohttp.ClientSession(headers=AUTH) as session:
@@ -223,7 +184,7 @@ async def test_fragment_create_lands_on_the_retired_side_with_the_reference_api(
 # --- F8: chunked-request trailers become request headers --------------------------------------
 
 
-async def test_request_trailers_are_not_promoted_to_headers(seeing: Setup) -> None:
+async def test_request_trailers_are_not_promoted_to_headers(seeing: World) -> None:
     """RFC 9110 6.5.2: trailer fields must not be merged into the header section. A gateway in
     front of bascule that strips/sets identity headers looks at the header section only."""
     head = (
@@ -231,7 +192,7 @@ async def test_request_trailers_are_not_promoted_to_headers(seeing: Setup) -> No
         b"Connection: close\r\n\r\n"
     )
     body = b"2\r\n{}\r\n0\r\nX-Remote-User: admin\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
-    status, _, answer = await raw_request(seeing.url, head, body)
+    status, _, answer = await raw_request(seeing.proxy, head, body)
     assert status == 200, answer
     headers = {k.lower(): v for k, v in orjson.loads(answer)["headers"]}
     assert "x-remote-user" not in headers, headers
@@ -241,7 +202,7 @@ async def test_request_trailers_are_not_promoted_to_headers(seeing: Setup) -> No
 # --- F9: HEAD of a GET route leaves its dataset ------------------------------------------------
 
 
-async def test_head_follows_the_get_routes_dataset(seeing: Setup) -> None:
+async def test_head_follows_the_get_routes_dataset(seeing: World) -> None:
     """Backends (aiohttp, Starlette, ASP.NET...) answer HEAD wherever they answer GET; bascule
     only matches methods literally, so HEAD of a pmsi record is routed as 'default'."""
     router = seeing.replica.forwarder().router

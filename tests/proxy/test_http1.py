@@ -19,7 +19,7 @@ from bascule.errors import UpstreamTimeout, UpstreamUnreachable
 from bascule.http1 import _HIGH_WATER, Headers
 from bascule.tasks import spawn
 from bascule.upstream import Upstream
-from tests.harness import closed_port_url, garbage_server, serve_app
+from tests.harness import catch_all, closed_port_url, garbage_server, serve_app
 
 BIG = random.Random(1).randbytes(6 * 1024 * 1024)
 READ_SIZE = 256 * 1024  # the most asyncio hands a protocol in one data_received
@@ -203,9 +203,7 @@ def aiohttp_backend(transports: set[object]) -> web.Application:
             return resp
         return web.Response(text="hello")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+    return catch_all(handle)
 
 
 async def test_sequential_requests_share_one_connection() -> None:

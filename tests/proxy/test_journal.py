@@ -16,7 +16,7 @@ from bascule.state.journal.entries import IllegalTransition
 from bascule.state.journal.guard import RaceGuard
 from bascule.state.journal.writes import WriterConnection, WriteSession
 from bascule.state.postgres import open_pool
-from tests.harness import migrate_state
+from refapi.lab import migrate_state
 
 KEY = bytes(range(32))
 NAMER = Namer(KEY)

@@ -8,9 +8,6 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -21,23 +18,25 @@ from aiohttp import web
 from bascule.sealing import DATASET_WIDE
 from bascule.stages import Stage
 from proxy.resolver import ORPHANED
+from refapi.lab import AUTH
 from tests.conftest import Ground
-from tests.harness import AUTH, dcir_record, relay
-from tests.proxy.test_dualwrite import World, make_world, table_digest
+from tests.harness import Forward, Hook, dcir_record
+from tests.world import Hooks, World, build_world, table_digest
 
 
-def first_answer_lost(backend: str) -> AbstractAsyncContextManager[str]:
-    """A relay in front of ``backend`` that lets the backend commit everything, but answers
-    504 instead of the backend's answer to the *first* POST it relays."""
+def first_answer_lost() -> Hook:
+    """A backend that commits everything, but answers 504 instead of its answer to the
+    *first* POST it gets."""
     lost: list[str] = []
 
-    def finish(request: web.Request, answer: web.Response) -> web.Response:
+    async def hook(request: web.Request, forward: Forward) -> web.StreamResponse:
+        answer = await forward()
         if request.method == "POST" and not lost:
             lost.append(request.path)
             return web.Response(status=504, text="gateway timeout")
         return answer
 
-    return relay(backend, finish)
+    return hook
 
 
 async def journal_states(pg_url: str) -> list[str]:
@@ -76,23 +75,10 @@ async def settled(world: World, within: float = 10.0) -> dict[str, int]:
     ],
 )
 async def test_a_create_whose_answer_was_lost_is_resent_under_its_key_only_when_safe(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    declared: bool,
-    key: str | None,
-    resolved: bool,
+    ground: Ground, declared: bool, key: str | None, resolved: bool
 ) -> None:
-    async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
-        source_wrap=first_answer_lost,
-        idempotent_creates=declared,
+    async with build_world(
+        ground, hooks=Hooks(source=first_answer_lost()), idempotent_creates=declared
     ) as world:
         await world.to_stage(Stage.DUALWRITE)
         before = (await table_digest(world.source_db))[0]
@@ -107,7 +93,7 @@ async def test_a_create_whose_answer_was_lost_is_resent_under_its_key_only_when_
             assert await table_digest(world.source_db) == await table_digest(world.target_db)
         else:
             await asyncio.sleep(2.0)  # several resolver rounds
-            assert await journal_states(pg_url) == ["in_doubt"]
+            assert await journal_states(world.state_db) == ["in_doubt"]
             assert (await table_digest(world.source_db))[0] == before + 1  # never re-sent
             assert (await table_digest(world.target_db))[0] == before
 
@@ -115,8 +101,8 @@ async def test_a_create_whose_answer_was_lost_is_resent_under_its_key_only_when_
 async def test_an_orphaned_create_is_never_resent(ground: Ground) -> None:
     """Its writer died before recording the answer, which may have been a refusal owed to the
     researcher (403, 409): a re-send under the service credential would make it a write."""
-    async with make_world(
-        *ground,
+    async with build_world(
+        ground,
         idempotent_creates=True,
         orphan_grace=0.0,
         read_timeout=1.0,

@@ -7,15 +7,11 @@ import asyncio
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import aiohttp
 import asyncpg
 import orjson
 import pytest
-from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -24,8 +20,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from bascule import telemetry
 from bascule.stages import Stage
 from bascule.state.servers import EmbeddedRedis
-from tests.harness import AUTH, cli_env, run_cli, serve_app
-from tests.shadow.test_dispatch import World, get, make_world
+from refapi.lab import AUTH
+from tests.conftest import Ground
+from tests.harness import cli_env, late, run_cli
+from tests.world import PLANTED, Hooks, World, get, shadow_world
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,32 +33,6 @@ concurrency = 2
 queue = 8
 deadline = 1.0
 """
-
-
-@asynccontextmanager
-async def slowed(backend: str, delay: float = 2.0) -> AsyncIterator[str]:
-    """``backend``, answering every request ``delay`` seconds late."""
-    client = aiohttp.ClientSession()
-
-    async def forward(request: web.Request) -> web.Response:
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        async with client.request(
-            request.method, backend + request.path_qs, data=body, headers=headers
-        ) as resp:
-            answer = web.Response(
-                status=resp.status, body=await resp.read(), content_type=resp.content_type
-            )
-        await asyncio.sleep(delay)
-        return answer
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    try:
-        async with serve_app(app) as url:
-            yield url
-    finally:
-        await client.close()
 
 
 async def latencies(world: World, n: int, concurrency: int = 8) -> list[float]:
@@ -83,27 +55,12 @@ def p99(times: list[float]) -> float:
 
 
 @pytest.mark.parametrize("worker", ["inline", "process"])
-async def test_a_slow_shadowed_side_never_slows_researchers(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    worker: str,
-) -> None:
+async def test_a_slow_shadowed_side_never_slows_researchers(ground: Ground, worker: str) -> None:
     """The target answers 2 s late. Researchers' p99 in `shadow` stays near the p99 of a run
     in `source` (no shadow) in the same test; the shadow reads that could not run are counted.
     In the proxy's loop and in a worker process alike."""
-    async with make_world(
-        tmp_path,
-        make_database,
-        pg_url,
-        redis_url,
-        redis_prefix,
-        extra=SHADOW,
-        target_wrap=slowed,
-        stages=(),
-        shadow_worker=worker,
+    async with shadow_world(
+        ground, extra=SHADOW, hooks=Hooks(target=late()), stages=(), shadow_worker=worker
     ) as world:
         await latencies(world, 80)  # warm the connection pools
         quiet = await latencies(world, 400)
@@ -124,20 +81,18 @@ async def test_a_slow_shadowed_side_never_slows_researchers(
     assert counts["dropped"] + counts["errored"] == 400, counts
 
 
-async def test_mismatches_outlive_a_redis_restart(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_prefix: str,
-) -> None:
+async def test_mismatches_outlive_a_redis_restart(ground: Ground) -> None:
     """The counters are in Redis; the evidence is in Postgres. Redis restarted (nothing
     persisted), and even down while the mismatch happens: `bascule divergence` still has it."""
+    tmp_path, pg_url, redis_prefix = ground.tmp_path, ground.pg_url, ground.redis_prefix
     (tmp_path / "redis").mkdir()
     redis = EmbeddedRedis(tmp_path / "redis")
     redis_url = redis.start()
     try:
-        async with make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
-            await world.target("UPDATE dcir SET amount = amount + 1 WHERE id IN (4, 5)")
+        async with shadow_world(ground, redis_url=redis_url) as world:
+            await world.sql(
+                world.target_db, "UPDATE dcir SET amount = amount + 1 WHERE id IN (4, 5)"
+            )
             async with aiohttp.ClientSession(headers=AUTH) as session:
                 assert await get(session, f"{world.proxy}/v1/datasets/dcir/records/4") == 200
                 counts = await world.settled()
@@ -160,18 +115,12 @@ async def test_mismatches_outlive_a_redis_restart(
     ]
 
 
-PLANTED = "ZQPLANTED31337"
 PLANTED_ID = "987654321"
 PLANTED_AFTER = "987654320"
 
 
 async def test_a_planted_value_appears_nowhere(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    caplog: pytest.LogCaptureFixture,
+    ground: Ground, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A recognisable value planted in a divergent row — in a field, in a record key, in a
     path segment and a query string — is in no log, mismatch record, span, status or divergence
@@ -182,9 +131,11 @@ async def test_a_planted_value_appears_nowhere(
     assert isinstance(provider, TracerProvider)
     spans = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    async with make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix) as world:
-        await world.target("UPDATE dcir SET patient_id = $1 WHERE id = 8", PLANTED)
-        await world.target(
+    tmp_path, _, pg_url, redis_url, redis_prefix = ground
+    async with shadow_world(ground) as world:
+        await world.sql(world.target_db, "UPDATE dcir SET patient_id = $1 WHERE id = 8", PLANTED)
+        await world.sql(
+            world.target_db,
             "INSERT INTO dcir (id, patient_id, act_code, act_date, amount,"
             " prescriber_speciality, department, created_at, updated_at)"
             f" SELECT {PLANTED_ID}, $1, act_code, act_date, amount,"

@@ -29,13 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import os
 import statistics
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,79 +42,23 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from bascule.app.replica import Replica
-from bascule.config import Secrets
 from bascule.errors import StoreError
 from bascule.sealing import DATASET_WIDE, Namer, Sealer
 from bascule.stages import Side, Stage
 from bascule.state.journal import Journal
 from bascule.state.journal.guard import RaceGuard
 from bascule.state.postgres import open_pool
-from bascule.state.stage_store import StageStore
-from refapi.seed import seed_database
+from refapi.lab import AUTH, HMAC_KEY, migrate_state
 from shadow import dispatch, ledger
 from shadow.compare import Answer
 from shadow.dispatch import DbClock, Dispatcher, Job
-from shadow.ledger import divergence
 from tests.conftest import Ground
-from tests.harness import (
-    AUTH,
-    HMAC_KEY,
-    PROXY_ENV,
-    dcir_record,
-    migrate_state,
-    refapi,
-    serve_app,
-    serve_proxy,
-    write_config,
-)
-from tests.shadow.test_dispatch import RULES
+from tests.harness import Forward, Hook, dcir_record, offline_config
+from tests.world import Hooks, shadow_world
 
 pytestmark = pytest.mark.timeout(240)
 
 RECORD_ROUTE = "/v1/datasets/{dataset}/records/{id}"
-
-# -- a relay in front of a backend, with a hook deciding what it does ---------------------------
-
-Forward = Callable[[], Awaitable[web.Response]]
-Hook = Callable[[web.Request, Forward], Awaitable[web.Response]]
-
-
-@asynccontextmanager
-async def hooked(backend: str, hook: Hook) -> AsyncIterator[str]:
-    """``backend`` behind a relay: ``hook(request, forward)`` answers each request, calling
-    ``forward()`` (which makes the backend apply it) when and if it wants to."""
-    client = aiohttp.ClientSession(auto_decompress=False)
-
-    async def handle(request: web.Request) -> web.Response:
-        body = await request.read()
-        headers = {
-            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
-        }
-
-        async def forward() -> web.Response:
-            async with client.request(
-                request.method, backend + request.path_qs, data=body, headers=headers
-            ) as resp:
-                answer = web.Response(status=resp.status, body=await resp.read())
-                for name in ("Content-Type", "Content-Encoding", "Idempotency-Replayed"):
-                    if name in resp.headers:
-                        answer.headers[name] = resp.headers[name]
-                return answer
-
-        return await hook(request, forward)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    try:
-        async with serve_app(app) as url:
-            yield url
-    finally:
-        await client.close()
-
-
-async def passthrough(request: web.Request, forward: Forward) -> web.Response:
-    return await forward()
 
 
 def is_replay(request: web.Request) -> bool:
@@ -126,116 +67,6 @@ def is_replay(request: web.Request) -> bool:
 
 def is_shadow(request: web.Request) -> bool:
     return request.headers.get("X-Bascule-Shadow") == "1"
-
-
-# -- a world: two reference APIs (optionally hooked), one or two replicas ------------------------
-
-
-@dataclass
-class World:
-    proxies: list[str]
-    replicas: list[Replica]
-    source_db: str
-    target_db: str
-    state_db: str
-    source_url: str
-    target_url: str
-    started: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def proxy(self) -> str:
-        return self.proxies[0]
-
-    @property
-    def replica(self) -> Replica:
-        return self.replicas[0]
-
-    async def to_stage(self, *stages: Stage, reload: tuple[int, ...] | None = None) -> None:
-        pool = await open_pool(self.state_db, max_size=1)
-        try:
-            store = StageStore(pool)
-            for stage in stages:
-                row = await store.get("dcir")
-                await store.change("dcir", row.version, stage, actor="test", reason="test")
-        finally:
-            await pool.close()
-        for i, replica in enumerate(self.replicas):
-            if reload is None or i in reload:
-                await replica.view.reload()
-
-    async def settled(self) -> dict[str, int]:
-        for replica in self.replicas:
-            assert replica.shadow is not None
-            await replica.shadow.join()
-        return await self.replica.shadow.ledger.counts("dcir", self.started)  # type: ignore[union-attr]
-
-    async def sql(self, db: str, statement: str, *args: Any) -> Any:
-        conn = await asyncpg.connect(db)
-        try:
-            return await conn.fetch(statement, *args)
-        finally:
-            await conn.close()
-
-    async def mismatches(self) -> list[dict[str, Any]]:
-        pool = await open_pool(self.state_db, max_size=1)
-        try:
-            return await divergence(pool, "dcir")
-        finally:
-            await pool.close()
-
-
-@asynccontextmanager
-async def build(
-    tmp_path: Path,
-    make_database: Callable[[str], Awaitable[str]],
-    pg_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    *,
-    source_hook: Hook | None = None,
-    target_hook: Hook | None = None,
-    extra: str = "",
-    replicas: int = 1,
-    poll_interval: float = 0.5,
-    idempotent_creates: bool = False,
-    stages: tuple[Stage, ...] = (Stage.DUALWRITE, Stage.SHADOW),
-    rows: int = 50,
-) -> AsyncIterator[World]:
-    src, tgt = await make_database("src"), await make_database("tgt")
-    for db in (src, tgt):
-        await seed_database(db, rows, seed=11)
-    await migrate_state(pg_url)
-    async with AsyncExitStack() as stack:
-        source = await stack.enter_async_context(refapi("azure", src))
-        target = await stack.enter_async_context(refapi("scaleway", tgt))
-        source_direct, target_direct = source, target
-        if source_hook is not None:
-            source = await stack.enter_async_context(hooked(source, source_hook))
-        if target_hook is not None:
-            target = await stack.enter_async_context(hooked(target, target_hook))
-        config = write_config(
-            tmp_path / "bascule.toml",
-            source_url=source,
-            target_url=target,
-            postgres_url=pg_url,
-            redis_url=redis_url,
-            redis_prefix=redis_prefix,
-            poll_interval=poll_interval,
-            idempotent_creates=idempotent_creates,
-            extra=RULES + extra,
-        )
-        secrets = Secrets.from_env({**os.environ, **PROXY_ENV})
-        made, urls = [], []
-        for i in range(replicas):
-            replica = await stack.enter_async_context(
-                Replica(config, secrets, pg_url, redis_url, name=f"redteam-{i}")
-            )
-            made.append(replica)
-            urls.append(await stack.enter_async_context(serve_proxy(replica.server())))
-        world = World(urls, made, src, tgt, pg_url, source_direct, target_direct, time.time() - 1)
-        await world.to_stage(*stages)
-        yield world
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
@@ -271,7 +102,7 @@ async def test_f1_replay_applied_after_the_shadow_read_is_not_a_mismatch(ground:
             return answer
         return await forward()
 
-    async with build(*ground, target_hook=target) as world:
+    async with shadow_world(ground, hooks=Hooks(target=target)) as world:
         base = f"{world.proxy}/v1/datasets/dcir/records"
         async with aiohttp.ClientSession(headers=AUTH) as session:
             async with session.patch(f"{base}/3", json={"amount": 999}) as resp:
@@ -314,9 +145,9 @@ async def test_f2_in_doubt_write_resent_after_the_read_is_not_a_mismatch(ground:
             await asyncio.sleep(0.6)  # the resolver's re-send, applied a little later
         return await forward()
 
-    async with build(
-        *ground,
-        source_hook=source,
+    async with shadow_world(
+        ground,
+        hooks=Hooks(source=source),
         idempotent_creates=True,
         extra="[shadow]\nlag_wait = 5.0\n",
     ) as world:
@@ -365,13 +196,13 @@ async def test_f3_stale_view_after_the_authority_switch_is_not_a_mismatch(ground
             await asyncio.sleep(1.0)  # the replay to the source takes a moment
         return await forward()
 
-    async with build(
-        *ground,
-        source_hook=source,
+    async with shadow_world(
+        ground,
+        hooks=Hooks(source=source),
         replicas=2,
         poll_interval=20.0,
     ) as world:
-        await world.to_stage(Stage.LIVE, reload=(0,))  # B (index 1) still runs `shadow`
+        await world.to_stage(Stage.LIVE, seen_by=(0,))  # B (index 1) still runs `shadow`
         assert world.replicas[1].view.get("dcir").stage == Stage.SHADOW  # type: ignore[union-attr]
         a, b = (f"{p}/v1/datasets/dcir/records" for p in world.proxies)
         async with aiohttp.ClientSession(headers=AUTH) as session:
@@ -395,8 +226,8 @@ async def test_f4_oversized_shadowed_answer_is_not_silently_skipped(ground: Grou
     The serving answer fits the limit; the target's does not: the read is counted
     `skipped_large`, which no gate condition looks at. Bodies whose sizes straddle the limit
     cannot be byte-equal: this is evidence of divergence, not a reason to look away."""
-    async with build(
-        *ground,
+    async with shadow_world(
+        ground,
         extra="[shadow]\nmax_body_bytes = 40000\n",
     ) as world:
         await world.sql(
@@ -441,10 +272,9 @@ async def test_f5_error_answers_are_neither_matches_nor_divergences(ground: Grou
 
         return hook
 
-    async with build(
-        *ground,
-        source_hook=failing(("13",)),
-        target_hook=failing(("13", "14")),
+    async with shadow_world(
+        ground,
+        hooks=Hooks(source=failing(("13",)), target=failing(("13", "14"))),
     ) as world:
         base = f"{world.proxy}/v1/datasets/dcir/records"
         async with aiohttp.ClientSession(headers=AUTH) as session:
@@ -466,7 +296,7 @@ async def test_f6_a_mismatch_leaves_durable_evidence_when_postgres_blips(ground:
     outcome becomes `errored` in Redis only — no mismatch row, no durable errored figure. A
     Redis restart (or a failed counter flush, whose counts are dropped) and the gate sees a
     clean window, although a divergence was found."""
-    async with build(*ground) as world:
+    async with shadow_world(ground) as world:
         await world.sql(world.target_db, "UPDATE dcir SET amount = amount + 1 WHERE id = 4")
         ledger = world.replica.shadow.ledger  # type: ignore[union-attr]
         real = ledger.mismatch
@@ -492,7 +322,7 @@ async def test_a_mismatch_written_after_an_outage_says_when_it_was_found(ground:
     """The state Postgres is away for 3 s when a divergence is found: its row, written once
     Postgres is back, carries the time the shadow read found it (what on-call reads as "since
     when"), not the time it could be written."""
-    async with build(*ground) as world:
+    async with shadow_world(ground) as world:
         await world.sql(world.target_db, "UPDATE dcir SET amount = amount + 1 WHERE id = 4")
         ledger = world.replica.shadow.ledger  # type: ignore[union-attr]
         real = ledger.mismatch
@@ -543,7 +373,7 @@ async def test_f7_content_coded_shadowed_answer_is_not_a_mismatch(ground: Ground
         answer = await forward()
         return gzipped(answer) if request.method == "GET" else answer
 
-    async with build(*ground, target_hook=target) as world:
+    async with shadow_world(ground, hooks=Hooks(target=target)) as world:
         async with aiohttp.ClientSession(headers=AUTH) as session:
             assert (await get(session, f"{world.proxy}/v1/datasets/dcir/records/5"))[0] == 200
         counts = await world.settled()
@@ -566,9 +396,9 @@ async def test_f12_researchers_keep_their_content_coding_on_shadowed_reads(groun
             return gzipped(answer)
         return answer
 
-    async with build(
-        *ground,
-        source_hook=source,
+    async with shadow_world(
+        ground,
+        hooks=Hooks(source=source),
         stages=(Stage.DUALWRITE,),
     ) as world:
         url = f"{world.proxy}/v1/datasets/dcir/records?limit=50"
@@ -653,7 +483,7 @@ async def test_f9_a_held_back_read_does_not_hammer_the_state_postgres(ground: Gr
     stays in doubt until an SRE acts). Every read of the dataset is then `lagging`: each
     shadow read holds a worker for lag_wait and runs the guard every 20 ms — 100 statements
     per read, 800/s per replica with 16 workers, for as long as the entry stays."""
-    async with build(*ground) as world:
+    async with shadow_world(ground) as world:
         # The answers differ (equal ones match without asking the journal).
         await world.sql(world.target_db, "UPDATE dcir SET amount = amount + 1 WHERE id <= 4")
         await world.sql(
@@ -715,13 +545,8 @@ async def test_f10_queue_bytes_bound_holds_with_jobs_in_flight(tmp_path: Path) -
     max_body_bytes) and both parsed documents on top. With the defaults (16 MB, 16 workers)
     that is 64 MB queued + 16 x (16 + 16 MB + parse trees, ~5x) — gigabytes, plus every
     researcher read being captured (up to 16 MB each) before submit() even looks."""
-    config = write_config(
+    config = offline_config(
         tmp_path / "bascule.toml",
-        source_url="http://127.0.0.1:9",
-        target_url="http://127.0.0.1:9",
-        postgres_url="postgresql://unused",
-        redis_url="redis://unused",
-        redis_prefix="x:",
         extra="[shadow]\nconcurrency = 4\nqueue = 100\nmax_body_bytes = 1000000\ndeadline = 30\n",
     )
     dispatcher = Dispatcher(
@@ -817,7 +642,7 @@ async def test_f13_creates_elsewhere_in_the_dataset_do_not_blind_record_reads(
     steady rate — an ingestion feed. Every read of record 6 is guarded on its token AND `*`:
     any create in flight, or decided after t0, makes it `raced`; any create not yet replayed
     makes it wait. The divergence of record 6 is almost never compared."""
-    async with build(*ground) as world:
+    async with shadow_world(ground) as world:
         await world.sql(world.target_db, "UPDATE dcir SET act_code = act_code || 'X' WHERE id = 6")
         base = f"{world.proxy}/v1/datasets/dcir/records"
         done = asyncio.Event()
@@ -864,14 +689,7 @@ async def test_f14_read_route_rules_apply_when_a_write_route_shares_the_path(
     from bascule.config import CompareRules
 
     listing = "/v1/datasets/{dataset}/records"
-    config = write_config(
-        tmp_path / "bascule.toml",
-        source_url="http://127.0.0.1:9",
-        target_url="http://127.0.0.1:9",
-        postgres_url="postgresql://unused",
-        redis_url="redis://unused",
-        redis_prefix="x:",
-    )
+    config = offline_config(tmp_path / "bascule.toml")
     own = CompareRules(unordered={"/records": "id"})
     routes = tuple(
         msgspec.structs.replace(r, compare=own) if r.path == listing and r.kind == "read" else r

@@ -29,6 +29,7 @@ from bascule.errors import Refused, UnknownDataset, UnknownProposal, UsageError
 from bascule.state.fleet import RedisAnnouncer
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
+from refapi.lab import OPERATOR_TOKEN, VIEWER_TOKEN
 from shadow.compare import Answer, Rules, compare, compile_rules
 from shadow.diff import PLAIN_NAME
 from shadow.noise import Observation, covers_document, merge, observe
@@ -36,7 +37,7 @@ from shadow.noise_news import channel
 from shadow.noise_store import NoiseStore
 from shadow.pointers import WILDCARD, parse_pointer
 from tests.cutover.test_admin_and_cli import arun, call
-from tests.harness import OPERATOR_TOKEN, VIEWER_TOKEN, cli_env, closed_port_url, run_cli, serve_app
+from tests.harness import cli_env, closed_port_url, run_cli, serve_app
 from tests.shadow.test_compare import PROFILE, documents, names, respelled
 
 _MISSING: Any = object()

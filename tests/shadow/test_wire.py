@@ -13,6 +13,7 @@ from multidict import CIMultiDict, istr
 
 from bascule.config import Secrets
 from bascule.stages import Side
+from refapi.lab import write_config
 from shadow.compare import Answer
 from shadow.diff import Diff, Difference
 from shadow.dispatch import Job
@@ -27,7 +28,6 @@ from shadow.wire import (
     read_to_proxy,
     read_to_worker,
 )
-from tests.harness import write_config
 
 
 def reader_of(data: bytes) -> asyncio.StreamReader:

@@ -9,9 +9,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
@@ -20,18 +19,16 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bascule.stages import Stage
 from bascule.state.postgres import open_pool
+from refapi.lab import AUTH
 from shadow import link as link_module
 from shadow.ledger import Ledger
 from shadow.link import ShadowLink
-from tests.harness import AUTH, serve_app
-from tests.shadow.test_dispatch import World, get, make_world, planted_divergence_is_found
-from tests.shadow.test_dispatch_faults import PLANTED, slowed
+from tests.conftest import Ground
+from tests.harness import Forward, late
+from tests.world import LIVE, PLANTED, Hooks, World, get, planted_divergence_is_found, shadow_world
 
 pytestmark = pytest.mark.timeout(180)
-
-MakeDatabase = Callable[[str], Awaitable[str]]
 
 
 def link_of(world: World) -> ShadowLink:
@@ -55,21 +52,19 @@ async def reads(world: World, ids: range, concurrency: int = 8) -> None:
 Worlds = Callable[..., AbstractAsyncContextManager[World]]
 Counts = Callable[[float], Awaitable[Any]]
 
-SLOW = {"extra": "[shadow]\nconcurrency = 4\ndeadline = 10.0\n", "target_wrap": slowed}
+SLOW = {"extra": "[shadow]\nconcurrency = 4\ndeadline = 10.0\n", "hooks": Hooks(target=late())}
 """The target answers 2 s late: every shadow read stays in the worker a while (4 in flight,
 the others queued)."""
 
 
 @pytest.fixture
-def worlds(
-    tmp_path: Path, make_database: MakeDatabase, pg_url: str, redis_url: str, redis_prefix: str
-) -> Worlds:
-    """:func:`make_world` over this test's stores; shadow reads in a worker process unless
+def worlds(ground: Ground) -> Worlds:
+    """:func:`shadow_world` over this test's stores; shadow reads in a worker process unless
     ``shadow_worker`` says otherwise."""
 
     def build(**options: Any) -> AbstractAsyncContextManager[World]:
         options.setdefault("shadow_worker", "process")
-        return make_world(tmp_path, make_database, pg_url, redis_url, redis_prefix, **options)
+        return shadow_world(ground, **options)
 
     return build
 
@@ -155,7 +150,9 @@ async def test_the_worker_logs_no_planted_value(
     names no planted value, and the mismatches it recorded carry none."""
     logging.getLogger().setLevel(logging.DEBUG)
     async with worlds() as world:
-        await world.target("UPDATE dcir SET patient_id = $1 WHERE id IN (3, 4)", PLANTED)
+        await world.sql(
+            world.target_db, "UPDATE dcir SET patient_id = $1 WHERE id IN (3, 4)", PLANTED
+        )
         await reads(world, range(1, 9))
         counts = await world.settled()
         assert counts["mismatched"] == 2, counts
@@ -195,17 +192,9 @@ def ledger_counts(pg_url: str, redis_url: str, redis_prefix: str) -> Counts:
     return counts
 
 
-@asynccontextmanager
-async def failing(backend: str) -> AsyncIterator[str]:
+async def down(request: web.Request, forward: Forward) -> web.Response:
     """A shadowed side that answers 503 to everything: every comparison is errored."""
-
-    async def down(request: web.Request) -> web.Response:
-        return web.Response(status=503, text="down")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", down)
-    async with serve_app(app) as url:
-        yield url
+    return web.Response(status=503, text="down")
 
 
 async def test_outcomes_a_killed_worker_had_reported_are_counted_once(worlds: Worlds) -> None:
@@ -213,7 +202,7 @@ async def test_outcomes_a_killed_worker_had_reported_are_counted_once(worlds: Wo
     worker killed after its report and before any flush of its own loses nothing, errored
     comparisons (the gate's evidence in Postgres) included, and counts nothing twice."""
     async with worlds(
-        target_wrap=failing,
+        hooks=Hooks(target=down),
     ) as world:
         link = link_of(world)
         for attempt in range(3):
@@ -241,8 +230,8 @@ async def test_a_read_counted_before_its_noise_pair_is_not_dropped_at_stop(
     the noise pair asks the target again (2 s): stopping then cancels the pair, not the read."""
     async with worlds(
         extra="[defaults]\nnoise_sample = 1.0\n",
-        target_wrap=slowed,
-        stages=(Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE),
+        hooks=Hooks(target=late()),
+        stages=LIVE,
         shadow_worker=mode,
     ) as world:
         await reads(world, range(3, 4), concurrency=1)

@@ -34,7 +34,9 @@ OPEN: tuple[State, ...] = ("intent", "pending", "in_doubt", "dead")
 
 # Which state may follow which: anything else is a bug, refused by the database update.
 NEXT: dict[str, tuple[State, ...]] = {
-    "intent": ("pending", "rejected", "in_doubt"),
+    # intent -> applied: a repair (``cutover/repair.py``) writes the authority's row onto the
+    # other side itself, under the record's lock: nothing is left to replay once it is done.
+    "intent": ("pending", "rejected", "in_doubt", "applied"),
     "in_doubt": ("pending", "rejected", "skipped"),
     "pending": ("applied", "dead", "skipped"),
     "dead": ("pending", "skipped"),
