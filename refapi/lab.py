@@ -53,6 +53,8 @@ def write_config(
     extra: str = "",
     shadow_worker: str | None = "inline",
     journal_sessions: int = POOL_SIZE,
+    open_gate: bool = True,
+    controller_interval: float = 3600.0,
 ) -> Config:
     """A proxy config over the two backends. ``idempotent_creates``: the create route declares
     ``idempotent_backend`` (the backend honours Idempotency-Key there). ``databases``: the
@@ -60,7 +62,16 @@ def write_config(
     sequence past the other side's ids. ``shadow_worker``: ``[shadow] worker`` — ``inline`` by
     default, so that tests see inside the dispatcher and a replica costs no second process;
     the worker process has tests of its own (tests/shadow/test_worker.py); None: the
-    product's default."""
+    product's default. ``open_gate``: every dataset's gate holds whatever the evidence (no
+    comparisons, no window, no verification needed), so that a world can be moved through the
+    stages; tests of the gate say ``False`` or set ``[datasets.X.gate]`` in ``extra``.
+    ``controller_interval``: the controller's rounds; by default an hour apart, so that it acts
+    only in tests that ask it to."""
+    gate = (
+        "[defaults.gate]\nmin_compared = 0\nwindow = 0.1\nverification = false\n"
+        if open_gate
+        else ""
+    )
     source_db, target_db = databases or (None, None)
     if shadow_worker is not None:
         line = f'worker = "{shadow_worker}"\n'
@@ -101,11 +112,16 @@ stale_after = {stale_after}
 orphan_grace = {orphan_grace}
 journal_sessions = {journal_sessions}
 
+[controller]
+interval = {controller_interval}
+lease = {max(2 * controller_interval, controller_interval + 1.0)}
+
 [migration]
 source = "azure"
 target = "scaleway"
 
 {backends}
+{gate}
 [datasets.default]
 [datasets.dcir]
 {ids}

@@ -14,13 +14,14 @@ import pytest
 from bascule.stages import Side, Stage
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
-from tests.harness import migrate_state, write_config
+from refapi.lab import migrate_state, write_config
 
 GATE = """
 [datasets.dcir.gate]
 min_compared = 5
 window = 60
 replay_grace = 5
+verification = true
 """
 ROUTE = "/v1/datasets/{dataset}/records/{id}"
 OTHER_ROUTE = "/v1/datasets/{dataset}/query"

@@ -16,9 +16,10 @@ from bascule.app.operations import Operations
 from bascule.stages import Stage
 from bascule.state.fleet import RedisAnnouncer
 from cutover.gate import gates_of
+from refapi.lab import OPERATOR_TOKEN, VIEWER_TOKEN
 from tests.cutover.conftest import OTHER_ROUTE, ROUTE, Gated
 from tests.cutover.test_admin_and_cli import OP, arun, call
-from tests.harness import OPERATOR_TOKEN, VIEWER_TOKEN, serve_app
+from tests.harness import serve_app
 
 
 async def gate_of(world: Gated) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from bascule.stages import Side, Stage
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
 from cutover.controller import Group, groups_of
+from refapi.lab import migrate_state, write_config
 from tests.cutover.test_admin_and_cli import arun
-from tests.harness import migrate_state, write_config
 
 
 @pytest.fixture
