@@ -38,9 +38,10 @@ from bascule.config import Config, Secrets
 from bascule.errors import StoreError, UsageError
 from bascule.state.servers import LOCAL_POSTGRES_URL, port_answers
 from cutover.backfill import BATCH_ROWS, BackfillOptions, BackfillReport, backfill
+from cutover.findings import Options, VerifyReport
 from cutover.job import Progress as JobProgress
 from cutover.job import Silent, data_job
-from cutover.verify import Options, VerifyReport, verify
+from cutover.verify import verify
 
 EXIT_DIVERGENT = 4
 

@@ -17,8 +17,9 @@ import cutover.checksum
 from bascule.config import Config, Secrets, load_config
 from bascule.stages import Stage
 from bascule.tasks import spawn
+from cutover.findings import Options, VerifyReport
 from cutover.job import Silent, data_job
-from cutover.verify import Options, VerifyReport, verify
+from cutover.verify import verify
 from tests.cutover import datajobs
 from tests.cutover.datajobs import (
     MakeDatabase,
