@@ -52,8 +52,9 @@ from bascule.state.postgres import open_pool
 from bascule.state.servers import create_database, database_url, drop_database
 from bascule.state.stage_store import StageStore
 from cutover.backfill import BackfillOptions, BackfillReport, backfill
+from cutover.findings import Options, VerifyReport
 from cutover.job import Silent, data_job
-from cutover.verify import Options, VerifyReport, verify
+from cutover.verify import verify
 from refapi.datasets import DCIR
 from refapi.schema import table_ddl
 

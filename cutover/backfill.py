@@ -40,9 +40,11 @@ from bascule.errors import Refused
 from bascule.stages import Side, Stage
 from bascule.state import replicas
 from cutover.checksum import Key, Range, key_hashes, predicate, thresholds
+from cutover.findings import Options, VerifyReport, describe
 from cutover.job import Job
+from cutover.settling import settle
 from cutover.tables import Pair, SyncConn, blocking_reading, blocking_session, ident, paired
-from cutover.verify import Options, VerifyReport, describe, settle, verify
+from cutover.verify import verify
 
 BATCH_ROWS = 262144
 """Rows per batch: per transaction on the target and per checkpoint (about 40 MB of a

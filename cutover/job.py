@@ -27,6 +27,7 @@ from bascule.state.journal.writes import WriterConnection
 from bascule.state.postgres import open_pool, reaching_postgres, schema_check
 from bascule.state.stage_store import StageRow, StageStore
 from cutover.journaled import JournalView
+from cutover.repair import clear_interrupted
 from cutover.runs import Runs
 from cutover.tables import Conn, Pair, agree, database_of, discover, hash_seed, pair, session
 
@@ -134,6 +135,8 @@ async def data_job(
                 "as md5 of their text instead (slower)"
             )
             found = replace(found, native_hash=False)
+        # Everything checked: the first change a job may make is to settle what a dead one left.
+        await clear_interrupted(journal, dataset, actor)
         yield Job(
             config,
             dataset,

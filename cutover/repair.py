@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 from bascule.config import Config
 from bascule.stages import Side, Stage, authority
-from bascule.state.journal import Journal
-from bascule.state.journal.entries import JOURNALED_STAGES
+from bascule.state.journal import Journal, queries
+from bascule.state.journal.entries import JOURNALED_STAGES, ORPHANED
 from bascule.state.postgres import reaching_postgres
 from cutover.checksum import Key, key_hashes
 from cutover.journaled import REPAIR_ROUTE, JournalView
@@ -231,3 +231,29 @@ async def upsert(conn: Conn, pair: Pair, side: Side, rows: bytes, *, keep: bool 
     )
     written: int = cur.rowcount
     return written
+
+
+async def clear_interrupted(journal: Journal, dataset: str, actor: str) -> int:
+    """Settle the repair entries a dead data job left open (its process ended between a
+    repair's intent and its outcome): in doubt, then skipped, audited. Whether that repair was
+    written does not matter any more: the job now starting checks the data again. Called under
+    the dataset's data lock, so no repair of it is running. How many were settled."""
+    async with reaching_postgres():
+        rows = await journal.pool.fetch(
+            "SELECT j.seq, j.state FROM bascule_journal j WHERE j.dataset = $1 AND j.route = $2"
+            f" AND (j.state = 'in_doubt' OR {ORPHANED})",
+            dataset,
+            REPAIR_ROUTE,
+        )
+    for row in rows:
+        if row["state"] == "intent":
+            await journal.decide(
+                row["seq"], "in_doubt", dataset=dataset, error="its repair was interrupted"
+            )
+        await queries.skip(
+            journal.pool,
+            row["seq"],
+            actor=actor,
+            reason="a repair interrupted before its outcome; the data is checked again",
+        )
+    return len(rows)

@@ -15,7 +15,8 @@ such, and rows compared on the columns both sides share with the same type.
 A run is recorded (``bascule_verify_run``) clean or not, checkpointed per table so ``--resume``
 continues it, and a clean full run closes the verified side's gap if that gap was open before
 the run began reading. ``--repair`` writes the authority's rows onto the other side
-(``cutover/repair.py``).
+(``cutover/repair.py``, ``cutover/settling.py``). What a run is asked and reports:
+``cutover/findings.py``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from bascule.checks import require_reason
-from bascule.errors import BasculeError, Refused
+from bascule.errors import Refused
 from bascule.stages import Side, authority, when
 from bascule.state import audit
 from bascule.state.journal.entries import JOURNALED_STAGES
@@ -47,135 +47,10 @@ from cutover.checksum import (
     scan,
     thresholds,
 )
+from cutover.findings import KINDS, Options, TableReport, VerifyReport, describe, other
 from cutover.job import Job
-from cutover.repair import Outcome, Repairer
-from cutover.tables import Pair, SchemaDiff, paired
-
-Mode = Literal["full", "incremental"]
-_KINDS = ("missing", "extra", "changed")
-_SHOWN_TOKENS = 1000
-"""Tokens kept per kind in a run's figures (counts are always whole)."""
-
-
-@dataclass(frozen=True)
-class Options:
-    mode: Mode = "full"
-    resume: bool = False
-    repair: bool = False
-    show_keys: bool = False
-    reason: str | None = None
-    drain_wait: float = 30.0
-    """Seconds a re-check round waits for the open writes of the records it checks."""
-    settle_for: float = 120.0
-    """Seconds keys that differ are checked again, at most, before they are called unsettled."""
-
-
-@dataclass
-class TableReport:
-    table: str
-    key: str
-    schema: SchemaDiff
-    chunks: int = 0
-    differing_chunks: int = 0
-    rows: dict[Side, int] = field(default_factory=dict)
-    """Rows each side holds (as its scan counted them)."""
-    scanned: dict[Side, int] = field(default_factory=dict)
-    """Rows scanned by this run (a resumed run scans only what was left)."""
-    seconds: dict[Side, float] = field(default_factory=dict)
-
-    def rate(self, side: Side) -> float:
-        seconds = self.seconds.get(side, 0.0)
-        return self.scanned.get(side, 0) / seconds if seconds > 0 else 0.0
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "table": self.table,
-            "key": self.key,
-            "chunks": self.chunks,
-            "differing_chunks": self.differing_chunks,
-            "rows": {s.value: self.rows.get(s, 0) for s in Side},
-            "rows_per_second": {s.value: round(self.rate(s)) for s in Side},
-            "schema": self.schema.as_json(),
-        }
-
-
-@dataclass
-class VerifyReport:
-    run: int
-    dataset: str
-    mode: Mode
-    stage: str
-    authority: Side
-    verified: Side
-    swept_since: datetime
-    status: str = "running"
-    error: str | None = None
-    tables: list[TableReport] = field(default_factory=list)
-    found: dict[str, dict[Key, str]] = field(default_factory=lambda: {k: {} for k in _KINDS})
-    """Kind -> key -> token. Keys stay in memory: shown only with ``--show-keys``."""
-    unsettled: dict[Key, str] = field(default_factory=dict)
-    repair: dict[str, Any] | None = None
-    repaired_all: bool = False
-    gap: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    show_keys: bool = False
-
-    @property
-    def schema_differs(self) -> bool:
-        return any(not t.schema.empty for t in self.tables)
-
-    @property
-    def divergent(self) -> bool:
-        return self.schema_differs or any(self.found[k] for k in _KINDS)
-
-    @property
-    def exit_code(self) -> int:
-        """0 clean (or every difference repaired), 4 divergent, 1 could not conclude."""
-        if self.status == "clean":
-            return 0
-        if self.status == "divergent":
-            return 0 if self.repaired_all and not self.schema_differs else 4
-        return 1
-
-    def figures(self) -> dict[str, Any]:
-        """What the run row keeps: counts, rates and tokens, never a key."""
-        out: dict[str, Any] = {
-            "tables": [t.as_json() for t in self.tables],
-            "seconds": round(self.seconds, 3),
-            "gap": self.gap,
-        }
-        for kind in _KINDS:
-            tokens = sorted(self.found[kind].values())
-            out[kind] = {"count": len(tokens), "tokens": tokens[:_SHOWN_TOKENS]}
-        tokens = sorted(self.unsettled.values())
-        out["unsettled"] = {"count": len(tokens), "tokens": tokens[:_SHOWN_TOKENS]}
-        if self.repair is not None:
-            out["repair"] = self.repair
-        return out
-
-    def as_json(self) -> dict[str, Any]:
-        out = {
-            "run": self.run,
-            "dataset": self.dataset,
-            "mode": self.mode,
-            "status": self.status,
-            "stage": self.stage,
-            "authority": self.authority.value,
-            "verified": self.verified.value,
-            "swept_since": self.swept_since.isoformat(),
-            **self.figures(),
-        }
-        if self.error:
-            out["error"] = self.error
-        if self.show_keys:
-            out["keys"] = {kind: sorted(self.found[kind]) for kind in _KINDS} | {
-                "unsettled": sorted(self.unsettled)
-            }
-        return out
-
-
-def other(side: Side) -> Side:
-    return Side.TARGET if side is Side.SOURCE else Side.SOURCE
+from cutover.settling import recheck, settle
+from cutover.tables import Pair, paired
 
 
 async def verify(job: Job, options: Options, *, backfill_run: int | None = None) -> VerifyReport:
@@ -244,14 +119,6 @@ async def verify(job: Job, options: Options, *, backfill_run: int | None = None)
     return report
 
 
-def describe(exc: BaseException) -> str:
-    """What stopped a run, for its row: our own errors say it without values; anything else
-    only by its class (a library's message may quote a row)."""
-    if isinstance(exc, BasculeError):
-        return str(exc)[:500]
-    return type(exc).__name__
-
-
 async def _run(job: Job, options: Options, report: VerifyReport, written: set[Key]) -> None:
     saved = await job.runs.checkpoints("verify", report.run)
     for pair in job.pairs:
@@ -268,7 +135,7 @@ async def _run(job: Job, options: Options, report: VerifyReport, written: set[Ke
             table.rows = {Side.SOURCE: len(src), Side.TARGET: len(tgt)}
             found = {k: (src.get(k), tgt.get(k)) for k in written if src.get(k) != tgt.get(k)}
         after = await job.view.high()
-        divergent, unsettled = await _recheck(job, pair, found, after, options)
+        divergent, unsettled = await recheck(job, pair, found, after, options)
         _classify(job, report, divergent)
         report.unsettled.update({k: job.view.token(k) for k in unsettled})
         if options.repair and divergent:
@@ -298,7 +165,7 @@ async def _run(job: Job, options: Options, report: VerifyReport, written: set[Ke
             job,
             "verify-show-keys",
             options.reason,
-            {"run": report.run, **{k: len(report.found[k]) for k in _KINDS}},
+            {"run": report.run, **{k: len(report.found[k]) for k in KINDS}},
         )
 
 
@@ -437,50 +304,6 @@ def _estimate(pair: Pair, side: Side) -> int | None:
     return estimate if estimate > 0 else None
 
 
-async def _recheck(
-    job: Job, pair: Pair, found: Mapping[Key, Any], after: int, options: Options
-) -> tuple[Compared, Compared]:
-    """Check the keys ``found`` again until quiet: (divergent, unsettled).
-
-    ``after``: the journal's highest sequence once the rows that differed had been read. Each
-    round reads the keys' rows again (noting the state database's time first, and the highest
-    sequence after) and calls a key divergent when it still differs though no write can
-    explain it: no entry of its record after ``after``, none still open, none settled since
-    this read began (a write whose intent was not visible yet when ``after`` was read), and no
-    dataset-wide write whose records cannot be told. Any write to the record is then either in
-    both sides' rows read, or not yet sent. The other keys wait for their records' open writes
-    to settle (bounded by ``drain_wait``), and go round again until ``settle_for``; what still
-    differs then, with writes open, is unsettled."""
-    pending = set(found)
-    final: Compared = {}
-    last: Compared = {}
-    deadline = time.monotonic() + options.settle_for
-    if pending:
-        job.progress.note(f"{pair.name}: checking {len(pending)} record(s) again until quiet")
-    while pending:
-        reading_from = await job.runs.now()
-        src, tgt = await paired(
-            key_hashes(job.conns[Side.SOURCE], pair, Side.SOURCE, pending),
-            key_hashes(job.conns[Side.TARGET], pair, Side.TARGET, pending),
-        )
-        newest = await job.view.high()
-        now: Compared = {k: (src.get(k), tgt.get(k)) for k in pending if src.get(k) != tgt.get(k)}
-        tokens = {job.view.token(k): k for k in now}
-        touched = await job.view.touched(tokens, after, settled_since=reading_from)
-        for token, key in tokens.items():
-            if token not in touched:
-                final[key] = now[key]
-        last = {k: v for k, v in now.items() if k not in final}
-        pending = set(last)
-        after = newest
-        left = deadline - time.monotonic()
-        if not pending or left <= 0:
-            break
-        waiting = {job.view.token(k) for k in pending}
-        await job.view.quiet(waiting, within=min(options.drain_wait, left))
-    return final, last
-
-
 async def _repair(
     job: Job, options: Options, report: VerifyReport, pair: Pair, keys: set[Key]
 ) -> None:
@@ -494,27 +317,6 @@ async def _repair(
     report.repaired_all = not left and not unsettled
     report.unsettled.update({k: job.view.token(k) for k in unsettled})
     await _audit(job, "verify-repair", options.reason, {"run": report.run, **report.repair})
-
-
-async def settle(
-    job: Job, pair: Pair, keys: Collection[Key], options: Options, who: str
-) -> tuple[Outcome, set[Key], Compared]:
-    """Make ``keys``' rows on the verified side the authority's (``cutover/repair.py``) and
-    check them again; a record skipped for an open write is repaired once that write has
-    landed if it still differs. Up to three rounds. (What was done, keys still differing,
-    keys unsettled.)"""
-    outcome = Outcome()
-    left: Collection[Key] = keys
-    unsettled: Compared = {}
-    async with Repairer(job.config, job.journal, job.view, pair, job.conns, who) as repairer:
-        for _ in range(3):
-            await repairer.repair(left, outcome)
-            after = await job.view.high()
-            again, unsettled = await _recheck(job, pair, dict.fromkeys(left), after, options)
-            left = set(again)
-            if not left:
-                break
-    return outcome, set(left), unsettled
 
 
 async def _audit(job: Job, action: str, reason: str | None, details: dict[str, Any]) -> None:

@@ -34,13 +34,14 @@ from rich.text import Text
 from bascule.app import render
 from bascule.app.clients import config_of
 from bascule.checks import check_actor, require_reason
-from bascule.config import Secrets
-from bascule.errors import UsageError
-from bascule.state.servers import provide_stores
+from bascule.config import Config, Secrets
+from bascule.errors import StoreError, UsageError
+from bascule.state.servers import LOCAL_POSTGRES_URL, port_answers
 from cutover.backfill import BATCH_ROWS, BackfillOptions, BackfillReport, backfill
+from cutover.findings import Options, VerifyReport
 from cutover.job import Progress as JobProgress
 from cutover.job import Silent, data_job
-from cutover.verify import Options, VerifyReport, verify
+from cutover.verify import verify
 
 EXIT_DIVERGENT = 4
 
@@ -112,6 +113,20 @@ def _os_user() -> str:
         return "unknown"
 
 
+def _state_database(config: Config) -> str:
+    """The state Postgres, found as the other commands find it (the environment, the
+    configuration, then one answering locally); Redis is not needed here."""
+    url = os.environ.get("BASCULE_POSTGRES_URL") or config.state.postgres_url
+    if url:
+        return url
+    if port_answers("127.0.0.1", 5432):
+        return LOCAL_POSTGRES_URL
+    raise StoreError(
+        "no state Postgres: set BASCULE_POSTGRES_URL or [state] postgres_url, or run one on "
+        "127.0.0.1:5432"
+    )
+
+
 def _run(coro: Any) -> int:
     result: int = asyncio.run(coro)
     return result
@@ -135,20 +150,19 @@ async def _verify(args: argparse.Namespace) -> int:
     config = config_of(args)
     secrets = Secrets.from_env(os.environ)
     progress = _progress(args.json)
-    with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
-        async with data_job(
-            config,
-            secrets,
-            args.dataset,
-            found.postgres_url,
-            actor=args.by,
-            purpose="verify",
-            progress=progress,
-        ) as job:
-            try:
-                report = await verify(job, options)
-            finally:
-                _stop(progress)
+    async with data_job(
+        config,
+        secrets,
+        args.dataset,
+        _state_database(config),
+        actor=args.by,
+        purpose="verify",
+        progress=progress,
+    ) as job:
+        try:
+            report = await verify(job, options)
+        finally:
+            _stop(progress)
     if args.json:
         render.print_json(report.as_json())
     else:
@@ -164,22 +178,21 @@ async def _backfill(args: argparse.Namespace) -> int:
     config = config_of(args)
     secrets = Secrets.from_env(os.environ)
     progress = _progress(args.json)
-    with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
-        async with data_job(
-            config,
-            secrets,
-            args.dataset,
-            found.postgres_url,
-            actor=args.by,
-            purpose="backfill",
-            progress=progress,
-        ) as job:
-            try:
-                report = await backfill(
-                    job, BackfillOptions(resume=args.resume, batch_rows=args.batch_rows)
-                )
-            finally:
-                _stop(progress)
+    async with data_job(
+        config,
+        secrets,
+        args.dataset,
+        _state_database(config),
+        actor=args.by,
+        purpose="backfill",
+        progress=progress,
+    ) as job:
+        try:
+            report = await backfill(
+                job, BackfillOptions(resume=args.resume, batch_rows=args.batch_rows)
+            )
+        finally:
+            _stop(progress)
     if args.json:
         render.print_json(report.as_json())
     else:

@@ -17,8 +17,9 @@ import cutover.checksum
 from bascule.config import Config, Secrets, load_config
 from bascule.stages import Stage
 from bascule.tasks import spawn
+from cutover.findings import Options, VerifyReport
 from cutover.job import Silent, data_job
-from cutover.verify import Options, VerifyReport, verify
+from cutover.verify import verify
 from tests.cutover import datajobs
 from tests.cutover.datajobs import (
     MakeDatabase,
@@ -284,6 +285,27 @@ async def test_bad_input_is_refused_clearly_and_changes_nothing(
     assert code == 0, err
     assert [r["status"] for r in await runs(pg_url)] == ["clean"]  # the backfill's own
 
+    # Two verifications at once: the second is refused while the first holds the dataset.
+    blocker = await psycopg.AsyncConnection.connect(source)
+    async with blocker.transaction():
+        await blocker.execute("LOCK TABLE dcir IN ACCESS EXCLUSIVE MODE")  # holds the first
+        first = spawn(datajobs.run_cli_async(path, "verify", "dcir"), name="verify")
+        for _ in range(200):
+            waiting = await fetch(
+                source,
+                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'bascule verify%'"
+                " AND wait_event_type = 'Lock'",
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        second = await asyncio.to_thread(run_cli, path, "verify", "dcir")
+        assert second.returncode == 3
+        assert "verification or backfill of dcir is starting" in second.stderr
+    await blocker.close()
+    code, _, err = await first
+    assert code == 0, err
+
 
 async def test_a_clean_run_closes_a_gap_open_before_it_and_only_that(
     tmp_path: Path, make_database: MakeDatabase, pg_url: str
@@ -406,3 +428,25 @@ async def test_incremental_checks_what_the_journal_shows_written(
     refused = run_cli(path, "verify", "dcir", "--incremental")
     assert refused.returncode == 3
     assert "name no record" in refused.stderr and "run a full sweep" in refused.stderr
+
+
+async def test_a_repair_left_open_by_a_dead_job_is_settled_by_the_next(
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str
+) -> None:
+    path, _, _ = await world(tmp_path, make_database, pg_url, 2000, Stage.DUALWRITE)
+    # A repair's intent whose writer's session is gone (its process was killed).
+    await execute(
+        pg_url,
+        "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
+        " stage_version, writer, writer_pid, writer_started, state, request)"
+        " VALUES ('dcir', $1, 'bascule:repair', 'PUT', 'source', 2, 'bascule verify x:1',"
+        " 0, now(), 'intent', '\\x00')",
+        args=[token(7)],
+    )
+    assert run_cli(path, "verify", "dcir").returncode == 0
+    left = await fetch(pg_url, "SELECT state, last_error FROM bascule_journal")
+    assert [(r["state"], r["last_error"]) for r in left] == [
+        ("skipped", "its repair was interrupted")
+    ]
+    skipped = await datajobs.audit_rows(pg_url, "journal-skip")
+    assert len(skipped) == 1 and "interrupted" in skipped[0]["reason"]
