@@ -341,7 +341,7 @@ def _show_verification(report: VerifyReport) -> None:
     console = render.console()
     headline = {
         "clean": "clean",
-        "divergent": "DIVERGENT",
+        "divergent": "DIVERGENT, then repaired" if report.repaired_all else "DIVERGENT",
         "failed": "could not conclude",
     }.get(report.status, report.status)
     console.print(

@@ -1,8 +1,11 @@
 """``bascule demo``: the cutover story on one machine, on embedded stores when none are configured.
 
-Two reference-API instances (the "source" and "target" clouds) over two databases seeded
-identically, queried side by side; then a bascule proxy in front of them, and a dataset moved
-through the stages with the SRE commands while researchers keep calling the same endpoint.
+Two reference-API instances: the "source" cloud over a seeded database, the "target" cloud over
+an empty one. A bascule proxy in front of them; one dataset moved to the target with the SRE
+commands (dual write, backfill and verification, shadow reads, a divergence found, repaired, the
+gate, the controller's promotion, a write in live, a rollback) while researchers keep calling
+the same endpoint. The demo runs on the example configuration, with a short gate window and
+the backends' databases filled in (its own copy, in its work folder).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import secrets
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,13 @@ from bascule.config import Config, load_config
 from bascule.errors import UsageError
 from bascule.procs import ServerProcess, bascule_argv
 from bascule.state.servers import StoreEndpoints, create_database, provide_stores, redact_url
+from bascule.tasks import spawn
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "bascule.example.toml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "bascule.example.toml"
 VOLATILE = ("served_at",)
+DEMO_COMPARED = 20
+DEMO_WINDOW = 6.0
+"""The gate the demo runs with: comparisons over seconds, where the example asks for an hour."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,6 +95,7 @@ class Demo:
         self.admin_token = "ops-" + secrets.token_urlsafe(16)
         self.proxy_env: dict[str, str] = {}
         self.config_path = config_path
+        self.source_db = ""
         self.target_db = ""
         """The target cloud's database, where the demo plants a divergence."""
 
@@ -121,20 +129,21 @@ class Demo:
                 await create_database(stores.postgres_url, "snds_target", replace=True),
             ),
         ]
-        self.target_db = instances[1].database_url
+        self.source_db, self.target_db = instances[0].database_url, instances[1].database_url
         started = time.monotonic()
-        await asyncio.gather(*(self._seed(i) for i in instances))
+        await self._seed(instances[0])
         say(
-            f"seeded snds_source and snds_target identically: {self.rows:,} rows per dataset, "
-            f"seed {self.seed}, in {time.monotonic() - started:.1f}s"
+            f"seeded snds_source: {self.rows:,} rows per dataset, seed {self.seed}, in "
+            f"{time.monotonic() - started:.1f}s; snds_target is empty: nothing migrated yet"
         )
         for inst in instances:
             await self._serve(inst)
+        self.config_path = self._demo_config(self.config_path)
         await self._start_proxy(stores)
         self._show_layout(instances)
 
-        ok = await self._query_side_by_side(instances)
-        ok &= await self._cutover_story()
+        await self._query_side_by_side(instances, "before the migration", expect_same=False)
+        ok = await self._cutover_story(instances)
         proxy = "http://" + self.config.proxy.listen
         token = self.researcher_token
         say(
@@ -147,10 +156,44 @@ class Demo:
             f"  export BASCULE_ADMIN_URL=http://{self.config.proxy.admin_listen} "
             f"BASCULE_ADMIN_TOKEN={self.admin_token}\n"
             "  .venv/bin/bascule status\n"
+            "  .venv/bin/bascule gate dcir\n"
             "  .venv/bin/bascule stage pmsi dualwrite --reason 'try it'"
         )
         await self._wait()
         return 0 if ok else 1
+
+    def _demo_config(self, example: Path) -> Path:
+        """The example configuration as the demo runs it: the backends' databases (for backfill
+        and verification), a gate window of seconds rather than an hour, a controller that looks
+        every second, and ``auto_promote`` for dcir. Written in the demo's work folder."""
+        text = example.read_text()
+        changes = {
+            "min_compared = 1000": f"min_compared = {DEMO_COMPARED}",
+            "window = 3600.0": f"window = {DEMO_WINDOW}",
+            "interval = 5.0": "interval = 1.0",
+            "lease = 15.0": "lease = 3.0",
+            # Both backends' databases are known here: an authority switch moves dcir's ids.
+            '# ids = { table = "dcir"': 'ids = { table = "dcir"',
+        }
+        for before, after in changes.items():
+            if before not in text:
+                raise UsageError(f"{example}: the demo expects `{before}` in it (an example key)")
+            text = text.replace(before, after, 1)
+        for section, dsn in (
+            (f"[backends.{self.config.migration.source}]", self.source_db),
+            (f"[backends.{self.config.migration.target}]", self.target_db),
+        ):
+            if section not in text:
+                raise UsageError(f"{example}: the demo expects a `{section}` table in it")
+            text = text.replace(section, f'{section}\ndatabase = "{dsn}"', 1)
+        path = self.workdir / "bascule.demo.toml"
+        path.write_text(text)
+        self.config = load_config(path)
+        self.console.print(
+            f"demo settings ({path.name}): the gate wants {DEMO_COMPARED} comparisons over "
+            f"{DEMO_WINDOW:g} s (an hour in the example), the controller looks every second"
+        )
+        return path
 
     async def _start_proxy(self, stores: StoreEndpoints) -> None:
         state = await create_database(stores.postgres_url, "bascule_demo_state", replace=True)
@@ -180,18 +223,10 @@ class Demo:
     async def _bascule(self, *args: str, check: bool = True) -> str:
         """Run a bascule command as an SRE would; its output, or UsageError if it failed
         (``check=False``: its output whatever its exit code)."""
-        proc = await asyncio.create_subprocess_exec(
-            *bascule_argv(*args, "--config", str(self.config_path)),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **self.proxy_env, "COLUMNS": "100"},
-        )
-        out, _ = await proc.communicate()
-        text = out.decode(errors="replace")
-        if check and proc.returncode != 0:
+        code, text = await self._bascule_code(*args)
+        if check and code != 0:
             raise UsageError(f"`bascule {' '.join(args)}` failed:\n{text[-2000:]}")
-        return text.strip()
+        return text
 
     async def _write_story(self, session: aiohttp.ClientSession, base: str) -> bool:
         """A researcher's write in `live`: the target answers, the source gets it replayed."""
@@ -214,8 +249,23 @@ class Demo:
         say(f"  a researcher's PATCH through bascule in live (amount 123.45): {cells}")
         return all(a == 123.45 for a in amounts.values())
 
-    async def _cutover_story(self) -> bool:
-        """Move dcir to the target cloud and back; show who answers a researcher each time."""
+    async def _sre(self, *args: str, expect: int = 0) -> str:
+        """Run a bascule command as the SRE, show it and what it said; a refusal the story
+        expects (``expect``) is shown as such."""
+        say = self.console.print
+        say(f"  $ bascule {' '.join(_quoted(a) for a in args)}")
+        code, out = await self._bascule_code(*args)
+        if code != expect:
+            raise UsageError(f"`bascule {' '.join(args)}` exited {code}:\n{out[-2000:]}")
+        for line in out.splitlines():
+            if line.startswith("bascule: refused: "):
+                line = "refused, as the story expects: " + line.removeprefix("bascule: refused: ")
+            say(f"    {line}")
+        return out
+
+    async def _cutover_story(self, instances: list[Instance]) -> bool:
+        """Move dcir to the target cloud: dual write, backfill, shadow reads, a divergence found
+        and repaired, the gate, the controller's promotion; a write in live; a rollback."""
         say = self.console.print
         say("\n[bold]the cutover, one dataset at a time[/bold]")
         headers = {"Authorization": f"Bearer {self.researcher_token}"}
@@ -235,70 +285,136 @@ class Demo:
                 say(f"  {moment}: researchers calling {base} are served {cells}")
 
             await show("before", {"dcir": src, "pmsi": src})
-            for stage in ("dualwrite", "shadow", "live"):
-                if stage == "shadow":
-                    await self._close_target_gap()
-                say(f"  $ bascule stage dcir {stage} --reason demo")
-                out = await self._bascule("stage", "dcir", stage, "--reason", "demo", "--by", "sre")
-                say(f"    {out}")
-                if stage == "shadow":
-                    ok &= await self._shadow_story(session, base)
-            await asyncio.sleep(0.2)
+            say("\n[bold]1. dual write, then copy what the target lacks[/bold]")
+            await self._sre(
+                "stage", "dcir", "dualwrite", "--reason", "demo: start dual write", "--by", "sre"
+            )
+            await self._sre("stage", "dcir", "shadow", "--dry-run", expect=3)
+            await self._sre("backfill", "dcir", "--by", "sre")
+            ok &= await self._query_side_by_side(instances, "after the backfill", only="dcir")
+
+            say("\n[bold]2. shadow: researchers' reads compared with the target's[/bold]")
+            await self._sre(
+                "stage", "dcir", "shadow", "--reason", "demo: backfilled, verified", "--by", "sre"
+            )
+            async with self._researchers(session, base):
+                ok &= await self._divergence_story(session, base)
+                say("\n[bold]3. the gate, and the controller[/bold]")
+                # This stage's evidence holds a mismatch: its window starts afresh once the
+                # data are repaired, with a new stage version.
+                await self._sre(
+                    "rollback",
+                    "dcir",
+                    "--to",
+                    "dualwrite",
+                    "--reason",
+                    "demo: rerun",
+                    "--by",
+                    "sre",
+                )
+                await self._sre(
+                    "stage", "dcir", "shadow", "--reason", "demo: repaired", "--by", "sre"
+                )
+                await self._sre("gate", "dcir", expect=3)
+                await self._sre(
+                    "auto-promote", "dcir", "on", "--reason", "demo: let it go", "--by", "sre"
+                )
+                ok &= await self._promoted()
             await show("dcir live", {"dcir": tgt, "pmsi": src})
             ok &= await self._write_story(session, base)
-            say("  $ bascule rollback dcir --to shadow --reason demo")
-            out = await self._bascule(
-                "rollback", "dcir", "--to", "shadow", "--reason", "demo", "--by", "sre"
+            await self._sre(
+                "rollback", "dcir", "--to", "shadow", "--reason", "demo: back", "--by", "sre"
             )
-            say(f"    {out}")
             await asyncio.sleep(0.2)
             await show("after rollback", {"dcir": src, "pmsi": src})
         say(await self._bascule("history", "dcir"))
         return ok
 
-    async def _shadow_story(self, session: aiohttp.ClientSession, base: str) -> bool:
+    @contextlib.asynccontextmanager
+    async def _researchers(self, session: aiohttp.ClientSession, base: str) -> AsyncIterator[None]:
+        """Researchers reading dcir's records through bascule, a few a second, meanwhile."""
+        stop = asyncio.Event()
+
+        async def read() -> None:
+            rid = 0
+            while not stop.is_set():
+                rid = rid % min(self.rows, 50) + 1
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{base}/v1/datasets/dcir/records/{rid}") as resp:
+                        await resp.read()
+                await asyncio.sleep(0.05)
+
+        reader = spawn(read(), name="demo-researchers")
+        try:
+            yield
+        finally:
+            stop.set()
+            await reader
+
+    async def _promoted(self) -> bool:
+        """Wait for the controller to move dcir to live once its gate holds; show it."""
+        say = self.console.print
+        say(
+            f"  (the controller promotes dcir once {DEMO_COMPARED} comparisons over "
+            f"{DEMO_WINDOW:g} s are clean)"
+        )
+        for _ in range(int(DEMO_WINDOW * 10) + 200):
+            status = orjson.loads(await self._bascule("status", "dcir", "--json"))
+            if status["datasets"][0]["stage"] == "live":
+                break
+            await asyncio.sleep(0.1)
+        history = orjson.loads(await self._bascule("history", "dcir", "--json"))["history"]
+        last = history[-1]
+        promoted = (last["actor"], last["to_stage"]) == ("controller", "live")
+        if promoted:
+            gate = last["details"].get("gate", {})
+            say(
+                f"  the controller moved dcir to live: {last['reason']} (volume "
+                f"{gate.get('volume')}, mismatches {gate.get('mismatches')}, window "
+                f"{gate.get('window')} s)"
+            )
+        return promoted
+
+    async def _divergence_story(self, session: aiohttp.ClientSession, base: str) -> bool:
         """In `shadow`, researchers' reads are compared with the target's answers: a value
         changed behind bascule's back, straight in the target's database, is found and shown
-        to on-call as a pointer and a kind, never as the value. Put back before going live."""
+        to on-call as a pointer and a kind, never as the value; the gate refuses to go on, and
+        a verification finds the record (as a token) and repairs it."""
         say = self.console.print
         changed = "UPDATE dcir SET amount = amount + 1 WHERE id = 2"
         say(f"  divergence planted in snds_target behind bascule's back: {changed}")
         conn = await asyncpg.connect(self.target_db)
         try:
             await conn.execute(changed)
-            for rid in (1, 2, 3):  # researchers' reads, each compared off their path
-                async with session.get(f"{base}/v1/datasets/dcir/records/{rid}") as resp:
-                    await resp.read()
-            shown = ""
-            for _ in range(50):  # the comparisons are asynchronous: give them a moment
-                shown = await self._bascule("divergence", "dcir")
-                if "/record/amount" in shown:
-                    break
-                await asyncio.sleep(0.2)
-            say("  $ bascule divergence dcir")
-            say("    " + shown.replace("\n", "\n    "))
-            await conn.execute("UPDATE dcir SET amount = amount - 1 WHERE id = 2")
-            say("  (put back before going live)")
         finally:
             await conn.close()
+        shown = ""
+        for _ in range(100):  # the comparisons are asynchronous: give them a moment
+            shown = await self._bascule("divergence", "dcir")
+            if "/record/amount" in shown:
+                break
+            await asyncio.sleep(0.2)
+        say("  $ bascule divergence dcir")
+        say("    " + shown.replace("\n", "\n    "))
+        await self._sre("stage", "dcir", "live", "--reason", "demo: go?", "--by", "sre", expect=3)
+        await self._sre("verify", "dcir", expect=4)
+        await self._sre(
+            "verify", "dcir", "--repair", "--reason", "demo: the source is right", "--by", "sre"
+        )
         return "/record/amount" in shown
 
-    async def _close_target_gap(self) -> None:
-        """The target starts with a gap (never backfilled nor verified): `shadow` is refused until
-        it is closed. Here both databases were seeded identically, so the demo closes it, and
-        says in the audit on what grounds."""
-        say = self.console.print
-        reason = "demo: both sides were seeded identically; no verification has been run yet"
-        say("  $ bascule stage dcir shadow --dry-run")
-        refused = await self._bascule("stage", "dcir", "shadow", "--dry-run", check=False)
-        for line in refused.splitlines():
-            if line.startswith("bascule: refused:"):
-                say(f"    {line}")
-        say(f"  $ bascule gap close dcir target --reason {reason!r}")
-        out = await self._bascule(
-            "gap", "close", "dcir", "target", "--reason", reason, "--by", "sre"
+    async def _bascule_code(self, *args: str) -> tuple[int, str]:
+        """Run a bascule command as an SRE would: its exit code and output."""
+        proc = await asyncio.create_subprocess_exec(
+            *bascule_argv(*args, "--config", str(self.config_path)),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **self.proxy_env, "COLUMNS": "100"},
         )
-        say(f"    {out}")
+        out, _ = await proc.communicate()
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace").strip()
 
     async def _check_redis(self, url: str) -> None:
         client = aioredis.Redis.from_url(url)
@@ -358,12 +474,20 @@ class Demo:
             table.add_row(inst.role, inst.name, inst.url, redact_url(inst.database_url))
         self.console.print(table)
 
-    async def _query_side_by_side(self, instances: list[Instance]) -> bool:
+    async def _query_side_by_side(
+        self,
+        instances: list[Instance],
+        moment: str,
+        *,
+        expect_same: bool = True,
+        only: str | None = None,
+    ) -> bool:
+        """The same questions to both clouds, directly; True when they answer as expected
+        (``expect_same``: identically; else the target lacks the data)."""
         queries: list[tuple[str, str, str, dict[str, Any] | None]] = [
-            ("list datasets", "GET", "/v1/datasets", None),
             ("page dcir", "GET", "/v1/datasets/dcir/records?limit=50", None),
+            ("get dcir 1", "GET", "/v1/datasets/dcir/records/1", None),
             ("get pmsi 1", "GET", "/v1/datasets/pmsi/records/1", None),
-            ("get cepidc 2", "GET", "/v1/datasets/cepidc/records/2", None),
             (
                 "dcir sum by act",
                 "POST",
@@ -371,7 +495,9 @@ class Demo:
                 {"group_by": "act_code", "metrics": ["count", "sum:amount"]},
             ),
         ]
-        table = Table(title="the same questions to both clouds")
+        if only is not None:
+            queries = [q for q in queries if f"/{only}/" in q[2]]
+        table = Table(title=f"the same questions to both clouds, {moment}")
         for col in ("query", "source", "target", "same answer"):
             table.add_column(col)
         all_ok = True
@@ -381,11 +507,10 @@ class Demo:
                 answers = await asyncio.gather(
                     *(self._ask(session, method, inst.url + path, body) for inst in instances)
                 )
-                same = answers[0][1] == answers[1][1]
-                ok = same and all(status == 200 for status, _, _ in answers)
-                all_ok &= ok
+                same = answers[0][1] == answers[1][1] and answers[0][0] == answers[1][0]
+                all_ok &= same == expect_same
                 cells = [f"{status} by {served_by}" for status, _, served_by in answers]
-                table.add_row(label, *cells, "[green]yes[/green]" if ok else "[red]NO[/red]")
+                table.add_row(label, *cells, "[green]yes[/green]" if same else "[red]no[/red]")
         self.console.print(table)
         return all_ok
 
@@ -413,3 +538,7 @@ class Demo:
                 await waiter
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _quoted(arg: str) -> str:
+    return repr(arg) if " " in arg else arg
