@@ -12,8 +12,7 @@ from bascule.errors import EXIT_ERROR, EXIT_REFUSED, EXIT_USAGE, BasculeError, R
 
 def build_parser() -> argparse.ArgumentParser:
     from bascule.app import cli as cutover_cli
-    from bascule.app import data_cli
-    from bascule.app import demo
+    from bascule.app import data_cli, demo
     from bascule.app import replica as proxy_app
     from refapi import cli as refapi_cli
 

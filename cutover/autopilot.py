@@ -130,7 +130,7 @@ class Autopilot:
             actor=ACTOR,
             reason="auto_promote: the gate holds",
             expected_version=row.version,
-            details={"auto_promote": True},
+            details={"auto_promote": True, "replica": self.replica},
             switcher=self.switcher,
             gate=self.gate,
             groups=self.groups,
@@ -147,7 +147,12 @@ class Autopilot:
         why = f"{found} mismatches in live (version {row.version}) exceed its budget of {budget}"
         # Paging: on-call's alerting watches this logger at ERROR (docs/operations.md).
         log.error("PAGE: controller rolls %s back to shadow: %s", row.dataset, why)
-        figures: dict[str, Any] = {"mismatches": found, "budget": budget, "version": row.version}
+        figures: dict[str, Any] = {
+            "mismatches": found,
+            "budget": budget,
+            "version": row.version,
+            "replica": self.replica,
+        }
         # Off first, for every dataset that moves back with it: should the rollback be refused
         # (it is tried again next round), nothing promotes it meanwhile.
         group = self.groups.get(row.dataset) if self.groups else None

@@ -251,6 +251,8 @@ async def build_world(
     idempotent_creates: bool = False,
     env: Mapping[str, str] | None = None,
     failpoints: Sequence[str | None] = (),
+    open_gate: bool = True,
+    controller_interval: float = 3600.0,
 ) -> AsyncIterator[World]:
     """Two reference APIs (``azure`` the source, ``scaleway`` the target) over databases seeded
     alike (``rows`` dcir rows from ``seed``; 0: not seeded), or the ``backends`` given (URLs,
@@ -263,7 +265,9 @@ async def build_world(
     ``ids`` (an authority switch moves dcir's ids past the other side's), ``rules`` and
     ``extra`` (appended to the configuration) and the timings: the configuration's
     (:func:`refapi.lab.write_config`). ``env``: the environment of every process;
-    ``failpoints``: ``BASCULE_FAILPOINT`` of each process in turn.
+    ``failpoints``: ``BASCULE_FAILPOINT`` of each process in turn. ``open_gate``,
+    ``controller_interval``: as :func:`refapi.lab.write_config` (a gate that holds whatever the
+    evidence, and a controller that stays idle, unless a test asks otherwise).
     """
     hooks = hooks or Hooks()
     state_db = postgres_url or ground.pg_url
@@ -327,6 +331,8 @@ async def build_world(
             databases=databases if ids else None,
             extra=rules + extra,
             shadow_worker=shadow_worker,
+            open_gate=open_gate,
+            controller_interval=controller_interval,
         )
         world = World(
             config_path,

@@ -85,6 +85,7 @@ async def test_past_the_budget_it_rolls_back_turns_auto_promote_off_and_does_not
         "mismatches": 2,
         "budget": 1,
         "version": row.version - 1,
+        "replica": "r1",
     }
     # The evidence of the new shadow stage would let the gate hold: auto_promote is off.
     await gated.sql("UPDATE bascule_stage SET updated_at = now() - interval '2 minutes'")
