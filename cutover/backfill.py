@@ -26,7 +26,6 @@ It ends with a full verification; a clean one closes the target's gap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from bascule.errors import Refused
 from bascule.stages import Side, Stage
 from bascule.state import replicas
 from cutover.checksum import Key, Range, key_hashes, predicate, thresholds
-from cutover.findings import Options, VerifyReport, describe
+from cutover.findings import Options, VerifyReport
 from cutover.job import Job
 from cutover.settling import settle
 from cutover.tables import Pair, SyncConn, blocking_reading, blocking_session, ident, paired
@@ -154,19 +153,12 @@ async def backfill(job: Job, options: BackfillOptions) -> BackfillReport:
                 f"{name}: the target's table {pair.target.qualified} lacks or retypes the "
                 f"source's column(s) {', '.join(lost)}: a backfill would lose them"
             )
-    resumed = None
-    if options.resume:
-        resumed = await job.runs.resumable("backfill")
-        if resumed is None:
-            raise Refused(
-                f"{name}: no interrupted backfill to resume (the latest finished); run it "
-                "without --resume"
-            )
+    resumed = await job.runs.resumed("backfill") if options.resume else None
     run, since = await job.runs.start_backfill(
         stage_version=stage.version, actor=job.actor, resumed=resumed
     )
     report = BackfillReport(run, name)
-    try:
+    async with job.runs.stopping("backfill", run, report):
         saved = await job.runs.checkpoints("backfill", run)
         for pair in job.pairs:
             report.tables.append(await _copy(job, run, pair, saved.get(pair.name), options))
@@ -174,15 +166,6 @@ async def backfill(job: Job, options: BackfillOptions) -> BackfillReport:
             report.settled = await _settle(job, pair, since, options, run)
         job.progress.note(f"{name}: verifying")
         report.verification = await verify(job, options.verify, backfill_run=run)
-    except BaseException as exc:
-        interrupted = isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
-        report.status = "interrupted" if interrupted else "failed"
-        report.seconds = time.monotonic() - started
-        with contextlib.suppress(Exception):
-            await job.runs.finish(
-                "backfill", run, report.status, report.figures(), error=describe(exc)
-            )
-        raise
     report.seconds = time.monotonic() - started
     verified = report.verification.status
     report.status = {"clean": "done", "divergent": "divergent"}.get(verified, "failed")

@@ -216,13 +216,16 @@ async def move(
     switcher: Switcher | None = None,
     gate: Gate | None = None,
     groups: Groups | None = None,
+    illegal_move: IllegalMove | None = None,
 ) -> MoveResult:
     """Move ``dataset`` to ``wanted`` if the rules allow it. Raises IllegalMove, GapOpen,
     GateClosed, StaleVersion, UnknownDataset or UsageError (all refusals: nothing changes). A
     dry run changes nothing, announces nothing, and returns what was found instead of raising
     it. ``force`` overrides the gap rule and the gate, never an illegal move, and is audited
     with the figures it overrode. ``gate``: None only in tests of the stage rules alone. A
-    dataset of a group (``groups``) moves with every other member, or none moves."""
+    dataset of a group (``groups``) moves with every other member, or none moves.
+    ``illegal_move``: a refusal already found (a rollback that does not go back), reported as
+    the rules' own."""
     why = _reason(reason, dry_run)
     check_actor(actor)
     befores = await _members(store, check_name(dataset), groups)
@@ -241,6 +244,7 @@ async def move(
         details=details,
         force=force,
         dry_run=dry_run,
+        illegal_move=illegal_move,
         switcher=switcher,
         gate=gate,
         group=groups.get(dataset) if groups else None,
@@ -263,10 +267,7 @@ async def rollback(
     groups: Groups | None = None,
 ) -> MoveResult:
     """Move back: to the previous stage, or to ``to`` (any earlier stage). Never gated."""
-    why = _reason(reason, dry_run)
-    check_actor(actor)
-    befores = await _members(store, check_name(dataset), groups)
-    before = next(r for r in befores if r.dataset == dataset)
+    before = await store.get(check_name(dataset))
     wanted = to if to is not None else previous(before.stage)
     bad = None
     if wanted is None:
@@ -274,22 +275,21 @@ async def rollback(
         bad = illegal(dataset, before.stage, wanted, "it is already at the first stage")
     elif not is_rollback(before.stage, wanted):
         bad = illegal(dataset, before.stage, wanted, "a rollback moves to an earlier stage")
-    return await _move(
+    return await move(
         store,
         announcer,
         dataset,
-        befores,
         wanted,
         actor=actor,
-        reason=why,
+        reason=reason,
         action="rollback",
         details=details,
         force=force,
         dry_run=dry_run,
-        illegal_move=bad,
         switcher=switcher,
         gate=gate,
-        group=groups.get(dataset) if groups else None,
+        groups=groups,
+        illegal_move=bad,
     )
 
 

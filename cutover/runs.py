@@ -14,18 +14,21 @@ tokens only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import asyncpg
 
 from bascule.errors import Refused
 from bascule.sealing import Sealer
 from bascule.state.postgres import reaching_postgres
+from cutover.findings import describe
 
 Kind = Literal["verify", "backfill"]
 _TABLES: dict[Kind, tuple[str, str]] = {
@@ -50,6 +53,15 @@ class PastRun:
     stage_version: int
     mode: str | None
     authority: str | None
+
+
+class Stoppable(Protocol):
+    """A run's report, as :meth:`Runs.stopping` records it when the run stops early."""
+
+    status: str
+    seconds: float
+
+    def figures(self) -> dict[str, Any]: ...
 
 
 class Runs:
@@ -104,6 +116,17 @@ class Runs:
             async with self._one, reaching_postgres():
                 await self.conn.execute("SELECT pg_advisory_unlock($1)", data_lock_id(self.dataset))
             self.locked = False
+
+    async def resumed(self, kind: Kind) -> PastRun:
+        """The run ``--resume`` continues (:meth:`resumable`); Refused when there is none."""
+        found = await self.resumable(kind)
+        if found is None:
+            what = "verification" if kind == "verify" else "backfill"
+            raise Refused(
+                f"{self.dataset}: no interrupted {what} to resume (the latest finished); run it "
+                "without --resume"
+            )
+        return found
 
     async def resumable(self, kind: Kind) -> PastRun | None:
         """The latest run of ``kind`` that was interrupted or failed, unless a later one
@@ -281,6 +304,21 @@ class Runs:
                 error,
                 *([verify_run] if kind == "backfill" else []),
             )
+
+    @contextlib.asynccontextmanager
+    async def stopping(self, kind: Kind, run: int, report: Stoppable) -> AsyncIterator[None]:
+        """Around a run's work: should it stop on an error or a cancellation, its row says
+        so (``interrupted`` or ``failed``, with what stopped it) before the error goes on."""
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException as exc:
+            interrupted = isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
+            report.status = "interrupted" if interrupted else "failed"
+            report.seconds = time.monotonic() - started
+            with contextlib.suppress(Exception):
+                await self.finish(kind, run, report.status, report.figures(), error=describe(exc))
+            raise
 
     async def now(self) -> datetime:
         """The state database's clock."""

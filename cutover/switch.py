@@ -532,25 +532,14 @@ async def _fence_session(pool: asyncpg.Pool) -> AsyncIterator[Any]:
 async def _stuck_writers(pool: asyncpg.Pool, dataset: str, hold: float) -> str:
     """Sessions holding the dataset's fence that have been idle longer than ``hold``: a writer
     frozen mid-write (a real change would wait ``hold`` for it in vain)."""
-    key = fence_id(dataset) & 0xFFFFFFFFFFFFFFFF
-    async with reaching_postgres():
-        rows = await pool.fetch(
-            "SELECT coalesce(nullif(a.application_name, ''), 'pid ' || l.pid) AS who,"
-            " count(*) AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid"
-            " AND a.state <> 'active' AND a.state_change < now() - make_interval(secs => $3)"
-            " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5",
-            key >> 32,
-            key & 0xFFFFFFFF,
-            hold,
-        )
-    return ", ".join(f"{r['who']} ({r['n']})" for r in rows)
+    return await _fence_holders(pool, dataset, idle_longer_than=hold)
 
 
-async def _fence_holders(pool: asyncpg.Pool, dataset: str) -> str:
-    """Who holds the dataset's fence, by session name: ``bascule writer HOST:PID (N)``."""
+async def _fence_holders(
+    pool: asyncpg.Pool, dataset: str, *, idle_longer_than: float | None = None
+) -> str:
+    """Who holds the dataset's fence, by session name: ``bascule writer HOST:PID (N)``;
+    ``idle_longer_than``: only sessions idle for longer than that many seconds."""
     key = fence_id(dataset) & 0xFFFFFFFFFFFFFFFF  # pg_locks shows a bigint key as two oids
     async with reaching_postgres():
         rows = await pool.fetch(
@@ -559,9 +548,12 @@ async def _fence_holders(pool: asyncpg.Pool, dataset: str) -> str:
             " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
             " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid"
+            " AND ($3::float8 IS NULL OR (a.state <> 'active'"
+            "   AND a.state_change < now() - make_interval(secs => $3)))"
             " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5",
             key >> 32,
             key & 0xFFFFFFFF,
+            idle_longer_than,
         )
     return ", ".join(f"{r['who']} ({r['n']})" for r in rows)
 

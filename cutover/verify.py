@@ -47,7 +47,7 @@ from cutover.checksum import (
     scan,
     thresholds,
 )
-from cutover.findings import KINDS, Options, TableReport, VerifyReport, describe, other
+from cutover.findings import KINDS, Options, TableReport, VerifyReport, other
 from cutover.job import Job
 from cutover.settling import recheck, settle
 from cutover.tables import Pair, paired
@@ -66,14 +66,8 @@ async def verify(job: Job, options: Options, *, backfill_run: int | None = None)
             "there, so a repaired record would not stay repaired; repair in a stage that "
             "writes both sides"
         )
-    resumed = None
-    if options.resume:
-        resumed = await job.runs.resumable("verify")
-        if resumed is None:
-            raise Refused(
-                f"{job.dataset}: no interrupted verification to resume (the latest finished); "
-                "run it without --resume"
-            )
+    resumed = await job.runs.resumed("verify") if options.resume else None
+    if resumed is not None:
         if resumed.mode != options.mode or resumed.authority != auth.value:
             raise Refused(
                 f"{job.dataset}: run {resumed.id} was a {resumed.mode} verification against the "
@@ -103,17 +97,8 @@ async def verify(job: Job, options: Options, *, backfill_run: int | None = None)
         swept_since,
         show_keys=options.show_keys,
     )
-    try:
+    async with job.runs.stopping("verify", run, report):
         await _run(job, options, report, written)
-    except BaseException as exc:
-        interrupted = isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
-        report.status = "interrupted" if interrupted else "failed"
-        report.seconds = time.monotonic() - started
-        with contextlib.suppress(Exception):
-            await job.runs.finish(
-                "verify", run, report.status, report.figures(), error=describe(exc)
-            )
-        raise
     report.seconds = time.monotonic() - started
     await job.runs.finish("verify", run, report.status, report.figures(), error=report.error)
     return report

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 from yarl import URL
 
@@ -224,6 +225,17 @@ async def garbage_server() -> AsyncIterator[str]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def fetch(database: str, statement: str, *args: Any) -> list[asyncpg.Record]:
+    """Run ``statement`` on ``database`` behind bascule's back, on a session of its own; its
+    rows."""
+    conn = await asyncpg.connect(database)
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
+        return rows
+    finally:
+        await conn.close()
 
 
 def closed_port_url() -> str:

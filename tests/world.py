@@ -45,6 +45,7 @@ from tests.harness import (
     Hook,
     RestartableRefapi,
     dcir_record,
+    fetch,
     relay,
     serve_app,
     serve_proxy,
@@ -206,12 +207,7 @@ class World:
 
     async def sql(self, database: str, statement: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``statement`` on ``database`` behind bascule's back; its rows."""
-        conn = await asyncpg.connect(database)
-        try:
-            rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
-            return rows
-        finally:
-            await conn.close()
+        return await fetch(database, statement, *args)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run ``bascule ARGS`` on this world's configuration, as an SRE would."""

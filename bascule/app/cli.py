@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import getpass
 import os
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def with_config() -> argparse.ArgumentParser:
+    """The options every SRE command takes: ``--config`` and ``--json``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -36,27 +38,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=os.environ.get("BASCULE_CONFIG"),
         help="TOML configuration (default: $BASCULE_CONFIG)",
     )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    return common
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False, parents=[with_config()])
     common.add_argument(
         "--admin",
         default=os.environ.get("BASCULE_ADMIN_URL"),
         help="go through this proxy admin API instead of the stores (default: $BASCULE_ADMIN_URL)",
     )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
         "migrate",
         parents=[common],
         help="create or upgrade bascule's state schema and register datasets",
     )
-    p.set_defaults(func=lambda a: _run(_migrate(a)))
+    p.set_defaults(func=lambda a: run(_migrate(a)))
 
     p = sub.add_parser("status", parents=[common], help="each dataset's stage")
     p.add_argument("dataset", nargs="?")
-    p.set_defaults(func=lambda a: _run(_status(a)))
+    p.set_defaults(func=lambda a: run(_status(a)))
 
-    moving = argparse.ArgumentParser(add_help=False)
-    moving.add_argument("--reason", help="why (required; goes into the audit trail)")
-    moving.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
+    audited = argparse.ArgumentParser(add_help=False)
+    audited.add_argument("--reason", help="why (required; goes into the audit trail)")
+    audited.add_argument("--by", default=os_user(), help="who (default: the OS user)")
+    moving = argparse.ArgumentParser(add_help=False, parents=[audited])
     moving.add_argument(
         "--force",
         action="store_true",
@@ -73,59 +81,55 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("stage", parents=[common, moving], help="move a dataset to a stage")
     p.add_argument("dataset")
     p.add_argument("stage")
-    p.set_defaults(func=lambda a: _run(_stage(a)))
+    p.set_defaults(func=lambda a: run(_stage(a)))
 
     p = sub.add_parser("rollback", parents=[common, moving], help="move a dataset back")
     p.add_argument("dataset")
     p.add_argument("--to", help="stage to go back to (default: the previous one)")
-    p.set_defaults(func=lambda a: _run(_rollback(a)))
+    p.set_defaults(func=lambda a: run(_rollback(a)))
 
     gp = sub.add_parser("gap", help="gap markers: a side that missed writes")
     gsub = gp.add_subparsers(dest="gap_command", metavar="ACTION")
     gsub.required = True
     p = gsub.add_parser(
         "close",
-        parents=[common],
+        parents=[common, audited],
         help="close a side's gap once it is verified complete (audited)",
     )
     p.add_argument("dataset")
     p.add_argument("side", choices=[s.value for s in Side])
-    p.add_argument("--reason", help="why (required; goes into the audit trail)")
-    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
-    p.set_defaults(func=lambda a: _run(_gap_close(a)))
+    p.set_defaults(func=lambda a: run(_gap_close(a)))
 
     jp = sub.add_parser("journal", help="the dual-write journal: backlog, entries, retry, skip")
     jsub = jp.add_subparsers(dest="journal_command", metavar="ACTION")
     jsub.required = True
     p = jsub.add_parser("status", parents=[common], help="backlog per dataset")
     p.add_argument("dataset", nargs="?")
-    p.set_defaults(func=lambda a: _run(_journal_status(a)))
+    p.set_defaults(func=lambda a: run(_journal_status(a)))
     p = jsub.add_parser("list", parents=[common], help="entries in a state (never their bodies)")
     p.add_argument("--state", required=True, choices=["pending", "dead", "in-doubt", "intent"])
     p.add_argument("--dataset")
     p.add_argument("--limit", type=int, default=100)
-    p.set_defaults(func=lambda a: _run(_journal_list(a)))
+    p.set_defaults(func=lambda a: run(_journal_list(a)))
     p = jsub.add_parser("retry", parents=[common], help="send dead entries back to the replayer")
     p.add_argument("seq", nargs="?", type=int)
     p.add_argument("--all-dead", action="store_true")
-    p.set_defaults(func=lambda a: _run(_journal_retry(a)))
-    p = jsub.add_parser("skip", parents=[common], help="give up replaying an entry (audited)")
+    p.set_defaults(func=lambda a: run(_journal_retry(a)))
+    p = jsub.add_parser(
+        "skip", parents=[common, audited], help="give up replaying an entry (audited)"
+    )
     p.add_argument("seq", type=int)
-    p.add_argument("--reason", help="why (required; goes into the audit trail)")
-    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
-    p.set_defaults(func=lambda a: _run(_journal_skip(a)))
+    p.set_defaults(func=lambda a: run(_journal_skip(a)))
 
     p = sub.add_parser(
         "auto-promote",
-        parents=[common],
+        parents=[common, audited],
         help="turn a dataset's auto_promote on or off (audited): the controller moves it "
         "shadow -> live once the gate holds only while it is on",
     )
     p.add_argument("dataset")
     p.add_argument("switch", choices=["on", "off"])
-    p.add_argument("--reason", help="why (required; goes into the audit trail)")
-    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
-    p.set_defaults(func=lambda a: _run(_auto_promote(a)))
+    p.set_defaults(func=lambda a: run(_auto_promote(a)))
 
     p = sub.add_parser(
         "gate",
@@ -134,7 +138,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(exit 0 if it holds, 3 if not)",
     )
     p.add_argument("dataset")
-    p.set_defaults(func=lambda a: _run(_gate(a)))
+    p.set_defaults(func=lambda a: run(_gate(a)))
 
     p = sub.add_parser(
         "divergence", parents=[common], help="recent mismatches grouped by where they differ"
@@ -143,7 +147,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--since", type=float, default=24 * 3600.0, help="seconds back (default: one day)"
     )
-    p.set_defaults(func=lambda a: _run(_divergence(a)))
+    p.set_defaults(func=lambda a: run(_divergence(a)))
 
     p = sub.add_parser(
         "noise",
@@ -158,25 +162,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--route", help="only this route template (default: every route it was proposed on)"
     )
     p.add_argument("--reason", help="why (required to decide; goes into the audit trail)")
-    p.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
-    p.set_defaults(func=lambda a: _run(_noise(a)))
+    p.add_argument("--by", default=os_user(), help="who (default: the OS user)")
+    p.set_defaults(func=lambda a: run(_noise(a)))
 
     p = sub.add_parser("history", parents=[common], help="the audit trail of stage changes")
     p.add_argument("dataset", nargs="?")
     p.add_argument("--limit", type=int, default=100)
-    p.set_defaults(func=lambda a: _run(_history(a)))
+    p.set_defaults(func=lambda a: run(_history(a)))
 
 
-def _os_user() -> str:
+def os_user() -> str:
+    """Who runs the command, as the audit records it unless ``--by`` says otherwise."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
 
 
-def _run(coro: Any) -> int:
-    result: int = asyncio.run(coro)
-    return result
+def run(coro: Coroutine[Any, Any, int]) -> int:
+    """A command's coroutine, run to its exit code."""
+    return asyncio.run(coro)
 
 
 async def _migrate(args: argparse.Namespace) -> int:
@@ -186,7 +191,7 @@ async def _migrate(args: argparse.Namespace) -> int:
         try:
             async with reaching_postgres(), pool.acquire() as conn:
                 applied = await schema.migrate(conn)
-            added = await StageStore(pool).register(config.datasets, actor=_os_user())
+            added = await StageStore(pool).register(config.datasets, actor=os_user())
         finally:
             await pool.close()
     names = [f"{m.version:04d}_{m.name}" for m in applied]

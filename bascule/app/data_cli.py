@@ -11,13 +11,11 @@ their keys, for an operator with a reason, audited before anything is shown.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
 import os
 import sys
 import time
-from pathlib import Path
-from typing import Any, TextIO
+from collections.abc import Awaitable, Callable
+from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -32,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bascule.app import render
+from bascule.app.cli import os_user, run, with_config
 from bascule.app.clients import config_of
 from bascule.checks import check_actor, require_reason
 from bascule.config import Config, Secrets
@@ -39,11 +38,11 @@ from bascule.errors import StoreError, UsageError
 from bascule.state.servers import LOCAL_POSTGRES_URL, port_answers
 from cutover.backfill import BATCH_ROWS, BackfillOptions, BackfillReport, backfill
 from cutover.findings import Options, VerifyReport
+from cutover.job import Job, Silent, data_job
 from cutover.job import Progress as JobProgress
-from cutover.job import Silent, data_job
 from cutover.verify import verify
 
-EXIT_DIVERGENT = 4
+T = TypeVar("T")
 
 _LABELS = {
     "chunks": "finding chunks",
@@ -55,15 +54,8 @@ _LABELS = {
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``verify`` and ``backfill`` to the ``bascule`` command."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("BASCULE_CONFIG"),
-        help="TOML configuration (default: $BASCULE_CONFIG)",
-    )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--by", default=_os_user(), help="who (default: the OS user)")
+    common = argparse.ArgumentParser(add_help=False, parents=[with_config()])
+    common.add_argument("--by", default=os_user(), help="who (default: the OS user)")
     common.add_argument("--resume", action="store_true", help="continue the latest interrupted run")
 
     p = sub.add_parser(
@@ -89,7 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "audited, each record under its write lock)",
     )
     p.add_argument("--reason", help="why (required with --show-keys and --repair; audited)")
-    p.set_defaults(func=lambda a: _run(_verify(a)))
+    p.set_defaults(func=lambda a: run(_verify(a)))
 
     p = sub.add_parser(
         "backfill",
@@ -103,14 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=BATCH_ROWS,
         help=f"rows per transaction on the target and per checkpoint (default {BATCH_ROWS:,})",
     )
-    p.set_defaults(func=lambda a: _run(_backfill(a)))
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+    p.set_defaults(func=lambda a: run(_backfill(a)))
 
 
 def _state_database(config: Config) -> str:
@@ -125,11 +110,6 @@ def _state_database(config: Config) -> str:
         "no state Postgres: set BASCULE_POSTGRES_URL or [state] postgres_url, or run one on "
         "127.0.0.1:5432"
     )
-
-
-def _run(coro: Any) -> int:
-    result: int = asyncio.run(coro)
-    return result
 
 
 async def _verify(args: argparse.Namespace) -> int:
@@ -147,52 +127,39 @@ async def _verify(args: argparse.Namespace) -> int:
         show_keys=args.show_keys,
         reason=reason,
     )
-    config = config_of(args)
-    secrets = Secrets.from_env(os.environ)
-    progress = _progress(args.json)
-    async with data_job(
-        config,
-        secrets,
-        args.dataset,
-        _state_database(config),
-        actor=args.by,
-        purpose="verify",
-        progress=progress,
-    ) as job:
-        try:
-            report = await verify(job, options)
-        finally:
-            _stop(progress)
+    report = await _job(args, "verify", lambda job: verify(job, options))
     if args.json:
         render.print_json(report.as_json())
     else:
         _show_verification(report)
-    code = report.exit_code
-    return EXIT_DIVERGENT if code == 4 else code
+    return report.exit_code
+
+
+async def _job(args: argparse.Namespace, purpose: str, work: Callable[[Job], Awaitable[T]]) -> T:
+    """Run one data job on the dataset ``args`` names, with its progress shown as it goes."""
+    config = config_of(args)
+    progress = _progress(args.json)
+    async with data_job(
+        config,
+        Secrets.from_env(os.environ),
+        args.dataset,
+        _state_database(config),
+        actor=args.by,
+        purpose=purpose,
+        progress=progress,
+    ) as job:
+        try:
+            return await work(job)
+        finally:
+            _stop(progress)
 
 
 async def _backfill(args: argparse.Namespace) -> int:
     check_actor(args.by)
     if args.batch_rows < 1:
         raise UsageError("--batch-rows must be at least 1")
-    config = config_of(args)
-    secrets = Secrets.from_env(os.environ)
-    progress = _progress(args.json)
-    async with data_job(
-        config,
-        secrets,
-        args.dataset,
-        _state_database(config),
-        actor=args.by,
-        purpose="backfill",
-        progress=progress,
-    ) as job:
-        try:
-            report = await backfill(
-                job, BackfillOptions(resume=args.resume, batch_rows=args.batch_rows)
-            )
-        finally:
-            _stop(progress)
+    options = BackfillOptions(resume=args.resume, batch_rows=args.batch_rows)
+    report = await _job(args, "backfill", lambda job: backfill(job, options))
     if args.json:
         render.print_json(report.as_json())
     else:

@@ -14,7 +14,8 @@ import pytest
 from bascule.stages import Side, Stage
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
-from refapi.lab import migrate_state, write_config
+from refapi.lab import migrate_state
+from tests.harness import offline_config
 
 GATE = """
 [datasets.dcir.gate]
@@ -55,6 +56,18 @@ class Gated:
             n,
         )
 
+    async def evidence(self, table: str, **row: Any) -> None:
+        """One row of the gate's evidence under dcir's current stage version."""
+        columns = {"dataset": "dcir", "route": ROUTE, "stage_version": await self.version(), **row}
+        names = ", ".join(columns)
+        places = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        await self.sql(f"INSERT INTO {table} ({names}) VALUES ({places})", *columns.values())
+
+    async def mismatch(self) -> None:
+        await self.evidence(
+            "bascule_mismatch", differences='[["body", "/record/amount", "changed"]]'
+        )
+
     async def entry(self, state: str, age: float) -> None:
         await self.sql(
             "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
@@ -73,14 +86,8 @@ async def gated(
 ) -> AsyncIterator[Gated]:
     await migrate_state(pg_url)
     config = tmp_path / "bascule.toml"
-    write_config(
-        config,
-        source_url="http://127.0.0.1:9",
-        target_url="http://127.0.0.1:9",
-        postgres_url=pg_url,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-        extra=GATE,
+    offline_config(
+        config, postgres_url=pg_url, redis_url=redis_url, redis_prefix=redis_prefix, extra=GATE
     )
     pool = await open_pool(pg_url, max_size=2)
     store = StageStore(pool)

@@ -18,13 +18,13 @@ import asyncpg
 from bascule.config import Config, Secrets, load_config
 from bascule.sealing import Namer
 from bascule.stages import Stage
-from bascule.state import schema
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageRow, StageStore
 from refapi.datasets import DCIR
+from refapi.lab import DATASETS, migrate_state, walk
 from refapi.schema import table_ddl
+from tests.harness import fetch
 
-DATASETS = ("default", "dcir", "pmsi", "cepidc")
 MakeDatabase = Callable[[str], Awaitable[str]]
 
 DCIR_ROWS = """
@@ -74,15 +74,6 @@ async def execute(database: str, *statements: str, args: Sequence[Any] = ()) -> 
         await conn.close()
 
 
-async def fetch(database: str, statement: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database)
-    try:
-        rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
-        return rows
-    finally:
-        await conn.close()
-
-
 async def dcir(database: str, rows: int, *, first: int = 1) -> None:
     """The reference API's dcir table with ids ``first..first+rows-1``."""
     conn = await asyncpg.connect(database)
@@ -105,19 +96,10 @@ async def both(source: str, target: str, rows: int) -> None:
 
 async def state(database: str, *stages: Stage) -> StageRow:
     """A migrated state database, the datasets registered, dcir walked through ``stages``."""
-    conn = await asyncpg.connect(database)
-    try:
-        await schema.migrate(conn)
-    finally:
-        await conn.close()
+    await migrate_state(database)
     pool = await open_pool(database, max_size=1)
     try:
-        store = StageStore(pool)
-        await store.register(DATASETS, actor="test")
-        row = await store.get("dcir")
-        for stage in stages:
-            row = await store.change("dcir", row.version, stage, actor="test", reason="set-up")
-        return row
+        return await walk(StageStore(pool), "dcir", *stages, reason="set-up")
     finally:
         await pool.close()
 

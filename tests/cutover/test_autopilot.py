@@ -40,15 +40,6 @@ def pilot(world: Gated, replica: str = "r1", *, auto: bool = True, budget: int =
     )
 
 
-async def mismatch_in_live(world: Gated) -> None:
-    await world.sql(
-        "INSERT INTO bascule_mismatch (dataset, route, differences, stage_version)"
-        ' VALUES (\'dcir\', $1, \'[["body", "/record/amount", "changed"]]\', $2)',
-        ROUTE,
-        await world.version(),
-    )
-
-
 async def test_it_promotes_once_the_gate_holds_and_only_with_auto_promote(gated: Gated) -> None:
     assert await pilot(gated, auto=False).round() == []  # auto_promote off: never
     await gated.sql("UPDATE bascule_stage SET updated_at = now()")  # the window not yet passed
@@ -70,9 +61,9 @@ async def test_past_the_budget_it_rolls_back_turns_auto_promote_off_and_does_not
     auto = pilot(gated, budget=1)
     await auto.round()
     assert (await gated.store.get("dcir")).stage is Stage.LIVE
-    await mismatch_in_live(gated)
+    await gated.mismatch()
     assert await auto.round() == []  # within the budget of 1
-    await mismatch_in_live(gated)
+    await gated.mismatch()
     done = await auto.round()
     assert [(a.dataset, a.did) for a in done] == [("dcir", "rolled back")]
     row = await gated.store.get("dcir")

@@ -16,7 +16,8 @@ from bascule.stages import Stage
 from cutover.backfill import BackfillOptions, backfill
 from cutover.job import Silent, data_job
 from tests.cutover import datajobs
-from tests.cutover.datajobs import MakeDatabase, execute, fetch, report, run_cli, state
+from tests.cutover.datajobs import MakeDatabase, execute, report, run_cli, state
+from tests.harness import fetch
 
 
 async def test_a_backfill_is_refused_outside_dualwrite_and_while_a_replica_is_behind(

@@ -15,8 +15,8 @@ import pytest
 from bascule.stages import Stage
 from tests.conftest import Ground
 from tests.cutover import datajobs
-from tests.cutover.datajobs import fetch
 from tests.cutover.flowing import writing
+from tests.harness import fetch
 from tests.world import build_world, table_digest
 
 ROWS = 150_000

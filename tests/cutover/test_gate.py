@@ -67,21 +67,12 @@ async def _silent_route(world: Gated) -> None:
 
 
 async def _mismatch(world: Gated) -> None:
-    await world.sql(
-        "INSERT INTO bascule_mismatch (dataset, route, differences, stage_version)"
-        ' VALUES (\'dcir\', $1, \'[["body", "/record/amount", "changed"]]\', $2)',
-        ROUTE,
-        await world.version(),
-    )
+    await world.mismatch()
 
 
 async def _errored(world: Gated) -> None:
-    await world.sql(
-        "INSERT INTO bascule_shadow_error (dataset, route, reason, minute, n, stage_version)"
-        " VALUES ('dcir', $1, 'shadow_timeout', date_trunc('minute', now()), 2, $2)",
-        ROUTE,
-        await world.version(),
-    )
+    minute = await world.pool.fetchval("SELECT date_trunc('minute', now())")
+    await world.evidence("bascule_shadow_error", reason="shadow_timeout", minute=minute, n=2)
 
 
 async def _waiting(world: Gated) -> None:

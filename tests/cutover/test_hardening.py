@@ -6,10 +6,10 @@ Each test was written failing, as the reproduction of a defect, before its fix.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -26,7 +26,7 @@ from bascule.state.fleet import RedisAnnouncer, StageView
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
 from refapi.lab import DATASETS, OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state, walk
-from tests.harness import serve_app
+from tests.harness import cli_env, serve_app
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -263,22 +263,9 @@ async def test_actor_in_the_audit_is_not_whatever_the_caller_claims(admin_url: s
 
 
 def test_cli_history_survives_any_reason_text(
-    tmp_path: object, pg_url: str, redis_url: str, redis_prefix: str
+    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
 ) -> None:
-    from pathlib import Path
-
-    from refapi.lab import write_config
-
-    config = Path(str(tmp_path)) / "bascule.toml"
-    write_config(
-        config,
-        source_url="http://127.0.0.1:9",
-        target_url="http://127.0.0.1:9",
-        postgres_url=pg_url,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-    )
-    env = {**os.environ, "BASCULE_CONFIG": str(config)}
+    env = cli_env(tmp_path, pg_url, redis_url, redis_prefix)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -25,12 +25,12 @@ from tests.cutover.datajobs import (
     MakeDatabase,
     both,
     execute,
-    fetch,
     report,
     run_cli,
     state,
     token,
 )
+from tests.harness import fetch
 
 
 async def world(

@@ -36,26 +36,23 @@ class Ledger:
         self.order.append("redis")
         return True
 
-    async def errors(self, errors: Any) -> None:
+    async def _postgres(self) -> None:
         await self.release.wait()
         if self.fail_postgres:
             raise StoreError("the state Postgres is away")
-        self.errors_.update(errors)
         self.order.append("postgres")
+
+    async def errors(self, errors: Any) -> None:
+        await self._postgres()
+        self.errors_.update(errors)
 
     async def gate_counts(self, counts: Any) -> None:
-        await self.release.wait()
-        if self.fail_postgres:
-            raise StoreError("the state Postgres is away")
+        await self._postgres()
         self.gated.update(counts)
-        self.order.append("postgres")
 
     async def mismatch(self, dataset: str, route: str, diff: Diff, trace_id: Any, **_: Any) -> None:
-        await self.release.wait()
-        if self.fail_postgres:
-            raise StoreError("the state Postgres is away")
+        await self._postgres()
         self.rows.append((dataset, route))
-        self.order.append("postgres")
 
 
 def filled() -> Tally:
