@@ -174,9 +174,12 @@ class JournalView:
             for r in rows:
                 if r["record"] != DATASET_WIDE:
                     request = json.loads(self.open(r["request"], "request"))
-                    if request.get("key") is not None:
-                        written.keys.add(str(request["key"]))
-                    else:
+                    # A create is its record's once its answer named it: its key is there.
+                    key = request.get("key")
+                    made = self._created(r) if key is None else str(key)
+                    if made:
+                        written.keys.add(made)
+                    elif made is None:
                         written.unknowable += 1
                     continue
                 key = self._created(r)

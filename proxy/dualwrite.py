@@ -30,10 +30,11 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
-from bascule.errors import RecordBusy, StoreError, UpstreamError, UpstreamTimeout
+from bascule.errors import RecordBusy, RouteError, StoreError, UpstreamError, UpstreamTimeout
 from bascule.sealing import Namer
 from bascule.stages import Side, Stage
 from bascule.state.fleet import StageView
@@ -43,7 +44,7 @@ from bascule.state.journal.writes import WriteSession
 from bascule.upstream import Upstream
 from proxy.answers import error, response_headers
 from proxy.plan import plan
-from proxy.routing import Match
+from proxy.routing import Match, Router, json_pointer
 from proxy.server import Request, Responder
 
 log = logging.getLogger("bascule.dualwrite")
@@ -82,6 +83,9 @@ class DualWriter:
     """This replica's view of the stages: refreshed before answering a write that found a
     newer stage under the fence, so the researcher's next read here goes to the side that
     now holds the write."""
+    router: Router | None = None
+    """Routes the record a create made (its ``replay_as`` path), to name it as later writes to
+    it are named: from its outcome on, the create waits for no write to another record."""
 
     async def write(
         self,
@@ -120,7 +124,7 @@ class DualWriter:
                     if self.kill_after_send == request.method:
                         log.error("failpoint kill-after-send: killing this process")
                         os.kill(os.getpid(), signal.SIGKILL)
-                    await self._record(session, fenced.seq, answer)
+                    await self._record(session, fenced.seq, answer, match)
         except RecordBusy as exc:
             await error(
                 out,
@@ -190,7 +194,7 @@ class DualWriter:
             return UpstreamTimeout(upstream.name, "did not answer within the write deadline")
 
     async def _record(
-        self, session: WriteSession, seq: int, answer: Answer | UpstreamError
+        self, session: WriteSession, seq: int, answer: Answer | UpstreamError, match: Match
     ) -> None:
         if isinstance(answer, UpstreamError):
             # Not sent: nothing happened anywhere. Sent: it may have been applied.
@@ -206,7 +210,40 @@ class DualWriter:
             # other side is unknown here, so the resolver settles it from the current state.
             state = "in_doubt"
         stored = orjson.dumps({"status": status, "headers": headers, "body": b64(body)})
-        await session.decide(seq, state, status=status, answer=stored, fenced=True)
+        record = self._created(match, body) if state == "pending" else None
+        await session.decide(seq, state, status=status, answer=stored, fenced=True, record=record)
+
+    def _created(self, match: Match, body: bytes) -> str | None:
+        """The token of the record a create made, as a write to it will name it: its id in
+        the answer (``create_id``), put into ``replay_as``'s path and routed. None when the
+        write named its record already, or the answer does not say it (the entry then stays
+        dataset-wide: every later write of the dataset waits for its replay)."""
+        route = match.route
+        if (
+            self.router is None
+            or match.key is not None
+            or route is None
+            or route.create_id is None
+            or route.replay_as is None
+        ):
+            return None
+        try:
+            value = json_pointer(orjson.loads(body), route.create_id)
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            return None
+        method, _, template = route.replay_as.partition(" ")
+        path = template.replace("{dataset}", quote(match.dataset, safe="")).replace(
+            "{id}", quote(str(value), safe="")
+        )
+        try:
+            made = self.router.match(method, path)
+        except RouteError:
+            return None
+        if made.key is None or made.dataset != match.dataset:
+            return None
+        return self.namer.record(made.dataset, made.key)
 
 
 def call_deadline(upstream: Upstream) -> float:

@@ -39,7 +39,7 @@ from bascule.state.journal.queries import purge
 from bascule.upstream import Upstream
 from proxy.dualwrite import call_deadline
 from proxy.plan import plan
-from proxy.routing import path_values
+from proxy.routing import json_pointer, path_values
 
 if TYPE_CHECKING:
     from proxy.resolver import Resolver
@@ -324,7 +324,7 @@ class Replayer:
         values = {"dataset": entry.dataset}
         values.update(path_values(route.path, original["target"]))
         if route.create_id is not None:
-            values["id"] = str(_pointer(orjson.loads(body), route.create_id))
+            values["id"] = str(json_pointer(orjson.loads(body), route.create_id))
         path = template
         for name, value in values.items():
             path = path.replace("{" + name + "}", value)
@@ -338,10 +338,3 @@ class Replayer:
 
 def _ours(name: str) -> bool:
     return name.lower() in ("idempotency-key", "authorization", "content-length")
-
-
-def _pointer(doc: Any, pointer: str) -> Any:
-    for token in pointer.lstrip("/").split("/"):
-        token = token.replace("~1", "/").replace("~0", "~")
-        doc = doc[int(token)] if isinstance(doc, list) else doc[token]
-    return doc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 from bascule.config import DEFAULT_DATASET, Route
@@ -130,3 +131,11 @@ def path_values(pattern: str, target: str) -> dict[str, str]:
     parts = pattern.strip("/").split("/")
     given = target.split("?", 1)[0].strip("/").split("/")
     return {p[1:-1]: g for p, g in zip(parts, given, strict=False) if p.startswith("{")}
+
+
+def json_pointer(doc: Any, pointer: str) -> Any:
+    """The value at JSON pointer ``pointer`` in ``doc``; KeyError or IndexError if absent."""
+    for token in pointer.lstrip("/").split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        doc = doc[int(token)] if isinstance(doc, list) else doc[token]
+    return doc

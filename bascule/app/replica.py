@@ -136,7 +136,11 @@ class Replica:
                 self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool
             )
             self.dual = DualWriter(
-                journal, Namer(self.secrets.hmac_key), self.upstreams, view=self.view
+                journal,
+                Namer(self.secrets.hmac_key),
+                self.upstreams,
+                view=self.view,
+                router=Router(self.config.routes, self.config.datasets),
             )
             routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
             credentials = {

@@ -75,6 +75,44 @@ async def test_creates_get_the_same_id_and_row_on_both_sides(world: World) -> No
     assert await table_digest(world.source_db) == await table_digest(world.target_db)
 
 
+async def test_a_create_is_its_records_once_answered_and_holds_no_other_record_back(
+    world: World,
+) -> None:
+    """A create names no record when it is journaled (the backend assigns the id): until its
+    answer is known it holds back every later write of the dataset. Once answered, its entry
+    is the new record's: a write to another record is replayed while the create waits for
+    its own replay, and a write to the new record still waits for the create."""
+    await world.to_stage(Stage.DUALWRITE)
+    replayer = world.replica.replayer_task
+    assert replayer is not None
+    replayer.cancel()  # replays are made by hand below
+    await asyncio.gather(replayer, return_exceptions=True)
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        async with session.post(
+            f"{world.proxy}/v1/datasets/dcir/records", json=dcir_record(4243)
+        ) as resp:
+            assert resp.status == 201
+            made = (await resp.json())["record"]["id"]
+        for rid in (3, made):
+            async with session.patch(
+                f"{world.proxy}/v1/datasets/dcir/records/{rid}", json={"amount": 12.5}
+            ) as resp:
+                assert resp.status == 200
+    rows = await world.sql(world.state_db, "SELECT seq, record FROM bascule_journal ORDER BY seq")
+    dual = world.replica.dual
+    assert dual is not None
+    created, other = dual.namer.record("dcir", str(made)), dual.namer.record("dcir", "3")
+    assert [r["record"] for r in rows] == [created, other, created]
+    # The create's replay is put off (its backend slow, say): the other record's write goes.
+    await world.sql(
+        world.state_db,
+        "UPDATE bascule_journal SET next_attempt_at = now() + interval '1 hour' WHERE seq = $1",
+        rows[0]["seq"],
+    )
+    ready = [e.seq for e in await dual.journal.replayable("dcir", run=16)]
+    assert ready == [rows[1]["seq"]]  # not the create, nor the write to what it created
+
+
 async def compressing(request: web.Request, forward: Forward) -> web.StreamResponse:
     """A backend that gzips every answer whose request accepts it, as many API gateways do."""
     answer = await forward()

@@ -78,15 +78,17 @@ class JournalCore:
         conn: Any = None,
         release: bool = False,
         fenced: bool = False,
+        record: str | None = None,
     ) -> None:
         """Move one entry to ``state`` if its state allows it. ``release``: the writer's own
         outcome statement, which also releases its session's locks and commits without
-        waiting for the WAL flush (see :meth:`WriteSession.decide`)."""
+        waiting for the WAL flush (see :meth:`WriteSession.decide`). ``record``: the record
+        the entry turned out to write (a create, once its answer names the new record)."""
         allowed = [s for s, nexts in NEXT.items() if state in nexts]
         update = (
             "UPDATE bascule_journal SET state = $2,"
             " status = coalesce($3, status), answer = coalesce($4, answer),"
-            " last_error = coalesce($5, last_error),"
+            " last_error = coalesce($5, last_error), record = coalesce($9, record),"
             # When the write reached the authoritative side, as far as anyone can say: its
             # outcome, or the resolution of an in-doubt one (the race guard relies on it).
             " decided_at = CASE WHEN state IN ('intent', 'in_doubt') THEN now()"
@@ -121,6 +123,7 @@ class JournalCore:
                 allowed,
                 retry_in,
                 stage_version,
+                record,
             )
         if done is None:
             raise IllegalTransition(f"journal entry {seq} cannot move to {state!r} from its state")

@@ -188,8 +188,11 @@ class WriteSession:
         answer: bytes | None = None,
         stage_version: int | None = None,
         fenced: bool = False,
+        record: str | None = None,
     ) -> None:
         """Record the outcome on this session, and release its locks in the same statement.
+        ``record``: the record a create turned out to make (its answer names it): from then on
+        the entry is that record's, and waits for no write to any other.
 
         On this session: a write never needs a second connection (with every session of the
         pool held by writers, waiting for another would deadlock). The outcome is flushed like
@@ -211,6 +214,7 @@ class WriteSession:
                 conn=self.conn,
                 release=True,
                 fenced=fenced,
+                record=record,
             )
         except IllegalTransition:
             self.unlocked = True  # the statement ran to its end, unlock included
