@@ -108,6 +108,20 @@ class DualWriter:
             }
 
         known = self.view.get(match.dataset) if self.view is not None else None
+        if self.view is not None and self.view.stale:
+            # This replica has not read the stages for `stale_after`: the state Postgres is
+            # away, or its sessions are silent (a partition). A write could wait out every
+            # timeout on a dead session before failing: say so now.
+            await error(
+                out,
+                503,
+                "journal_unavailable",
+                f"this write was refused before reaching any backend: this replica has not read "
+                f"the stages for {self.view.stale_after:g} s (the state Postgres is unreachable), "
+                "so it cannot fence or journal writes; try again, or another replica",
+                match.dataset,
+            )
+            return
         answer: Answer | UpstreamError | None = None
         try:
             async with self.journal.locked(match.dataset, [token]) as session:

@@ -83,6 +83,14 @@ async def test_a_replica_blackholed_from_the_state_postgres_goes_not_ready_and_r
             assert "refused before reaching any backend" in body["error"]["message"], body
             assert refused_after < BOUND, refused_after
             assert await amount(world.source_db, 5) == Decimal(501)
+            # A write arriving once the replica knows it is cut off is refused at once, not
+            # after waiting out a silent session's timeouts.
+            asked = time.monotonic()
+            status, code, body = await patch(session, cut, 5, 503)
+            at_once = time.monotonic() - asked
+            assert (status, code) == (503, "journal_unavailable"), body
+            assert "has not read the stages" in body["error"]["message"], body
+            assert at_once < 1.0, at_once
 
             # The other replica's line is fine: ready, and its writes go through.
             async with session.get(f"{world.admin_urls[0]}/readyz") as resp:
@@ -90,5 +98,5 @@ async def test_a_replica_blackholed_from_the_state_postgres_goes_not_ready_and_r
             assert (await patch(session, other, 6, 601))[0] == 200
     print(
         f"\nblackholed: not ready after {stale_after:.2f}s (stale_after {STALE}s, poll {POLL}s);"
-        f" write refused ({code}) after {refused_after:.2f}s"
+        f" write refused ({code}) after {refused_after:.2f}s, the next one after {at_once:.3f}s"
     )
