@@ -44,8 +44,17 @@ async def test_with_every_condition_holding_the_flip_passes(gated: Gated) -> Non
         "gap",
         "verified",
     ]
+    # status and divergence show the ledger's counts under the current stage version.
+    status = orjson.loads((await arun(gated.env, "status", "dcir", "--json")).stdout)
+    assert status["datasets"][0]["shadow"]["compared"] == 10
+    assert "10 compared, 0 mismatched" in (await arun(gated.env, "status")).stdout
+    found = orjson.loads((await arun(gated.env, "divergence", "dcir", "--json")).stdout)
+    assert (found["version"], found["counts"]["matched"]) == (await gated.version(), 10)
     done = await arun(gated.env, "stage", "dcir", "live", "--reason", "gate holds")
     assert done.returncode == 0, done.stderr
+    # Under the new stage version the figures start afresh.
+    status = orjson.loads((await arun(gated.env, "status", "dcir", "--json")).stdout)
+    assert status["datasets"][0]["shadow"]["compared"] == 0
     last = (await gated.store.history("dcir"))[-1]
     assert (last.to_stage, last.forced) == ("live", False)
     assert last.details["gate"]["volume"] == 10  # audited with the figures it passed on
