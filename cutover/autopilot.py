@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from bascule.config import Config
-from bascule.errors import BasculeError, StoreError
+from bascule.errors import BasculeError, Refused, StoreError
 from bascule.stages import Stage
 from bascule.state import leases
 from bascule.state.postgres import reaching_postgres
@@ -79,8 +79,7 @@ class Autopilot:
         try:
             while True:
                 try:
-                    if await leases.take(self.pool, LEASE, self.replica, self.lease):
-                        await self.round()
+                    await self.lead()
                 except StoreError as exc:
                     log.warning("controller round skipped: %s", exc)
                 await asyncio.sleep(self.interval)
@@ -88,8 +87,16 @@ class Autopilot:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(leases.release(self.pool, LEASE, self.replica))
 
+    async def lead(self) -> list[Action] | None:
+        """A round, if this replica holds the controller's lease (taking or renewing it); None
+        while another replica does."""
+        if not await leases.take(self.pool, LEASE, self.replica, self.lease):
+            return None
+        return await self.round()
+
     async def round(self) -> list[Action]:
-        """Look at every configured dataset once; what was done."""
+        """Look at every configured dataset once; what was done. Every move it makes is
+        refused at its commit unless this replica still holds the lease then."""
         done: list[Action] = []
         rows = await self.store.all()
         for name in sorted(self.auto_promote):
@@ -119,6 +126,11 @@ class Autopilot:
         return None
 
     async def _promote(self, row: StageRow) -> Action | None:
+        group = self.groups.get(row.dataset) if self.groups else None
+        if group is not None:
+            rows = {r.dataset: r for r in (await self.store.all()).values()}
+            if not all(m in rows and self.promotes(rows[m]) for m in group.members):
+                return None  # a member of its group is not to be promoted: none is
         report = await self.gate.judge(row, Stage.LIVE)
         if not report.ok:
             return None  # nothing to do yet: the gate says what it waits for
@@ -134,6 +146,7 @@ class Autopilot:
             switcher=self.switcher,
             gate=self.gate,
             groups=self.groups,
+            require=self._still(promoting=True),
         )
         detail = f"shadow -> live (version {result.after.version if result.after else '?'})"
         log.info("controller: %s: %s, the gate holding", row.dataset, detail)
@@ -163,6 +176,8 @@ class Autopilot:
                 actor=ACTOR,
                 reason=f"turned off by the automatic rollback of {row.dataset}: {why}",
                 details={"live_mismatch_budget": figures},
+                # Judged on this round's row: moved since (on-call acted), it is not ours.
+                expected_version=row.version if member == row.dataset else None,
             )
         await controller.rollback(
             self.store,
@@ -175,8 +190,34 @@ class Autopilot:
             switcher=self.switcher,
             gate=self.gate,
             groups=self.groups,
+            expected_version=row.version,
+            require=self._still(promoting=False),
         )
         return Action(row.dataset, "rolled back", why)
+
+    def _still(self, *, promoting: bool) -> controller.Require:
+        """What must still hold when the move commits, checked on the locked rows: this replica
+        still holds the controller's lease (a move may outlast it: another controller may act
+        by then), and for a promotion, auto_promote is still on for every dataset moving (an
+        operator may have turned it off meanwhile)."""
+
+        async def check(conn: Any, rows: list[StageRow]) -> None:
+            held = await conn.fetchval(
+                "SELECT holder = $2 AND expires_at > now() FROM bascule_lease WHERE name = $1"
+                " FOR SHARE",
+                LEASE,
+                self.replica,
+            )
+            if not held:
+                raise Refused(
+                    f"the controller on {self.replica} no longer holds its lease: it leaves the "
+                    "move to the one that does"
+                )
+            off = [r.dataset for r in rows if promoting and not self.promotes(r)]
+            if off:
+                raise Refused(f"auto_promote was turned off meanwhile for {', '.join(off)}")
+
+        return check
 
 
 async def mismatches_under(pool: asyncpg.Pool, dataset: str, version: int) -> int:

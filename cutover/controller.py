@@ -10,7 +10,7 @@ it refuses what the real move would refuse now, and the two cannot drift apart.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from bascule.stages import (
     GapOpen,
     Side,
     Stage,
+    authority,
     blocking_gaps,
     check_move,
     illegal,
@@ -30,6 +31,7 @@ from bascule.stages import (
     role,
     when,
 )
+from bascule.state import audit
 from bascule.state.stage_store import StageRow, StageStore
 from cutover.gate import Gate, GateClosed, GateReport, gated
 from cutover.switch import Switcher, planned_steps
@@ -172,6 +174,28 @@ def assess(
     return Assessment(tuple(checks), refusal, forced, steps)
 
 
+Require = Callable[[Any, list[StageRow]], Awaitable[None]]
+"""A caller's own condition on the rows locked for a commit (a session, the rows); it raises
+to refuse the change."""
+
+
+async def turn_off_auto_promote(conn: Any, row: StageRow, actor: str, reason: str) -> None:
+    """``auto_promote`` off for ``row``'s dataset as part of a rollback, on its transaction."""
+    if row.auto_promote is False:
+        return
+    await conn.execute(
+        "UPDATE bascule_stage SET auto_promote = false WHERE dataset = $1", row.dataset
+    )
+    await audit.record(
+        conn,
+        row.dataset,
+        "auto-promote",
+        actor=actor,
+        reason=f"turned off by the rollback: {reason}",
+        details={"was": row.auto_promote, "now": False, "stage": row.stage.value},
+    )
+
+
 @dataclass(frozen=True)
 class Group:
     """Datasets whose data depend on each other: they move through the stages together, as
@@ -217,6 +241,7 @@ async def move(
     gate: Gate | None = None,
     groups: Groups | None = None,
     illegal_move: IllegalMove | None = None,
+    require: Require | None = None,
 ) -> MoveResult:
     """Move ``dataset`` to ``wanted`` if the rules allow it. Raises IllegalMove, GapOpen,
     GateClosed, StaleVersion, UnknownDataset or UsageError (all refusals: nothing changes). A
@@ -225,7 +250,8 @@ async def move(
     with the figures it overrode. ``gate``: None only in tests of the stage rules alone. A
     dataset of a group (``groups``) moves with every other member, or none moves.
     ``illegal_move``: a refusal already found (a rollback that does not go back), reported as
-    the rules' own."""
+    the rules' own. ``require``: the caller's own condition, checked on the locked rows at the
+    commit (the controller's: its lease, auto_promote)."""
     why = _reason(reason, dry_run)
     check_actor(actor)
     befores = await _members(store, check_name(dataset), groups)
@@ -248,6 +274,7 @@ async def move(
         switcher=switcher,
         gate=gate,
         group=groups.get(dataset) if groups else None,
+        require=require,
     )
 
 
@@ -265,8 +292,12 @@ async def rollback(
     switcher: Switcher | None = None,
     gate: Gate | None = None,
     groups: Groups | None = None,
+    expected_version: int | None = None,
+    require: Require | None = None,
 ) -> MoveResult:
-    """Move back: to the previous stage, or to ``to`` (any earlier stage). Never gated."""
+    """Move back: to the previous stage, or to ``to`` (any earlier stage). Never gated. A
+    rollback from ``live`` or later to ``shadow`` or earlier turns ``auto_promote`` off (in its
+    own transaction, audited): whoever rolled back had a reason the controller cannot see."""
     before = await store.get(check_name(dataset))
     wanted = to if to is not None else previous(before.stage)
     bad = None
@@ -290,6 +321,8 @@ async def rollback(
         gate=gate,
         groups=groups,
         illegal_move=bad,
+        expected_version=expected_version,
+        require=require,
     )
 
 
@@ -386,6 +419,7 @@ async def _move(
     switcher: Switcher | None = None,
     gate: Gate | None = None,
     group: Group | None = None,
+    require: Require | None = None,
 ) -> MoveResult:
     if group is not None:
         details = {
@@ -447,6 +481,24 @@ async def _move(
     # that version too: a change in between makes the compare-and-set fail.
     forced = any(one.forced_gaps or one.forced_gate for one in judged.values())
 
+    async def again(conn: Any, locked: list[StageRow]) -> None:
+        """The gap rule and the gate judged again on the rows locked for the commit: a gap
+        opened (a skipped write) or evidence found (a mismatch) while the switch waited cannot
+        slip through (neither bumps the version the compare-and-set is on)."""
+        for row in locked:
+            blocking = blocking_gaps(wanted, row.gaps)
+            if blocking and not force:
+                raise GapOpen(row.dataset, row.stage, wanted, blocking)
+            if gate is not None and gated(row.stage, wanted) and not force:
+                report = await gate.judge(row, wanted, on=conn)
+                if not report.ok:
+                    raise GateClosed(report)
+        if require is not None:
+            await require(conn, locked)
+        if authority(befores[0].stage) is Side.TARGET and authority(wanted) is Side.SOURCE:
+            for row in locked:
+                await turn_off_auto_promote(conn, row, actor, reason)
+
     def commit() -> Awaitable[list[StageRow]]:
         return store.change_many(
             [(r.dataset, r.version, judged[r.dataset].recorded) for r in befores],
@@ -455,6 +507,7 @@ async def _move(
             reason=reason,
             action=action,
             forced=forced,
+            check=again,
         )
 
     if switcher is None:  # no fence to take (tests of the stage rules alone)
@@ -509,12 +562,19 @@ async def close_gap(
     actor: str,
     reason: str | None,
     details: Mapping[str, Any] | None = None,
+    opened_before: datetime | None = None,
 ) -> GapClosed:
     """Close ``side``'s gap, audited. Refused (nothing changes) when it has none, or while
-    writes do not reach that side."""
+    writes do not reach that side, or (``opened_before``: a verification's) when the side
+    missed a write after that time."""
     why = require_reason(reason)
     check_actor(actor)
     row, since = await store.close_gap(
-        check_name(dataset), side, actor=actor, reason=why, details=details
+        check_name(dataset),
+        side,
+        actor=actor,
+        reason=why,
+        details=details,
+        opened_before=opened_before,
     )
     return GapClosed(row, side, since)

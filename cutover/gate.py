@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -29,7 +29,7 @@ from bascule.config import Config, GateSettings
 from bascule.errors import Refused
 from bascule.stages import ORDER, Side, Stage, serving, shadowed, when
 from bascule.state.journal import queries
-from bascule.state.postgres import reaching_postgres
+from bascule.state.postgres import Reader, reaching_postgres
 from bascule.state.stage_store import StageRow
 
 
@@ -110,23 +110,29 @@ class Gate:
 
     pool: asyncpg.Pool
     settings: Mapping[str, GateSettings] = field(default_factory=dict)
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     def of(self, dataset: str) -> GateSettings:
         return self.settings.get(dataset) or GateSettings()
 
-    async def judge(self, row: StageRow, wanted: Stage | None = None) -> GateReport:
+    async def judge(
+        self, row: StageRow, wanted: Stage | None = None, *, on: Reader | None = None
+    ) -> GateReport:
         """Every condition of the gate, for ``row``'s dataset at its current stage version.
         ``wanted``: the move judged (it names the side about to serve); None judges the move
-        forward from here."""
+        forward from here. ``on``: the session to read on (a commit's, judging again the rows
+        it has locked); by default one of the gate's pool."""
         settings = self.of(row.dataset)
-        now = self.clock()
+        reader = on if on is not None else self.pool
+        # The state database's clock: the stage's time and the evidence's are on it, and a
+        # replica's own clock could be fast (a gate opened early) or slow.
+        async with reaching_postgres():
+            now: datetime = await reader.fetchval("SELECT now()")
         since = max(now - timedelta(seconds=settings.window), row.updated_at)
         if wanted is None:
             wanted = ORDER[min(row.stage.position + 1, len(ORDER) - 1)]
-        evidence = await _evidence(self.pool, row.dataset, row.version, since)
-        journal = await _journal(self.pool, row.dataset, settings.replay_grace)
-        verified = await latest_clean_verification(self.pool, row.dataset)
+        evidence = await _evidence(reader, row.dataset, row.version, since)
+        journal = await _journal(reader, row.dataset, settings.replay_grace)
+        verified = await latest_clean_verification(reader, row.dataset)
         conditions = (
             _window(row, settings, now),
             *_comparisons(row.stage, settings, evidence),
@@ -146,7 +152,7 @@ class _Evidence:
     errored: int
 
 
-async def _evidence(pool: asyncpg.Pool, dataset: str, version: int, since: datetime) -> _Evidence:
+async def _evidence(pool: Reader, dataset: str, version: int, since: datetime) -> _Evidence:
     async with reaching_postgres():
         counts = await pool.fetch(
             "SELECT route, coalesce(sum(n) FILTER (WHERE outcome = 'compared'), 0)::bigint"
@@ -184,7 +190,7 @@ class _Journal:
     orphans: int
 
 
-async def _journal(pool: asyncpg.Pool, dataset: str, grace: float) -> _Journal:
+async def _journal(pool: Reader, dataset: str, grace: float) -> _Journal:
     counts = (await queries.backlog(pool)).get(dataset, queries.EMPTY_BACKLOG)
     async with reaching_postgres():
         waiting = await pool.fetchval(
@@ -200,14 +206,28 @@ async def _journal(pool: asyncpg.Pool, dataset: str, grace: float) -> _Journal:
     )
 
 
-async def latest_clean_verification(pool: asyncpg.Pool, dataset: str) -> datetime | None:
-    """Since when the rows the latest clean stored-data verification of ``dataset`` relies on
-    were read (its start, or that of the first run of a resumed chain); None: never."""
+@dataclass(frozen=True)
+class Verified:
+    clean_since: datetime | None
+    """Since when the rows the latest clean verification relies on were read (its start, or
+    that of the first run of a resumed chain); None: never clean."""
+    divergent_run: int | None
+    """A finished verification newer than the latest clean one found the sides differ."""
+
+
+async def latest_clean_verification(pool: Reader, dataset: str) -> Verified:
+    """What the latest finished stored-data verifications of ``dataset`` say."""
     async with reaching_postgres():
-        found: datetime | None = await pool.fetchval(
-            "SELECT swept_since FROM bascule_verify_latest_clean WHERE dataset = $1", dataset
+        row = await pool.fetchrow(
+            "SELECT (SELECT swept_since FROM bascule_verify_latest_clean WHERE dataset = $1)"
+            "   AS clean_since,"
+            " (SELECT id FROM bascule_verify_run WHERE dataset = $1 AND status = 'divergent'"
+            "   AND swept_since > coalesce((SELECT swept_since FROM bascule_verify_latest_clean"
+            "     WHERE dataset = $1), '-infinity') ORDER BY id DESC LIMIT 1) AS divergent_run",
+            dataset,
         )
-    return found
+    assert row is not None
+    return Verified(row["clean_since"], row["divergent_run"])
 
 
 def _window(row: StageRow, settings: GateSettings, now: datetime) -> Condition:
@@ -295,8 +315,8 @@ def _gap(row: StageRow, wanted: Stage) -> Condition:
     )
 
 
-def _verified(row: StageRow, settings: GateSettings, verified: datetime | None) -> Condition:
-    last_gap = row.last_gap_opened
+def _verified(row: StageRow, settings: GateSettings, found: Verified) -> Condition:
+    last_gap, verified = row.last_gap_opened, found.clean_since
     figure = None if verified is None else verified.isoformat()
     if not settings.verification:
         return Condition(
@@ -304,6 +324,14 @@ def _verified(row: StageRow, settings: GateSettings, verified: datetime | None) 
             True,
             figure,
             "not required by the configuration ([datasets.X.gate] verification = false)",
+        )
+    if found.divergent_run is not None:
+        return Condition(
+            "verified",
+            False,
+            figure,
+            f"the latest verification (run {found.divergent_run}) found the sides differ: "
+            "repair them, then verify again (`bascule verify DATASET`)",
         )
     if verified is None:
         return Condition(

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
@@ -104,28 +104,41 @@ class Ledger:
         """Add errored comparisons, ``(dataset, route, reason, stage version) -> n``, to this
         minute's rows in Postgres: like mismatches, they must outlive Redis (the gate wants
         none)."""
-        at = self._minute()
         async with reaching_postgres():
             await self.pool.executemany(
+                # The database's minute, never this replica's clock (a slow one would file
+                # them before the gate's window).
                 "INSERT INTO bascule_shadow_error (dataset, route, reason, minute, n,"
-                " stage_version) VALUES ($1, $2, $3, $4, $5, $6)"
+                " stage_version) VALUES ($1, $2, $3, date_trunc('minute', now()), $4, $5)"
                 " ON CONFLICT (dataset, stage_version, minute, route, reason)"
                 " DO UPDATE SET n = bascule_shadow_error.n + excluded.n",
-                [(d, r, reason, at, n, v) for (d, r, reason, v), n in errors.items()],
+                [(d, r, reason, n, v) for (d, r, reason, v), n in errors.items()],
             )
 
-    async def gate_counts(self, counts: Mapping[tuple[str, str, Outcome, int], int]) -> None:
+    async def gate_counts(
+        self,
+        counts: Mapping[tuple[str, str, Outcome, int], int],
+        *,
+        writer: str = "",
+        batch: int = 0,
+    ) -> None:
         """Add outcomes, ``(dataset, route, outcome, stage version) -> n``, to this minute's
-        rows in Postgres: the gate's figures, by the stage version reads were served under.
-        One statement; rows in one order, so two replicas flushing at once cannot deadlock."""
-        at = self._minute()
+        rows in Postgres (the database's minute): the gate's figures, by the stage version
+        reads were served under. One statement; rows in one order, so two replicas flushing at
+        once cannot deadlock. ``writer``, ``batch``: the tally's batch, counted once however
+        often it is sent (a flush whose commit was not acknowledged is sent again)."""
         rows = sorted((d, v, r, o, n) for (d, r, o, v), n in counts.items())
         async with reaching_postgres():
             await self.pool.execute(
-                "INSERT INTO bascule_shadow_count (dataset, stage_version, route, outcome,"
-                " minute, n) SELECT c.d, c.v, c.r, c.o, $6, c.n"
+                "WITH fresh AS (INSERT INTO bascule_shadow_flush (writer, batch)"
+                "   VALUES ($6, $7) ON CONFLICT (writer) DO UPDATE"
+                "   SET batch = excluded.batch, updated_at = now()"
+                "   WHERE bascule_shadow_flush.batch < excluded.batch RETURNING 1)"
+                " INSERT INTO bascule_shadow_count (dataset, stage_version, route, outcome,"
+                " minute, n) SELECT c.d, c.v, c.r, c.o, date_trunc('minute', now()), c.n"
                 " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])"
-                "   WITH ORDINALITY AS c(d, v, r, o, n, i) ORDER BY c.i"
+                "   WITH ORDINALITY AS c(d, v, r, o, n, i) WHERE EXISTS (SELECT 1 FROM fresh)"
+                " ORDER BY c.i"
                 " ON CONFLICT (dataset, stage_version, minute, route, outcome)"
                 " DO UPDATE SET n = bascule_shadow_count.n + excluded.n",
                 [row[0] for row in rows],
@@ -133,11 +146,9 @@ class Ledger:
                 [row[2] for row in rows],
                 [row[3] for row in rows],
                 [row[4] for row in rows],
-                at,
+                writer,
+                batch,
             )
-
-    def _minute(self) -> datetime:
-        return datetime.fromtimestamp(int(self.clock()) // 60 * 60, UTC)
 
     async def mismatch(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable
 
@@ -41,6 +42,11 @@ class Tally:
         self.gated: Counter[Counted] = Counter()
         """The same outcomes for Postgres (the gate's, by stage version): written, or kept,
         apart from the Redis ones, so that neither store's outage counts one twice."""
+        self.writer = uuid.uuid4().hex
+        self._batches: deque[tuple[int, Counter[Counted]]] = deque()
+        """Gate counts taken for Postgres and not acknowledged yet, each sent again as the same
+        batch (:meth:`Ledger.gate_counts` counts a batch once)."""
+        self._batch = 0
         self.errors: Counter[Errored] = Counter()
         """Errored comparisons."""
         self.evidence: deque[Evidence] = deque()
@@ -74,6 +80,7 @@ class Tally:
         """Everything held, handed over (a worker's report), and forgotten here."""
         taken = self.counts, self.errors, list(self.evidence)
         self.counts, self.gated, self.errors = Counter(), Counter(), Counter()
+        self._batches.clear()
         self.evidence.clear()
         return taken
 
@@ -89,7 +96,7 @@ class Tally:
     def held(self) -> str:
         """What is held, in words, for a log line."""
         return (
-            f"{sum(self.gated.values())} counts, {sum(self.errors.values())} errored "
+            f"{self._gated_held()} counts, {sum(self.errors.values())} errored "
             f"comparisons, {len(self.evidence)} mismatches"
         )
 
@@ -116,6 +123,9 @@ class Tally:
                 "shadow outcomes not written at stop (%s): %s lost", type(exc).__name__, self.held()
             )
 
+    def _gated_held(self) -> int:
+        return sum(self.gated.values()) + sum(sum(c.values()) for _, c in self._batches)
+
     async def _locked(self, work: Awaitable[None]) -> None:
         async with self._writing:
             await work
@@ -132,7 +142,10 @@ class Tally:
         failure: StoreError | None = None
         if postgres:
             errors, self.errors = self.errors, Counter()
-            gated, self.gated = self.gated, Counter()
+            if self.gated:
+                self._batch += 1
+                self._batches.append((self._batch, self.gated))
+                self.gated = Counter()
             try:
                 if errors:
                     await ledger.errors(errors)
@@ -141,16 +154,14 @@ class Tally:
                 if not isinstance(exc, StoreError):
                     raise
                 failure = exc
-            try:
-                if gated and failure is None:
-                    await ledger.gate_counts(gated)
-                else:
-                    self.gated.update(gated)
-            except BaseException as exc:
-                self.gated.update(gated)
-                if not isinstance(exc, StoreError):
-                    raise
-                failure = exc
+            while self._batches and failure is None:
+                batch, gated = self._batches[0]
+                try:
+                    await ledger.gate_counts(gated, writer=self.writer, batch=batch)
+                except StoreError as exc:
+                    failure = exc  # kept, sent again as this same batch
+                    break
+                self._batches.popleft()
             if failure is None:
                 try:
                     await self._write_evidence(ledger)
@@ -158,6 +169,7 @@ class Tally:
                     failure = exc
         else:
             self.gated.clear()  # this tally's evidence is written by another process's
+            self._batches.clear()
         counts, self.counts = self.counts, Counter()
         if counts and not await ledger.count_many(counts):
             self.counts.update(counts)

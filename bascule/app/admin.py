@@ -157,6 +157,8 @@ async def auto_promote(request: web.Request) -> web.Response:
     async def switch(ops: Operations) -> dict[str, Any]:
         body = await _body(request)
         _only(body, "on", "by", "reason")
+        if "on" not in body:
+            raise UsageError("'on' is required: true or false")
         on = _flag(body, "on")
         return await ops.auto_promote(
             dataset, on, identity, _text(body, "reason"), _on_behalf(body, identity)

@@ -27,6 +27,9 @@ from cutover.switch import Switcher
 from shadow import ledger
 from shadow.noise_store import NoiseStore, pairs_needed
 
+MAX_SINCE = 366 * 24 * 3600.0
+"""The furthest back ``divergence`` looks: a year (ledger rows are kept for the gate's windows)."""
+
 LISTED_STATES = {
     "pending": "pending",
     "dead": "dead",
@@ -83,8 +86,10 @@ class Operations:
     async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
         """Mismatches by pointer and the comparisons that could not be made, ``since`` seconds
         back."""
-        if not since > 0:
-            raise UsageError("since must be a positive number of seconds")
+        if not 0 < since <= MAX_SINCE:  # false for NaN too
+            raise UsageError(
+                f"since must be a number of seconds between 0 and {MAX_SINCE:g} (a year)"
+            )
         row = await self.store.get(check_name(dataset))  # UnknownDataset names the known ones
         start = datetime.now(UTC) - timedelta(seconds=since)
         counts = await ledger.counts_under(self.store.pool, {dataset: row.version})

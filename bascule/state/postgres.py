@@ -10,6 +10,10 @@ import asyncpg
 from bascule.errors import BasculeError, StoreError
 from bascule.state import schema
 
+Reader = asyncpg.Pool | asyncpg.Connection
+"""Where a query runs: a pool (a session of its own), or one session, e.g. a transaction's, so
+that what it reads sees the rows that transaction has locked and holds no second session."""
+
 UNREACHABLE = (
     OSError,
     TimeoutError,

@@ -7,15 +7,15 @@ of a change that did not happen.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from bascule.errors import StaleVersion, UnknownDataset
-from bascule.stages import Side, Stage, alters_writes, check_gap_close, opens_gaps
+from bascule.errors import Refused, StaleVersion, UnknownDataset
+from bascule.stages import Side, Stage, alters_writes, check_gap_close, opens_gaps, when
 from bascule.state import audit
 from bascule.state.audit import AuditRow
 from bascule.state.postgres import reaching_postgres
@@ -190,12 +190,21 @@ class StageStore:
         reason: str,
         action: str = "stage",
         forced: bool = False,
+        check: Callable[[Any, list[StageRow]], Awaitable[None]] | None = None,
     ) -> list[StageRow]:
         """:meth:`change` of several datasets (``(dataset, expected version, audit details)``)
         to one stage, all or none, in one transaction: a group moving together. Rows are locked
-        in name order, so two such changes cannot deadlock."""
+        in name order, so two such changes cannot deadlock. ``check(conn, rows)`` runs on the
+        locked rows before anything is written, in the transaction: what it raises refuses the
+        change (a rule judged again on rows nothing else can change until the commit)."""
         rows: list[StageRow] = []
         async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
+            if check is not None:
+                locked = [
+                    _stage_row(await _row_for_update(conn, dataset))
+                    for dataset, _, _ in sorted(changes, key=lambda c: c[0])
+                ]
+                await check(conn, locked)
             for dataset, expected_version, details in sorted(changes, key=lambda c: c[0]):
                 rows.append(
                     await _change_on(
@@ -212,16 +221,25 @@ class StageStore:
         actor: str,
         reason: str,
         details: Mapping[str, Any] | None = None,
+        opened_before: datetime | None = None,
     ) -> tuple[StageRow, datetime]:
         """Close ``side``'s gap (audited as ``gap-close``); return the row and since when the
         gap was open. Refused when there is no open gap, or while writes do not reach that side.
-        The stage's version is not bumped: what replicas run does not change."""
+        ``opened_before``: only if the side last missed a write before then (a verification
+        closes only what its rows, read from then on, have seen). The stage's version is not
+        bumped: what replicas run does not change."""
         column = f"gap_{side.value}_since"  # one of two fixed names, never caller text
         async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
             before = await _row_for_update(conn, dataset)
             since: datetime | None = before[column]
             check_gap_close(dataset, side, Stage(before["stage"]), since)
             assert since is not None
+            opened: datetime | None = before[f"gap_{side.value}_opened"]
+            if opened_before is not None and opened is not None and opened > opened_before:
+                raise Refused(
+                    f"{dataset}: the {side.value} missed a write at {when(opened)}, after this "
+                    f"run began reading at {when(opened_before)}: its gap stays open"
+                )
             rec = await conn.fetchrow(
                 f"UPDATE bascule_stage SET {column} = NULL WHERE dataset = $1"
                 f" RETURNING {_STAGE_COLUMNS}",
@@ -252,12 +270,19 @@ class StageStore:
         actor: str,
         reason: str,
         details: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
     ) -> StageRow:
         """Turn ``auto_promote`` off (``False``: an automatic rollback did, or an operator), or
-        back to what the configuration says (``None``); audited as ``auto-promote``. The
+        back to what the configuration says (``None``); audited as ``auto-promote``. Nothing is
+        written (nor audited) when it is that already. ``expected_version``: refused
+        (StaleVersion) once the stage has moved past it (a decision taken on an older row). The
         stage's version is not bumped: writes and reads are unaffected."""
         async with reaching_postgres(), self.pool.acquire() as conn, conn.transaction():
             before = await _row_for_update(conn, dataset)
+            if expected_version is not None and before["version"] != expected_version:
+                raise StaleVersion(dataset, expected_version, before["version"])
+            if before["auto_promote"] is value:
+                return _stage_row(before)
             rec = await conn.fetchrow(
                 f"UPDATE bascule_stage SET auto_promote = $2 WHERE dataset = $1"
                 f" RETURNING {_STAGE_COLUMNS}",
@@ -287,15 +312,17 @@ class StageStore:
 
 async def open_gap(conn: Any, dataset: str, side: Side) -> bool:
     """Open ``side``'s gap (it may be missing a write), on ``conn`` inside the caller's
-    transaction; False when one was open already (its older ``since`` is kept)."""
+    transaction; False when one was open already (its older ``since`` is kept). Either way the
+    side's latest miss (``*_opened``) is now: a verification must have read its rows after it
+    (one begun before could not have seen this write missing)."""
     column = f"gap_{side.value}"  # one of two fixed names, never caller text
-    opened: bool | None = await conn.fetchval(
-        f"UPDATE bascule_stage SET {column}_opened = CASE WHEN {column}_since IS NULL THEN now()"
-        f" ELSE {column}_opened END, {column}_since = coalesce({column}_since, now())"
-        f" WHERE dataset = $1 RETURNING {column}_opened = now()",
+    was_open: bool | None = await conn.fetchval(
+        f"UPDATE bascule_stage SET {column}_opened = now(),"
+        f" {column}_since = coalesce({column}_since, now())"
+        f" WHERE dataset = $1 RETURNING {column}_since < now()",
         dataset,
     )
-    return bool(opened)
+    return not was_open
 
 
 async def _change_on(

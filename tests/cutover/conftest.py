@@ -14,6 +14,7 @@ import pytest
 from bascule.stages import Side, Stage
 from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
+from cutover.autopilot import Action, Autopilot
 from refapi.lab import migrate_state
 from tests.harness import offline_config
 
@@ -106,3 +107,10 @@ async def gated(
     await world.counted(ROUTE, "matched", 10)
     yield world
     await pool.close()
+
+
+async def led(pilot: Autopilot) -> list[Action]:
+    """One round of ``pilot``'s, which must get the controller's lease."""
+    done = await pilot.lead()
+    assert done is not None, f"{pilot.replica} did not get the controller's lease"
+    return done

@@ -12,7 +12,7 @@ from bascule.state import leases
 from cutover.autopilot import LEASE, Autopilot
 from cutover.gate import Gate
 from cutover.switch import Switcher
-from tests.cutover.conftest import ROUTE, Gated
+from tests.cutover.conftest import ROUTE, Gated, led
 
 SETTINGS = GateSettings(min_compared=5, window=60, replay_grace=5)
 
@@ -41,12 +41,12 @@ def pilot(world: Gated, replica: str = "r1", *, auto: bool = True, budget: int =
 
 
 async def test_it_promotes_once_the_gate_holds_and_only_with_auto_promote(gated: Gated) -> None:
-    assert await pilot(gated, auto=False).round() == []  # auto_promote off: never
+    assert await led(pilot(gated, auto=False)) == []  # auto_promote off: never
     await gated.sql("UPDATE bascule_stage SET updated_at = now()")  # the window not yet passed
-    assert await pilot(gated).round() == []
+    assert await led(pilot(gated)) == []
     assert (await gated.store.get("dcir")).stage is Stage.SHADOW
     await gated.sql("UPDATE bascule_stage SET updated_at = now() - interval '2 minutes'")
-    done = await pilot(gated).round()
+    done = await led(pilot(gated))
     assert [(a.dataset, a.did) for a in done] == [("dcir", "promoted")]
     row = await gated.store.get("dcir")
     assert row.stage is Stage.LIVE
@@ -59,12 +59,12 @@ async def test_past_the_budget_it_rolls_back_turns_auto_promote_off_and_does_not
     gated: Gated,
 ) -> None:
     auto = pilot(gated, budget=1)
-    await auto.round()
+    await led(auto)
     assert (await gated.store.get("dcir")).stage is Stage.LIVE
     await gated.mismatch()
-    assert await auto.round() == []  # within the budget of 1
+    assert await led(auto) == []  # within the budget of 1
     await gated.mismatch()
-    done = await auto.round()
+    done = await led(auto)
     assert [(a.dataset, a.did) for a in done] == [("dcir", "rolled back")]
     row = await gated.store.get("dcir")
     assert (row.stage, row.auto_promote) == (Stage.SHADOW, False)
@@ -81,7 +81,7 @@ async def test_past_the_budget_it_rolls_back_turns_auto_promote_off_and_does_not
     # The evidence of the new shadow stage would let the gate hold: auto_promote is off.
     await gated.sql("UPDATE bascule_stage SET updated_at = now() - interval '2 minutes'")
     await gated.counted(ROUTE, "compared", 10)
-    assert await auto.round() == []
+    assert await led(auto) == []
     assert (await gated.store.get("dcir")).stage is Stage.SHADOW
 
 

@@ -13,11 +13,11 @@ import asyncpg
 from bascule.stages import Side
 from bascule.state import audit
 from bascule.state.journal.entries import OPEN, ORPHANED, IllegalTransition
-from bascule.state.postgres import reaching_postgres
+from bascule.state.postgres import Reader, reaching_postgres
 from bascule.state.stage_store import open_gap
 
 
-async def backlog(pool: asyncpg.Pool) -> dict[str, dict[str, Any]]:
+async def backlog(pool: Reader) -> dict[str, dict[str, Any]]:
     """Per dataset: backlog (intent + pending), oldest pending age, in doubt, dead."""
     async with reaching_postgres():
         rows = await pool.fetch(
@@ -142,7 +142,7 @@ async def purge(pool: asyncpg.Pool, retention_seconds: float) -> int:
     return len(rows)
 
 
-async def orphan_count(pool: asyncpg.Pool, dataset: str) -> int:
+async def orphan_count(pool: Reader, dataset: str) -> int:
     """How many of ``dataset``'s writes were left by a writer whose session has ended before
     recording their outcome (whatever their age: the resolver settles them after a grace)."""
     async with reaching_postgres():

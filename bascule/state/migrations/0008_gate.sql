@@ -20,11 +20,22 @@ CREATE TABLE bascule_shadow_count (
     PRIMARY KEY (dataset, stage_version, minute, route, outcome)
 );
 
--- When each side's latest gap opened (never cleared by closing it): the gate wants a clean
--- verification started after it.
+-- The latest batch of gate counts each tally wrote: a flush whose commit was not acknowledged
+-- is sent again as the same batch, and counted once (one row per tally, i.e. per process).
+CREATE TABLE bascule_shadow_flush (
+    writer      text PRIMARY KEY,
+    batch       bigint NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- When each side last missed a write (never cleared by closing its gap): the gate wants a clean
+-- verification whose rows were read after it. A gap closed before this migration left no time
+-- behind: every dataset then needs a verification made after it (conservative, never
+-- forgetful).
 ALTER TABLE bascule_stage ADD COLUMN gap_source_opened timestamptz;
 ALTER TABLE bascule_stage ADD COLUMN gap_target_opened timestamptz DEFAULT now();
-UPDATE bascule_stage SET gap_source_opened = gap_source_since, gap_target_opened = gap_target_since;
+UPDATE bascule_stage SET gap_source_opened = coalesce(gap_source_since, now()),
+    gap_target_opened = coalesce(gap_target_since, now());
 
 -- auto_promote as operators and the controller left it: NULL follows the configuration; an
 -- automatic rollback sets it false, and only an operator turns it back on (audited).
