@@ -201,9 +201,13 @@ class Route(_Record, frozen=True):
     """Fixed dataset, for a path with no ``{dataset}`` parameter."""
     key: str | None = None
     """Path parameter naming the record written or read (writes without one lock the dataset)."""
-    key_format: Literal["text", "integer"] = "text"
+    key_format: Literal["text", "integer", "uuid"] = "text"
     """How the backend reads the key: with ``integer``, ``7``, ``07`` and ``007`` are one record
-    (locked and ordered as one), and a key that is not digits is refused."""
+    (locked and ordered as one), and a key that is not digits is refused; with ``uuid``, a key
+    in capitals, without hyphens or in braces is the uuid Postgres renders in lower case, and
+    a key that is not a uuid is refused. Verification names records by the key as its
+    database renders it, so it refuses a route whose format does not match the table's key
+    type (``cutover/job.py``)."""
     create_id: str | None = None
     """JSON pointer to the server-assigned id in the authoritative answer to a create."""
     replay_as: str | None = None

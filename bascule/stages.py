@@ -173,6 +173,16 @@ def opens_gaps(current: Stage, wanted: Stage) -> frozenset[Side]:
     return frozenset(side for side in Side if side not in written(wanted))
 
 
+def resumes_writes(current: Stage, wanted: Stage) -> frozenset[Side]:
+    """The sides that start receiving writes again on entering ``wanted`` (the target on
+    ``source -> dualwrite``, the source on a rollback out of ``target``). What a side held
+    before proves nothing about the writes it missed meanwhile: a verification counts for the
+    gate only if it began reading after the side was written again."""
+    if wanted == current:
+        return frozenset()
+    return frozenset(written(wanted) - written(current))
+
+
 def blocking_gaps(wanted: Stage, gaps: Mapping[Side, datetime]) -> dict[Side, datetime]:
     """The open gaps that forbid entering ``wanted`` (empty: the gap rule allows it)."""
     return {side: since for side, since in gaps.items() if wanted in EXPOSED[side]}

@@ -154,6 +154,7 @@ async def backfill(job: Job, options: BackfillOptions) -> BackfillReport:
                 f"source's column(s) {', '.join(lost)}: a backfill would lose them"
             )
     resumed = await job.runs.resumed("backfill") if options.resume else None
+    await job.begin()
     run, since = await job.runs.start_backfill(
         stage_version=stage.version, actor=job.actor, resumed=resumed
     )

@@ -13,7 +13,7 @@ figures. The conditions (docs/architecture.md, *The gate*):
 - **backlog**: no journaled write waiting for its replay longer than ``replay_grace``, and
   **journal**: nothing dead, in doubt, or left by a writer that died;
 - **gap**: no open gap on the side about to serve, and **verified**: a clean stored-data
-  verification started after the last gap opened.
+  verification begun after either side last missed a write or started being written again.
 """
 
 from __future__ import annotations
@@ -342,8 +342,8 @@ def _verified(row: StageRow, settings: GateSettings, found: Verified) -> Conditi
             "verified",
             False,
             figure,
-            f"the latest clean verification ({when(verified)}) is older than the last gap "
-            f"({when(last_gap)})",
+            f"the latest clean verification ({when(verified)}) began before a side last "
+            f"missed a write or started being written again ({when(last_gap)})",
         )
     return Condition("verified", True, figure, f"clean verification started {when(verified)}")
 

@@ -19,7 +19,7 @@ from typing import Protocol
 import asyncpg
 
 from bascule.config import Config, Secrets
-from bascule.errors import UnknownDataset
+from bascule.errors import Refused, UnknownDataset
 from bascule.sealing import Namer, Sealer
 from bascule.stages import Side
 from bascule.state.journal import Journal
@@ -29,7 +29,17 @@ from bascule.state.stage_store import StageRow, StageStore
 from cutover.journaled import JournalView
 from cutover.repair import clear_interrupted
 from cutover.runs import Runs
-from cutover.tables import Conn, Pair, agree, database_of, discover, hash_seed, pair, session
+from cutover.tables import (
+    Conn,
+    Pair,
+    agree,
+    database_of,
+    discover,
+    hash_seed,
+    pair,
+    reading,
+    session,
+)
 
 
 class Progress(Protocol):
@@ -79,6 +89,61 @@ class Job:
     progress: Progress
     name: str
     """Who writes, for the journal: ``bascule verify HOST:PID``."""
+
+    async def begin(self) -> None:
+        """Called by a job once its own checks passed, before it changes anything else: the
+        first change a job makes is to settle the repairs a dead job left open (a refused
+        command changes nothing)."""
+        await clear_interrupted(self.journal, self.dataset, self.actor)
+
+
+_KEY_FORMATS = {"int2": "integer", "int4": "integer", "int8": "integer", "uuid": "uuid"}
+_KEY_FORMATS |= dict.fromkeys(("text", "varchar"), "text")
+
+
+def _named_alike(config: Config, found: Pair) -> None:
+    """Refuse a table whose records the proxy names otherwise than verification does. The
+    proxy names (locks, journals) a record by its key as the route reads it, canonical per the
+    route's ``key_format``; verification and repair by the key as the database renders it. If
+    they differ (a uuid key routed as text: ``F47AC10B-...`` and ``f47ac10b-...``), a write in
+    flight would look like a divergence, and a repair would not take its record's lock."""
+    wanted = _KEY_FORMATS.get(found.source.key_column.base)
+    for route in config.routes:
+        if route.key is None or route.dataset not in (None, found.dataset):
+            continue
+        if route.dataset is None and "dataset" not in route.params:
+            continue
+        if route.key_format != wanted:
+            fix = (
+                f'set key_format = "{wanted}"'
+                if wanted
+                else "no key_format names such keys as the database renders them"
+            )
+            raise Refused(
+                f"{found.dataset}: the route {route.path} ({', '.join(route.methods)}) names "
+                f"records by key_format = {route.key_format!r}, but the key {found.key!r} is "
+                f"{found.key_type}: the proxy and verification would name a record apart; {fix}"
+            )
+
+
+async def _not_one_table(backends: dict[Side, str], conns: dict[Side, Conn], found: Pair) -> None:
+    """Refuse two sides that are one table (a target configured with the source's DSN, or
+    another DSN of the same database): compared with itself it would be clean, and a backfill
+    would copy it onto itself. One server is told by its start time, one database by its
+    name on that server, one table by its oid there."""
+    seen = []
+    for side in Side:
+        async with reading(backends[side], "telling which server it is"):
+            cur = await conns[side].execute("SELECT pg_postmaster_start_time(), current_database()")
+            row = await cur.fetchone()
+        seen.append((row, found.side(side).oid))
+    if seen[0] == seen[1]:
+        raise Refused(
+            f"{found.dataset}: backends.{backends[Side.SOURCE]}.database and "
+            f"backends.{backends[Side.TARGET]}.database reach one table (the same database on "
+            "the same server): compared with itself it would be clean, and a backfill would "
+            "copy it onto itself; each backend's database must be its own"
+        )
 
 
 @asynccontextmanager
@@ -135,8 +200,8 @@ async def data_job(
                 "as md5 of their text instead (slower)"
             )
             found = replace(found, native_hash=False)
-        # Everything checked: the first change a job may make is to settle what a dead one left.
-        await clear_interrupted(journal, dataset, actor)
+        await _not_one_table(backends, conns, found)
+        _named_alike(config, found)
         yield Job(
             config,
             dataset,

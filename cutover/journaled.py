@@ -54,6 +54,9 @@ class Written:
     keys: set[str] = field(default_factory=set)
     unknowable: int = 0
     """Writes whose records cannot be told: with any, ``keys`` is not the whole story."""
+    blind: int = 0
+    """Of those, the dataset-wide writes that are not creates: they may have changed (and
+    moved) any existing row. (A create whose answer is unknown made a new row, if any.)"""
     entries: int = 0
 
 
@@ -185,6 +188,8 @@ class JournalView:
                 key = self._created(r)
                 if key is None:
                     written.unknowable += 1
+                    if (r["route"], r["method"]) not in self.creates:
+                        written.blind += 1
                 elif key:
                     written.keys.add(key)
 

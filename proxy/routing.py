@@ -10,6 +10,7 @@ guessed at, so no path can escape its route or land on another dataset.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +93,20 @@ class Router:
             if not key.isascii() or not key.isdigit():
                 raise RouteError(400, "bad_key", "this record key must be a whole number")
             key = str(int(key))  # the record the backend will read, whatever its spelling
+        elif key is not None and route.key_format == "uuid":
+            key = _uuid(key)
         return Match(dataset, route.kind, route.path, route, key)
+
+
+_UUID = re.compile(r"^\{?(?:[0-9a-fA-F]{4}-?){7}[0-9a-fA-F]{4}\}?$")
+
+
+def _uuid(key: str) -> str:
+    """A uuid key as Postgres renders it (lower case, hyphenated), whatever spelling of it
+    Postgres accepts: capitals, hyphens after any group of four digits or none, braces."""
+    if not key.isascii() or not _UUID.match(key) or key.startswith("{") != key.endswith("}"):
+        raise RouteError(400, "bad_key", "this record key must be a uuid")
+    return str(uuid.UUID(key.strip("{}").replace("-", "")))
 
 
 def split_path(raw_path: str) -> list[str]:

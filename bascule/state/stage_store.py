@@ -15,7 +15,15 @@ from typing import Any
 import asyncpg
 
 from bascule.errors import Refused, StaleVersion, UnknownDataset
-from bascule.stages import Side, Stage, alters_writes, check_gap_close, opens_gaps, when
+from bascule.stages import (
+    Side,
+    Stage,
+    alters_writes,
+    check_gap_close,
+    opens_gaps,
+    resumes_writes,
+    when,
+)
 from bascule.state import audit
 from bascule.state.audit import AuditRow
 from bascule.state.postgres import reaching_postgres
@@ -36,8 +44,9 @@ class StageRow:
     """Since when each side has missed writes; None: no open gap."""
     gap_source_opened: datetime | None = None
     gap_target_opened: datetime | None = None
-    """When each side's latest gap opened, closed since or not (the gate wants a clean
-    verification newer than that)."""
+    """When each side last missed a write or started being written again, its gap closed
+    since or not: its *latest miss*. The gate wants a clean verification begun after it; a
+    gap closes only on a verification begun after it."""
     auto_promote: bool | None = None
     """As operators and the controller left it: None follows the configuration's
     ``auto_promote``; False once an automatic rollback turned it off."""
@@ -343,14 +352,16 @@ async def _change_on(
     current = Stage(before["stage"])
     bump = alters_writes(current, to)
     opened = opens_gaps(current, to)
+    # A side's latest miss is now when it starts missing writes (its gap opens, or stays open
+    # with a newer miss) and when it starts being written again: a verification begun before
+    # either could not have seen what it missed (docs/decisions.md).
+    resumed = resumes_writes(current, to)
     rec = await conn.fetchrow(
         "UPDATE bascule_stage SET stage = $3, version = version + 1, updated_at = now(),"
         " updated_by = $4, reason = $5,"
         " write_epoch = write_epoch + CASE WHEN $6 THEN 1 ELSE 0 END,"
-        " gap_source_opened = CASE WHEN $7 AND gap_source_since IS NULL THEN now()"
-        "  ELSE gap_source_opened END,"
-        " gap_target_opened = CASE WHEN $8 AND gap_target_since IS NULL THEN now()"
-        "  ELSE gap_target_opened END,"
+        " gap_source_opened = CASE WHEN $7 OR $9 THEN now() ELSE gap_source_opened END,"
+        " gap_target_opened = CASE WHEN $8 OR $10 THEN now() ELSE gap_target_opened END,"
         " gap_source_since = CASE WHEN $7 THEN coalesce(gap_source_since, now())"
         "  ELSE gap_source_since END,"
         " gap_target_since = CASE WHEN $8 THEN coalesce(gap_target_since, now())"
@@ -364,6 +375,8 @@ async def _change_on(
         bump,
         Side.SOURCE in opened,
         Side.TARGET in opened,
+        Side.SOURCE in resumed,
+        Side.TARGET in resumed,
     )
     assert rec is not None  # the row is locked FOR UPDATE at that version
     recorded = dict(details or {})

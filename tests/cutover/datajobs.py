@@ -111,6 +111,7 @@ def write_config(
     *,
     redis_url: str = "redis://127.0.0.1:6379/0",
     extra: str = "",
+    key_format: str = "integer",
 ) -> Config:
     """A configuration over two backends whose databases are ``databases`` (None: unset)."""
     lines = [
@@ -128,7 +129,7 @@ def write_config(
         'replay_as = "PUT /v1/datasets/{dataset}/records/{id}"\n'
         '[[routes]]\npath = "/v1/datasets/{dataset}/records/{id}"\n'
         'methods = ["PUT", "PATCH", "DELETE"]\nkind = "write"\nkey = "id"\n'
-        'key_format = "integer"\n'
+        f'key_format = "{key_format}"\n'
     )
     path.write_text("\n".join(lines) + extra)
     return load_config(path)
