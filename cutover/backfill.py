@@ -289,9 +289,11 @@ def empty(tgt: SyncConn, pair: Pair, where: str, params: list[Any]) -> bool:
 def _batch(src: SyncConn, tgt: SyncConn, pair: Pair, batch: Range) -> tuple[int, int, bool]:
     """Copy one batch; (rows written, bytes streamed, whether it went straight in)."""
     where, params = predicate(pair, [batch])
+    # The columns the target is written (its generated ones are its own to compute).
+    columns = pair.columns_list(Side.TARGET)
     out = (
-        f"COPY (SELECT {pair.columns_list('t')} FROM {pair.source.qualified} t WHERE {where}"
-        f" ORDER BY {pair.key_order()}) TO STDOUT"
+        f"COPY (SELECT {pair.columns_list(Side.TARGET, 't')} FROM {pair.source.qualified} t"
+        f" WHERE {where} ORDER BY {pair.key_order()}) TO STDOUT"
     )
     target = pair.target
     both = f"{pair.source.backend} -> {target.backend}"
@@ -299,7 +301,8 @@ def _batch(src: SyncConn, tgt: SyncConn, pair: Pair, batch: Range) -> tuple[int,
         if empty(tgt, pair, where, params):
             try:
                 with tgt.transaction():  # a savepoint: a replay may land in the range first
-                    into = f"COPY {target.qualified} ({pair.columns_list()}) FROM STDIN"
+                    # COPY writes identity columns as given, GENERATED ALWAYS or not.
+                    into = f"COPY {target.qualified} ({columns}) FROM STDIN"
                     rows, nbytes = _relay(src, tgt, out, params, into)
                 return rows, nbytes, True
             except psycopg.errors.UniqueViolation:
@@ -307,14 +310,13 @@ def _batch(src: SyncConn, tgt: SyncConn, pair: Pair, batch: Range) -> tuple[int,
         temp = f"bascule_rows_{target.oid}"
         tgt.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {temp} AS"
-            f" SELECT {pair.columns_list()} FROM {target.qualified} WITH NO DATA"
+            f" SELECT {columns} FROM {target.qualified} WITH NO DATA"
         )
         tgt.execute(f"TRUNCATE {temp}")
-        _, nbytes = _relay(src, tgt, out, params, f"COPY {temp} ({pair.columns_list()}) FROM STDIN")
+        _, nbytes = _relay(src, tgt, out, params, f"COPY {temp} ({columns}) FROM STDIN")
         cur = tgt.execute(
-            f"INSERT INTO {target.qualified} ({pair.columns_list()})"
-            f" SELECT {pair.columns_list()} FROM {temp}"
-            f" ON CONFLICT ({ident(pair.key)}) DO NOTHING"
+            f"INSERT INTO {target.qualified} ({columns}){pair.overriding(Side.TARGET)}"
+            f" SELECT {columns} FROM {temp} ON CONFLICT ({ident(pair.key)}) DO NOTHING"
         )
         return cur.rowcount, nbytes, False
 

@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from bascule.stages import Side
 from cutover.tables import Conn, Pair, ident, paired, reading
 
@@ -269,8 +271,14 @@ async def row_hashes(
 
 
 async def key_hashes(conn: Conn, pair: Pair, side: Side, keys: Iterable[Key]) -> dict[Key, int]:
-    """The hash of each of ``keys``' rows on ``side`` (absent keys: not in the answer)."""
-    wanted = list(keys)
+    """The hash of each of ``keys``' rows on ``side`` (absent keys: not in the answer).
+
+    Keys may come from the journal, where the proxy names a record by whatever the route read
+    (any digits for an integer key): a key that the key's type cannot hold (out of range, not
+    of its syntax) names no row on either side, so it is absent from both answers (equal:
+    nothing to repair) instead of failing the cast of the whole batch, and every settling or
+    resume after it. On a session outside any transaction (a failed batch is asked again)."""
+    wanted = [k for k in keys if _sendable(k)]
     if not wanted:
         return {}
     table = pair.side(side)
@@ -282,11 +290,46 @@ async def key_hashes(conn: Conn, pair: Pair, side: Side, keys: Iterable[Key]) ->
     async with reading(table.backend, f"reading rows of {table.qualified} by key"):
         for i in range(0, len(wanted), 10000):
             batch = wanted[i : i + 10000]
-            cur = await conn.execute(sql, [batch])
+            try:
+                cur = await conn.execute(sql, [batch])
+            except psycopg.DataError:
+                # Some key the type cannot read: ask again for those it can. (Any other
+                # failure fails again, and is raised.)
+                batch = await holdable(conn, pair, batch)
+                if not batch:
+                    continue
+                cur = await conn.execute(sql, [batch])
             # A key equal under a non-deterministic collation is not the key asked for.
             asked = set(batch)
             found.update((k, int(h)) for k, h in await cur.fetchall() if k in asked)
     return found
+
+
+def _sendable(key: Key) -> bool:
+    """Can ``key`` be sent as text at all? Not with a NUL (no PostgreSQL text holds one) or
+    a lone surrogate (not UTF-8): such a key names no row."""
+    if "\x00" in key:
+        return False
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def holdable(conn: Conn, pair: Pair, keys: list[Key]) -> list[Key]:
+    """Of ``keys``, those the key's type can read, as the server reads them (its own input
+    rules, whatever its version: no copy of them here can drift). A batch that fails is
+    halved until each failing key is alone: a few queries per such key, none when all are
+    good. On a session outside any transaction."""
+    try:
+        await conn.execute(f"SELECT cardinality({pair.keys_param()})", [keys])
+    except psycopg.DataError:
+        if len(keys) <= 1:
+            return []
+        half = len(keys) // 2
+        return [*await holdable(conn, pair, keys[:half]), *await holdable(conn, pair, keys[half:])]
+    return keys
 
 
 def _chunk_of(bounds: Sequence[Key], r: Range) -> int:

@@ -12,7 +12,8 @@ repair is done. Under them:
    write whose records cannot be told is open;
 3. both sides' rows are read again, and only those still different are written: the
    authority's row upserted (``INSERT ... ON CONFLICT (key) DO UPDATE``: the other side's own
-   columns are kept), or deleted where the authority has none;
+   columns are kept, and so are those it generates: :meth:`~cutover.tables.Pair.copied`), or
+   deleted where the authority has none;
 4. each write is journaled (route :data:`~cutover.journaled.REPAIR_ROUTE`), intent before the
    write and *applied* after it, so the shadow reads' race guard and an incremental
    verification see it like any write.
@@ -182,7 +183,7 @@ class Repairer:
             async with reading(source_table.backend, f"reading rows of {source_table.qualified}"):
                 cur = self.read[auth].cursor()
                 async with cur.copy(
-                    f"COPY (SELECT {pair.columns_list('t')} FROM {source_table.qualified} t"
+                    f"COPY (SELECT {pair.columns_list(other, 't')} FROM {source_table.qualified} t"
                     f" WHERE t.{key} = ANY({pair.keys_param()})) TO STDOUT",
                     [upserts],
                 ) as copy:
@@ -201,12 +202,13 @@ class Repairer:
 
 
 async def staging(conn: Conn, pair: Pair, side: Side) -> str:
-    """This session's staging table for ``pair`` on ``side`` (temporary, emptied)."""
+    """This session's staging table for ``pair`` on ``side`` (temporary, emptied): the columns
+    written into ``side`` (:meth:`~cutover.tables.Pair.copied`), as plain columns."""
     table = pair.side(side)
     name = f"bascule_rows_{table.oid}"
     await conn.execute(
         f"CREATE TEMP TABLE IF NOT EXISTS {name} AS"
-        f" SELECT {pair.columns_list()} FROM {table.qualified} WITH NO DATA"
+        f" SELECT {pair.columns_list(side)} FROM {table.qualified} WITH NO DATA"
     )
     await conn.execute(f"TRUNCATE {name}")
     return name
@@ -215,19 +217,20 @@ async def staging(conn: Conn, pair: Pair, side: Side) -> str:
 async def upsert(conn: Conn, pair: Pair, side: Side, rows: bytes, *, keep: bool = False) -> int:
     """Write COPY text ``rows`` into ``side``'s table through a staging table: each row
     replaces the row of its key (``keep``: a row already there wins). How many were written.
-    In the caller's transaction."""
+    In the caller's transaction. ``rows``: :meth:`~cutover.tables.Pair.copied` into ``side``."""
     table = pair.side(side)
+    columns = pair.columns_list(side)
     temp = await staging(conn, pair, side)
-    async with conn.cursor().copy(f"COPY {temp} ({pair.columns_list()}) FROM STDIN") as copy:
+    async with conn.cursor().copy(f"COPY {temp} ({columns}) FROM STDIN") as copy:
         await copy.write(rows)
-    others = [c for c in pair.copied if c != pair.key]
+    others = pair.updatable(side)
     if keep or not others:
         conflict = "DO NOTHING"
     else:
         conflict = "DO UPDATE SET " + ", ".join(f"{ident(c)} = excluded.{ident(c)}" for c in others)
     cur = await conn.execute(
-        f"INSERT INTO {table.qualified} ({pair.columns_list()})"
-        f" SELECT {pair.columns_list()} FROM {temp} ON CONFLICT ({ident(pair.key)}) {conflict}"
+        f"INSERT INTO {table.qualified} ({columns}){pair.overriding(side)}"
+        f" SELECT {columns} FROM {temp} ON CONFLICT ({ident(pair.key)}) {conflict}"
     )
     written: int = cur.rowcount
     return written

@@ -57,9 +57,10 @@ PINNED: tuple[tuple[str, str], ...] = (
 # ``hash_record_extended`` may hash them in their binary form: no rendering to text, the costly
 # part of hashing a row (timestamps especially). Text types are hashed under COLLATE "C" (bytes,
 # whatever the column's collation); numeric adds its scale unless its type fixes it (1.0 = 1.00,
-# but they render apart); floats are hashed as their bytes. Anything else (intervals: '1 day' =
-# '24 hours'; json, jsonb, enums, money, arrays, composites...) is hashed as its text form under
-# the pinned settings.
+# but they render apart), and which special value it is (:data:`_NUMERIC_SPECIAL`); floats are
+# hashed as their bytes, every NaN as one (:func:`_float_bytes`). Anything else (intervals:
+# '1 day' = '24 hours'; json, jsonb, enums, money, arrays, composites...) is hashed as its text
+# form under the pinned settings.
 _NATIVE = frozenset(
     {"int2", "int4", "int8", "bool", "date", "timestamp", "timestamptz", "time", "uuid", "bytea"}
 )
@@ -67,6 +68,16 @@ _TEXTUAL = frozenset({"text", "varchar", "bpchar", "name"})
 _FIXED_SCALE = re.compile(r"^numeric\(\d+,\d+\)$")
 _FLOATS = {"float8": "float8send", "float4": "float4send"}
 """Floats are hashed as their bytes (network order): -0 and 0, equal to ``=``, render apart."""
+_NUMERIC_SPECIAL = (
+    "coalesce(scale({ref}), CASE WHEN {ref} = 'NaN'::numeric THEN -1"
+    " WHEN {ref} > 0 THEN -2 WHEN {ref} < 0 THEN -3 END)"
+)
+"""A free-scale numeric's scale, or which special value it is: numeric's hash function gives
+NaN, Infinity and -Infinity one hash (the seed), and ``scale`` is NULL for all three, yet they
+render, compare and serve apart. A scale is never negative, so the tags cannot be taken for
+one; NULL stays NULL (no branch holds), and the CASE is evaluated for special values only.
+A ``numeric(p,s)`` cannot hold infinities (PostgreSQL refuses them under a precision), and its
+NaN already hashes apart from every number: it needs no tag."""
 _INTEGER_KEYS = frozenset({"int2", "int4", "int8"})
 
 
@@ -118,6 +129,12 @@ class Column:
     """``pg_type.typtype`` of the base: ``b`` base, ``e`` enum, ``c`` composite..."""
     collation: str | None
     domain: bool = False
+    identity: str = ""
+    """``pg_attribute.attidentity``: ``a`` GENERATED ALWAYS AS IDENTITY (an INSERT gives it a
+    value only with OVERRIDING SYSTEM VALUE, an UPDATE never), ``d`` BY DEFAULT, or none."""
+    generated: bool = False
+    """A generated column (``GENERATED ALWAYS AS (...)``): its table computes it, nothing may
+    write it."""
 
 
 @dataclass(frozen=True)
@@ -225,9 +242,9 @@ class Pair:
             elif column.base == "numeric":
                 # numeric(p,s) holds every value at scale s: only a free scale needs hashing.
                 fixed = not column.domain and _FIXED_SCALE.match(column.type)
-                parts.append(ref if fixed else f"{ref}, scale({ref})")
+                parts.append(ref if fixed else f"{ref}, {_NUMERIC_SPECIAL.format(ref=ref)}")
             elif column.base in _FLOATS:
-                parts.append(f"{_FLOATS[column.base]}({ref})")
+                parts.append(_float_bytes(column.base, ref))
             else:
                 parts.append(f'{ref}::text COLLATE "C"')
         row = f"ROW({', '.join(parts)})"
@@ -235,14 +252,46 @@ class Pair:
             return f"hash_record_extended({row}, {self.seed})"
         return f"('x' || left(md5('{self.seed}' || {row}::text), 16))::bit(64)::bigint"
 
-    def columns_list(self, alias: str | None = None) -> str:
+    def columns_list(self, side: Side, alias: str | None = None) -> str:
+        """:meth:`copied` into ``side``, as a column list (of ``alias``'s columns)."""
         prefix = f"{alias}." if alias else ""
-        return ", ".join(prefix + ident(c) for c in self.copied)
+        return ", ".join(prefix + ident(c) for c in self.copied(side))
 
-    @property
-    def copied(self) -> tuple[str, ...]:
-        """Columns written by a repair or a backfill: those compared, the key first."""
-        return (self.key, *(c for c in self.compared if c != self.key))
+    def copied(self, side: Side) -> tuple[str, ...]:
+        """Columns a repair or a backfill writes into ``side``'s table (a backfill writes the
+        target, a repair the side that is not the authority): those compared, the key first,
+        but for the columns generated on ``side``, which its table computes and refuses to be
+        given. A column generated on the other side only is written: its value there is what
+        ``side`` must hold to compare equal. A generated column is still compared and hashed:
+        a table that computes it otherwise than the other side's value is a difference that
+        writing cannot fix, and is reported as one."""
+        columns = self.side(side).columns
+        ordered = (self.key, *(c for c in self.compared if c != self.key))
+        return tuple(c for c in ordered if not columns[c].generated)
+
+    def overriding(self, side: Side) -> str:
+        """What an INSERT into ``side``'s table of :meth:`copied` needs to give its
+        ``GENERATED ALWAYS AS IDENTITY`` columns their values (``OVERRIDING SYSTEM VALUE``,
+        else refused), or "". (COPY FROM writes identity columns as given.)"""
+        columns = self.side(side).columns
+        if any(columns[c].identity == "a" for c in self.copied(side)):
+            return " OVERRIDING SYSTEM VALUE"
+        return ""
+
+    def updatable(self, side: Side) -> tuple[str, ...]:
+        """Of :meth:`copied` into ``side``, the columns an upsert may set on a row already
+        there: not the key, nor an identity column GENERATED ALWAYS, which an UPDATE may only
+        set to its default (such a column that differs stays different, and is reported)."""
+        columns = self.side(side).columns
+        return tuple(c for c in self.copied(side) if c != self.key and columns[c].identity != "a")
+
+
+def _float_bytes(base: str, ref: str) -> str:
+    """A float's bytes, every NaN as one: NaNs of other bit patterns (the sign bit of a NaN
+    computed as Infinity - Infinity on x86) are equal (``=``) and render alike ('NaN'), and a
+    repair (COPY text) could never make their bytes equal. -0 and 0 stay apart."""
+    nan = f"'NaN'::{base}"
+    return f"{_FLOATS[base]}(CASE WHEN {ref} = {nan} THEN {nan} ELSE {ref} END)"
 
 
 def _settings(read_only: bool) -> list[tuple[str, str]]:
@@ -360,10 +409,13 @@ async def discover(conn: Conn, backend: str, side: Side, dataset: str) -> Table:
         oid, qualified, pages, estimate, version = found
         # From here on, names resolve in pg_catalog only (types outside it come qualified).
         await conn.execute("SELECT set_config('search_path', 'pg_catalog, pg_temp', false)")
+        # Generated columns came with PostgreSQL 12 (identity columns with 10).
+        generated = "a.attgenerated <> ''" if version >= 120000 else "false"
         cur = await conn.execute(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod),"
             " coalesce(bt.typname, t.typname), coalesce(bt.typtype, t.typtype)::text,"
-            " CASE WHEN a.attcollation = 0 THEN NULL ELSE coll.collname END, t.typtype = 'd'"
+            " CASE WHEN a.attcollation = 0 THEN NULL ELSE coll.collname END, t.typtype = 'd',"
+            f" a.attidentity::text, {generated}"
             " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
             " LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype"
             " LEFT JOIN pg_collation coll ON coll.oid = a.attcollation"
@@ -371,8 +423,10 @@ async def discover(conn: Conn, backend: str, side: Side, dataset: str) -> Table:
             (oid,),
         )
         columns = {
-            name: Column(name, type_, base, category, collation, domain)
-            for name, type_, base, category, collation, domain in await cur.fetchall()
+            name: Column(name, type_, base, category, collation, domain, identity, generated)
+            for name, type_, base, category, collation, domain, identity, generated in (
+                await cur.fetchall()
+            )
         }
         cur = await conn.execute(
             "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
@@ -433,13 +487,15 @@ async def agree(conns: Sequence[tuple[str, Conn]], seed: int) -> bool:
     also store text in the same encoding, or the same text would be different bytes."""
     probe = (
         "SELECT current_setting('server_encoding'), hash_record_extended(ROW(1::int8, "
-        "'é'::text COLLATE \"C\", 2.50::numeric, '2024-03-01 08:15:02.5+00'::timestamptz, "
-        "'2024-03-01'::date, true, 'f47ac10b-58cc-4372-a567-0e02b2c3d479'::uuid, "
-        f"'\\x00ff'::bytea), {seed})"
+        "'é'::text COLLATE \"C\", 2.50::numeric, 'NaN'::numeric, '-Infinity'::numeric, "
+        "'2024-03-01 08:15:02.5+00'::timestamptz, '2024-03-01'::date, true, "
+        f"'f47ac10b-58cc-4372-a567-0e02b2c3d479'::uuid, '\\x00ff'::bytea), {seed})"
     )
     found = []
     for backend, conn in conns:
         async with reading(backend, "checking how it hashes"):
+            if conn.info.server_version < 140000:
+                return False  # no hash_record_extended, nor numeric infinities
             try:
                 cur = await conn.execute(probe)
             except psycopg.errors.UndefinedFunction:
