@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import asyncpg
 
-from bascule.config import Config, Secrets
+from bascule.config import Config, Route, Secrets
 from bascule.errors import Refused, UnknownDataset
 from bascule.sealing import Namer, Sealer
 from bascule.stages import Side
@@ -108,11 +108,14 @@ def _named_alike(config: Config, found: Pair) -> None:
     they differ (a uuid key routed as text: ``F47AC10B-...`` and ``f47ac10b-...``), a write in
     flight would look like a divergence, and a repair would not take its record's lock."""
     wanted = _KEY_FORMATS.get(found.source.key_column.base)
-    for route in config.routes:
-        if route.key is None or route.dataset not in (None, found.dataset):
+    dataset = found.dataset
+    for i, route in enumerate(config.routes):
+        if route.key is None or route.dataset not in (None, dataset):
             continue
         if route.dataset is None and "dataset" not in route.params:
             continue
+        if route.dataset is None and _shadowed(config.routes[:i], route, dataset):
+            continue  # the dataset's own routes before it take its requests (first match wins)
         if route.key_format != wanted:
             fix = (
                 f'set key_format = "{wanted}"'
@@ -124,6 +127,14 @@ def _named_alike(config: Config, found: Pair) -> None:
                 f"records by key_format = {route.key_format!r}, but the key {found.key!r} is "
                 f"{found.key_type}: the proxy and verification would name a record apart; {fix}"
             )
+
+
+def _shadowed(earlier: Sequence[Route], route: Route, dataset: str) -> bool:
+    """Do routes of ``dataset`` declared before ``route`` (a route for every dataset) take all
+    of its requests for ``dataset``: the same path, that dataset's, for each of its methods?"""
+    path = route.path.replace("{dataset}", dataset)
+    covered = {m for r in earlier if r.dataset == dataset and r.path == path for m in r.methods}
+    return set(route.methods) <= covered
 
 
 async def _not_one_table(backends: dict[Side, str], conns: dict[Side, Conn], found: Pair) -> None:

@@ -401,6 +401,8 @@ class Demo:
         await self._sre(
             "verify", "dcir", "--repair", "--reason", "demo: the source is right", "--by", "sre"
         )
+        # The gate trusts the newest verification only: the repaired data is verified afresh.
+        await self._sre("verify", "dcir")
         return "/record/amount" in shown
 
     async def _bascule_code(self, *args: str) -> tuple[int, str]:

@@ -83,7 +83,11 @@ async def test_divergence_is_read_with_a_viewer_token_and_checks_its_input(
     status, body = await call("GET", admin.url + "/v1/datasets/nope/divergence", VIEW)
     assert status == 404 and "nope" in body["error"]["message"]
     status, body = await call("GET", admin.url + "/v1/datasets/dcir/divergence?since=-1", VIEW)
-    assert status == 400 and "positive" in body["error"]["message"]
+    assert status == 400 and "between 0 and" in body["error"]["message"]
+    for bad in ("inf", "nan", "1e12"):
+        url = admin.url + f"/v1/datasets/dcir/divergence?since={bad}"
+        status, body = await call("GET", url, VIEW)
+        assert status == 400 and "since must be a number of seconds" in body["error"]["message"]
     assert (await call("GET", admin.url + "/v1/datasets/dcir/divergence"))[0] == 401
 
 

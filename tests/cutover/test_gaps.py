@@ -430,12 +430,13 @@ async def test_cli_rollback_from_target_refused_where_the_source_becomes_authori
     assert done.returncode == 0, done.stderr
     row = await store.get("dcir")
     assert (row.stage, row.gaps) == (SH, {})
-    actions = [(h.action, h.to_stage) for h in (await store.history("dcir"))[-5:]]
+    actions = [(h.action, h.to_stage) for h in (await store.history("dcir"))[-6:]]
     assert actions == [
         ("stage", "target"),
         ("rollback", "rampdown"),
         ("rollback", "live"),
         ("gap-close", None),
+        ("auto-promote", None),  # authority back to the source: the controller must not undo it
         ("rollback", "shadow"),
     ]
 

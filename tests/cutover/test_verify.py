@@ -174,7 +174,7 @@ async def test_servers_configured_differently_agree_on_equal_rows_and_see_a_real
             " 'Élodie ' || g FROM generate_series(1, 40000) g",
         )
     path = tmp_path / "bascule.toml"
-    config = datajobs.write_config(path, pg_url, (source, target))
+    config = datajobs.write_config(path, pg_url, (source, target), key_format="text")
     await state(pg_url, Stage.DUALWRITE)
 
     async def cepidc() -> VerifyReport:
@@ -325,7 +325,8 @@ async def test_a_clean_run_closes_a_gap_open_before_it_and_only_that(
             if task == "target":
                 with psycopg.connect(pg_url, autocommit=True) as conn:
                     conn.execute(
-                        "UPDATE bascule_stage SET gap_target_since = now() WHERE dataset = 'dcir'"
+                        "UPDATE bascule_stage SET gap_target_since = now(),"
+                        " gap_target_opened = now() WHERE dataset = 'dcir'"
                     )
 
     late = await run(config, pg_url, progress=Reopens())
@@ -388,7 +389,7 @@ async def test_incremental_checks_what_the_journal_shows_written(
     path, _, target = await world(tmp_path, make_database, pg_url, 5000, Stage.DUALWRITE)
     config = load_config(path)
     nothing_yet = run_cli(path, "verify", "dcir", "--incremental")
-    assert nothing_yet.returncode == 3 and "no clean full verification" in nothing_yet.stderr
+    assert nothing_yet.returncode == 3 and "no full verification yet" in nothing_yet.stderr
     assert (await run(config, pg_url)).status == "clean"
 
     secrets = Secrets.from_env(os.environ)

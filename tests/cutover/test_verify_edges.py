@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 import cutover.checksum
-from bascule.config import Config, Secrets
+from bascule.config import Config, Secrets, load_config
 from bascule.errors import Refused
 from bascule.sealing import Sealer
 from bascule.stages import Side, Stage
@@ -612,3 +612,30 @@ async def test_a_refused_verification_changes_nothing(
     assert [r["state"] for r in left] == ["intent"], "the refused command settled an entry"
     assert (await fetch(pg_url, "SELECT count(*) FROM bascule_audit"))[0][0] == audits
     assert await gap_since(pg_url) is None, "the refused command opened the target's gap"
+
+
+async def test_a_datasets_own_route_before_the_shared_one_names_its_records(
+    tmp_path: Path, make_database: MakeDatabase, pg_url: str
+) -> None:
+    """cepidc is keyed by text while the shared record route reads integers: a route of
+    cepidc's own, declared before it, takes its requests (first match wins), so verification
+    accepts it; the shared route alone is refused."""
+    ddl = "CREATE TABLE cepidc (code text PRIMARY KEY, score int)"
+    seed = "INSERT INTO cepidc SELECT 'c' || g, g FROM generate_series(1, 100) g"
+    source, target = await make_database("src"), await make_database("tgt")
+    await execute(source, ddl, seed)
+    await execute(target, ddl, seed)
+    await state(pg_url)
+    await walk_dataset(pg_url, "cepidc", Stage.DUALWRITE)
+    shared = datajobs.write_config(tmp_path / "shared.toml", pg_url, (source, target))
+    with pytest.raises(Refused, match="set key_format = .text."):
+        await verify_once(shared, pg_url, "cepidc")
+    text = (tmp_path / "shared.toml").read_text()
+    own = (
+        '[[routes]]\npath = "/v1/datasets/cepidc/records/{id}"\ndataset = "cepidc"\n'
+        'methods = ["PUT", "PATCH", "DELETE"]\nkind = "write"\nkey = "id"\n'
+    )
+    first = text.index("[[routes]]")
+    (tmp_path / "own.toml").write_text(text[:first] + own + text[first:])
+    found = await verify_once(load_config(tmp_path / "own.toml"), pg_url, "cepidc")
+    assert found.status == "clean"

@@ -29,6 +29,7 @@ class Ledger:
         self.gated: Counter[Any] = Counter()
         self.rows: list[tuple[str, str]] = []
         self.order: list[str] = []
+        self.batches: list[tuple[str, int]] = []
 
     async def count_many(self, counts: Any) -> bool:
         await self.release.wait()
@@ -46,8 +47,9 @@ class Ledger:
         await self._postgres()
         self.errors_.update(errors)
 
-    async def gate_counts(self, counts: Any) -> None:
+    async def gate_counts(self, counts: Any, *, writer: str, batch: int) -> None:
         await self._postgres()
+        self.batches.append((writer, batch))
         self.gated.update(counts)
 
     async def mismatch(self, dataset: str, route: str, diff: Diff, trace_id: Any, **_: Any) -> None:
@@ -101,7 +103,9 @@ async def test_the_evidence_goes_first_and_a_postgres_failure_keeps_it() -> None
     assert ledger.errors_ == {("dcir", "/r", "shadow_timeout", 0): 3}
     assert sum(ledger.gated.values()) == 5  # each once, the kept ones with the new one
     assert ledger.rows == [("dcir", "/r")]
-    assert ledger.order == ["redis", "postgres", "postgres", "postgres", "redis"]
+    # The kept batch is sent again as itself (an idempotent retry), then the new one.
+    assert [b for _, b in ledger.batches] == [1, 2] and len({w for w, _ in ledger.batches}) == 1
+    assert ledger.order == ["redis", "postgres", "postgres", "postgres", "postgres", "redis"]
 
 
 async def test_evidence_writers_take_turns() -> None:
