@@ -628,7 +628,7 @@ async def test_a_datasets_own_route_before_the_shared_one_names_its_records(
     await state(pg_url)
     await walk_dataset(pg_url, "cepidc", Stage.DUALWRITE)
     shared = datajobs.write_config(tmp_path / "shared.toml", pg_url, (source, target))
-    with pytest.raises(Refused, match="set key_format = .text."):
+    with pytest.raises(Refused, match=r"set key_format = .text."):
         await verify_once(shared, pg_url, "cepidc")
     text = (tmp_path / "shared.toml").read_text()
     own = (
