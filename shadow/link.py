@@ -93,6 +93,11 @@ class ShadowLink(Sampling):
         """The ready worker's process id (None while there is none)."""
         self.restarts = 0
 
+    @property
+    def unreported(self) -> int:
+        """Jobs sent to the worker and not yet reported done."""
+        return len(self._inflight)
+
     # -- the researcher's path -------------------------------------------------------------
 
     def room(self) -> int:
