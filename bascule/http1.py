@@ -8,12 +8,17 @@ control — and nothing else (no redirects, cookies, decompression, proxies, ret
 
 Errors are :class:`UpstreamTimeout` or :class:`UpstreamUnreachable`; each says whether the
 request may have reached the backend (``sent``), which the write path needs to know.
+
+An answer's trailers (the fields after a chunked body) are dropped: they never become headers
+(an answer's headers go to the researcher before its body, and the journal keeps the header
+section only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
 import typing
@@ -26,10 +31,9 @@ from bascule.errors import UpstreamTimeout, UpstreamUnreachable
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading from the backend
 _LOW_WATER = 64 * 1024
-_IDLE_SECONDS = 30.0
-Headers = Sequence[
-    tuple[str, str]
-]  # idle keep-alive connections older than this are closed, not reused
+_IDLE_SECONDS = 30.0  # idle keep-alive connections older than this are closed, not reused
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: a method is a token
+Headers = Sequence[tuple[str, str]]
 
 
 class _Failure(Exception):
@@ -107,6 +111,8 @@ class _Connection(asyncio.Protocol):
         self.read_timeout = 0.0
         self.last_activity = 0.0
         self.keep_alive = False
+        self.trailers = False
+        """The answer's header section is over: any field now is a trailer."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -150,6 +156,8 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.trailers:
+            return  # a trailer: dropped, never merged into the headers
         text = value.decode("latin-1")
         lower = name.lower()
         if lower == b"content-length" and text.isdigit():
@@ -166,6 +174,7 @@ class _Connection(asyncio.Protocol):
             self.chunked = False
             return
         self.status = status
+        self.trailers = True
         self.keep_alive = self.parser.should_keep_alive()
         if self.headers_done is not None and not self.headers_done.done():
             self.headers_done.set_result(None)
@@ -327,7 +336,7 @@ class Pool:
         return None
 
     def serialize(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
-        if not method.isalpha() or any(c in target for c in " \r\n"):
+        if not _TOKEN.fullmatch(method) or any(c in target for c in " \r\n"):
             raise ValueError("the method or request target cannot be sent as is")
         parts = [f"{method} {target} HTTP/1.1\r\nHost: ", self.host_header, "\r\n"]
         for name, value in headers:

@@ -92,7 +92,9 @@ class Router:
         if key is not None and route.key_format == "integer":
             if not key.isascii() or not key.isdigit():
                 raise RouteError(400, "bad_key", "this record key must be a whole number")
-            key = str(int(key))  # the record the backend will read, whatever its spelling
+            # The record the backend will read, whatever its spelling: leading zeros dropped
+            # as text (int() of a 5,000-digit key raised past Python's conversion limit).
+            key = key.lstrip("0") or "0"
         elif key is not None and route.key_format == "uuid":
             key = _uuid(key)
         return Match(dataset, route.kind, route.path, route, key)

@@ -176,3 +176,24 @@ def test_any_accepted_path_has_only_plain_segments(path: str) -> None:
         assert exc.code == "unknown_dataset"
         return
     assert m.dataset in DATASETS
+
+
+# --- issue 16: keys of any length, and ambiguous paths routed with their candidates ---------
+
+
+keyed = Router(
+    (
+        Route(
+            path="/r/{dataset}/{id}", methods=("GET",), kind="read", key="id", key_format="integer"
+        ),
+    ),
+    DATASETS,
+)
+
+
+def test_a_key_of_thousands_of_digits_is_named_without_int() -> None:
+    """int() of a 5,000-digit key raised ValueError (Python's int-str conversion limit): a
+    500 with a traceback for each such request."""
+    m = keyed.match("GET", "/r/dcir/" + "0" * 3 + "9" * 5000)
+    assert m.key == "9" * 5000
+    assert keyed.match("GET", "/r/dcir/000").key == "0"
