@@ -240,7 +240,19 @@ class Forwarder:
                 return Answer(resp.status, CIMultiDict(resp.raw_headers), b"".join(kept))
         except UpstreamError as exc:
             if out.started:
-                raise  # headers are gone already: the server breaks the connection
+                # Its head is gone already: the researcher learns it from the connection cut
+                # short. One line, no traceback; the route's template, never its path.
+                log.warning(
+                    "%s %s dataset=%s backend=%s: the answer broke off mid-stream (%s); the "
+                    "researcher's connection was cut",
+                    request.method,
+                    match.template,
+                    match.dataset,
+                    upstream.name,
+                    type(exc).__name__,
+                )
+                out.abort()
+                return None
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
             code = "backend_timeout" if status == 504 else "backend_unreachable"
             log.warning(

@@ -136,6 +136,11 @@ class Responder:
             self._conn.write(b"0\r\n\r\n")
         self._finish()
 
+    def abort(self) -> None:
+        """End a started answer short: the connection closes, so the client sees it cut
+        (short of its length, or without the last chunk), never a complete wrong answer."""
+        self._conn.close()
+
     def _finish(self) -> None:
         self.finished = True
         if not self._keep_alive:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -147,3 +148,45 @@ async def test_answer_trailers_never_become_headers(ground: Ground) -> None:
         names = [name.lower() for name, _ in stored["headers"]]
         assert "x-trailer-leak" not in names, names
         assert base64.b64decode(stored["body"]) == b'{"record": {"id": 7}}'
+
+
+def get(target: str, method: str = "GET") -> bytes:
+    return (
+        f"{method} {target} HTTP/1.1\r\nHost: proxy.example\r\nConnection: close\r\n\r\n".encode()
+    )
+
+
+# --- item 13: an answer that breaks mid-stream --------------------------------------------------
+
+
+async def test_an_answer_broken_mid_stream_is_one_warning_line(
+    ground: Ground, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The researcher is told (the connection ends short of the announced length); the log
+    said it at ERROR with a traceback."""
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 400000\r\n\r\n" + b"z" * 100_000)
+        await writer.drain()
+
+    async with (
+        raw_backend(backend) as url,
+        build_world(ground, backends=(url, url)) as world,
+    ):
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        head = get("/v1/datasets/dcir/records/12345")
+        status, _, body = await raw_request(world.proxy, head)
+        assert status == 200 and len(body) < 400_000
+    mine = [r for r in caplog.records if r.name.startswith("bascule")]
+    broke = [r for r in mine if "broke" in r.getMessage()]
+    assert [r.levelname for r in broke] == ["WARNING"], [
+        (r.levelname, r.getMessage()) for r in mine
+    ]
+    (record,) = broke
+    assert record.exc_info is None
+    message = record.getMessage()
+    assert "/v1/datasets/{dataset}/records/{id}" in message and "azure" in message
+    assert "12345" not in message
+    assert not [r for r in mine if r.levelno >= logging.ERROR]
