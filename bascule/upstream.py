@@ -10,7 +10,7 @@ import ssl
 from urllib.parse import urlsplit
 
 from bascule.config import Backend
-from bascule.http1 import Headers, Pool, Response, _Connection
+from bascule.http1 import Body, Headers, Pool, Response, _Connection
 
 
 class Upstream:
@@ -40,7 +40,7 @@ class Upstream:
             await self._pool.close()
             self._pool = None
 
-    def request(self, method: str, path_qs: str, headers: Headers, body: bytes) -> Exchange:
+    def request(self, method: str, path_qs: str, headers: Headers, body: Body) -> Exchange:
         """Send a request; ``async with`` yields the answer with its body unread (read or
         stream it inside the block).
 
@@ -56,7 +56,7 @@ class Exchange:
 
     __slots__ = ("_args", "_conn", "_pool")
 
-    def __init__(self, pool: Pool, method: str, target: str, headers: Headers, body: bytes) -> None:
+    def __init__(self, pool: Pool, method: str, target: str, headers: Headers, body: Body) -> None:
         self._pool = pool
         self._args = (method, target, headers, body)
         self._conn: _Connection | None = None

@@ -97,6 +97,7 @@ class DualWriter:
         """Any write, in any stage: its plan is read under the dataset's fence, never from
         this replica's view of the stages (which may be stale)."""
         token = self.namer.record(match.dataset, match.key)
+        body = b""
 
         def journaled() -> dict[str, Any]:
             return {
@@ -104,7 +105,7 @@ class DualWriter:
                 "target": request.target,
                 "key": match.key,
                 "headers": [[k, v] for k, v in headers if k.lower() not in _NOT_JOURNALED],
-                "body": base64.b64encode(request.body).decode("ascii"),
+                "body": base64.b64encode(body).decode("ascii"),
             }
 
         known = self.view.get(match.dataset) if self.view is not None else None
@@ -122,6 +123,8 @@ class DualWriter:
                 match.dataset,
             )
             return
+        # Whole, before any lock: a slow client must not hold its record's lock while it sends.
+        body = await request.read()
         answer: Answer | UpstreamError | None = None
         try:
             async with self.journal.locked(match.dataset, [token]) as session:
@@ -133,7 +136,7 @@ class DualWriter:
                     expect_journal=known is None or known.stage.value in JOURNALED_STAGES,
                 )
                 upstream = self.upstreams[plan(Stage(fenced.stage), "write").serve]
-                answer = await self._call_authority(request, upstream, headers)
+                answer = await self._call_authority(request, upstream, headers, body)
                 if fenced.seq is not None:
                     if self.kill_after_send == request.method:
                         log.error("failpoint kill-after-send: killing this process")
@@ -191,15 +194,13 @@ class DualWriter:
             await self.view.reload()
 
     async def _call_authority(
-        self, request: Request, upstream: Upstream, headers: list[tuple[str, str]]
+        self, request: Request, upstream: Upstream, headers: list[tuple[str, str]], body: bytes
     ) -> Answer | UpstreamError:
         # A hard deadline on the whole call (pool wait, connect, answer), not only on silence:
         # the resolver counts on a write never being in flight past it (ORPHAN_AFTER).
         try:
             async with asyncio.timeout(call_deadline(upstream)):
-                async with upstream.request(
-                    request.method, request.target, headers, request.body
-                ) as resp:
+                async with upstream.request(request.method, request.target, headers, body) as resp:
                     body = await resp.read()
                     return resp.status, response_headers(resp.raw_headers), body
         except UpstreamError as exc:

@@ -4,6 +4,10 @@ What reaches the backend is what the researcher sent — method, raw path, query
 end-to-end headers (``Authorization`` included) — less hop-by-hop headers, plus
 ``X-Forwarded-For/Proto/Host``. Answers come back the same way, streamed when large.
 Errors bascule itself produces are JSON, name the dataset, and carry ``X-Bascule-Error``.
+
+A read's body of known length over ``STREAM_ABOVE`` bytes is streamed to the backend, never
+held whole; a write's is read whole (it is journaled, or held under its dataset's write fence
+for the write's life).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Literal
 from multidict import CIMultiDict
 
 from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
+from bascule.http1 import Body, Streamed
 from bascule.sealing import DATASET_WIDE, Namer
 from bascule.stages import Side
 from bascule.state.fleet import StageView
@@ -143,6 +148,7 @@ class Forwarder:
             (k, decodable(v) if k.lower() == "accept-encoding" else v)
             for k, v in self.request_headers(request)
         ]
+        body = await request.read()  # the shadow read sends it again
         t0 = self.shadow.now()
         limit = min(self.shadow.settings.max_body_bytes, room)
         answer = await self.forward(
@@ -152,6 +158,7 @@ class Forwarder:
             self.upstreams[planned.serve],
             headers=headers,
             capture=limit,
+            body=body,
         )
         if answer is None:
             return
@@ -175,7 +182,7 @@ class Forwarder:
                 method=request.method,
                 target=request.target,
                 headers=headers,
-                body=request.body,
+                body=body,
                 serving=planned.serve,
                 shadowed=planned.shadow,
                 answer=answer,
@@ -195,16 +202,17 @@ class Forwarder:
         *,
         headers: list[tuple[str, str]] | None = None,
         capture: int = 0,
+        body: bytes | None = None,
     ) -> Answer | Literal[False] | None:
         """Forward a request and stream the answer back. ``capture``: also keep an answer of up
         to that many bytes and return it (False when larger; None when there is no backend
-        answer to keep)."""
+        answer to keep). ``body``: the request's, read already; else it is streamed when
+        large (see :func:`body_of`)."""
         if headers is None:
             headers = self.request_headers(request)
+        sent: Body = body if body is not None else await body_of(request)
         try:
-            async with upstream.request(
-                request.method, request.target, headers, request.body
-            ) as resp:
+            async with upstream.request(request.method, request.target, headers, sent) as resp:
                 if request.method == "HEAD" or resp.status == 304:
                     # The backend's Content-Length describes the body it did not send: keep it.
                     await resp.read()
@@ -287,6 +295,16 @@ class Forwarder:
         headers.append(("X-Forwarded-Proto", self.scheme))
         headers.append(("X-Forwarded-Host", request.host))
         return headers
+
+
+async def body_of(request: Request) -> Body:
+    """What to send of a request's body: streamed when its length is known, over
+    ``STREAM_ABOVE`` bytes and not all in yet; else the bytes (a small or chunked body, read
+    whole up to the server's ``max_body_bytes``)."""
+    length = request.length
+    if length is not None and length > STREAM_ABOVE and not request.complete:
+        return Streamed(length, request.stream())
+    return await request.read()
 
 
 def decodable(accept_encoding: str) -> str:

@@ -13,20 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
+import hashlib
 import json
 import logging
+import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import aiohttp
+import orjson
 import pytest
 
 from bascule.sealing import Sealer
 from bascule.stages import Stage
+from proxy.server import FEED_SLICE, Request, Responder, Server
 from refapi.lab import AUTH, JOURNAL_KEY
 from tests.conftest import Ground
-from tests.proxy.test_hardening import raw_request
-from tests.world import LIVE, build_world
+from tests.proxy.test_hardening import raw_request, seeing_backend
+from tests.world import LIVE, World, build_world
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -107,6 +113,151 @@ async def test_a_huge_id_and_odd_methods_get_a_clear_answer_and_no_log_flood(
         assert len(added) < 20_000, f"{len(added)} bytes of log for 1,000 requests"
 
 
+# --- item 7: a client that pipelines and never reads -------------------------------------------
+
+
+async def test_a_client_that_pipelines_and_never_reads_is_held_at_a_bounded_buffer() -> None:
+    """Answers were written without waiting for the client to take them: 2,000 pipelined
+    requests of 16 KiB answers left ~30 MB in the connection's write buffer."""
+    answer = b"x" * 16384
+    handled = 0
+
+    async def handle(request: Request, out: Responder) -> None:
+        nonlocal handled
+        handled += 1
+        await out.send(200, [("Content-Type", "text/plain")], answer)
+
+    server = Server(handle, max_body_bytes=1000)
+    port = await server.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    greedy = socket.socket()
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    greedy.setblocking(False)
+    try:
+        await loop.sock_connect(greedy, ("127.0.0.1", port))
+        pipelined = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+        sending = asyncio.ensure_future(loop.sock_sendall(greedy, pipelined))  # noqa: TID251
+        # Until the proxy stops answering (it waits for the client) or has answered them all.
+        seen, still = -1, 0
+        while still < 5 and handled < 2000:
+            await asyncio.sleep(0.1)
+            still = still + 1 if handled == seen else 0
+            seen = handled
+        (conn,) = server.connections
+        assert conn.transport is not None
+        buffered = conn.transport.get_write_buffer_size()
+        assert handled < 2000, f"answered all {handled}: {buffered} bytes left buffered"
+        assert buffered <= 256 * 1024, buffered
+        assert len(conn.queue) <= 8 + FEED_SLICE // 20, len(conn.queue)
+        # Another client is served meanwhile.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+        sending.cancel()
+    finally:
+        greedy.close()
+        await server.close(grace=1.0)
+
+
+# --- item 8: a closed connection is freed at once; a read's body streams ----------------------
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
+    """The connection and its parser referenced each other: each closed connection, with the
+    last body it received, waited for the cyclic garbage collector."""
+    refs: list[weakref.ref[object]] = []
+
+    async def handle(request: Request, out: Responder) -> None:
+        (conn,) = server.connections
+        refs.append(weakref.ref(conn))
+        body = await request.read()
+        await out.send(200, [], str(len(body)).encode())
+
+    server = Server(handle, max_body_bytes=4 * 1024 * 1024)
+    port = await server.start("127.0.0.1", 0)
+    gc.collect()
+    gc.disable()
+    try:
+        for close in (True, False):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = b"y" * (1024 * 1024)
+            extra = "Connection: close\r\n" if close else ""
+            sent = f"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+            writer.write(sent.encode() + body)
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 OK"), head
+                if not close:
+                    writer.close()  # the client hangs up a kept-alive connection
+                await reader.read()
+            writer.close()
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                if refs[-1]() is None:
+                    break
+        assert [ref() is None for ref in refs] == [True, True]
+    finally:
+        gc.enable()
+        await server.close(grace=1.0)
+
+
+async def test_a_reads_body_streams_to_the_backend(ground: Ground) -> None:
+    """A read's body went to the backend only once it had arrived whole (buffered up to
+    ``max_body_bytes``, 1 MiB here, in memory): the backend now sees its start before its end
+    is sent, and the whole of it byte for byte."""
+    first = b"a" * (400 * 1024)
+    rest = b"b" * (400 * 1024)
+    got_start = asyncio.Event()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line, length = await read_request(reader)
+        digest, n = hashlib.sha256(), 0
+        while n < length:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return
+            digest.update(chunk)
+            n += len(chunk)
+            if n >= 256 * 1024:
+                got_start.set()
+        body = orjson.dumps({"line": line, "length": n, "sha256": digest.hexdigest()})
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        await writer.drain()
+
+    async with (
+        raw_backend(backend) as url,
+        build_world(ground, backends=(url, url), extra="") as world,
+    ):
+        port = int(world.proxy.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/datasets/dcir/query HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (len(first) + len(rest))
+        )
+        writer.write(first)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            await got_start.wait()  # the end of the body is not sent yet
+        writer.write(rest)
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK"), answer[:300]
+        seen = orjson.loads(body)
+        assert seen == {
+            "line": "POST /v1/datasets/dcir/query HTTP/1.1",
+            "length": len(first) + len(rest),
+            "sha256": hashlib.sha256(first + rest).hexdigest(),
+        }
+
+
 # --- item 10: answer trailers never become headers ---------------------------------------------
 
 
@@ -150,10 +301,46 @@ async def test_answer_trailers_never_become_headers(ground: Ground) -> None:
         assert base64.b64decode(stored["body"]) == b'{"record": {"id": 7}}'
 
 
+# --- item 11: what the backend would serve reaches it -----------------------------------------
+
+
+@pytest.fixture
+async def seeing(ground: Ground) -> AsyncIterator[World]:
+    async with build_world(ground, backends=seeing_backend, read_timeout=2.0) as world:
+        yield world
+
+
 def get(target: str, method: str = "GET") -> bytes:
     return (
         f"{method} {target} HTTP/1.1\r\nHost: proxy.example\r\nConnection: close\r\n\r\n".encode()
     )
+
+
+async def test_no_100_continue_before_a_refusal(seeing: World) -> None:
+    """`100 Continue` went out as soon as the headers arrived: a client sent its whole body
+    for a write about to be refused with 409."""
+    await seeing.to_stage(Stage.DUALWRITE, dataset="default")
+    port = int(seeing.proxy.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v2/unrouted HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 409 "), head
+    writer.close()
+    # A request that is served gets its 100 Continue when its body is wanted.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v1/datasets/dcir/query HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    async with asyncio.timeout(5):
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"{}")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
+    writer.close()
 
 
 # --- item 13: an answer that breaks mid-stream --------------------------------------------------
