@@ -42,13 +42,15 @@ class Upstream:
 
     def request(self, method: str, path_qs: str, headers: Headers, body: Body) -> Exchange:
         """Send a request; ``async with`` yields the answer with its body unread (read or
-        stream it inside the block).
+        stream it inside the block). ``path_qs``: an origin-form target (``/path?query``),
+        after the backend's base path, or ``*`` (``OPTIONS *``: the server itself).
 
         Raises :class:`~bascule.errors.UpstreamTimeout` or ``UpstreamUnreachable`` (refused,
         reset, or garbage instead of HTTP), also while the body is being read.
         """
         assert self._pool is not None, "Upstream.open() was not called"
-        return Exchange(self._pool, method, self.prefix + path_qs, headers, body)
+        target = path_qs if path_qs == "*" else self.prefix + path_qs
+        return Exchange(self._pool, method, target, headers, body)
 
 
 class Exchange:

@@ -316,6 +316,89 @@ def get(target: str, method: str = "GET") -> bytes:
     )
 
 
+PLAIN_PASSES = [
+    "/v1/datasets//dcir/records?a=1&a=2&b=%2F",
+    "/v1/datasets/dcir/records/a%2Fb",
+    "/v1/datasets/dcir/records/7;jsessionid=x",
+    "/v1/datasets/dcir/./records/",
+    "/v1/datasets/dcir/records/..%2F..%2Fpmsi",
+    "/v1/datasets/dcir/records/abc",  # not an integer id: the API's own answer
+    "/v1/datasets/dcir/records/%zz",
+]
+
+
+@pytest.mark.parametrize("target", PLAIN_PASSES)
+async def test_reads_reach_the_backend_byte_for_byte_at_source(seeing: World, target: str) -> None:
+    """Each was refused 400 `bad_path` or `bad_key` by bascule, at `source` where nothing is
+    journaled and one side serves every dataset."""
+    status, headers, body = await raw_request(seeing.proxy, get(target))
+    assert status == 200 and b"x-bascule-error" not in headers.lower(), (status, body)
+    seen = orjson.loads(body)
+    assert seen["raw_path"] == target and seen["served_by"] == "azure"
+
+
+async def test_writes_at_source_reach_the_backend_even_when_ambiguous(seeing: World) -> None:
+    for target in ("/v1/datasets//dcir/records", "/v1/datasets/dcir/records/abc;x"):
+        head = (
+            f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+        ).encode()
+        status, headers, body = await raw_request(seeing.proxy, head, b"{}")
+        assert status == 200 and b"x-bascule-error" not in headers.lower(), (target, body)
+        assert orjson.loads(body)["raw_path"] == target
+
+
+async def test_absolute_form_and_options_star_are_served(seeing: World) -> None:
+    status, headers, body = await raw_request(
+        seeing.proxy, get("http://api.example/v1/datasets/dcir/records/7?x=1")
+    )
+    assert status == 200, body
+    seen = orjson.loads(body)
+    assert seen["raw_path"] == "/v1/datasets/dcir/records/7?x=1"  # in origin form
+    forwarded = {k.lower(): v for k, v in seen["headers"]}
+    assert forwarded["x-forwarded-host"] == "api.example"
+    # `OPTIONS *` reaches the backend as is: aiohttp's own answer, not bascule's.
+    status, headers, body = await raw_request(seeing.proxy, get("*", "OPTIONS"))
+    assert b"x-bascule-error" not in headers.lower(), (status, headers, body)
+
+
+async def test_ambiguous_reads_are_served_by_the_one_side_every_reading_agrees_on(
+    seeing: World,
+) -> None:
+    """A path the backend could read as dcir's or as something unrouted (`default`'s): served
+    while both are served by one side, refused when they are not — the other side may not
+    hold the answer (a gap), and bascule cannot tell which dataset the backend will read."""
+    target = "/v1/datasets//dcir/records/7"
+    await seeing.to_stage(*LIVE, dataset="pmsi")  # another dataset moved: no matter
+    status, _, body = await raw_request(seeing.proxy, get(target))
+    assert status == 200 and orjson.loads(body)["served_by"] == "azure"
+    await seeing.to_stage(*LIVE)  # dcir served by the target, `default` by the source
+    status, _, body = await raw_request(seeing.proxy, get(target))
+    assert status == 400, body
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "ambiguous_path"
+    assert "dcir" in error["message"] and "default" in error["message"]
+    await seeing.to_stage(*LIVE, dataset="default")  # both served by the target now
+    status, _, body = await raw_request(seeing.proxy, get(target))
+    assert status == 200 and orjson.loads(body)["served_by"] == "scaleway"
+    # A key bascule cannot name: its dataset is known, so it is served by dcir's side.
+    status, _, body = await raw_request(seeing.proxy, get("/v1/datasets/dcir/records/abc"))
+    assert status == 200 and orjson.loads(body)["served_by"] == "scaleway"
+
+
+async def test_a_write_past_source_that_cannot_be_named_is_refused(seeing: World) -> None:
+    await seeing.to_stage(*LIVE)
+    for target, code in (
+        ("/v1/datasets//dcir/records/7", "bad_path"),
+        ("/v1/datasets/dcir/records/7;x", "bad_path"),
+        ("/v1/datasets/dcir/records/abc", "bad_key"),
+    ):
+        head = (
+            f"PATCH {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+        ).encode()
+        status, _, body = await raw_request(seeing.proxy, head, b"{}")
+        assert status == 400 and orjson.loads(body)["error"]["code"] == code, (target, body)
+
+
 async def test_no_100_continue_before_a_refusal(seeing: World) -> None:
     """`100 Continue` went out as soon as the headers arrived: a client sent its whole body
     for a write about to be refused with 409."""
@@ -341,6 +424,31 @@ async def test_no_100_continue_before_a_refusal(seeing: World) -> None:
         writer.write(b"{}")
         assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
     writer.close()
+
+
+async def test_odd_methods_reach_the_backend_or_get_a_clear_refusal(
+    seeing: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any method llhttp parses is forwarded as the backend would get it (the unknown ones
+    as unrouted writes); bascule itself answers only what it will not forward, in one
+    clear JSON error: a tunnel (CONNECT, 501), and what is not HTTP/1.1 (400)."""
+    caplog.set_level(logging.INFO)
+    for line in (b"PROPFIND /v1/datasets/dcir/records", b"M-SEARCH /ssdp", b"QUERY /q"):
+        status, headers, body = await raw_request(seeing.proxy, get_line(line))
+        assert status == 200 and b"x-bascule-error" not in headers.lower(), (line, body)
+        assert orjson.loads(body)["served_by"] == "azure"
+    for line, status_code in (
+        (b"CONNECT example.com:443", (501, "not_implemented")),
+        (b"FOO /x", (400, "bad_request")),
+        (b"get /x", (400, "bad_request")),
+    ):
+        status, _, body = await raw_request(seeing.proxy, get_line(line))
+        assert (status, orjson.loads(body)["error"]["code"]) == status_code, (line, body)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def get_line(line: bytes) -> bytes:
+    return line + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
 # --- item 13: an answer that breaks mid-stream --------------------------------------------------
