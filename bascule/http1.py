@@ -8,16 +8,23 @@ control — and nothing else (no redirects, cookies, decompression, proxies, ret
 
 Errors are :class:`UpstreamTimeout` or :class:`UpstreamUnreachable`; each says whether the
 request may have reached the backend (``sent``), which the write path needs to know.
+
+A request body is bytes, or :class:`Streamed`: sent as it arrives from the researcher, with
+flow control both ways, so the proxy never holds it whole. An answer's trailers (the fields
+after a chunked body) are dropped: they never become headers (an answer's headers go to the
+researcher before its body, and the journal keeps the header section only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
 import typing
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import httptools
 from multidict import CIMultiDict
@@ -26,10 +33,21 @@ from bascule.errors import UpstreamTimeout, UpstreamUnreachable
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading from the backend
 _LOW_WATER = 64 * 1024
-_IDLE_SECONDS = 30.0
-Headers = Sequence[
-    tuple[str, str]
-]  # idle keep-alive connections older than this are closed, not reused
+_IDLE_SECONDS = 30.0  # idle keep-alive connections older than this are closed, not reused
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: a method is a token
+Headers = Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A request body sent as it arrives: ``length`` bytes (its ``Content-Length``) from
+    ``chunks``. It goes on a fresh connection and is never re-sent (it cannot be read twice)."""
+
+    length: int
+    chunks: AsyncIterator[bytes]
+
+
+Body = bytes | Streamed
 
 
 class _Failure(Exception):
@@ -107,12 +125,30 @@ class _Connection(asyncio.Protocol):
         self.read_timeout = 0.0
         self.last_activity = 0.0
         self.keep_alive = False
+        self.trailers = False
+        """The answer's header section is over: any field now is a trailer."""
+        self.sending = False
+        self.cut = False
+        """The request's body was not sent whole: the connection cannot be reused."""
+        self.writable: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
         self.transport = typing.cast(asyncio.Transport, transport)
+
+    def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        self._writable()
+
+    def _writable(self) -> None:
+        writable, self.writable = self.writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -129,6 +165,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._writable()
         if not self.complete:
             delimited_by_close = (
                 self.headers_done is not None
@@ -150,6 +187,8 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.trailers:
+            return  # a trailer: dropped, never merged into the headers
         text = value.decode("latin-1")
         lower = name.lower()
         if lower == b"content-length" and text.isdigit():
@@ -166,6 +205,7 @@ class _Connection(asyncio.Protocol):
             self.chunked = False
             return
         self.status = status
+        self.trailers = True
         self.keep_alive = self.parser.should_keep_alive()
         if self.headers_done is not None and not self.headers_done.done():
             self.headers_done.set_result(None)
@@ -194,17 +234,41 @@ class _Connection(asyncio.Protocol):
 
     # -- the request ------------------------------------------------------------------------
 
-    async def request(self, head: bytes, body: bytes, *, is_head: bool, timeout: float) -> Response:
+    async def request(self, head: bytes, body: Body, *, is_head: bool, timeout: float) -> Response:
         self._reset(head=is_head)
         assert self.transport is not None
         self.headers_done = self.loop.create_future()
         self.read_timeout = timeout
         self._arm_timer()
-        self.transport.write(head + body if body and len(body) < 65536 else head)
-        if body and len(body) >= 65536:
-            self.transport.write(body)
+        if isinstance(body, Streamed):
+            self.transport.write(head)
+            await self._stream(body)
+        else:
+            self.transport.write(head + body if body and len(body) < 65536 else head)
+            if body and len(body) >= 65536:
+                self.transport.write(body)
         await self.headers_done
         return Response(self, self.status, self.raw_headers)
+
+    async def _stream(self, body: Streamed) -> None:
+        """Send a body as it arrives, as fast as the backend takes it. The read timeout
+        counts from its end: until then the backend waits for the researcher, not we for it."""
+        assert self.transport is not None and self.headers_done is not None
+        self.sending = True
+        sent = 0
+        try:
+            async for chunk in body.chunks:
+                if self.closed or self.failure is not None or self.headers_done.done():
+                    break  # the backend answered (or broke) before taking it all
+                sent += len(chunk)
+                self.transport.write(chunk)
+                if self.writable is not None:
+                    await self.writable
+        finally:
+            self.sending = False
+            self.last_activity = self.loop.time()
+        if sent != body.length:
+            self.cut = True  # the backend may read what follows as the rest of this body
 
     def resume(self) -> None:
         self.paused = False
@@ -220,7 +284,13 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.failure is None
+        return (
+            self.complete
+            and self.keep_alive
+            and not self.cut
+            and not self.closed
+            and self.failure is None
+        )
 
     def close(self) -> None:
         self.closed = True
@@ -256,8 +326,10 @@ class _Connection(asyncio.Protocol):
         # The timeout counts from the last bytes received (like a socket read timeout); rather
         # than rescheduling the timer on every packet, it looks again when it fires.
         quiet = self.loop.time() - self.last_activity
-        if self.paused:
-            quiet = 0.0  # we stopped reading (a slow consumer): the backend is not to blame
+        if self.paused or self.sending:
+            # We stopped reading (a slow consumer), or the request's body is still arriving
+            # from the researcher: the backend is not to blame.
+            quiet = 0.0
         if quiet < self.read_timeout:
             self.timer = self.loop.call_later(self.read_timeout - quiet, self._timed_out)
             return
@@ -326,27 +398,32 @@ class Pool:
             conn.close()
         return None
 
-    def serialize(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
-        if not method.isalpha() or any(c in target for c in " \r\n"):
+    def serialize(self, method: str, target: str, headers: Headers, body: Body) -> bytes:
+        if not _TOKEN.fullmatch(method) or any(c in target for c in " \r\n"):
             raise ValueError("the method or request target cannot be sent as is")
         parts = [f"{method} {target} HTTP/1.1\r\nHost: ", self.host_header, "\r\n"]
         for name, value in headers:
             if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
                 raise ValueError(f"header {name!r}: a line break cannot be sent")
             parts += (name, ": ", value, "\r\n")
-        if body or method in ("POST", "PUT", "PATCH"):
+        if isinstance(body, Streamed):
+            parts += ("Content-Length: ", str(body.length), "\r\n")
+        elif body or method in ("POST", "PUT", "PATCH"):
             parts += ("Content-Length: ", str(len(body)), "\r\n")
         parts.append("\r\n")
         return "".join(parts).encode("latin-1")
 
     async def send(
-        self, method: str, target: str, headers: Headers, body: bytes
+        self, method: str, target: str, headers: Headers, body: Body
     ) -> tuple[_Connection, Response]:
         """Send a request; the caller must :meth:`release` the connection it returns."""
         head = self.serialize(method, target, headers, body)
+        streamed = isinstance(body, Streamed)
         await self._slots.acquire()
         try:
-            conn = self._take_idle() or await self._connect()
+            # A streamed body cannot be sent twice: never on a kept-alive connection the
+            # backend may have closed meanwhile (the one case a request is re-sent).
+            conn = (None if streamed else self._take_idle()) or await self._connect()
             try:
                 return conn, await self._attempt(conn, method, head, body)
             except _Failure as failure:
@@ -355,7 +432,7 @@ class Pool:
                 # nothing was processed. Safe methods are tried once more on a fresh one. A
                 # timeout is not that case: the backend may be working on it.
                 stale = conn.reused and failure.kind == "broken" and not failure.got_bytes
-                if stale and method in ("GET", "HEAD", "OPTIONS"):
+                if stale and method in ("GET", "HEAD", "OPTIONS") and not streamed:
                     conn = await self._connect()
                     try:
                         return conn, await self._attempt(conn, method, head, body)
@@ -373,7 +450,7 @@ class Pool:
             self._slots.release()
             raise
 
-    async def _attempt(self, conn: _Connection, method: str, head: bytes, body: bytes) -> Response:
+    async def _attempt(self, conn: _Connection, method: str, head: bytes, body: Body) -> Response:
         return await conn.request(head, body, is_head=method == "HEAD", timeout=self.read_timeout)
 
     def release(self, conn: _Connection) -> None:

@@ -10,7 +10,7 @@ import ssl
 from urllib.parse import urlsplit
 
 from bascule.config import Backend
-from bascule.http1 import Headers, Pool, Response, _Connection
+from bascule.http1 import Body, Headers, Pool, Response, _Connection
 
 
 class Upstream:
@@ -40,15 +40,17 @@ class Upstream:
             await self._pool.close()
             self._pool = None
 
-    def request(self, method: str, path_qs: str, headers: Headers, body: bytes) -> Exchange:
+    def request(self, method: str, path_qs: str, headers: Headers, body: Body) -> Exchange:
         """Send a request; ``async with`` yields the answer with its body unread (read or
-        stream it inside the block).
+        stream it inside the block). ``path_qs``: an origin-form target (``/path?query``),
+        after the backend's base path, or ``*`` (``OPTIONS *``: the server itself).
 
         Raises :class:`~bascule.errors.UpstreamTimeout` or ``UpstreamUnreachable`` (refused,
         reset, or garbage instead of HTTP), also while the body is being read.
         """
         assert self._pool is not None, "Upstream.open() was not called"
-        return Exchange(self._pool, method, self.prefix + path_qs, headers, body)
+        target = path_qs if path_qs == "*" else self.prefix + path_qs
+        return Exchange(self._pool, method, target, headers, body)
 
 
 class Exchange:
@@ -56,7 +58,7 @@ class Exchange:
 
     __slots__ = ("_args", "_conn", "_pool")
 
-    def __init__(self, pool: Pool, method: str, target: str, headers: Headers, body: bytes) -> None:
+    def __init__(self, pool: Pool, method: str, target: str, headers: Headers, body: Body) -> None:
         self._pool = pool
         self._args = (method, target, headers, body)
         self._conn: _Connection | None = None

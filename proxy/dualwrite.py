@@ -93,18 +93,25 @@ class DualWriter:
         out: Responder,
         match: Match,
         headers: list[tuple[str, str]],
+        *,
+        only_at_source: bool = False,
     ) -> None:
         """Any write, in any stage: its plan is read under the dataset's fence, never from
-        this replica's view of the stages (which may be stale)."""
+        this replica's view of the stages (which may be stale). ``only_at_source``: a write
+        whose record bascule cannot name (``match.refused``): refused, before anything is
+        journaled or sent, unless its dataset is at ``source`` under the fence."""
         token = self.namer.record(match.dataset, match.key)
+        body = b""
 
         def journaled() -> dict[str, Any]:
+            if only_at_source:
+                raise _unnameable(match)  # before the intent: nothing is journaled
             return {
                 "method": request.method,
                 "target": request.target,
                 "key": match.key,
                 "headers": [[k, v] for k, v in headers if k.lower() not in _NOT_JOURNALED],
-                "body": base64.b64encode(request.body).decode("ascii"),
+                "body": base64.b64encode(body).decode("ascii"),
             }
 
         known = self.view.get(match.dataset) if self.view is not None else None
@@ -122,6 +129,8 @@ class DualWriter:
                 match.dataset,
             )
             return
+        # Whole, before any lock: a slow client must not hold its record's lock while it sends.
+        body = await request.read()
         answer: Answer | UpstreamError | None = None
         try:
             async with self.journal.locked(match.dataset, [token]) as session:
@@ -132,13 +141,18 @@ class DualWriter:
                     request=journaled,
                     expect_journal=known is None or known.stage.value in JOURNALED_STAGES,
                 )
+                if only_at_source and fenced.stage != Stage.SOURCE.value:
+                    raise _unnameable(match)  # `target`: not journaled, but past source
                 upstream = self.upstreams[plan(Stage(fenced.stage), "write").serve]
-                answer = await self._call_authority(request, upstream, headers)
+                answer = await self._call_authority(request, upstream, headers, body)
                 if fenced.seq is not None:
                     if self.kill_after_send == request.method:
                         log.error("failpoint kill-after-send: killing this process")
                         os.kill(os.getpid(), signal.SIGKILL)
                     await self._record(session, fenced.seq, answer, match)
+        except RouteError as exc:  # only_at_source, and the stage was found past it
+            await error(out, exc.status, exc.code, str(exc), match.dataset)
+            return
         except RecordBusy as exc:
             await error(
                 out,
@@ -191,15 +205,13 @@ class DualWriter:
             await self.view.reload()
 
     async def _call_authority(
-        self, request: Request, upstream: Upstream, headers: list[tuple[str, str]]
+        self, request: Request, upstream: Upstream, headers: list[tuple[str, str]], body: bytes
     ) -> Answer | UpstreamError:
         # A hard deadline on the whole call (pool wait, connect, answer), not only on silence:
         # the resolver counts on a write never being in flight past it (ORPHAN_AFTER).
         try:
             async with asyncio.timeout(call_deadline(upstream)):
-                async with upstream.request(
-                    request.method, request.target, headers, request.body
-                ) as resp:
+                async with upstream.request(request.method, request.target, headers, body) as resp:
                     body = await resp.read()
                     return resp.status, response_headers(resp.raw_headers), body
         except UpstreamError as exc:
@@ -258,6 +270,18 @@ class DualWriter:
         if made.key is None or made.dataset != match.dataset:
             return None
         return self.namer.record(made.dataset, made.key)
+
+
+def _unnameable(match: Match) -> RouteError:
+    refused = match.refused
+    assert refused is not None
+    return RouteError(
+        refused.status,
+        refused.code,
+        f"{refused}, so bascule cannot name the record this write changes; dataset "
+        f"{match.dataset!r} is past 'source', where every write is locked and journaled by its "
+        "record: it is refused",
+    )
 
 
 def call_deadline(upstream: Upstream) -> float:

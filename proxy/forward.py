@@ -4,6 +4,16 @@ What reaches the backend is what the researcher sent — method, raw path, query
 end-to-end headers (``Authorization`` included) — less hop-by-hop headers, plus
 ``X-Forwarded-For/Proto/Host``. Answers come back the same way, streamed when large.
 Errors bascule itself produces are JSON, name the dataset, and carry ``X-Bascule-Error``.
+
+bascule refuses only what it must lock and cannot: a write past ``source`` whose path or key it
+cannot read one way. Every other request reaches the serving side byte for byte, ambiguous
+paths included (``//``, encoded ``/``, ``;``, dot segments, keys the route's format does not
+read): an ambiguous read is served by the side that serves every dataset the path could
+belong to (refused, 400 ``ambiguous_path``, when they are served by different sides), and is
+never shadowed. An absolute-form target is forwarded in origin form (its authority is the
+host, RFC 9112 3.2.2); ``OPTIONS *`` as is. A read's body of known length over
+``STREAM_ABOVE`` bytes is streamed to the backend, never held whole; a write's is read whole
+(it is journaled, or held under its dataset's write fence for the write's life).
 """
 
 from __future__ import annotations
@@ -15,15 +25,17 @@ from typing import Literal
 
 from multidict import CIMultiDict
 
+from bascule.config import DEFAULT_DATASET
 from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
+from bascule.http1 import Body, Streamed
 from bascule.sealing import DATASET_WIDE, Namer
-from bascule.stages import Side
+from bascule.stages import Side, Stage
 from bascule.state.fleet import StageView
 from bascule.upstream import Upstream
 from proxy.answers import HOP_BY_HOP, dropped, error, response_headers, without
 from proxy.dualwrite import DualWriter
 from proxy.plan import Plan, plan
-from proxy.routing import Match, Router
+from proxy.routing import SAFE_METHODS, UNROUTED, Match, Router
 from proxy.server import Request, Responder
 from shadow.compare import Answer
 from shadow.dispatch import DECODABLE, Job, Shadows, unavailable
@@ -65,16 +77,32 @@ class Forwarder:
     def dataset_of(self, method: str, target: str) -> str | None:
         """The dataset a request belongs to, or None if it cannot be routed."""
         try:
-            return self.router.match(method, target.split("?", 1)[0]).dataset
-        except RouteError:
+            return self.router.match(method, origin_form(target)[0].split("?", 1)[0]).dataset
+        except (RouteError, ValueError):
             return None
 
     async def handle(self, request: Request, out: Responder) -> None:
-        raw_path = request.target.split("?", 1)[0]
-        try:
-            match = self.router.match(request.method, raw_path)
-        except RouteError as exc:
-            return await error(out, exc.status, exc.code, str(exc), None)
+        target, authority = origin_form(request.target)
+        if request.method == "CONNECT" or not (target.startswith("/") or target == "*"):
+            return await error(
+                out,
+                501,
+                "not_implemented",
+                "bascule forwards requests for resources: it opens no tunnel (CONNECT)",
+                None,
+            )
+        if authority is not None:
+            request.target, request.host = target, authority
+        if target == "*":  # OPTIONS * (or any method): the server itself, unrouted
+            kind: Literal["read", "write"] = "read" if request.method in SAFE_METHODS else "write"
+            match = Match(DEFAULT_DATASET, kind, UNROUTED)
+        else:
+            try:
+                match = self.router.route(request.method, target.split("?", 1)[0])
+            except RouteError as exc:
+                return await error(out, exc.status, exc.code, str(exc), None)
+        if match.refused is not None:
+            return await self.handle_ambiguous(request, out, match, match.refused)
         row = self.view.get(match.dataset)
         if row is None:
             return await error(
@@ -125,6 +153,69 @@ class Forwarder:
             return await self.forward_shadowed(request, out, match, planned, row.version)
         await self.forward(request, out, match, self.upstreams[planned.serve])
 
+    async def handle_ambiguous(
+        self, request: Request, out: Responder, match: Match, refused: RouteError
+    ) -> None:
+        """A path (or key) a server could read more than one way. A read is served by the side
+        that serves every dataset it could belong to; a write is forwarded only while none of
+        them (for an unrouted one, no dataset at all) is past ``source``: past it, bascule
+        would have to lock and journal a record it cannot name."""
+        stages: dict[str, Stage] = {}
+        for name in sorted(match.candidates | {match.dataset}):
+            row = self.view.get(name)
+            if row is None:
+                return await error(
+                    out,
+                    503,
+                    "stage_missing",
+                    f"no stage is recorded for dataset {name!r}: an operator must run "
+                    "`bascule migrate`; bascule never guesses a stage",
+                    name,
+                )
+            stages[name] = row.stage
+        if match.kind == "write":
+            if match.route is None:
+                past = self.view.any_past_source()
+                which = "datasets are"
+            else:
+                past = stages[match.dataset] is not Stage.SOURCE
+                which = f"dataset {match.dataset!r} is"
+            if past:
+                return await error(
+                    out,
+                    refused.status,
+                    refused.code,
+                    f"{refused}, so bascule cannot name the record this write changes; "
+                    f"{which} past 'source', where every write is locked and journaled by its "
+                    "record: it is refused",
+                    match.dataset,
+                )
+            if self.dual is not None:
+                headers = [
+                    (k, v)
+                    for k, v in self.request_headers(request)
+                    if k.lower() != "accept-encoding"
+                ]
+                return await self.dual.write(request, out, match, headers, only_at_source=True)
+            serve = plan(stages[match.dataset], "write").serve
+            await self.forward(request, out, match, self.upstreams[serve])
+            return None
+        sides = {name: plan(stage, "read").serve for name, stage in stages.items()}
+        if len(set(sides.values())) > 1:
+            listing = ", ".join(
+                f"{name} (served by the {side.value})" for name, side in sides.items()
+            )
+            return await error(
+                out,
+                400,
+                "ambiguous_path",
+                f"{refused}; a server could read this path as belonging to {listing}, so bascule "
+                "cannot tell which side holds the answer: write the path plainly",
+                match.dataset,
+            )
+        (serve,) = set(sides.values())
+        await self.forward(request, out, match, self.upstreams[serve])
+
     async def forward_shadowed(
         self, request: Request, out: Responder, match: Match, planned: Plan, version: int
     ) -> None:
@@ -143,6 +234,7 @@ class Forwarder:
             (k, decodable(v) if k.lower() == "accept-encoding" else v)
             for k, v in self.request_headers(request)
         ]
+        body = await request.read()  # the shadow read sends it again
         t0 = self.shadow.now()
         limit = min(self.shadow.settings.max_body_bytes, room)
         answer = await self.forward(
@@ -152,6 +244,7 @@ class Forwarder:
             self.upstreams[planned.serve],
             headers=headers,
             capture=limit,
+            body=body,
         )
         if answer is None:
             return
@@ -175,7 +268,7 @@ class Forwarder:
                 method=request.method,
                 target=request.target,
                 headers=headers,
-                body=request.body,
+                body=body,
                 serving=planned.serve,
                 shadowed=planned.shadow,
                 answer=answer,
@@ -195,16 +288,17 @@ class Forwarder:
         *,
         headers: list[tuple[str, str]] | None = None,
         capture: int = 0,
+        body: bytes | None = None,
     ) -> Answer | Literal[False] | None:
         """Forward a request and stream the answer back. ``capture``: also keep an answer of up
         to that many bytes and return it (False when larger; None when there is no backend
-        answer to keep)."""
+        answer to keep). ``body``: the request's, read already; else it is streamed when
+        large (see :func:`body_of`)."""
         if headers is None:
             headers = self.request_headers(request)
+        sent: Body = body if body is not None else await body_of(request)
         try:
-            async with upstream.request(
-                request.method, request.target, headers, request.body
-            ) as resp:
+            async with upstream.request(request.method, request.target, headers, sent) as resp:
                 if request.method == "HEAD" or resp.status == 304:
                     # The backend's Content-Length describes the body it did not send: keep it.
                     await resp.read()
@@ -240,7 +334,19 @@ class Forwarder:
                 return Answer(resp.status, CIMultiDict(resp.raw_headers), b"".join(kept))
         except UpstreamError as exc:
             if out.started:
-                raise  # headers are gone already: the server breaks the connection
+                # Its head is gone already: the researcher learns it from the connection cut
+                # short. One line, no traceback; the route's template, never its path.
+                log.warning(
+                    "%s %s dataset=%s backend=%s: the answer broke off mid-stream (%s); the "
+                    "researcher's connection was cut",
+                    request.method,
+                    match.template,
+                    match.dataset,
+                    upstream.name,
+                    type(exc).__name__,
+                )
+                out.abort()
+                return None
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
             code = "backend_timeout" if status == 504 else "backend_unreachable"
             log.warning(
@@ -275,6 +381,28 @@ class Forwarder:
         headers.append(("X-Forwarded-Proto", self.scheme))
         headers.append(("X-Forwarded-Host", request.host))
         return headers
+
+
+def origin_form(target: str) -> tuple[str, str | None]:
+    """An absolute-form request target (``http://host/path?q``) as its origin form and its
+    authority; any other target as is, with None."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or not scheme.isalpha():
+        return target, None
+    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+    end = min(ends, default=len(rest))
+    authority, origin = rest[:end], rest[end:]
+    return origin if origin.startswith("/") else "/" + origin, authority.rsplit("@", 1)[-1]
+
+
+async def body_of(request: Request) -> Body:
+    """What to send of a request's body: streamed when its length is known, over
+    ``STREAM_ABOVE`` bytes and not all in yet; else the bytes (a small or chunked body, read
+    whole up to the server's ``max_body_bytes``)."""
+    length = request.length
+    if length is not None and length > STREAM_ABOVE and not request.complete:
+        return Streamed(length, request.stream())
+    return await request.read()
 
 
 def decodable(accept_encoding: str) -> str:

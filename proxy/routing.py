@@ -2,13 +2,19 @@
 
 The proxy forwards the raw path unchanged, so it must route it exactly as the backend will
 read it: percent-escapes are decoded before matching (``/v1/datasets/dc%69r`` is ``dcir``).
-Anything a backend might normalise into another path — empty, ``.`` or ``..`` segments, an
-encoded ``/`` or ``\\``, a broken escape, control characters — is refused outright rather than
-guessed at, so no path can escape its route or land on another dataset.
+A path a backend might normalise into another one — empty, ``.`` or ``..`` segments, an
+encoded ``/`` or ``\\``, ``;`` parameters, a ``#``, a broken escape, control characters — is
+never guessed at: :meth:`Router.match` refuses it, and :meth:`Router.route` routes it
+*ambiguous*, with every dataset any of its plausible readings names (:func:`readings`), so
+that no path can escape its route or land on another dataset unseen. The forwarder serves an
+ambiguous read only from the side every one of those datasets is served by, and refuses an
+ambiguous write past ``source`` (it cannot name the record to lock and journal). A record key
+bascule cannot normalise (an integer route's ``abc``) is ambiguous too, on its known dataset.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 from collections.abc import Collection, Sequence
@@ -36,6 +42,12 @@ class Match:
     route: Route | None = None
     key: str | None = None
     """The record key's decoded value, when the route names one."""
+    refused: RouteError | None = None
+    """Set when bascule cannot read the path (or its key) one way: what :meth:`Router.match`
+    raises for it. Such a request is never shadowed, and a write past ``source`` is refused
+    with this error."""
+    candidates: frozenset[str] = frozenset()
+    """With ``refused``: every dataset the path could belong to, as a server may read it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +75,36 @@ class Router:
             self._by_length.setdefault(len(segments), []).append(compiled)
 
     def match(self, method: str, raw_path: str) -> Match:
-        """Route a request. Raises :class:`RouteError` for a path it will not forward."""
+        """Route a request exactly. Raises :class:`RouteError` for a path or key it cannot
+        read one way, and for a dataset not declared."""
         segments = split_path(raw_path)
+        compiled = self._find(method, segments)
+        if compiled is None:
+            return Match(DEFAULT_DATASET, _kind(method), UNROUTED)
+        return self._matched(compiled, segments)
+
+    def route(self, method: str, raw_path: str) -> Match:
+        """Route a request to forward: :meth:`match`, except that a path or key it cannot
+        read one way comes back with ``refused`` set and its ``candidates``, for the
+        forwarder to serve or refuse. Raises :class:`RouteError` only for a dataset not
+        declared (a reading of an ambiguous path that names one included)."""
+        try:
+            segments = split_path(raw_path)
+        except RouteError as exc:
+            return self._ambiguous(method, raw_path, exc)
+        compiled = self._find(method, segments)
+        if compiled is None:
+            return Match(DEFAULT_DATASET, _kind(method), UNROUTED)
+        try:
+            return self._matched(compiled, segments)
+        except RouteError as exc:
+            if exc.code != "bad_key":
+                raise
+            route = compiled.route
+            dataset = self._dataset(compiled, segments)
+            return Match(dataset, route.kind, route.path, route, None, exc, frozenset([dataset]))
+
+    def _find(self, method: str, segments: Sequence[str]) -> _Compiled | None:
         for compiled in self._by_length.get(len(segments), ()):
             if method not in compiled.methods:
                 continue
@@ -73,14 +113,14 @@ class Router:
                 for lit, seg in zip(compiled.segments, segments, strict=True)
             ):
                 continue
-            return self._matched(compiled, segments)
-        kind: Kind = "read" if method in SAFE_METHODS else "write"
-        return Match(DEFAULT_DATASET, kind, UNROUTED)
+            return compiled
+        return None
 
-    def _matched(self, compiled: _Compiled, segments: Sequence[str]) -> Match:
-        values = {name: segments[i] for i, name in compiled.params}
+    def _dataset(self, compiled: _Compiled, segments: Sequence[str]) -> str:
         route = compiled.route
-        dataset = route.dataset if route.dataset is not None else values["dataset"]
+        if route.dataset is not None:
+            return route.dataset
+        dataset = next(segments[i] for i, name in compiled.params if name == "dataset")
         if dataset not in self.datasets:
             shown = dataset if _DATASET_NAME.match(dataset) else "(not a dataset name)"
             raise RouteError(
@@ -88,14 +128,56 @@ class Router:
                 "unknown_dataset",
                 f"unknown dataset {shown!r}: not declared in bascule's configuration",
             )
-        key = values.get(route.key) if route.key is not None else None
+        return dataset
+
+    def _matched(self, compiled: _Compiled, segments: Sequence[str]) -> Match:
+        route = compiled.route
+        dataset = self._dataset(compiled, segments)
+        key = None
+        if route.key is not None:
+            key = next(segments[i] for i, name in compiled.params if name == route.key)
         if key is not None and route.key_format == "integer":
             if not key.isascii() or not key.isdigit():
                 raise RouteError(400, "bad_key", "this record key must be a whole number")
-            key = str(int(key))  # the record the backend will read, whatever its spelling
+            # The record the backend will read, whatever its spelling: leading zeros dropped
+            # as text (int() of a 5,000-digit key raised past Python's conversion limit).
+            key = key.lstrip("0") or "0"
         elif key is not None and route.key_format == "uuid":
             key = _uuid(key)
         return Match(dataset, route.kind, route.path, route, key)
+
+    def _ambiguous(self, method: str, raw_path: str, refused: RouteError) -> Match:
+        """A path a server could read more than one way: every dataset its readings name."""
+        found: dict[str, _Compiled | None] = {}
+        kinds: set[Kind] = set()
+        for segments in readings(raw_path):
+            compiled = self._find(method, segments)
+            if compiled is None:
+                found.setdefault(DEFAULT_DATASET, None)
+                kinds.add(_kind(method))
+                continue
+            try:
+                dataset = self._dataset(compiled, segments)
+            except RouteError as exc:
+                raise RouteError(
+                    exc.status, exc.code, f"this path could be read as naming an {exc}"
+                ) from None
+            if found.get(dataset, compiled) is not compiled:
+                found[dataset] = None  # two routes, or routed and not: no one route
+            else:
+                found[dataset] = compiled
+            kinds.add(compiled.route.kind)
+        kind: Kind = "write" if "write" in kinds else "read"
+        if len(found) == 1:
+            ((dataset, compiled),) = found.items()
+            if compiled is not None:
+                route = compiled.route
+                return Match(dataset, kind, route.path, route, None, refused, frozenset(found))
+        return Match(DEFAULT_DATASET, kind, UNROUTED, None, None, refused, frozenset(found))
+
+
+def _kind(method: str) -> Kind:
+    return "read" if method in SAFE_METHODS else "write"
 
 
 _UUID = re.compile(r"^\{?(?:[0-9a-fA-F]{4}-?){7}[0-9a-fA-F]{4}\}?$")
@@ -138,6 +220,45 @@ def split_path(raw_path: str) -> list[str]:
             )
         segments.append(seg)
     return segments
+
+
+def readings(raw_path: str) -> set[tuple[str, ...]]:
+    """The ways a server might read a path, as decoded segments: each combination of cutting
+    a ``#`` fragment, stripping ``;`` parameters (Tomcat, Spring), reading ``\\`` as ``/``
+    (IIS), decoding an encoded separator before splitting, resolving dot segments and
+    dropping empty ones (merged slashes, a trailing slash). A broken escape is read as is."""
+    if not raw_path.startswith("/"):
+        return {()}
+    found: set[tuple[str, ...]] = set()
+    for cut, params, backslash, separators, dots, empty in itertools.product(
+        (False, True), repeat=6
+    ):
+        path = raw_path.split("#", 1)[0] if cut else raw_path
+        parts = path[1:].split("/")
+        if backslash:
+            parts = [p for part in parts for p in part.split("\\")]
+        if params:
+            parts = [part.split(";", 1)[0] for part in parts]
+        segments: list[str] = []
+        for part in parts:
+            segment = unquote(part, errors="replace") if "%" in part else part
+            if separators:
+                segments += re.split(r"[/\\]" if backslash else "/", segment)
+            else:
+                segments.append(segment)
+        if dots:
+            resolved: list[str] = []
+            for segment in segments:
+                if segment == "..":
+                    if resolved:
+                        resolved.pop()
+                elif segment != ".":
+                    resolved.append(segment)
+            segments = resolved
+        if empty:
+            segments = [segment for segment in segments if segment]
+        found.add(tuple(segments))
+    return found
 
 
 def path_values(pattern: str, target: str) -> dict[str, str]:

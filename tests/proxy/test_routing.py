@@ -176,3 +176,70 @@ def test_any_accepted_path_has_only_plain_segments(path: str) -> None:
         assert exc.code == "unknown_dataset"
         return
     assert m.dataset in DATASETS
+
+
+# --- issue 16: keys of any length, and ambiguous paths routed with their candidates ---------
+
+
+keyed = Router(
+    (
+        Route(
+            path="/r/{dataset}/{id}", methods=("GET",), kind="read", key="id", key_format="integer"
+        ),
+    ),
+    DATASETS,
+)
+
+
+def test_a_key_of_thousands_of_digits_is_named_without_int() -> None:
+    """int() of a 5,000-digit key raised ValueError (Python's int-str conversion limit): a
+    500 with a traceback for each such request."""
+    m = keyed.match("GET", "/r/dcir/" + "0" * 3 + "9" * 5000)
+    assert m.key == "9" * 5000
+    assert keyed.match("GET", "/r/dcir/000").key == "0"
+
+
+def test_route_keeps_what_match_refuses_with_every_dataset_it_could_be() -> None:
+    m = router.route("GET", "/v1/datasets//dcir/records/7")
+    assert m.refused is not None and m.refused.code == "bad_path"
+    assert (m.dataset, m.template, m.candidates) == (
+        "default",
+        UNROUTED,
+        frozenset({"default", "dcir"}),
+    )
+    # Every reading is dcir's record route (';' stripped or not): its dataset and route.
+    m = router.route("PUT", "/v1/datasets/dcir/records/7;v=1")
+    assert (m.dataset, m.kind, m.key, m.candidates) == ("dcir", "write", None, frozenset({"dcir"}))
+    assert m.template == "/v1/datasets/{dataset}/records/{id}"
+    # A path that could be read as an undeclared dataset is refused as one.
+    with pytest.raises(RouteError) as info:
+        router.route("GET", "/v1/datasets/dcir%2F..%2Fsecret/records")
+    assert info.value.code == "unknown_dataset"
+    # A traversal into another dataset names it, beside the unrouted reading.
+    m = router.route("GET", "/v1/datasets/dcir/..%2Fpmsi/records")
+    assert m.candidates == {"default", "pmsi"}
+    # A key the route's format does not read: its dataset is known.
+    m = keyed.route("GET", "/r/dcir/abc")
+    assert m.refused is not None and m.refused.code == "bad_key"
+    assert (m.dataset, m.key, m.candidates) == ("dcir", None, frozenset({"dcir"}))
+
+
+@given(path=st.text(max_size=40).map(lambda s: "/" + s), method=st.sampled_from(["GET", "PUT"]))
+def test_route_agrees_with_match_and_refuses_only_undeclared_datasets(
+    path: str, method: str
+) -> None:
+    try:
+        exact = router.match(method, path)
+    except RouteError:
+        exact = None
+    try:
+        m = router.route(method, path)
+    except RouteError as exc:
+        assert exc.code == "unknown_dataset"
+        return
+    if exact is not None:
+        assert m == exact
+    else:
+        assert m.refused is not None and m.candidates
+        assert m.candidates <= set(DATASETS)
+        assert m.dataset in m.candidates or m.dataset == "default"

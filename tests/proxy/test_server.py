@@ -32,7 +32,7 @@ class Recorder:
         if request.method == "HEAD":
             await out.send(200, [("Content-Length", "1234")], b"", keep_length=True)
             return
-        body = orjson.dumps({"target": request.target, "body": request.body.decode()})
+        body = orjson.dumps({"target": request.target, "body": (await request.read()).decode()})
         await out.send(200, [("Content-Type", "application/json")], body)
 
 
@@ -207,3 +207,38 @@ async def test_an_upgrade_is_answered_as_plain_http_then_closed(
     out = await exchange(port, get("/u", "Connection: Upgrade\r\nUpgrade: websocket\r\n") + b"junk")
     assert out.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in out
     assert [r.target for r in rec.requests] == ["/u"]
+
+
+async def test_a_refusal_before_the_body_is_read_reaches_a_client_still_sending() -> None:
+    """A handler answers without reading the body (a refusal): the body is read and dropped
+    before the connection closes, so the client still sending it gets the answer, not a
+    reset; and no 100 Continue is sent to a client that waits for one."""
+
+    async def refuse(request: Request, out: Responder) -> None:
+        await out.send(409, [("Content-Type", "text/plain")], b"refused")
+
+    srv = Server(refuse, max_body_bytes=4 * 1024 * 1024)
+    port = await srv.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"z" * (2 * 1024 * 1024)
+        writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for at in range(0, len(body), 65536):
+            writer.write(body[at : at + 65536])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 409 ") and b"Connection: close" in answer
+        assert answer.endswith(b"refused")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 409 "), answer  # no 100 Continue before it
+    finally:
+        await srv.close(grace=1.0)
