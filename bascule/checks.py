@@ -28,6 +28,29 @@ def check_text(what: str, text: str) -> str:
     return text
 
 
+MAX_SEQ = 2**63 - 1
+"""The largest journal entry number (a Postgres ``bigint``)."""
+
+
+def check_seq(value: object) -> int:
+    """A journal entry's number, from a path segment, a JSON body or an argument: ASCII digits
+    only (``str.isdigit`` also says yes to ``²``, and ``int()`` reads ``٣`` as 3), between 1 and
+    :data:`MAX_SEQ`, or UsageError (a number past a ``bigint`` would fail in Postgres)."""
+    if isinstance(value, str):
+        number = int(value) if value.isascii() and value.isdigit() and len(value) <= 19 else None
+        if number is None and value.isascii() and value.isdigit():
+            number = MAX_SEQ + 1  # all digits, only too long: say so
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        number = None
+    if number is None or number < 1:
+        raise UsageError(f"the journal entry must be a whole number from 1 to {MAX_SEQ}")
+    if number > MAX_SEQ:
+        raise UsageError(f"the journal entry must be a whole number, at most {MAX_SEQ}")
+    return number
+
+
 def require_reason(reason: str | None) -> str:
     if reason is None or not reason.strip():
         raise UsageError("a reason is required (--reason TEXT): it goes into the audit trail")

@@ -269,6 +269,8 @@ class Secrets(_Record, frozen=True):
             token = env.get(cls.ENV[field])
             if token is not None and 0 < len(token) < 16:
                 raise ConfigError("environment", cls.ENV[field], "expected at least 16 characters")
+            if token and not _sendable(token):
+                raise ConfigError("environment", cls.ENV[field], _UNSENDABLE)
         named: dict[str, str] = {}
         for item in filter(None, (env.get(cls.ENV["operator_tokens"]) or "").split(",")):
             name, sep, token = item.partition("=")
@@ -278,6 +280,10 @@ class Secrets(_Record, frozen=True):
                     cls.ENV["operator_tokens"],
                     "expected name=token pairs separated by commas, names in lower case, "
                     "tokens of at least 16 characters",
+                )
+            if not _sendable(token.strip()):
+                raise ConfigError(
+                    "environment", cls.ENV["operator_tokens"], f"{name.strip()}: {_UNSENDABLE}"
                 )
             named[name.strip()] = token.strip()
         return cls(
@@ -300,6 +306,18 @@ class Secrets(_Record, frozen=True):
         if value is None:
             raise ConfigError("environment", self.ENV[field], "not set, and this command needs it")
         return value
+
+
+_UNSENDABLE = (
+    "a token is printable ASCII without spaces (what an Authorization header can carry); "
+    "e.g. `openssl rand -hex 24`"
+)
+
+
+def _sendable(token: str) -> bool:
+    """Whether ``token`` can travel in an ``Authorization: Bearer`` header as itself: a token
+    with another character was accepted at start, then failed every comparison (500)."""
+    return all("!" <= c <= "~" for c in token)
 
 
 class Config(_Record, frozen=True):
