@@ -25,9 +25,9 @@ T = TypeVar("T")
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 DEFAULT_DATASET = "default"
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
-_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}\Z")  # \Z: `$` lets a trailing \n by
+_PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)\}\Z")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
 
 
 class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -550,7 +550,7 @@ def _check_backend(src: str, name: str, backend: Backend) -> None:
     key = f"backends.{name}"
     if not _NAME.match(name):
         raise ConfigError(src, key, "backend names are lower-case letters, digits, '-' and '_'")
-    if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", backend.url):
+    if not re.match(r"^https?://[^/\s]+(/[^\s]*)?\Z", backend.url):
         raise ConfigError(
             src, f"{key}.url", f"expected an http:// or https:// URL, got {backend.url!r}"
         )
@@ -594,7 +594,7 @@ def _check_dataset(src: str, name: str, dataset: Dataset) -> None:
                 )
 
 
-_SQL_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?$")
+_SQL_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?\Z")
 
 
 def _check_compare(src: str, key: str, rules: CompareRules) -> None:

@@ -121,9 +121,10 @@ class Operations:
     async def gate_report(self, dataset: str) -> dict[str, Any]:
         """The gate of ``dataset``'s move forward from its current stage, condition by
         condition, with figures."""
+        check_name(dataset)
         if self.gate is None:
             raise StoreError("the gate is not available here")
-        row = await self.store.get(check_name(dataset))
+        row = await self.store.get(dataset)
         return (await self.gate.judge(row)).as_json()
 
     async def noise(self, dataset: str) -> dict[str, Any]:

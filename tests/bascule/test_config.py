@@ -333,3 +333,20 @@ def test_secrets_come_from_the_environment_and_are_checked() -> None:
         Secrets.from_env({"BASCULE_JOURNAL_KEY": "00112233"})
     with pytest.raises(ConfigError, match="BASCULE_ADMIN_TOKEN: expected at least 16"):
         Secrets.from_env({"BASCULE_ADMIN_TOKEN": "short"})
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ('[datasets."dcir\\n"]\n', "datasets.dcir\n"),
+        ('[backends."ovh\\n"]\nurl = "http://x"\n', "backends.ovh\n"),
+        ('[backends.ovh]\nurl = "http://x\\n"\n', "backends.ovh.url"),
+        (
+            '[backends.ovh]\nurl = "http://x"\ncredential_env = "OVH\\n"\n',
+            "backends.ovh.credential_env",
+        ),
+    ],
+)
+def test_a_name_with_a_trailing_newline_is_refused(extra: str, key: str) -> None:
+    # `$` in a regex matches before a trailing newline: these passed the name checks.
+    assert error_of(MINIMAL + extra).key == key

@@ -13,7 +13,9 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from rich.console import Console
 
+from bascule.app import render
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations
 from bascule.procs import bascule_argv
@@ -360,3 +362,67 @@ def test_a_token_that_cannot_be_sent_is_refused_at_start(tmp_path: Path) -> None
         assert done.returncode == 1, (done.stdout, done.stderr)
         assert f"environment: {variable}" in done.stderr and "printable ASCII" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+# --- what the audit trail may hold (issue 16, item 12) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "planned\n2026-01-01 00:00:00Z  dcir  stage  live  target  ciso  approved",
+        "planned\roverwritten",
+        "next line\u2028here",  # LINE SEPARATOR
+        "\u202eevil",  # RIGHT-TO-LEFT OVERRIDE: the rest of the line reads backwards
+        "a \u2066isolate\u2069",
+        "a C1 control \x85 (NEL)",
+        "a tab\there",
+    ],
+)
+async def test_a_reason_that_could_draw_fake_lines_is_refused(admin: Admin, reason: str) -> None:
+    before = await admin.snapshot()
+    for path, body in (
+        ("/v1/datasets/dcir/stage", {"stage": "dualwrite", "reason": reason}),
+        ("/v1/datasets/dcir/stage", {"stage": "dualwrite", "reason": "ok", "by": reason}),
+        ("/v1/datasets/dcir/auto-promote", {"on": True, "reason": reason}),
+    ):
+        status, payload = await call("POST", admin.url + path, OP, body)
+        assert (status, payload["error"]["code"]) == (400, "bad_request"), (reason, payload)
+        assert "not allowed" in payload["error"]["message"]
+    assert await admin.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/datasets/dcir%0A/stage"),
+        ("GET", "/v1/datasets/dcir%0A/gate"),
+        ("GET", "/v1/datasets/dcir%0A/divergence"),
+        ("GET", "/v1/history?dataset=dcir%0A"),
+    ],
+)
+async def test_a_dataset_name_with_a_trailing_newline_is_a_bad_name(
+    admin: Admin, method: str, path: str
+) -> None:
+    # `$` in a regex matches before a trailing newline: `dcir\n` passed the name check (404).
+    before = await admin.snapshot()
+    body = {"stage": "dualwrite", "reason": "r"} if method == "POST" else None
+    status, payload = await call(method, admin.url + path, OP, body)
+    assert (status, payload["error"]["code"]) == (400, "bad_request"), payload
+    assert "a dataset name is" in payload["error"]["message"]
+    assert await admin.snapshot() == before
+
+
+def test_a_reason_with_a_line_break_is_refused_by_the_cli(cli_env: dict[str, str]) -> None:
+    assert run(cli_env, "migrate").returncode == 0
+    before = run(cli_env, "history", "--json").stdout
+    done = run(cli_env, "stage", "dcir", "dualwrite", "--reason", "ok\nfake", "--by", "sre")
+    assert done.returncode == 2 and "not allowed" in done.stderr
+    assert run(cli_env, "history", "--json").stdout == before
+
+
+def test_a_reason_stored_before_it_was_refused_is_shown_on_one_line() -> None:
+    out = Console(width=120, record=True)
+    out.print(render.table("history", ("by", "reason"), [("sre", "ok\nfake row \u202eevil")]))
+    text = out.export_text()
+    assert "ok\\nfake row \\u202eevil" in text and "\u202e" not in text
