@@ -52,13 +52,20 @@ log = logging.getLogger("bascule.proxy")
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("proxy", help="run the data plane (researcher and admin ports)")
-    parser.add_argument("--config", type=Path, required=True, help="TOML configuration")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("BASCULE_CONFIG"),
+        help="TOML configuration (default: $BASCULE_CONFIG)",
+    )
     parser.add_argument("--listen", help="researcher host:port (overrides [proxy] listen)")
     parser.add_argument("--admin-listen", help="admin host:port (overrides [proxy] admin_listen)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config is None:  # as every other command: --config, or BASCULE_CONFIG
+        raise UsageError("no configuration: pass --config FILE or set BASCULE_CONFIG")
     config = load_config(args.config)
     secrets = Secrets.from_env(os.environ)
     listen = args.listen or config.proxy.listen
