@@ -15,7 +15,7 @@ from typing import Literal
 
 from multidict import CIMultiDict
 
-from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
+from bascule.errors import RouteError, UpstreamError
 from bascule.sealing import DATASET_WIDE, Namer
 from bascule.stages import Side
 from bascule.state.fleet import StageView
@@ -203,7 +203,7 @@ class Forwarder:
             headers = self.request_headers(request)
         try:
             async with upstream.request(
-                request.method, request.target, headers, request.body
+                request.method, request.target, headers, request.body, route=match.route
             ) as resp:
                 if request.method == "HEAD" or resp.status == 304:
                     # The backend's Content-Length describes the body it did not send: keep it.
@@ -241,17 +241,15 @@ class Forwarder:
         except UpstreamError as exc:
             if out.started:
                 raise  # headers are gone already: the server breaks the connection
-            status = 504 if isinstance(exc, UpstreamTimeout) else 502
-            code = "backend_timeout" if status == 504 else "backend_unreachable"
             log.warning(
                 "%s %s dataset=%s backend=%s: %s",
                 request.method,
                 match.template,
                 match.dataset,
                 upstream.name,
-                code,
+                exc.code,
             )
-            await error(out, status, code, str(exc), match.dataset)
+            await error(out, exc.status, exc.code, str(exc), match.dataset)
             return None
 
     def request_headers(self, request: Request) -> list[tuple[str, str]]:

@@ -444,21 +444,24 @@ class Demo:
         code, out, errors = await self._bascule_code(*args)
         if code != expect:
             raise UsageError(f"`bascule {' '.join(args)}` exited {code}:\n{(out + errors)[-2000:]}")
-        shown = {"markup": False, "highlight": False}  # what a command said is never markup
+
+        def shown(line: str) -> None:
+            say(line, markup=False, highlight=False)  # what a command said is never markup
+
         # Its progress (stderr) came before its report (stdout); its verdict comes last.
         verdict = [line for line in errors.splitlines() if line.startswith("bascule: ")]
         for line in [*(e for e in errors.splitlines() if e not in verdict), *out.splitlines()]:
-            say(f"    {line}", **shown)
+            shown(f"    {line}")
         refused = False
         for line in verdict:
             if line.startswith("bascule: refused: ") and expect:
                 refused = True
                 head, *why = _short_refusal(line.removeprefix("bascule: refused: "))
-                say(f"    refused, as the story expects: {head}", **shown)
+                shown(f"    refused, as the story expects: {head}")
                 for part in why:
-                    say(f"      · {part}", **shown)
+                    shown(f"      · {part}")
             else:
-                say(f"    {line}", **shown)
+                shown(f"    {line}")
         if expect and not refused:
             say(f"    (exit {code}, as the story expects)")
         return out

@@ -19,7 +19,7 @@ from aiohttp import web
 from bascule import telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations
-from bascule.config import Backend, Config, Secrets, load_config
+from bascule.config import Backend, Config, ProxySettings, Secrets, load_config
 from bascule.errors import UsageError
 from bascule.sealing import Namer, Sealer
 from bascule.stages import Side
@@ -91,8 +91,14 @@ def _credential(backend: Backend) -> str | None:
     return value or None
 
 
-def create_proxy_server(forwarder: Forwarder, max_body_bytes: int) -> Server:
-    return Server(forwarder.handle, max_body_bytes=max_body_bytes, dataset_of=forwarder.dataset_of)
+def create_proxy_server(forwarder: Forwarder, settings: ProxySettings) -> Server:
+    return Server(
+        forwarder.handle,
+        max_body_bytes=settings.max_body_bytes,
+        dataset_of=forwarder.dataset_of,
+        request_deadline=settings.receive_timeout,
+        keepalive_idle=settings.idle_timeout,
+    )
 
 
 @dataclass
@@ -251,7 +257,7 @@ class Replica:
         )
 
     def server(self) -> Server:
-        return create_proxy_server(self.forwarder(), self.config.proxy.max_body_bytes)
+        return create_proxy_server(self.forwarder(), self.config.proxy)
 
     def admin_deps(self) -> AdminDeps:
         return AdminDeps(
