@@ -10,6 +10,7 @@ and a backend names the variable holding its service credential (``credential_en
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 import typing
@@ -25,9 +26,9 @@ T = TypeVar("T")
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 DEFAULT_DATASET = "default"
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
-_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}\Z")  # \Z: `$` lets a trailing \n by
+_PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)\}\Z")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
 
 
 class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -41,6 +42,11 @@ class ProxySettings(_Record, frozen=True):
     """Admin API address (token-protected), host:port."""
     max_body_bytes: int = 10 * 1024 * 1024
     """Largest request body accepted (413 beyond)."""
+    receive_timeout: float = 60.0
+    """Seconds a researcher's request has to arrive whole once its first byte came (408 past
+    it): a slow client cannot hold a connection and its buffers for longer."""
+    idle_timeout: float = 75.0
+    """Seconds a kept-alive researcher connection may wait for its next request."""
 
 
 class StateSettings(_Record, frozen=True):
@@ -122,10 +128,32 @@ class MigrationSettings(_Record, frozen=True):
 
 
 class Backend(_Record, frozen=True):
+    """One backend (``[backends.NAME]``) and the time bascule gives it (``bascule/http1.py``).
+    The defaults are no stricter than what researchers live with behind nginx (60 s without a
+    byte); a route may give its requests more (``[[routes]] read_timeout, total_timeout``)."""
+
     url: str
     """Base URL, e.g. ``http://10.0.0.5:8000``; request paths are appended unchanged."""
     connect_timeout: float = 2.0
-    read_timeout: float = 30.0
+    """Seconds to open a connection."""
+    read_timeout: float = 60.0
+    """Seconds the backend may stay silent: the clock restarts with every byte received, so a
+    slow answer that keeps streaming is never cut by it (nginx's ``proxy_read_timeout``)."""
+    total_timeout: float = 3600.0
+    """Seconds a read may take whole: waiting for a connection, connecting, the answer's last
+    byte. A bound on an answer that trickles forever, not on real ones."""
+    write_timeout: float = 120.0
+    """Seconds a write may take whole (researchers' writes, replays, the resolver's calls):
+    the bound the journal counts on, so it also sets how long a dead replica's write waits
+    before it is read back (plus ``[state] orphan_grace``) and how soon a replay lease whose
+    holder died is taken over."""
+    pool_timeout: float = 5.0
+    """Seconds a request waits for one of the ``pool_size`` connections before it is refused
+    (503 ``backend_busy``)."""
+    keepalive_timeout: float = 4.0
+    """Seconds an idle connection may be reused: set it below the backend's own keep-alive
+    timeout, or a request may go out on a connection the backend is closing (a write sent so is
+    in doubt). 0: never reuse one."""
     pool_size: int = 100
     database: str | None = None
     """Optional DSN of the backend's database, used only by ``bascule verify``."""
@@ -219,6 +247,12 @@ class Route(_Record, frozen=True):
     """The backend honours ``Idempotency-Key`` here, so an in-doubt write may be re-sent."""
     compare: CompareRules | None = None
     """Comparison rules for this route, replacing the dataset's."""
+    read_timeout: float | None = None
+    """Seconds the backend may stay silent on this route (an aggregate that computes before
+    it answers), replacing the backend's ``read_timeout``."""
+    total_timeout: float | None = None
+    """Seconds a request of this route may take whole, replacing the backend's
+    ``total_timeout`` (a read) or ``write_timeout`` (a write)."""
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -269,6 +303,8 @@ class Secrets(_Record, frozen=True):
             token = env.get(cls.ENV[field])
             if token is not None and 0 < len(token) < 16:
                 raise ConfigError("environment", cls.ENV[field], "expected at least 16 characters")
+            if token and not _sendable(token):
+                raise ConfigError("environment", cls.ENV[field], _UNSENDABLE)
         named: dict[str, str] = {}
         for item in filter(None, (env.get(cls.ENV["operator_tokens"]) or "").split(",")):
             name, sep, token = item.partition("=")
@@ -278,6 +314,10 @@ class Secrets(_Record, frozen=True):
                     cls.ENV["operator_tokens"],
                     "expected name=token pairs separated by commas, names in lower case, "
                     "tokens of at least 16 characters",
+                )
+            if not _sendable(token.strip()):
+                raise ConfigError(
+                    "environment", cls.ENV["operator_tokens"], f"{name.strip()}: {_UNSENDABLE}"
                 )
             named[name.strip()] = token.strip()
         return cls(
@@ -300,6 +340,18 @@ class Secrets(_Record, frozen=True):
         if value is None:
             raise ConfigError("environment", self.ENV[field], "not set, and this command needs it")
         return value
+
+
+_UNSENDABLE = (
+    "a token is printable ASCII without spaces (what an Authorization header can carry); "
+    "e.g. `openssl rand -hex 24`"
+)
+
+
+def _sendable(token: str) -> bool:
+    """Whether ``token`` can travel in an ``Authorization: Bearer`` header as itself: a token
+    with another character was accepted at start, then failed every comparison (500)."""
+    return all("!" <= c <= "~" for c in token)
 
 
 class Config(_Record, frozen=True):
@@ -478,6 +530,8 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "proxy.admin_listen", "must differ from proxy.listen")
     if config.proxy.max_body_bytes <= 0:
         raise ConfigError(src, "proxy.max_body_bytes", "expected a positive number of bytes")
+    for field in ("receive_timeout", "idle_timeout"):
+        _check_seconds(src, f"proxy.{field}", getattr(config.proxy, field))
     if config.state.poll_interval <= 0:
         raise ConfigError(src, "state.poll_interval", "expected a positive number of seconds")
     if config.state.journal_retention < 600:
@@ -528,17 +582,30 @@ def _check_address(src: str, key: str, value: str) -> None:
         raise ConfigError(src, key, f"expected host:port, got {value!r}")
 
 
+def _check_seconds(src: str, key: str, value: float, *, zero: str | None = None) -> None:
+    """A duration: finite and positive (or 0, where ``zero`` says what it means)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and zero is None):
+        expected = f"0 ({zero}) or more" if zero else "a positive number of"
+        raise ConfigError(src, key, f"expected {expected} seconds, got {value!r}")
+
+
 def _check_backend(src: str, name: str, backend: Backend) -> None:
     key = f"backends.{name}"
     if not _NAME.match(name):
         raise ConfigError(src, key, "backend names are lower-case letters, digits, '-' and '_'")
-    if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", backend.url):
+    if not re.match(r"^https?://[^/\s]+(/[^\s]*)?\Z", backend.url):
         raise ConfigError(
             src, f"{key}.url", f"expected an http:// or https:// URL, got {backend.url!r}"
         )
-    for field in ("connect_timeout", "read_timeout"):
-        if getattr(backend, field) <= 0:
-            raise ConfigError(src, f"{key}.{field}", "expected a positive number of seconds")
+    for field in (
+        "connect_timeout",
+        "read_timeout",
+        "total_timeout",
+        "write_timeout",
+        "pool_timeout",
+    ):
+        _check_seconds(src, f"{key}.{field}", getattr(backend, field))
+    _check_seconds(src, f"{key}.keepalive_timeout", backend.keepalive_timeout, zero="never reuse")
     if backend.pool_size <= 0:
         raise ConfigError(src, f"{key}.pool_size", "expected a positive number of connections")
     if backend.credential_env is not None and not _ENV_NAME.match(backend.credential_env):
@@ -576,7 +643,7 @@ def _check_dataset(src: str, name: str, dataset: Dataset) -> None:
                 )
 
 
-_SQL_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?$")
+_SQL_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?\Z")
 
 
 def _check_compare(src: str, key: str, rules: CompareRules) -> None:
@@ -660,6 +727,9 @@ def _check_route(src: str, key: str, route: Route, datasets: Mapping[str, Datase
                 f"{key}.replay_as",
                 f"parameters not in the route path: {', '.join(sorted(missing))}",
             )
+    for field in ("read_timeout", "total_timeout"):
+        if getattr(route, field) is not None:
+            _check_seconds(src, f"{key}.{field}", getattr(route, field))
     if route.compare is not None:
         if route.kind != "read":
             raise ConfigError(src, f"{key}.compare", "only read routes are compared")

@@ -15,7 +15,8 @@
     │   └── SchemaError                  the state schema is not the version this bascule expects
     ├── UpstreamError                    a backend did not answer properly
     │   ├── UpstreamUnreachable(ConnectionError)   nothing answered (502)
-    │   └── UpstreamTimeout(TimeoutError)          it did not answer in time (504)
+    │   ├── UpstreamTimeout(TimeoutError)          it did not answer in time (504)
+    │   └── UpstreamBusy                           no connection to it free in time (503)
     └── ProcessFailed(RuntimeError)      a child server exited or never became healthy
 
 Builtins are mixed in where they say something true about the error, so callers that only know
@@ -122,7 +123,11 @@ class SchemaError(StoreError):
 
 class UpstreamError(BasculeError):
     """A backend did not answer properly. ``sent``: the request may have reached it (a write
-    that failed after being sent may have been applied: it is in doubt, not failed)."""
+    that failed after being sent may have been applied: it is in doubt, not failed).
+    ``status`` and ``code``: what the researcher is answered."""
+
+    status = 502
+    code = "backend_unreachable"
 
     def __init__(self, backend: str, message: str, *, sent: bool = True) -> None:
         self.backend = backend
@@ -136,6 +141,16 @@ class UpstreamUnreachable(UpstreamError, ConnectionError):
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
     """The backend did not connect or answer in time (504)."""
+
+    status = 504
+    code = "backend_timeout"
+
+
+class UpstreamBusy(UpstreamError):
+    """Every connection to the backend stayed in use past ``pool_timeout``: never sent (503)."""
+
+    status = 503
+    code = "backend_busy"
 
 
 class ProcessFailed(BasculeError, RuntimeError):

@@ -6,8 +6,17 @@ request as the whole aiohttp server side. This client does only what a reverse p
 send bytes as given, parse the answer (llhttp, via httptools), stream large bodies with flow
 control — and nothing else (no redirects, cookies, decompression, proxies, retries of writes).
 
-Errors are :class:`UpstreamTimeout` or :class:`UpstreamUnreachable`; each says whether the
-request may have reached the backend (``sent``), which the write path needs to know.
+Errors are :class:`UpstreamTimeout`, :class:`UpstreamUnreachable` or :class:`UpstreamBusy`;
+each says whether the request may have reached the backend (``sent``), which the write path
+needs to know.
+
+Time limits (``[backends.X]``, a route's overrides): a connection slot is waited for at most
+``pool_timeout``, a connection opened within ``connect_timeout``; the backend may stay silent
+``read_timeout`` (the clock restarts with every byte, and stops while the consumer does not
+read); the whole exchange, from asking for a slot to the last byte, ends by its deadline
+(``total_timeout``/``write_timeout``): then the connection is closed and its slot given back,
+even if the consumer never reads again. An idle connection is reused only within
+``keepalive_timeout``.
 
 A request body is bytes, or :class:`Streamed`: sent as it arrives from the researcher, with
 flow control both ways, so the proxy never holds it whole. An answer's trailers (the fields
@@ -29,11 +38,10 @@ from dataclasses import dataclass
 import httptools
 from multidict import CIMultiDict
 
-from bascule.errors import UpstreamTimeout, UpstreamUnreachable
+from bascule.errors import UpstreamBusy, UpstreamTimeout, UpstreamUnreachable
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading from the backend
 _LOW_WATER = 64 * 1024
-_IDLE_SECONDS = 30.0  # idle keep-alive connections older than this are closed, not reused
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: a method is a token
 Headers = Sequence[tuple[str, str]]
 
@@ -104,6 +112,13 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.last_used = time.monotonic()
         self.reused = False
+        self.slot: asyncio.Semaphore | None = None
+        """The pool slot this connection holds while in use; given back once (:meth:`free`)."""
+        self.deadline: float | None = None
+        """Loop time by which the exchange ends, answer read or not (None: no deadline)."""
+        self.total = 0.0
+        """The exchange's whole time limit, for messages."""
+        self.expired = False
         self._reset(head=False)
 
     def _reset(self, *, head: bool) -> None:
@@ -229,16 +244,29 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             return
         self.complete = True
-        self._cancel_timer()
+        if self.deadline is None:
+            self._cancel_timer()
+        # else kept until the slot is given back: a consumer that stalls on an answer read
+        # whole still gives the slot back at the deadline.
         self._wake()
 
     # -- the request ------------------------------------------------------------------------
 
-    async def request(self, head: bytes, body: Body, *, is_head: bool, timeout: float) -> Response:
+    async def request(
+        self,
+        head: bytes,
+        body: Body,
+        *,
+        is_head: bool,
+        timeout: float,
+        deadline: float | None = None,
+        total: float = 0.0,
+    ) -> Response:
         self._reset(head=is_head)
         assert self.transport is not None
         self.headers_done = self.loop.create_future()
         self.read_timeout = timeout
+        self.deadline, self.total = deadline, total
         self._arm_timer()
         if isinstance(body, Streamed):
             self.transport.write(head)
@@ -289,8 +317,17 @@ class _Connection(asyncio.Protocol):
             and self.keep_alive
             and not self.cut
             and not self.closed
+            and not self.expired
             and self.failure is None
         )
+
+    def free(self) -> None:
+        """Give the pool slot back, once (at release, or at the deadline, whichever is first)."""
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            if self.complete:
+                self._cancel_timer()  # it only kept watch over the slot
+            slot.release()
 
     def close(self) -> None:
         self.closed = True
@@ -315,7 +352,10 @@ class _Connection(asyncio.Protocol):
     def _arm_timer(self) -> None:
         self._cancel_timer()
         self.last_activity = self.loop.time()
-        self.timer = self.loop.call_later(self.read_timeout, self._timed_out)
+        due = self.last_activity + self.read_timeout
+        if self.deadline is not None:
+            due = min(due, self.deadline)
+        self.timer = self.loop.call_at(due, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -325,16 +365,30 @@ class _Connection(asyncio.Protocol):
     def _timed_out(self) -> None:
         # The timeout counts from the last bytes received (like a socket read timeout); rather
         # than rescheduling the timer on every packet, it looks again when it fires.
-        quiet = self.loop.time() - self.last_activity
+        now = self.loop.time()
+        self.timer = None
+        if self.deadline is not None and now >= self.deadline:
+            self.expired = True
+            self._fail("timeout", f"did not finish its answer within {self.total:g} s")
+            self.close()
+            self.free()  # the slot goes back even if the consumer never reads again
+            return
+        if self.complete:
+            if self.deadline is not None and self.slot is not None:
+                self.timer = self.loop.call_at(self.deadline, self._timed_out)
+            return
+        quiet = now - self.last_activity
         if self.paused or self.sending:
             # We stopped reading (a slow consumer), or the request's body is still arriving
             # from the researcher: the backend is not to blame.
             quiet = 0.0
         if quiet < self.read_timeout:
-            self.timer = self.loop.call_later(self.read_timeout - quiet, self._timed_out)
+            due = now + self.read_timeout - quiet
+            if self.deadline is not None:
+                due = min(due, self.deadline)
+            self.timer = self.loop.call_at(due, self._timed_out)
             return
-        self.timer = None
-        self._fail("timeout", "did not answer in time")
+        self._fail("timeout", f"sent nothing for {self.read_timeout:g} s")
         self.close()
 
 
@@ -350,6 +404,8 @@ class Pool:
         size: int,
         connect_timeout: float,
         read_timeout: float,
+        pool_timeout: float = 5.0,
+        keepalive: float = 4.0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.name = name
@@ -357,8 +413,12 @@ class Pool:
         self.tls = tls
         default_port = 443 if tls else 80
         self.host_header = host if port == default_port else f"{host}:{port}"
+        self.size = size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.pool_timeout = pool_timeout
+        self.keepalive = keepalive
+        """Seconds an idle connection may be reused (below the backend's own keep-alive)."""
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(size)
 
@@ -367,10 +427,36 @@ class Pool:
             conn.close()
         self._idle.clear()
 
-    async def _connect(self) -> _Connection:
+    async def _acquire(self, deadline: float | None, total: float) -> None:
+        """Take a slot, waiting at most ``pool_timeout`` (and never past ``deadline``)."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: taken at once, no timer
+            return
         loop = asyncio.get_running_loop()
+        wait = self.pool_timeout
+        if deadline is not None:
+            wait = min(wait, deadline - loop.time())
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(max(wait, 0.0)):
+                await self._slots.acquire()
+        except TimeoutError:
+            if wait < self.pool_timeout:
+                raise UpstreamTimeout(
+                    self.name, f"no connection was free within the {total:g} s limit", sent=False
+                ) from None
+            raise UpstreamBusy(
+                self.name,
+                f"all {self.size} connections stayed busy for {self.pool_timeout:g} s: not sent",
+                sent=False,
+            ) from None
+
+    async def _connect(self, deadline: float | None = None, total: float = 0.0) -> _Connection:
+        loop = asyncio.get_running_loop()
+        wait = self.connect_timeout
+        if deadline is not None:
+            wait = min(wait, max(deadline - loop.time(), 0.0))
+        try:
+            async with asyncio.timeout(wait):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop),
                     self.host,
@@ -392,7 +478,9 @@ class Pool:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and now - conn.last_used < _IDLE_SECONDS:
+            # Never one idle longer than the backend keeps it: a write sent on a connection the
+            # backend is closing would be in doubt (the fixed 30 s window did that).
+            if not conn.closed and now - conn.last_used < self.keepalive:
                 conn.reused = True
                 return conn
             conn.close()
@@ -414,48 +502,85 @@ class Pool:
         return "".join(parts).encode("latin-1")
 
     async def send(
-        self, method: str, target: str, headers: Headers, body: Body
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: Body,
+        *,
+        read_timeout: float | None = None,
+        deadline: float | None = None,
+        total: float = 0.0,
     ) -> tuple[_Connection, Response]:
-        """Send a request; the caller must :meth:`release` the connection it returns."""
+        """Send a request; the caller must :meth:`release` the connection it returns.
+        ``read_timeout``: this request's (the pool's by default); ``deadline``: the loop time
+        by which the whole exchange ends (``total`` seconds after it began, for messages)."""
         head = self.serialize(method, target, headers, body)
         streamed = isinstance(body, Streamed)
-        await self._slots.acquire()
+        limits = (read_timeout or self.read_timeout, deadline, total)
+        await self._acquire(deadline, total)
         try:
             # A streamed body cannot be sent twice: never on a kept-alive connection the
             # backend may have closed meanwhile (the one case a request is re-sent).
-            conn = (None if streamed else self._take_idle()) or await self._connect()
-            try:
-                return conn, await self._attempt(conn, method, head, body)
-            except _Failure as failure:
-                conn.close()
-                # A kept-alive connection the backend had just closed: nothing was read, so
-                # nothing was processed. Safe methods are tried once more on a fresh one. A
-                # timeout is not that case: the backend may be working on it.
-                stale = conn.reused and failure.kind == "broken" and not failure.got_bytes
-                if stale and method in ("GET", "HEAD", "OPTIONS") and not streamed:
-                    conn = await self._connect()
-                    try:
-                        return conn, await self._attempt(conn, method, head, body)
-                    except _Failure as again:
-                        conn.close()
-                        raise self._error(again) from None
-                    except BaseException:
-                        conn.close()
-                        raise
-                raise self._error(failure) from None
-            except BaseException:
-                conn.close()  # cancelled: the answer will never be read
-                raise
+            conn = (None if streamed else self._take_idle()) or await self._connect(deadline, total)
         except BaseException:
             self._slots.release()
             raise
+        conn.slot = self._slots  # from here on the connection gives it back, once
+        try:
+            return conn, await self._attempt(conn, method, head, body, *limits)
+        except _Failure as failure:
+            conn.close()
+            # A kept-alive connection the backend had just closed: nothing was read, so
+            # nothing was processed. Safe methods are tried once more on a fresh one. A
+            # timeout is not that case: the backend may be working on it.
+            stale = conn.reused and failure.kind == "broken" and not failure.got_bytes
+            if stale and method in ("GET", "HEAD", "OPTIONS") and not streamed:
+                try:
+                    fresh = await self._connect(deadline, total)
+                except BaseException:
+                    conn.free()
+                    raise
+                fresh.slot, conn.slot = conn.slot, None
+                try:
+                    return fresh, await self._attempt(fresh, method, head, body, *limits)
+                except _Failure as again:
+                    fresh.close()
+                    fresh.free()
+                    raise self._error(again) from None
+                except BaseException:
+                    fresh.close()
+                    fresh.free()
+                    raise
+            conn.free()
+            raise self._error(failure) from None
+        except BaseException:
+            conn.close()  # cancelled: the answer will never be read
+            conn.free()
+            raise
 
-    async def _attempt(self, conn: _Connection, method: str, head: bytes, body: Body) -> Response:
-        return await conn.request(head, body, is_head=method == "HEAD", timeout=self.read_timeout)
+    async def _attempt(
+        self,
+        conn: _Connection,
+        method: str,
+        head: bytes,
+        body: Body,
+        read_timeout: float,
+        deadline: float | None,
+        total: float,
+    ) -> Response:
+        return await conn.request(
+            head,
+            body,
+            is_head=method == "HEAD",
+            timeout=read_timeout,
+            deadline=deadline,
+            total=total,
+        )
 
     def release(self, conn: _Connection) -> None:
         """Return a connection after its answer was read whole, or close it."""
-        self._slots.release()
+        conn.free()
         if conn.reusable():
             conn.last_used = time.monotonic()
             self._idle.append(conn)

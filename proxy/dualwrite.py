@@ -27,13 +27,14 @@ import base64
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
+from bascule.config import Route
 from bascule.errors import RecordBusy, RouteError, StoreError, UpstreamError, UpstreamTimeout
 from bascule.sealing import Namer
 from bascule.stages import Side, Stage
@@ -144,7 +145,7 @@ class DualWriter:
                 if only_at_source and fenced.stage != Stage.SOURCE.value:
                     raise _unnameable(match)  # `target`: not journaled, but past source
                 upstream = self.upstreams[plan(Stage(fenced.stage), "write").serve]
-                answer = await self._call_authority(request, upstream, headers, body)
+                answer = await self._call_authority(request, upstream, headers, body, match.route)
                 if fenced.seq is not None:
                     if self.kill_after_send == request.method:
                         log.error("failpoint kill-after-send: killing this process")
@@ -185,14 +186,7 @@ class DualWriter:
         assert answer is not None
         await self._catch_up(match.dataset, fenced.version)
         if isinstance(answer, UpstreamError):
-            timeout = isinstance(answer, UpstreamTimeout)
-            await error(
-                out,
-                504 if timeout else 502,
-                "backend_timeout" if timeout else "backend_unreachable",
-                str(answer),
-                match.dataset,
-            )
+            await error(out, answer.status, answer.code, str(answer), match.dataset)
             return
         status, answer_headers, body = answer
         await out.send(status, answer_headers, body)
@@ -205,19 +199,29 @@ class DualWriter:
             await self.view.reload()
 
     async def _call_authority(
-        self, request: Request, upstream: Upstream, headers: list[tuple[str, str]], body: bytes
+        self,
+        request: Request,
+        upstream: Upstream,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        route: Route | None,
     ) -> Answer | UpstreamError:
-        # A hard deadline on the whole call (pool wait, connect, answer), not only on silence:
-        # the resolver counts on a write never being in flight past it (ORPHAN_AFTER).
+        # A hard deadline on the whole call (pool wait, connect, answer) besides the silence
+        # allowed: the resolver counts on a write never being in flight past it (orphans).
+        limits = upstream.limits(request.method, route)
         try:
-            async with asyncio.timeout(call_deadline(upstream)):
-                async with upstream.request(request.method, request.target, headers, body) as resp:
+            async with asyncio.timeout(limits.total):
+                async with upstream.request(
+                    request.method, request.target, headers, body, limits=limits
+                ) as resp:
                     body = await resp.read()
                     return resp.status, response_headers(resp.raw_headers), body
         except UpstreamError as exc:
             return exc
         except TimeoutError:
-            return UpstreamTimeout(upstream.name, "did not answer within the write deadline")
+            return UpstreamTimeout(
+                upstream.name, f"did not finish its answer within {limits.total:g} s"
+            )
 
     async def _record(
         self, session: WriteSession, seq: int, answer: Answer | UpstreamError, match: Match
@@ -284,9 +288,17 @@ def _unnameable(match: Match) -> RouteError:
     )
 
 
-def call_deadline(upstream: Upstream) -> float:
-    """The longest a write to ``upstream`` may be in flight."""
-    return upstream.backend.connect_timeout + upstream.backend.read_timeout
+def call_deadline(upstream: Upstream, route: Route | None = None) -> float:
+    """The longest a write of ``route`` (an unrouted one: None) to ``upstream`` may be in
+    flight: its ``total_timeout``, or the backend's ``write_timeout``."""
+    return upstream.limits("POST", route).total
+
+
+def write_deadline(upstreams: Iterable[Upstream], routes: Iterable[Route]) -> float:
+    """The longest any write may be in flight, on any backend: what the journal waits for
+    before it reads back a dead replica's write, or takes over a dead holder's replay lease."""
+    write_routes = [None, *(r for r in routes if r.kind == "write")]
+    return max(call_deadline(u, r) for u in upstreams for r in write_routes)
 
 
 def _replayed(headers: list[tuple[str, str]]) -> bool:

@@ -26,7 +26,7 @@ from typing import Literal
 from multidict import CIMultiDict
 
 from bascule.config import DEFAULT_DATASET
-from bascule.errors import RouteError, UpstreamError, UpstreamTimeout
+from bascule.errors import RouteError, UpstreamError
 from bascule.http1 import Body, Streamed
 from bascule.sealing import DATASET_WIDE, Namer
 from bascule.stages import Side, Stage
@@ -298,7 +298,9 @@ class Forwarder:
             headers = self.request_headers(request)
         sent: Body = body if body is not None else await body_of(request)
         try:
-            async with upstream.request(request.method, request.target, headers, sent) as resp:
+            async with upstream.request(
+                request.method, request.target, headers, sent, route=match.route
+            ) as resp:
                 if request.method == "HEAD" or resp.status == 304:
                     # The backend's Content-Length describes the body it did not send: keep it.
                     await resp.read()
@@ -347,17 +349,15 @@ class Forwarder:
                 )
                 out.abort()
                 return None
-            status = 504 if isinstance(exc, UpstreamTimeout) else 502
-            code = "backend_timeout" if status == 504 else "backend_unreachable"
             log.warning(
                 "%s %s dataset=%s backend=%s: %s",
                 request.method,
                 match.template,
                 match.dataset,
                 upstream.name,
-                code,
+                exc.code,
             )
-            await error(out, status, code, str(exc), match.dataset)
+            await error(out, exc.status, exc.code, str(exc), match.dataset)
             return None
 
     def request_headers(self, request: Request) -> list[tuple[str, str]]:

@@ -37,7 +37,7 @@ from bascule.state.journal import Journal
 from bascule.state.journal.entries import Entry
 from bascule.state.journal.queries import purge
 from bascule.upstream import Upstream
-from proxy.dualwrite import call_deadline
+from proxy.dualwrite import call_deadline, write_deadline
 from proxy.plan import plan
 from proxy.routing import json_pointer, path_values
 
@@ -209,7 +209,7 @@ class Replayer:
         return True
 
     def _deadline(self) -> float:
-        return max(call_deadline(u) for u in self.upstreams.values())
+        return write_deadline(self.upstreams.values(), self.routes.values())
 
     async def round(self, dataset: str) -> int:
         """Apply one wave of replayable entries of ``dataset``; return how many were tried.
@@ -272,9 +272,10 @@ class Replayer:
         except (ValueError, KeyError) as exc:
             await self.journal.dead(entry.seq, f"cannot build the replay: {type(exc).__name__}")
             return False
+        route = self.routes.get((entry.route, entry.method))
         try:
-            async with asyncio.timeout(call_deadline(upstream)):
-                async with upstream.request(method, path, headers, body) as resp:
+            async with asyncio.timeout(call_deadline(upstream, route)):
+                async with upstream.request(method, path, headers, body, route=route) as resp:
                     await resp.read()
                     status = resp.status
         except UpstreamError as exc:

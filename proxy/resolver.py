@@ -46,7 +46,7 @@ from bascule.state.journal import Journal
 from bascule.state.journal.entries import Entry
 from bascule.upstream import Upstream
 from proxy.answers import response_headers
-from proxy.dualwrite import b64, call_deadline, outcome_of
+from proxy.dualwrite import b64, call_deadline, outcome_of, write_deadline
 from proxy.routing import path_values
 
 log = logging.getLogger("bascule.resolver")
@@ -74,7 +74,7 @@ class Resolver:
             return 0
         self._last[dataset] = now
         settled = 0
-        deadline = max(call_deadline(u) for u in self.upstreams.values())
+        deadline = write_deadline(self.upstreams.values(), self.routes.values())
         for orphan in await self.journal.orphans(dataset, older_than=deadline + self.orphan_grace):
             await self.journal.decide(orphan.seq, "in_doubt", dataset=dataset, error=ORPHANED)
         for entry in await self.journal.in_state(dataset, "in_doubt"):
@@ -139,13 +139,15 @@ class Resolver:
         if credential:
             headers.append(("Authorization", f"Bearer {credential}"))
         upstream = self.upstreams[authority]
+        route = self.routes.get((entry.route, entry.method))
         try:
-            async with asyncio.timeout(call_deadline(upstream)):
+            async with asyncio.timeout(call_deadline(upstream, route)):
                 async with upstream.request(
                     original["method"],
                     original["target"],
                     headers,
                     base64.b64decode(original["body"]),
+                    route=route,
                 ) as resp:
                     body = await resp.read()
                     status = resp.status

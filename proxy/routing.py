@@ -29,7 +29,7 @@ from proxy.plan import Kind
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 UNROUTED = "<unrouted>"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_DATASET_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_DATASET_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}\Z")
 _FORBIDDEN = frozenset(["/", "\\"]) | {chr(c) for c in range(32)} | {"\x7f"}
 
 

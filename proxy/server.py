@@ -680,9 +680,14 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def _arm(self, seconds: float) -> None:
-        # Moving a deadline is an assignment; the one timer checks it when it fires, so the hot
-        # path creates no timer handle per request.
+        # Moving a deadline later is an assignment; the one timer checks it when it fires, so
+        # the hot path creates no timer handle per request. Moved earlier (a request begun on
+        # an idle connection: the receive deadline is shorter than the idle one), the timer is
+        # moved too: waiting for the idle one let a request trickle in for 75 s, not 60.
         self.deadline = self.loop.time() + seconds
+        if self.timer is not None and self.deadline < self.timer.when():
+            self.timer.cancel()
+            self.timer = None
         if self.timer is None:
             self.timer = self.loop.call_at(self.deadline, self._expired)
 

@@ -47,6 +47,8 @@ def write_config(
     stale_after: float = 30.0,
     orphan_grace: float = 5.0,
     read_timeout: float = 5.0,
+    write_timeout: float | None = None,
+    backend_extra: str = "",
     max_body_bytes: int = 1024 * 1024,
     idempotent_creates: bool = False,
     databases: tuple[str, str] | None = None,
@@ -66,7 +68,11 @@ def write_config(
     comparisons, no window, no verification needed), so that a world can be moved through the
     stages; tests of the gate say ``False`` or set ``[datasets.X.gate]`` in ``extra``.
     ``controller_interval``: the controller's rounds; by default an hour apart, so that it acts
-    only in tests that ask it to."""
+    only in tests that ask it to. ``write_timeout``: a write's whole time (by default
+    ``connect_timeout + read_timeout``, so that orphans and replay leases settle in seconds);
+    ``backend_extra``: lines added to both backends' tables."""
+    if write_timeout is None:
+        write_timeout = 1.0 + read_timeout
     gate = (
         "[defaults.gate]\nmin_compared = 0\nwindow = 0.1\nverification = false\n"
         if open_gate
@@ -88,7 +94,9 @@ def write_config(
 url = "{url}"
 connect_timeout = 1.0
 read_timeout = {read_timeout}
+write_timeout = {write_timeout}
 credential_env = "BASCULE_TEST_SERVICE_TOKEN"
+{backend_extra}
 {f'database = "{database}"' if database else ""}
 """
         for name, url, database in (

@@ -244,6 +244,8 @@ async def build_world(
     stale_after: float = 30.0,
     orphan_grace: float = 5.0,
     read_timeout: float = 5.0,
+    write_timeout: float | None = None,
+    backend_extra: str = "",
     idempotent_creates: bool = False,
     env: Mapping[str, str] | None = None,
     failpoints: Sequence[str | None] = (),
@@ -259,11 +261,12 @@ async def build_world(
 
     ``source_idem``/``target_idem``: the API honours Idempotency-Key. ``shadow_worker``,
     ``ids`` (an authority switch moves dcir's ids past the other side's), ``rules`` and
-    ``extra`` (appended to the configuration) and the timings: the configuration's
-    (:func:`refapi.lab.write_config`). ``env``: the environment of every process;
-    ``failpoints``: ``BASCULE_FAILPOINT`` of each process in turn. ``open_gate``,
-    ``controller_interval``: as :func:`refapi.lab.write_config` (a gate that holds whatever the
-    evidence, and a controller that stays idle, unless a test asks otherwise).
+    ``extra`` (appended to the configuration), ``backend_extra`` (in both backends' tables) and
+    the timings: the configuration's (:func:`refapi.lab.write_config`). ``env``: the
+    environment of every process; ``failpoints``: ``BASCULE_FAILPOINT`` of each process in
+    turn. ``open_gate``, ``controller_interval``: as :func:`refapi.lab.write_config` (a gate
+    that holds whatever the evidence, and a controller that stays idle, unless a test asks
+    otherwise).
     """
     hooks = hooks or Hooks()
     state_db = postgres_url or ground.pg_url
@@ -323,6 +326,8 @@ async def build_world(
             stale_after=stale_after,
             orphan_grace=orphan_grace,
             read_timeout=read_timeout,
+            write_timeout=write_timeout,
+            backend_extra=backend_extra,
             idempotent_creates=idempotent_creates,
             databases=databases if ids else None,
             extra=rules + extra,

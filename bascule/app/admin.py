@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from bascule.app.operations import Operations
-from bascule.checks import check_name, check_text
+from bascule.checks import check_name, check_seq, check_text
 from bascule.errors import (
     BasculeError,
     Refused,
@@ -65,10 +65,11 @@ def _token_role(deps: AdminDeps, header: str | None) -> tuple[str, str] | None:
         return None
     found = None
     # Compare with every token (constant time each) rather than stopping at the first match.
+    # utf-8, never failing: a token no header can carry (refused at start) matches nothing.
     for name, operator in deps.operator_tokens.items():
-        if hmac.compare_digest(token, operator.encode("latin-1")) and found is None:
+        if hmac.compare_digest(token, operator.encode()) and found is None:
             found = ("operator", name)
-    if deps.viewer_token and hmac.compare_digest(token, deps.viewer_token.encode("latin-1")):
+    if deps.viewer_token and hmac.compare_digest(token, deps.viewer_token.encode()):
         found = found or ("viewer", "viewer")
     return found
 
@@ -241,8 +242,10 @@ async def journal_retry(request: web.Request) -> web.Response:
         body = await _body(request)
         _only(body, "seq", "all_dead")
         seq, all_dead = body.get("seq"), body.get("all_dead", False)
-        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
-            raise UsageError("'seq' must be a whole number")
+        if seq is not None:
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                raise UsageError("'seq' must be a whole number")
+            seq = check_seq(seq)
         if not isinstance(all_dead, bool):
             raise UsageError("'all_dead' must be true or false")
         return {"retried": await ops.journal_retry(seq, all_dead)}
@@ -256,11 +259,9 @@ async def journal_skip(request: web.Request) -> web.Response:
     raw_seq = request.match_info["seq"]
 
     async def skip(ops: Operations) -> dict[str, Any]:
-        if not raw_seq.isdigit():
-            raise UsageError("the journal entry must be a whole number")
+        seq = check_seq(raw_seq)
         body = await _body(request)
         _only(body, "by", "reason")
-        seq = int(raw_seq)
         dataset = await ops.journal_skip(
             seq, identity, _text(body, "reason"), _on_behalf(body, identity)
         )

@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
@@ -127,7 +127,8 @@ class AdminClient:
         return result
 
     async def divergence(self, dataset: str, since: float) -> dict[str, Any]:
-        path = f"/v1/datasets/{quote(dataset, safe='')}/divergence?since={since:g}"
+        # Encoded: `1e+06` sent raw reads as `1e 06` (a `+` in a query string is a space).
+        path = f"/v1/datasets/{quote(dataset, safe='')}/divergence?" + urlencode({"since": since})
         result: dict[str, Any] = await self._call("GET", path)
         return result
 
@@ -172,8 +173,8 @@ class AdminClient:
         return result
 
     async def history(self, dataset: str | None, limit: int) -> list[dict[str, Any]]:
-        query = f"?limit={limit}" + (f"&dataset={quote(dataset, safe='')}" if dataset else "")
-        result: list[dict[str, Any]] = (await self._call("GET", "/v1/history" + query))["history"]
+        query = urlencode({"limit": limit, **({"dataset": dataset} if dataset else {})})
+        result: list[dict[str, Any]] = (await self._call("GET", "/v1/history?" + query))["history"]
         return result
 
     async def stage(
@@ -223,10 +224,10 @@ class AdminClient:
     async def journal_list(
         self, state: str, dataset: str | None, limit: int
     ) -> list[dict[str, Any]]:
-        query = f"?state={quote(state, safe='')}&limit={limit}"
-        if dataset:
-            query += f"&dataset={quote(dataset, safe='')}"
-        result: list[dict[str, Any]] = (await self._call("GET", "/v1/journal/entries" + query))[
+        query = urlencode(
+            {"state": state, "limit": limit, **({"dataset": dataset} if dataset else {})}
+        )
+        result: list[dict[str, Any]] = (await self._call("GET", "/v1/journal/entries?" + query))[
             "entries"
         ]
         return result
@@ -238,7 +239,8 @@ class AdminClient:
 
     async def journal_skip(self, seq: int, by: str, reason: str | None) -> str:
         body = {"by": by, "reason": reason}
-        dataset: str = (await self._call("POST", f"/v1/journal/{seq}/skip", body))["dataset"]
+        path = f"/v1/journal/{quote(str(seq), safe='')}/skip"
+        dataset: str = (await self._call("POST", path, body))["dataset"]
         return dataset
 
 

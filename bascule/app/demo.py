@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
+import re
 import secrets
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -34,7 +37,12 @@ from rich.table import Table
 from bascule.config import Config, load_config
 from bascule.errors import UsageError
 from bascule.procs import ServerProcess, bascule_argv
-from bascule.state.servers import StoreEndpoints, create_database, provide_stores, redact_url
+from bascule.state.servers import (
+    StoreEndpoints,
+    create_database,
+    provide_stores,
+    redact_url,
+)
 from bascule.tasks import spawn
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "bascule.example.toml"
@@ -42,6 +50,14 @@ VOLATILE = ("served_at",)
 DEMO_COMPARED = 20
 DEMO_WINDOW = 6.0
 """The gate the demo runs with: comparisons over seconds, where the example asks for an hour."""
+DATABASES = ("snds_source", "snds_target", "bascule_demo_state")
+"""The databases the demo makes on the state Postgres's server, and replaces on each run."""
+MARK = "made by bascule demo: replaced on each run"
+"""The comment the demo leaves on its databases: it drops none without it, unless told to."""
+_LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[A-Z]+) (?P<logger>\S+) (?P<message>.*)$"
+)
+"""A log record as ``bascule`` writes it to stderr (``bascule/cli.py``)."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,7 +68,105 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--duration", type=float, default=None, help="seconds to run, then stop (default: Ctrl-C)"
     )
+    for flag, what in PORTS.items():
+        parser.add_argument(
+            flag, type=int, metavar="PORT", help=f"{what} (default: the configuration's)"
+        )
+    parser.add_argument(
+        "--replace-databases",
+        action="store_true",
+        help=f"drop {', '.join(DATABASES)} on the state Postgres's server even if this demo did "
+        "not make them (by default it refuses)",
+    )
     parser.set_defaults(func=run)
+
+
+PORTS = {
+    "--port": "the researcher port of the demo's proxy",
+    "--admin-port": "the admin port of the demo's proxy",
+    "--source-port": "the source cloud's reference API",
+    "--target-port": "the target cloud's reference API",
+}
+"""The demo's port flags, and what listens on each."""
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where the demo's servers listen: the configuration's, or the port flags'."""
+
+    listen: str
+    admin_listen: str
+    source_url: str
+    target_url: str
+
+    @classmethod
+    def of(cls, config: Config, args: argparse.Namespace) -> Addresses:
+        listen = _with_port(config.proxy.listen, args.port, "--port")
+        admin = _with_port(config.proxy.admin_listen, args.admin_port, "--admin-port")
+        source = _url_with_port(config.source_backend.url, args.source_port, "--source-port")
+        target = _url_with_port(config.target_backend.url, args.target_port, "--target-port")
+        return cls(listen, admin, source, target)
+
+    def check_free(self) -> None:
+        """Every address free to listen on, or UsageError naming the port and its flag, before
+        anything starts (a port taken was found only once the proxy failed to start, after
+        the demo had said it stopped cleanly)."""
+        seen: dict[tuple[str, int], str] = {}
+        for (host, port), flag in self._bound():
+            if (host, port) in seen:
+                raise UsageError(f"port {port} is given twice ({seen[host, port]} and {flag})")
+            seen[host, port] = flag
+            if not _free(host, port):
+                raise UsageError(
+                    f"port {port} on {host} ({PORTS[flag]}) is taken: pick a free one with "
+                    f"{flag} PORT"
+                )
+
+    def _bound(self) -> list[tuple[tuple[str, int], str]]:
+        source, target = urlsplit(self.source_url), urlsplit(self.target_url)
+        return [
+            (_host_port(self.listen), "--port"),
+            (_host_port(self.admin_listen), "--admin-port"),
+            ((source.hostname or "127.0.0.1", source.port or 80), "--source-port"),
+            ((target.hostname or "127.0.0.1", target.port or 80), "--target-port"),
+        ]
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def _check_port(port: int, flag: str) -> int:
+    if not 0 < port < 65536:
+        raise UsageError(f"{flag} must be a port number from 1 to 65535, got {port}")
+    return port
+
+
+def _with_port(address: str, port: int | None, flag: str) -> str:
+    if port is None:
+        return address
+    return f"{address.rpartition(':')[0]}:{_check_port(port, flag)}"
+
+
+def _url_with_port(url: str, port: int | None, flag: str) -> str:
+    if port is None:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.hostname}:{_check_port(port, flag)}"))
+
+
+def _free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now (as ours do, with SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +175,18 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must not be negative")
     config = load_config(args.config)
-    demo = Demo(config, args.config, args.rows, args.seed, args.duration, Console(soft_wrap=True))
+    addresses = Addresses.of(config, args)
+    addresses.check_free()
+    demo = Demo(
+        config,
+        args.config,
+        args.rows,
+        args.seed,
+        args.duration,
+        Console(soft_wrap=True),
+        addresses=addresses,
+        replace_databases=args.replace_databases,
+    )
     return asyncio.run(demo.main())
 
 
@@ -82,8 +207,18 @@ class Demo:
         seed: int,
         duration: float | None,
         console: Console,
+        *,
+        addresses: Addresses | None = None,
+        replace_databases: bool = False,
     ) -> None:
         self.config = config
+        self.addresses = addresses or Addresses(
+            config.proxy.listen,
+            config.proxy.admin_listen,
+            config.source_backend.url,
+            config.target_backend.url,
+        )
+        self.replace_databases = replace_databases
         self.rows = rows
         self.seed = seed
         self.duration = duration
@@ -98,6 +233,7 @@ class Demo:
         self.source_db = ""
         self.target_db = ""
         """The target cloud's database, where the demo plants a divergence."""
+        self.state_db = ""
 
     async def main(self) -> int:
         say = self.console.print
@@ -106,27 +242,76 @@ class Demo:
         with provide_stores(state.postgres_url, state.redis_url) as stores:
             say(f"stores: {stores.describe()}")
             try:
-                return await self._story(stores)
-            finally:
-                for proc in reversed(self.processes):
-                    await proc.stop()
-                say(f"stopped cleanly; logs in {self.workdir}")
+                code = await self._story(stores)
+            except BaseException:
+                if self.processes:
+                    await self._stop()
+                    say(f"stopped on an error (below); logs in {self.workdir}")
+                raise
+            await self._stop()
+            say(f"stopped cleanly; logs in {self.workdir}")
+            return code
+
+    async def _stop(self) -> None:
+        for proc in reversed(self.processes):
+            await proc.stop()
+
+    async def _databases(self, server: str) -> dict[str, str]:
+        """The demo's databases, made afresh on the state Postgres's server: said first, and
+        none dropped that the demo did not make (its comment), unless ``--replace-databases``."""
+        self.console.print(
+            f"databases: the demo makes {', '.join(DATABASES)} on {redact_url(server)}, "
+            "replacing the ones it made on an earlier run"
+        )
+        conn = await asyncpg.connect(server)
+        try:
+            found = {
+                row["datname"]: row["comment"]
+                for row in await conn.fetch(
+                    "SELECT datname, shobj_description(oid, 'pg_database') AS comment"
+                    " FROM pg_database WHERE datname = ANY($1::text[])",
+                    list(DATABASES),
+                )
+            }
+        finally:
+            await conn.close()
+        foreign = sorted(name for name, comment in found.items() if comment != MARK)
+        if foreign and not self.replace_databases:
+            raise UsageError(
+                f"{', '.join(foreign)} already exist on {redact_url(server)} and were not made "
+                "by the demo: left alone. Point the demo at another server (BASCULE_POSTGRES_URL "
+                "or [state] postgres_url), or pass --replace-databases to drop them"
+            )
+        if foreign:
+            self.console.print(f"  dropping {', '.join(foreign)} (--replace-databases)")
+        made = {}
+        for name in DATABASES:
+            made[name] = await create_database(server, name, replace=True)
+        conn = await asyncpg.connect(server)
+        try:
+            for name in DATABASES:
+                await conn.execute(f"COMMENT ON DATABASE \"{name}\" IS '{MARK}'")
+        finally:
+            await conn.close()
+        return made
 
     async def _story(self, stores: StoreEndpoints) -> int:
         say = self.console.print
         await self._check_redis(stores.redis_url)
+        databases = await self._databases(stores.postgres_url)
+        self.state_db = databases["bascule_demo_state"]
         instances = [
             Instance(
                 "source",
                 self.config.migration.source,
-                self.config.source_backend.url,
-                await create_database(stores.postgres_url, "snds_source", replace=True),
+                self.addresses.source_url,
+                databases["snds_source"],
             ),
             Instance(
                 "target",
                 self.config.migration.target,
-                self.config.target_backend.url,
-                await create_database(stores.postgres_url, "snds_target", replace=True),
+                self.addresses.target_url,
+                databases["snds_target"],
             ),
         ]
         self.source_db, self.target_db = instances[0].database_url, instances[1].database_url
@@ -179,13 +364,16 @@ class Demo:
             if before not in text:
                 raise UsageError(f"{example}: the demo expects `{before}` in it (an example key)")
             text = text.replace(before, after, 1)
-        for section, dsn in (
-            (f"[backends.{self.config.migration.source}]", self.source_db),
-            (f"[backends.{self.config.migration.target}]", self.target_db),
+        source, target = self.config.migration.source, self.config.migration.target
+        for table, key, value in (
+            ("proxy", "listen", self.addresses.listen),
+            ("proxy", "admin_listen", self.addresses.admin_listen),
+            (f"backends.{source}", "url", self.addresses.source_url),
+            (f"backends.{source}", "database", self.source_db),
+            (f"backends.{target}", "url", self.addresses.target_url),
+            (f"backends.{target}", "database", self.target_db),
         ):
-            if section not in text:
-                raise UsageError(f"{example}: the demo expects a `{section}` table in it")
-            text = text.replace(section, f'{section}\ndatabase = "{dsn}"', 1)
+            text = _set_key(text, table, key, value)
         path = self.workdir / "bascule.demo.toml"
         path.write_text(text)
         self.config = load_config(path)
@@ -196,9 +384,8 @@ class Demo:
         return path
 
     async def _start_proxy(self, stores: StoreEndpoints) -> None:
-        state = await create_database(stores.postgres_url, "bascule_demo_state", replace=True)
         self.proxy_env = {
-            "BASCULE_POSTGRES_URL": state,
+            "BASCULE_POSTGRES_URL": self.state_db,
             "BASCULE_REDIS_URL": stores.redis_url,
             "BASCULE_ADMIN_TOKEN": self.admin_token,
             "BASCULE_VIEWER_TOKEN": self.admin_token,
@@ -223,9 +410,9 @@ class Demo:
     async def _bascule(self, *args: str, check: bool = True) -> str:
         """Run a bascule command as an SRE would; its output, or UsageError if it failed
         (``check=False``: its output whatever its exit code)."""
-        code, text = await self._bascule_code(*args)
+        code, text, errors = await self._bascule_code(*args)
         if check and code != 0:
-            raise UsageError(f"`bascule {' '.join(args)}` failed:\n{text[-2000:]}")
+            raise UsageError(f"`bascule {' '.join(args)}` failed:\n{(text + errors)[-2000:]}")
         return text
 
     async def _write_story(self, session: aiohttp.ClientSession, base: str) -> bool:
@@ -254,13 +441,29 @@ class Demo:
         expects (``expect``) is shown as such."""
         say = self.console.print
         say(f"  $ bascule {' '.join(_quoted(a) for a in args)}")
-        code, out = await self._bascule_code(*args)
+        code, out, errors = await self._bascule_code(*args)
         if code != expect:
-            raise UsageError(f"`bascule {' '.join(args)}` exited {code}:\n{out[-2000:]}")
-        for line in out.splitlines():
-            if line.startswith("bascule: refused: "):
-                line = "refused, as the story expects: " + line.removeprefix("bascule: refused: ")
-            say(f"    {line}")
+            raise UsageError(f"`bascule {' '.join(args)}` exited {code}:\n{(out + errors)[-2000:]}")
+
+        def shown(line: str) -> None:
+            say(line, markup=False, highlight=False)  # what a command said is never markup
+
+        # Its progress (stderr) came before its report (stdout); its verdict comes last.
+        verdict = [line for line in errors.splitlines() if line.startswith("bascule: ")]
+        for line in [*(e for e in errors.splitlines() if e not in verdict), *out.splitlines()]:
+            shown(f"    {line}")
+        refused = False
+        for line in verdict:
+            if line.startswith("bascule: refused: ") and expect:
+                refused = True
+                head, *why = _short_refusal(line.removeprefix("bascule: refused: "))
+                shown(f"    refused, as the story expects: {head}")
+                for part in why:
+                    shown(f"      · {part}")
+            else:
+                shown(f"    {line}")
+        if expect and not refused:
+            say(f"    (exit {code}, as the story expects)")
         return out
 
     async def _cutover_story(self, instances: list[Instance]) -> bool:
@@ -405,18 +608,31 @@ class Demo:
         await self._sre("verify", "dcir")
         return "/record/amount" in shown
 
-    async def _bascule_code(self, *args: str) -> tuple[int, str]:
-        """Run a bascule command as an SRE would: its exit code and output."""
+    async def _bascule_code(self, *args: str) -> tuple[int, str, str]:
+        """Run a bascule command as an SRE would: its exit code, its output, and what it said
+        on stderr but its log records. Those go to ``commands.log`` in the work folder (a raw
+        log line broke the story's layout); a warning is shown as a note in the story."""
         proc = await asyncio.create_subprocess_exec(
             *bascule_argv(*args, "--config", str(self.config_path)),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **self.proxy_env, "COLUMNS": "100"},
         )
-        out, _ = await proc.communicate()
+        out, err = await proc.communicate()
         assert proc.returncode is not None
-        return proc.returncode, out.decode(errors="replace").strip()
+        said = []
+        with (self.workdir / "commands.log").open("a") as log:
+            log.write(f"$ bascule {' '.join(args)}\n")
+            for line in err.decode(errors="replace").splitlines():
+                record = _LOG_LINE.match(line)
+                if record is None:
+                    said.append(line)
+                    continue
+                log.write(line + "\n")
+                if record["level"] in ("WARNING", "ERROR", "CRITICAL"):
+                    said.append(f"note ({record['level'].lower()}): {record['message']}")
+        return proc.returncode, out.decode(errors="replace").strip(), "\n".join(said)
 
     async def _check_redis(self, url: str) -> None:
         client = aioredis.Redis.from_url(url)
@@ -544,3 +760,34 @@ class Demo:
 
 def _quoted(arg: str) -> str:
     return repr(arg) if " " in arg else arg
+
+
+def _short_refusal(message: str, width: int = 96) -> list[str]:
+    """A refusal the story expects, short: its head (``dcir: cannot move a -> b``), then each
+    reason on a line of its own, cut at ``width``; the advice on overriding it is left out
+    (the story does not override)."""
+    clauses = [c for c in message.split("; ") if "override with" not in c] or [message]
+    # "dcir: cannot move a -> b: first reason": the head ends at the stage after the arrow.
+    before, arrow, after = clauses[0].partition(" -> ")
+    stage, colon, first = after.partition(": ")
+    if arrow and colon:
+        clauses[0:1] = [f"{before}{arrow}{stage}", first]
+    return [c if len(c) <= width else c[: width - 2].rsplit(" ", 1)[0] + " …" for c in clauses]
+
+
+def _set_key(text: str, table: str, key: str, value: str) -> str:
+    """``text`` (TOML) with ``key = "value"`` in ``[table]``: replaced where the table has it,
+    added under its header otherwise, and the table added at the end if missing."""
+    line = f"{key} = {orjson.dumps(value).decode()}"  # a TOML basic string
+    header = re.search(rf"^\[{re.escape(table)}\][ \t]*(#.*)?$", text, re.M)
+    if header is None:
+        return f"{text.rstrip()}\n\n[{table}]\n{line}\n"
+    end = re.search(r"^\[", text[header.end() :], re.M)
+    body_end = header.end() + (end.start() if end else len(text) - header.end())
+    body = text[header.end() : body_end]
+    found = re.search(rf"^{re.escape(key)}[ \t]*=.*$", body, re.M)
+    if found is not None:
+        body = body[: found.start()] + line + body[found.end() :]
+    else:
+        body = "\n" + line + body
+    return text[: header.end()] + body + text[body_end:]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bascule.checks import check_actor, check_name, check_text, require_reason
+from bascule.checks import check_actor, check_name, check_seq, check_text, require_reason
 from bascule.errors import Refused, StoreError, UsageError
 from bascule.stages import Side, Stage
 from bascule.state import replicas
@@ -88,7 +88,8 @@ class Operations:
         back."""
         if not 0 < since <= MAX_SINCE:  # false for NaN too
             raise UsageError(
-                f"since must be a number of seconds between 0 and {MAX_SINCE:g} (a year)"
+                f"since must be a number of seconds, more than 0 and at most {MAX_SINCE:.0f} "
+                "(a year)"
             )
         row = await self.store.get(check_name(dataset))  # UnknownDataset names the known ones
         start = datetime.now(UTC) - timedelta(seconds=since)
@@ -120,9 +121,10 @@ class Operations:
     async def gate_report(self, dataset: str) -> dict[str, Any]:
         """The gate of ``dataset``'s move forward from its current stage, condition by
         condition, with figures."""
+        check_name(dataset)
         if self.gate is None:
             raise StoreError("the gate is not available here")
-        row = await self.store.get(check_name(dataset))
+        row = await self.store.get(dataset)
         return (await self.gate.judge(row)).as_json()
 
     async def noise(self, dataset: str) -> dict[str, Any]:
@@ -231,6 +233,8 @@ class Operations:
         """Send dead entries (one, or all) back to the replayer; how many."""
         if (seq is None) == (not all_dead):
             raise UsageError("name one entry (its seq) or ask for all dead entries")
+        if seq is not None:
+            check_seq(seq)
         count = await queries.retry(self.store.pool, seq, all_dead=all_dead)
         if seq is not None and count == 0:
             raise Refused(f"journal entry {seq} does not exist or is not dead")
@@ -240,6 +244,7 @@ class Operations:
         self, seq: int, by: str, reason: str | None, details: Mapping[str, Any] | None = None
     ) -> str:
         """Give up replaying an entry, audited; its dataset."""
+        check_seq(seq)
         why = require_reason(reason)
         check_actor(by)
         try:

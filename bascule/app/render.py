@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bascule.checks import showable
+
 
 def console() -> Console:
     """The terminal's width on a terminal; wide enough for every column in a pipe or a log."""
@@ -44,7 +46,8 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> 
     for column in columns:
         found.add_column(column)
     for row in rows:
-        found.add_row(*(Text(cell) for cell in row))  # Text: free text is never markup
+        # Text: free text is never markup; showable: never a line break or a bidi override
+        found.add_row(*(Text(showable(cell)) for cell in row))
     return found
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from bascule import telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations
-from bascule.config import Backend, Config, Secrets, load_config
+from bascule.config import Backend, Config, ProxySettings, Secrets, load_config
 from bascule.errors import UsageError
 from bascule.sealing import Namer, Sealer
 from bascule.stages import Side
@@ -52,13 +52,20 @@ log = logging.getLogger("bascule.proxy")
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("proxy", help="run the data plane (researcher and admin ports)")
-    parser.add_argument("--config", type=Path, required=True, help="TOML configuration")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("BASCULE_CONFIG"),
+        help="TOML configuration (default: $BASCULE_CONFIG)",
+    )
     parser.add_argument("--listen", help="researcher host:port (overrides [proxy] listen)")
     parser.add_argument("--admin-listen", help="admin host:port (overrides [proxy] admin_listen)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config is None:  # as every other command: --config, or BASCULE_CONFIG
+        raise UsageError("no configuration: pass --config FILE or set BASCULE_CONFIG")
     config = load_config(args.config)
     secrets = Secrets.from_env(os.environ)
     listen = args.listen or config.proxy.listen
@@ -84,8 +91,14 @@ def _credential(backend: Backend) -> str | None:
     return value or None
 
 
-def create_proxy_server(forwarder: Forwarder, max_body_bytes: int) -> Server:
-    return Server(forwarder.handle, max_body_bytes=max_body_bytes, dataset_of=forwarder.dataset_of)
+def create_proxy_server(forwarder: Forwarder, settings: ProxySettings) -> Server:
+    return Server(
+        forwarder.handle,
+        max_body_bytes=settings.max_body_bytes,
+        dataset_of=forwarder.dataset_of,
+        request_deadline=settings.receive_timeout,
+        keepalive_idle=settings.idle_timeout,
+    )
 
 
 @dataclass
@@ -244,7 +257,7 @@ class Replica:
         )
 
     def server(self) -> Server:
-        return create_proxy_server(self.forwarder(), self.config.proxy.max_body_bytes)
+        return create_proxy_server(self.forwarder(), self.config.proxy)
 
     def admin_deps(self) -> AdminDeps:
         return AdminDeps(

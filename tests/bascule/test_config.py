@@ -32,6 +32,9 @@ key = "id"
 """
 
 
+OVH = "[backends.ovh]\nurl = 'http://x'\n"
+
+
 def error_of(text: str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         parse_config(text, "test.toml")
@@ -333,3 +336,63 @@ def test_secrets_come_from_the_environment_and_are_checked() -> None:
         Secrets.from_env({"BASCULE_JOURNAL_KEY": "00112233"})
     with pytest.raises(ConfigError, match="BASCULE_ADMIN_TOKEN: expected at least 16"):
         Secrets.from_env({"BASCULE_ADMIN_TOKEN": "short"})
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ('[datasets."dcir\\n"]\n', "datasets.dcir\n"),
+        ('[backends."ovh\\n"]\nurl = "http://x"\n', "backends.ovh\n"),
+        ('[backends.ovh]\nurl = "http://x\\n"\n', "backends.ovh.url"),
+        (
+            '[backends.ovh]\nurl = "http://x"\ncredential_env = "OVH\\n"\n',
+            "backends.ovh.credential_env",
+        ),
+    ],
+)
+def test_a_name_with_a_trailing_newline_is_refused(extra: str, key: str) -> None:
+    # `$` in a regex matches before a trailing newline: these passed the name checks.
+    assert error_of(MINIMAL + extra).key == key
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("-1", "positive number of seconds, got -1.0"),
+        ("0", "positive number of seconds, got 0.0"),
+        ("inf", "positive number of seconds, got inf"),
+        ("nan", "positive number of seconds, got nan"),
+        ("'30s'", "got `str`"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        (f"{OVH}connect_timeout", "backends.ovh.connect_timeout"),
+        (f"{OVH}read_timeout", "backends.ovh.read_timeout"),
+        (f"{OVH}total_timeout", "backends.ovh.total_timeout"),
+        (f"{OVH}write_timeout", "backends.ovh.write_timeout"),
+        (f"{OVH}pool_timeout", "backends.ovh.pool_timeout"),
+        ("[proxy]\nreceive_timeout", "proxy.receive_timeout"),
+        ("[proxy]\nidle_timeout", "proxy.idle_timeout"),
+        (f"{ROUTE}read_timeout", "routes[0].read_timeout"),
+        (f"{ROUTE}total_timeout", "routes[0].total_timeout"),
+    ],
+)
+def test_bad_time_limits_are_named(table: str, key: str, value: str, problem: str) -> None:
+    err = error_of(MINIMAL + f"{table} = {value}\n")
+    assert err.key == key
+    assert problem in err.problem
+
+
+def test_keepalive_zero_means_never_reuse_and_below_is_named() -> None:
+    config = parse_config(MINIMAL + "[backends.ovh]\nurl = 'http://x'\nkeepalive_timeout = 0\n")
+    assert config.backends["ovh"].keepalive_timeout == 0
+    err = error_of(MINIMAL + "[backends.ovh]\nurl = 'http://x'\nkeepalive_timeout = -1\n")
+    assert err.key == "backends.ovh.keepalive_timeout" and "0 (never reuse) or more" in err.problem
+
+
+def test_a_route_sets_its_own_time_limits() -> None:
+    config = parse_config(MINIMAL + ROUTE + "read_timeout = 300\ntotal_timeout = 7200.0\n")
+    assert (config.routes[0].read_timeout, config.routes[0].total_timeout) == (300.0, 7200.0)
+    assert (config.source_backend.read_timeout, config.source_backend.write_timeout) == (60, 120)

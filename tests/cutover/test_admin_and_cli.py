@@ -13,7 +13,9 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from rich.console import Console
 
+from bascule.app import render
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations
 from bascule.procs import bascule_argv
@@ -22,7 +24,7 @@ from bascule.state.postgres import open_pool
 from bascule.state.stage_store import StageStore
 from refapi.lab import OPERATOR_TOKEN, VIEWER_TOKEN, migrate_state
 from tests.harness import cli_env as harness_cli_env
-from tests.harness import run_cli, serve_app
+from tests.harness import offline_config, run_cli, serve_app
 
 OP = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 ALICE_TOKEN = "alice-token-0123456789abcdef"
@@ -83,7 +85,7 @@ async def test_divergence_is_read_with_a_viewer_token_and_checks_its_input(
     status, body = await call("GET", admin.url + "/v1/datasets/nope/divergence", VIEW)
     assert status == 404 and "nope" in body["error"]["message"]
     status, body = await call("GET", admin.url + "/v1/datasets/dcir/divergence?since=-1", VIEW)
-    assert status == 400 and "between 0 and" in body["error"]["message"]
+    assert status == 400 and "more than 0" in body["error"]["message"]
     for bad in ("inf", "nan", "1e12"):
         url = admin.url + f"/v1/datasets/dcir/divergence?since={bad}"
         status, body = await call("GET", url, VIEW)
@@ -302,3 +304,129 @@ async def test_cli_through_the_admin_api(admin: Admin) -> None:
     assert done.returncode == 2 and "valid Bearer token" in done.stderr
     status = orjson.loads((await arun(env, "status", "--json")).stdout)
     assert {d["dataset"]: d["stage"] for d in status["datasets"]}["dcir"] == "dualwrite"
+
+
+# --- operator input the admin API must refuse cleanly (issue 16, item 6) ---------------------
+
+HUGE = "9" * 5000
+"""A number of 5,000 digits: past what ``int()`` parses, and past any seq."""
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/v1/journal/²/skip", {"reason": "r"}, "whole number"),  # str.isdigit() says yes
+        ("/v1/journal/٣/skip", {"reason": "r"}, "whole number"),  # int() reads it as 3
+        (f"/v1/journal/{HUGE}/skip", {"reason": "r"}, "whole number"),
+        (f"/v1/journal/{2**63}/skip", {"reason": "r"}, "at most 9223372036854775807"),
+        ("/v1/journal/0/skip", {"reason": "r"}, "whole number"),
+        ("/v1/journal/retry", {"seq": 2**63}, "at most 9223372036854775807"),
+        ("/v1/journal/retry", {"seq": -1}, "whole number"),
+    ],
+)
+async def test_bad_journal_entries_are_a_clear_400(
+    admin: Admin, path: str, body: object, needle: str
+) -> None:
+    before = await admin.snapshot()
+    status, payload = await call("POST", admin.url + path, OP, body)
+    assert (status, payload["error"]["code"]) == (400, "bad_request"), payload
+    assert needle in payload["error"]["message"]
+    assert await admin.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "query", ["since=inf", "since=1e12", "since=nan", f"since={HUGE}", "since=-0", "limit=²"]
+)
+async def test_bad_read_parameters_are_a_clear_400(admin: Admin, query: str) -> None:
+    path = "/v1/history?" if query.startswith("limit") else "/v1/datasets/dcir/divergence?"
+    status, payload = await call("GET", admin.url + path + query, VIEW)
+    assert (status, payload["error"]["code"]) == (400, "bad_request"), payload
+    assert "since" in payload["error"]["message"] or "limit" in payload["error"]["message"]
+
+
+async def test_the_cli_sends_since_encoded_through_the_admin_api(admin: Admin) -> None:
+    # 1000000 is formatted `1e+06`: a `+` left raw in a query string reads as a space.
+    env = {**os.environ, "BASCULE_ADMIN_URL": admin.url, "BASCULE_VIEWER_TOKEN": VIEWER_TOKEN}
+    done = await arun(env, "divergence", "dcir", "--since", "1000000", "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["dataset"] == "dcir"
+
+
+def test_a_token_that_cannot_be_sent_is_refused_at_start(tmp_path: Path) -> None:
+    # Accepted at start, it made every admin request fail (500) once compared.
+    config = tmp_path / "bascule.toml"
+    offline_config(config)
+    for variable, value in (
+        ("BASCULE_OPERATOR_TOKENS", "alice=t\u00f6ken\u2169-0123456789abcdef"),
+        ("BASCULE_ADMIN_TOKEN", "\u2169-0123456789abcdef"),
+        ("BASCULE_VIEWER_TOKEN", "viewer token with spaces"),
+    ):
+        env = {**os.environ, variable: value}
+        done = run(env, "proxy", "--config", str(config))
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert f"environment: {variable}" in done.stderr and "printable ASCII" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+# --- what the audit trail may hold (issue 16, item 12) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "planned\n2026-01-01 00:00:00Z  dcir  stage  live  target  ciso  approved",
+        "planned\roverwritten",
+        "next line\u2028here",  # LINE SEPARATOR
+        "\u202eevil",  # RIGHT-TO-LEFT OVERRIDE: the rest of the line reads backwards
+        "a \u2066isolate\u2069",
+        "a C1 control \x85 (NEL)",
+        "a tab\there",
+    ],
+)
+async def test_a_reason_that_could_draw_fake_lines_is_refused(admin: Admin, reason: str) -> None:
+    before = await admin.snapshot()
+    for path, body in (
+        ("/v1/datasets/dcir/stage", {"stage": "dualwrite", "reason": reason}),
+        ("/v1/datasets/dcir/stage", {"stage": "dualwrite", "reason": "ok", "by": reason}),
+        ("/v1/datasets/dcir/auto-promote", {"on": True, "reason": reason}),
+    ):
+        status, payload = await call("POST", admin.url + path, OP, body)
+        assert (status, payload["error"]["code"]) == (400, "bad_request"), (reason, payload)
+        assert "not allowed" in payload["error"]["message"]
+    assert await admin.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/datasets/dcir%0A/stage"),
+        ("GET", "/v1/datasets/dcir%0A/gate"),
+        ("GET", "/v1/datasets/dcir%0A/divergence"),
+        ("GET", "/v1/history?dataset=dcir%0A"),
+    ],
+)
+async def test_a_dataset_name_with_a_trailing_newline_is_a_bad_name(
+    admin: Admin, method: str, path: str
+) -> None:
+    # `$` in a regex matches before a trailing newline: `dcir\n` passed the name check (404).
+    before = await admin.snapshot()
+    body = {"stage": "dualwrite", "reason": "r"} if method == "POST" else None
+    status, payload = await call(method, admin.url + path, OP, body)
+    assert (status, payload["error"]["code"]) == (400, "bad_request"), payload
+    assert "a dataset name is" in payload["error"]["message"]
+    assert await admin.snapshot() == before
+
+
+def test_a_reason_with_a_line_break_is_refused_by_the_cli(cli_env: dict[str, str]) -> None:
+    assert run(cli_env, "migrate").returncode == 0
+    before = run(cli_env, "history", "--json").stdout
+    done = run(cli_env, "stage", "dcir", "dualwrite", "--reason", "ok\nfake", "--by", "sre")
+    assert done.returncode == 2 and "not allowed" in done.stderr
+    assert run(cli_env, "history", "--json").stdout == before
+
+
+def test_a_reason_stored_before_it_was_refused_is_shown_on_one_line() -> None:
+    out = Console(width=120, record=True)
+    out.print(render.table("history", ("by", "reason"), [("sre", "ok\nfake row \u202eevil")]))
+    text = out.export_text()
+    assert "ok\\nfake row \\u202eevil" in text and "\u202e" not in text
