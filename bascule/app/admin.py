@@ -9,12 +9,14 @@ operator token to read, the operator token to change anything. A missing or unkn
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bascule.app.operations import Operations
 from bascule.checks import check_name, check_seq, check_text
@@ -386,7 +388,26 @@ def _refusal(exc: BasculeError) -> web.Response:
     raise exc
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse at ERROR, with a traceback and the request line
+    (which may carry identifiers). It is the client's mistake, answered 400: one WARNING line,
+    naming neither the target nor the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "a request that is not HTTP/1.1 refused (%s %s)"
+            record.args = (exc.code, type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_MALFORMED = _MalformedRequests()
+
+
 def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> web.Application:
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # once: filters are a set
     app = web.Application(client_max_size=client_max_size)
     app[DEPS] = deps
     app.router.add_get("/healthz", healthz)

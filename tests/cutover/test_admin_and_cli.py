@@ -4,6 +4,7 @@ nothing, checked against the stage table and the audit trail each time."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 from collections.abc import AsyncIterator
@@ -430,3 +431,63 @@ def test_a_reason_stored_before_it_was_refused_is_shown_on_one_line() -> None:
     out.print(render.table("history", ("by", "reason"), [("sre", "ok\nfake row \u202eevil")]))
     text = out.export_text()
     assert "ok\\nfake row \\u202eevil" in text and "\u202e" not in text
+
+
+_ADMIN_PIECES = [
+    "v1", "datasets", "dcir", "pmsi", "nope", "dcir\n", "divergence", "gate", "stage",
+    "rollback", "gaps", "target", "source", "close", "noise", "auto-promote", "history",
+    "journal", "entries", "retry", "skip", "replicas", "\u00b2", "\u0663", "7", "9" * 5000,
+    str(2**63), "%2F", "%zz", "..", "", "%00",
+]  # fmt: skip
+_QUERIES = ["", "?since=inf", "?since=nan", "?since=1e12", "?since=1e+06", "?since=-1",
+            "?since=", "?limit=99999999999999999999", "?state=lost", "?a=1&a=2"]  # fmt: skip
+_ADMIN_BODIES = [b"", b"{}", b"{", b"null", b'{"stage": "live", "reason": "x"}',
+                 b'{"reason": "a\\nb"}', b"\xff\xfe", b'{"to": "source", "by": "x"}']  # fmt: skip
+
+
+async def test_random_admin_requests_get_no_500_and_change_nothing_without_an_operator_token(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Random and malformed admin requests, with no token, a wrong one or the viewer's: never a
+    500, never a log line at ERROR (a request aiohttp cannot parse is one WARNING line), the
+    stage table and the audit trail unchanged, and the API still answers after each."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    caplog.set_level(logging.WARNING)
+    loop = asyncio.get_running_loop()
+    before = await admin.snapshot()
+    port = int(admin.url.rsplit(":", 1)[1])
+
+    async def one(method: str, path: str, query: str, token: str | None, body: bytes) -> None:
+        auth = f"Authorization: Bearer {token}\r\n" if token is not None else ""
+        head = (
+            f"{method} {path}{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(head.encode("utf-8", "surrogateescape") + body)
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 30)
+        finally:
+            writer.close()
+        status = line.split(b" ", 2)[1] if line.startswith(b"HTTP/") else b"closed"
+        assert status != b"500", (method, path[:80], query, token, body)
+        assert await admin.snapshot() == before, (method, path[:80], query, token, body)
+        assert (await call("GET", admin.url + "/v1/datasets", VIEW))[0] == 200
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "M-SEARCH", "get", "FOO"]),
+        path=st.lists(st.sampled_from(_ADMIN_PIECES), max_size=6).map(lambda p: "/" + "/".join(p)),
+        query=st.sampled_from(_QUERIES),
+        token=st.sampled_from([None, VIEWER_TOKEN, "wrong", "\u00e9t\u00e9"]),
+        body=st.sampled_from(_ADMIN_BODIES),
+    )
+    def check(method: str, path: str, query: str, token: str | None, body: bytes) -> None:
+        asyncio.run_coroutine_threadsafe(one(method, path, query, token, body), loop).result(60)
+
+    await loop.run_in_executor(None, check)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [(r.name, r.getMessage()[:200]) for r in errors]
