@@ -83,6 +83,9 @@ class DualWriter:
     """This replica's view of the stages: refreshed before answering a write that found a
     newer stage under the fence, so the researcher's next read here goes to the side that
     now holds the write."""
+    lock_wait: float = 10.0
+    """Seconds a write waits in all for its dataset's fence and its record's lock; past it,
+    503 ``record_busy`` (with ``Retry-After``) before reaching any backend."""
     router: Router | None = None
     """Routes the record a create made (its ``replay_as`` path), to name it as later writes to
     it are named: from its outcome on, the create waits for no write to another record."""
@@ -124,7 +127,9 @@ class DualWriter:
             return
         answer: Answer | UpstreamError | None = None
         try:
-            async with self.journal.locked(match.dataset, [token]) as session:
+            async with self.journal.locked(
+                match.dataset, [token], wait=self.lock_wait
+            ) as session:
                 fenced = await session.plan(
                     record=token,
                     route=match.template,
@@ -146,6 +151,7 @@ class DualWriter:
                 "record_busy",
                 f"this write was refused before reaching any backend: {exc}; try again",
                 match.dataset,
+                retry_after=1,
             )
             return
         except StoreError as exc:

@@ -222,6 +222,11 @@ class WriteSession:
         self.unlocked = True
 
 
+def _timed_out(exc: asyncpg.QueryCanceledError) -> bool:
+    """Cancelled by the statement's own ``statement_timeout`` (not by another session)."""
+    return "statement timeout" in str(exc)
+
+
 async def _read_backend_start(conn: Any) -> datetime:
     started: datetime = await conn.fetchval(
         "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
@@ -249,29 +254,44 @@ class WriteLocks(JournalCore):
 
         A record write holds the dataset's lock shared and its records' locks exclusively, in
         sorted order (no deadlock between writes naming several records); a dataset-wide write
-        holds the dataset's lock exclusively. Waiting longer than ``wait`` raises StoreError.
+        holds the dataset's lock exclusively. Waiting longer than ``wait`` in all raises
+        :class:`RecordBusy`; a session that does not answer at all, :class:`StoreError`.
         """
         wanted = sorted(set(records))
         whole = lock_id(dataset, DATASET_WIDE)
         # The dataset's write fence first (shared: writes do not exclude each other; a stage
         # change that alters writes takes it exclusively), then the record locks.
-        takes = [f"SELECT pg_advisory_lock_shared({fence_id(dataset)})"]
+        takes = [f"pg_advisory_lock_shared({fence_id(dataset)})"]
         if DATASET_WIDE in wanted:
-            takes.append(f"SELECT pg_advisory_lock({whole})")
+            takes.append(f"pg_advisory_lock({whole})")
         else:
-            takes.append(f"SELECT pg_advisory_lock_shared({whole})")
-            takes += [f"SELECT pg_advisory_lock({lock_id(dataset, r)})" for r in wanted]
-        # One round trip for the timeout and every lock, taken in this order (the ids are
-        # integers computed here, never text from a request).
-        statement = "; ".join([f"SET lock_timeout = '{max(1, int(wait * 1000))}ms'", *takes])
+            takes.append(f"pg_advisory_lock_shared({whole})")
+            takes += [f"pg_advisory_lock({lock_id(dataset, r)})" for r in wanted]
+        # One round trip for the bounds and every lock, taken in this order (the ids are
+        # integers computed here, never text from a request). One SELECT, not a statement per
+        # lock: `lock_timeout` bounds each wait, `statement_timeout` the whole statement (it
+        # applies to each statement of a message apart), so waits in turn for several locks
+        # cannot add up past `wait` (they did, and the client's own timeout then reported a
+        # busy record as an unreachable store). Both bounds are left set on the session on
+        # success (RESET would be a statement of its own): its later statements take no
+        # lock and run well within them, and the pool resets nothing (they are this
+        # session's bounds for its next write too).
+        bound = f"'{max(1, int(wait * 1000))}ms'"
+        statement = (
+            f"SET lock_timeout = {bound}; SET statement_timeout = {bound};"
+            f" SELECT {', '.join(takes)}"
+        )
         async with reaching_postgres(), self.sessions.acquire() as conn:
             session: WriteSession | None = None
             try:
                 try:
-                    # The statement's own timeout outlasts the lock wait (the pool's default
-                    # command timeout would cut it short, as if Postgres were unreachable).
+                    # The client's timeout outlasts the server's bound: past it the session
+                    # is silent (a partition), not busy. The pool's default command timeout
+                    # would cut the wait short, as if Postgres were unreachable.
                     await conn.execute(statement, timeout=wait + 5.0)
-                except asyncpg.LockNotAvailableError:
+                except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
+                    if isinstance(exc, asyncpg.QueryCanceledError) and not _timed_out(exc):
+                        raise  # cancelled by someone else (an administrator): not busy
                     raise RecordBusy(
                         f"waited more than {wait:g} s for this record: another write to it, or "
                         "a stage switch of its dataset, held it"
