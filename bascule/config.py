@@ -62,6 +62,11 @@ class StateSettings(_Record, frozen=True):
     stale_after: float = 30.0
     """Seconds a replica that cannot read the stages keeps reporting ready (it keeps serving
     reads on its last known stages either way)."""
+    dead_session_after: float = 30.0
+    """Seconds after which a state-database session that stopped answering (a partition, a
+    replica's host gone) is dropped by both ends, with the record locks and write fences it
+    held: TCP keepalive probes and ``TCP_USER_TIMEOUT`` on both sides of every state session
+    (``bascule/state/postgres.py``). Postgres' own default would keep them two hours."""
 
 
 class SwitchSettings(_Record, frozen=True):
@@ -486,6 +491,8 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "state.journal_retention", "expected at least 600 seconds")
     if config.state.journal_sessions < 2:
         raise ConfigError(src, "state.journal_sessions", "expected at least 2")
+    if not 2.0 <= config.state.dead_session_after <= 3600.0:
+        raise ConfigError(src, "state.dead_session_after", "expected 2 to 3600 seconds")
     if config.state.stale_after <= config.state.poll_interval:
         raise ConfigError(src, "state.stale_after", "must be longer than state.poll_interval")
     for field in ("hold", "backlog_wait", "confirm_wait"):

@@ -36,7 +36,7 @@ from bascule.sealing import fence_id
 from bascule.stages import Stage, alters_writes, authority, opens_gaps, switches_authority
 from bascule.state import replicas
 from bascule.state.journal import queries
-from bascule.state.postgres import reaching_postgres
+from bascule.state.postgres import DEAD_SESSION_AFTER, reaching_postgres
 from bascule.state.stage_store import StageRow
 
 log = logging.getLogger("bascule.switch")
@@ -169,6 +169,9 @@ class Switcher:
     """Per dataset: how to move the new authority's id allocation past the other side's ids."""
     databases: dict[str, str | None] = field(default_factory=dict)
     """Per side (``source``/``target``): the backend database's DSN (``[backends.X] database``)."""
+    dead_session_after: float = DEAD_SESSION_AFTER
+    """``[state] dead_session_after``: how long a writer cut off from the state Postgres may
+    keep holding the fence (named in a refusal)."""
 
     async def change(
         self,
@@ -378,8 +381,10 @@ class _Run:
                     raise Refused(
                         f"{dataset}: writes in flight did not finish within {hold:g} s (held by "
                         f"{holders or 'sessions that are gone now'}); nothing was changed (try "
-                        "again; a replica that stays frozen keeps its writes' sessions and their "
-                        "fence: stop it)"
+                        "again: a replica cut off from the state Postgres loses its sessions, "
+                        f"and this fence, within {self.s.dead_session_after:g} s of its last "
+                        "answer (state.dead_session_after); one that stays frozen keeps them: "
+                        "stop it)"
                     ) from None
         finally:
             await conn.execute("SET lock_timeout = 0")
@@ -568,6 +573,7 @@ def switcher_for(config: Config, pool: asyncpg.Pool) -> Switcher:
             "source": config.source_backend.database,
             "target": config.target_backend.database,
         },
+        dead_session_after=config.state.dead_session_after,
     )
 
 

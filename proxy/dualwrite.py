@@ -127,9 +127,7 @@ class DualWriter:
             return
         answer: Answer | UpstreamError | None = None
         try:
-            async with self.journal.locked(
-                match.dataset, [token], wait=self.lock_wait
-            ) as session:
+            async with self.journal.locked(match.dataset, [token], wait=self.lock_wait) as session:
                 fenced = await session.plan(
                     record=token,
                     route=match.template,

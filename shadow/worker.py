@@ -75,7 +75,11 @@ async def serve(fd: int) -> None:
 
     async with AsyncExitStack() as stack:
         # Noise observations and accepted rules only: the worker writes no count.
-        pool = await open_pool(hello.postgres_url, max_size=2)
+        pool = await open_pool(
+            hello.postgres_url,
+            max_size=2,
+            dead_session_after=hello.config.state.dead_session_after,
+        )
         stack.push_async_callback(pool.close)
         redis = aioredis.Redis.from_url(hello.redis_url, socket_connect_timeout=1.0)
         stack.push_async_callback(redis.aclose)

@@ -55,7 +55,9 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
     with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
         # Up to 3 at once: the write fence held during a change, its commit, and the backlog
         # and replica queries of an authority switch.
-        pool = await open_pool(found.postgres_url, max_size=4)
+        pool = await open_pool(
+            found.postgres_url, max_size=4, dead_session_after=config.state.dead_session_after
+        )
         redis = aioredis.Redis.from_url(found.redis_url, socket_connect_timeout=1.0)
         try:
             await schema_check(pool)

@@ -100,7 +100,8 @@ class Replica:
     """This replica, as recorded in the journal and leases."""
 
     async def __aenter__(self) -> Replica:
-        self.pool = await open_pool(self.postgres_url)
+        probe = self.config.state.dead_session_after
+        self.pool = await open_pool(self.postgres_url, dead_session_after=probe)
         await schema_check(self.pool)
         self.redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0)
         self.store = StageStore(self.pool)
@@ -131,6 +132,7 @@ class Replica:
                 connection_class=WriterConnection,
                 # Names the replica holding a dataset's fence, when a change has to wait.
                 application_name=f"bascule writer {self.name}"[:63],
+                dead_session_after=probe,
             )
             journal = Journal(
                 self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool

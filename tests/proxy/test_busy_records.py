@@ -22,6 +22,7 @@ from bascule.errors import RecordBusy, StoreError
 from bascule.sealing import Namer, Sealer, lock_id
 from bascule.stages import Stage
 from bascule.state.journal import Journal
+from bascule.tasks import spawn
 from refapi.lab import AUTH, HMAC_KEY, migrate_state
 from tests.conftest import Ground
 from tests.world import World, build_world
@@ -66,7 +67,7 @@ async def test_records_busy_in_turn_are_reported_busy_within_the_wait(
     records = sorted(NAMER.record("dcir", str(i)) for i in range(8))
     started = [asyncio.Event() for _ in records]
     holders = [
-        asyncio.create_task(holder(pg_url, lock_id("dcir", r), step * (i + 1), started[i]))
+        spawn(holder(pg_url, lock_id("dcir", r), step * (i + 1), started[i]), name=f"holder-{i}")
         for i, r in enumerate(records)
     ]
     try:
@@ -97,14 +98,12 @@ async def test_a_busy_record_answers_503_record_busy_with_retry_after(world: Wor
     dual.lock_wait = 0.5
     token = Namer(bytes.fromhex(HMAC_KEY)).record("dcir", "4")
     held = asyncio.Event()
-    other = asyncio.create_task(holder(world.state_db, lock_id("dcir", token), 3.0, held))
+    other = spawn(holder(world.state_db, lock_id("dcir", token), 3.0, held), name="holder")
     try:
         await held.wait()
         async with (
             aiohttp.ClientSession(headers=AUTH) as session,
-            session.patch(
-                f"{world.proxy}/v1/datasets/dcir/records/4", json={"amount": 12}
-            ) as resp,
+            session.patch(f"{world.proxy}/v1/datasets/dcir/records/4", json={"amount": 12}) as resp,
         ):
             body = await resp.json()
             assert resp.status == 503, body

@@ -272,14 +272,14 @@ class WriteLocks(JournalCore):
         # lock: `lock_timeout` bounds each wait, `statement_timeout` the whole statement (it
         # applies to each statement of a message apart), so waits in turn for several locks
         # cannot add up past `wait` (they did, and the client's own timeout then reported a
-        # busy record as an unreachable store). Both bounds are left set on the session on
-        # success (RESET would be a statement of its own): its later statements take no
-        # lock and run well within them, and the pool resets nothing (they are this
-        # session's bounds for its next write too).
+        # busy record as an unreachable store). The statement timeout is reset in the same
+        # message once the locks are held (a writer pool hands sessions back unreset, and a
+        # data job runs long queries on its own); should the locks fail, the message's
+        # implicit transaction undoes both SETs.
         bound = f"'{max(1, int(wait * 1000))}ms'"
         statement = (
             f"SET lock_timeout = {bound}; SET statement_timeout = {bound};"
-            f" SELECT {', '.join(takes)}"
+            f" SELECT {', '.join(takes)}; RESET statement_timeout"
         )
         async with reaching_postgres(), self.sessions.acquire() as conn:
             session: WriteSession | None = None
