@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 import orjson
 
+from bascule.config import Route
 from bascule.errors import RecordBusy, RouteError, StoreError, UpstreamError, UpstreamTimeout
 from bascule.sealing import Namer
 from bascule.stages import Side, Stage
@@ -232,36 +233,60 @@ class DualWriter:
         await session.decide(seq, state, status=status, answer=stored, fenced=True, record=record)
 
     def _created(self, match: Match, body: bytes) -> str | None:
-        """The token of the record a create made, as a write to it will name it: its id in
-        the answer (``create_id``), put into ``replay_as``'s path and routed. None when the
-        write named its record already, or the answer does not say it (the entry then stays
-        dataset-wide: every later write of the dataset waits for its replay)."""
-        route = match.route
-        if (
-            self.router is None
-            or match.key is not None
-            or route is None
-            or route.create_id is None
-            or route.replay_as is None
-        ):
+        """The token of the record a create made, as a write to it will name it (None when
+        the write named its record already, or the answer does not say it: the entry then
+        stays dataset-wide, and every later write of the dataset waits for its replay)."""
+        if self.router is None or match.key is not None or match.route is None:
             return None
-        try:
-            value = json_pointer(orjson.loads(body), route.create_id)
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            return None
-        method, _, template = route.replay_as.partition(" ")
-        path = template.replace("{dataset}", quote(match.dataset, safe="")).replace(
-            "{id}", quote(str(value), safe="")
-        )
-        try:
-            made = self.router.match(method, path)
-        except RouteError:
-            return None
-        if made.key is None or made.dataset != match.dataset:
-            return None
-        return self.namer.record(made.dataset, made.key)
+        made = created_record(self.router, self.namer, match.dataset, match.route, body)
+        return None if made is None else made.token
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """The record a create made, named as later writes to it name it."""
+
+    token: str
+    path: str
+    """Its path on either side (``replay_as``'s, with its id): where to read it back."""
+
+
+def created_record(
+    router: Router, namer: Namer, dataset: str, route: Route, answer: bytes
+) -> Created | None:
+    """The record a create on ``route`` made, from the authority's ``answer``: its id at
+    ``create_id``, put into ``replay_as``'s path and routed. None when the route is no create
+    or the answer does not name an id."""
+    if route.create_id is None:
+        return None
+    try:
+        value = json_pointer(orjson.loads(answer), route.create_id)
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    return record_named(router, namer, dataset, route, str(value))
+
+
+def record_named(
+    router: Router, namer: Namer, dataset: str, route: Route, record_id: str
+) -> Created | None:
+    """The record ``record_id`` made by a create on ``route``: routed through ``replay_as``'s
+    path (so its key is made canonical as a later write to it would be). None if it does not
+    route to a record of ``dataset``."""
+    if route.replay_as is None or not record_id:
+        return None
+    method, _, template = route.replay_as.partition(" ")
+    path = template.replace("{dataset}", quote(dataset, safe="")).replace(
+        "{id}", quote(record_id, safe="")
+    )
+    try:
+        made = router.match(method, path)
+    except RouteError:
+        return None
+    if made.key is None or made.dataset != dataset:
+        return None
+    return Created(namer.record(made.dataset, made.key), path)
 
 
 def call_deadline(upstream: Upstream) -> float:

@@ -19,9 +19,9 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from bascule.app.operations import Operations
-from bascule.config import Config, load_config
-from bascule.errors import Refused, StoreError, UsageError
+from bascule.app.operations import Operations, naming_of
+from bascule.config import Config, Secrets, load_config
+from bascule.errors import ConfigError, Refused, StoreError, UsageError
 from bascule.state.fleet import RedisAnnouncer
 from bascule.state.postgres import open_pool, schema_check
 from bascule.state.servers import provide_stores
@@ -69,10 +69,20 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
                 noise_pairs(config),
                 gates_of(config, pool),
                 groups_of(config),
+                naming_of(config, _secrets()),
             )
         finally:
             await redis.aclose()
             await pool.close()
+
+
+def _secrets() -> Secrets:
+    """The journal's keys, when this environment has them (only `journal resolve` needs them,
+    and says so when they are missing)."""
+    try:
+        return Secrets.from_env(os.environ)
+    except ConfigError:
+        return Secrets()
 
 
 class AdminClient:
@@ -233,10 +243,19 @@ class AdminClient:
         ]
         return result
 
-    async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
-        body = {"seq": seq, "all_dead": all_dead}
+    async def journal_retry(
+        self, seq: int | None, all_dead: bool, by: str = "operator", reason: str | None = None
+    ) -> int:
+        body = {"seq": seq, "all_dead": all_dead, "by": by, "reason": reason}
         count: int = (await self._call("POST", "/v1/journal/retry", body))["retried"]
         return count
+
+    async def journal_resolve(
+        self, seq: int, outcome: str, record: str | None, by: str, reason: str | None
+    ) -> dict[str, Any]:
+        body = {"as": outcome, "record": record, "by": by, "reason": reason}
+        result: dict[str, Any] = await self._call("POST", f"/v1/journal/{seq}/resolve", body)
+        return result
 
     async def journal_skip(self, seq: int, by: str, reason: str | None) -> str:
         body = {"by": by, "reason": reason}

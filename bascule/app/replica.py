@@ -18,7 +18,7 @@ from aiohttp import web
 
 from bascule import telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
-from bascule.app.operations import Operations
+from bascule.app.operations import Operations, naming_of
 from bascule.config import Backend, Config, Secrets, load_config
 from bascule.errors import UsageError
 from bascule.sealing import Namer, Sealer
@@ -137,13 +137,9 @@ class Replica:
             journal = Journal(
                 self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool
             )
-            self.dual = DualWriter(
-                journal,
-                Namer(self.secrets.hmac_key),
-                self.upstreams,
-                view=self.view,
-                router=Router(self.config.routes, self.config.datasets),
-            )
+            namer = Namer(self.secrets.hmac_key)
+            router = Router(self.config.routes, self.config.datasets)
+            self.dual = DualWriter(journal, namer, self.upstreams, view=self.view, router=router)
             routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
             credentials = {
                 Side.SOURCE: _credential(self.config.source_backend),
@@ -162,6 +158,8 @@ class Replica:
                     routes,
                     credentials,
                     orphan_grace=self.config.state.orphan_grace,
+                    router=router,
+                    namer=namer,
                 ),
                 retention=self.config.state.journal_retention,
             )
@@ -258,6 +256,7 @@ class Replica:
                 noise_pairs(self.config),
                 gates_of(self.config, self.pool),
                 groups_of(self.config),
+                naming_of(self.config, self.secrets),
             ),
             view=self.view,
             operator_tokens=self.secrets.operators(),

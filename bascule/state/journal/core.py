@@ -51,9 +51,11 @@ class JournalCore:
         stage_version: int | None = None,
         conn: Any = None,
         error: str | None = None,
+        record: str | None = None,
     ) -> None:
         """Record an entry's outcome. With ``stage_version``, only if the entry was written
-        under that stage version (the epoch check of the outcome transaction)."""
+        under that stage version (the epoch check of the outcome transaction). ``record``: the
+        record the entry turned out to write (a create, once the record it made is known)."""
         sealed = self.sealer.seal(answer, dataset=dataset, field="answer") if answer else None
         await self._move(
             seq,
@@ -63,6 +65,7 @@ class JournalCore:
             stage_version=stage_version,
             conn=conn,
             error=error,
+            record=record,
         )
 
     async def _move(
