@@ -28,6 +28,7 @@ DEFAULT_DATASET = "default"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
 class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -41,6 +42,17 @@ class ProxySettings(_Record, frozen=True):
     """Admin API address (token-protected), host:port."""
     max_body_bytes: int = 10 * 1024 * 1024
     """Largest request body accepted (413 beyond)."""
+    credentials_header: str = "authorization"
+    """The request header that carries a researcher's credentials: a write without it (or
+    with it empty) is *anonymous*."""
+    require_credentials: bool = False
+    """Refuse an anonymous write with 401 ``credentials_required`` before it is journaled or
+    takes any lock (off: the authoritative backend judges it, and a refusal leaves no body in
+    the journal). On whenever every legitimate write carries credentials."""
+    anonymous_writes: int = 4
+    """Anonymous writes in flight at once on a replica, all clients together; more get 429
+    ``too_many_anonymous_writes`` (with ``Retry-After``) before the journal, so that clients
+    without credentials cannot hold the journal's sessions and locks writers need."""
 
 
 class StateSettings(_Record, frozen=True):
@@ -483,6 +495,12 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "proxy.admin_listen", "must differ from proxy.listen")
     if config.proxy.max_body_bytes <= 0:
         raise ConfigError(src, "proxy.max_body_bytes", "expected a positive number of bytes")
+    if not _HEADER_NAME.match(config.proxy.credentials_header):
+        raise ConfigError(
+            src, "proxy.credentials_header", "expected a header name (letters, digits, '-')"
+        )
+    if config.proxy.anonymous_writes < 1:
+        raise ConfigError(src, "proxy.anonymous_writes", "expected at least 1")
     if config.state.poll_interval <= 0:
         raise ConfigError(src, "state.poll_interval", "expected a positive number of seconds")
     if config.state.journal_retention < 600:

@@ -6,11 +6,14 @@ of the stages is stale never writes under an old authority, and a change that al
 (taking the fence exclusively) waits for writes in flight. In a stage that writes one side only
 that is all. For a write whose plan has a side to replicate to:
 
-1. the intent is committed to the journal (sealed; never the researcher's ``Authorization``);
+1. the intent is committed to the journal (sealed; never the researcher's ``Authorization``),
+   without the request's body;
 2. the authoritative side is called, and its answer read whole;
 3. the outcome is recorded: a 2xx is *pending* (to be replayed), a non-retryable 4xx is
    *rejected* (never replayed), and a 5xx, a 408/429, a timeout or a broken connection after
-   the request was sent is *in doubt* (the backend may have committed it);
+   the request was sent is *in doubt* (the backend may have committed it); the body is
+   journaled with a pending or in-doubt outcome only, so a write the authority refused (a
+   client without credentials, say) leaves no body in the journal;
 4. the researcher gets the authoritative side's answer.
 
 If the intent cannot be committed the write is refused (503) before anything is sent: no
@@ -27,7 +30,7 @@ import base64
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -87,6 +90,14 @@ class DualWriter:
     lock_wait: float = 10.0
     """Seconds a write waits in all for its dataset's fence and its record's lock; past it,
     503 ``record_busy`` (with ``Retry-After``) before reaching any backend."""
+    credentials_header: str = "authorization"
+    """``[proxy] credentials_header``: a write without it is anonymous."""
+    require_credentials: bool = False
+    """``[proxy] require_credentials``: refuse anonymous writes before the journal (401)."""
+    anonymous_writes: int = 4
+    """``[proxy] anonymous_writes``: anonymous writes in flight at once; more get 429."""
+    _anonymous: int = field(default=0, init=False)
+    """Anonymous writes in flight now."""
     router: Router | None = None
     """Routes the record a create made (its ``replay_as`` path), to name it as later writes to
     it are named: from its outcome on, the create waits for no write to another record."""
@@ -99,16 +110,57 @@ class DualWriter:
         headers: list[tuple[str, str]],
     ) -> None:
         """Any write, in any stage: its plan is read under the dataset's fence, never from
-        this replica's view of the stages (which may be stale)."""
+        this replica's view of the stages (which may be stale). An anonymous write (no
+        credentials) is refused before the journal when credentials are required, or when
+        ``anonymous_writes`` of them are in flight already: a client without credentials may
+        neither fill the journal nor hold the sessions and locks other writers need."""
+        credentials = request.header(self.credentials_header)
+        if credentials is not None and credentials.strip():
+            return await self._write(request, out, match, headers)
+        if self.require_credentials:
+            return await error(
+                out,
+                401,
+                "credentials_required",
+                f"this write carries no credentials (the {self.credentials_header} header): "
+                "refused before reaching any backend",
+                match.dataset,
+            )
+        if self._anonymous >= self.anonymous_writes:
+            return await error(
+                out,
+                429,
+                "too_many_anonymous_writes",
+                f"{self.anonymous_writes} writes without credentials (the "
+                f"{self.credentials_header} header) are in flight on this replica already: "
+                "refused before reaching any backend; try again",
+                match.dataset,
+                retry_after=1,
+            )
+        self._anonymous += 1
+        try:
+            await self._write(request, out, match, headers)
+        finally:
+            self._anonymous -= 1
+
+    async def _write(
+        self,
+        request: Request,
+        out: Responder,
+        match: Match,
+        headers: list[tuple[str, str]],
+    ) -> None:
         token = self.namer.record(match.dataset, match.key)
 
-        def journaled() -> dict[str, Any]:
+        def journaled(body: bool = False) -> dict[str, Any]:
+            """The journaled request; the intent's without its body (None): whatever settles
+            an entry whose outcome is lost reads its record back, never re-sends it."""
             return {
                 "method": request.method,
                 "target": request.target,
                 "key": match.key,
                 "headers": [[k, v] for k, v in headers if k.lower() not in _NOT_JOURNALED],
-                "body": base64.b64encode(request.body).decode("ascii"),
+                "body": base64.b64encode(request.body).decode("ascii") if body else None,
             }
 
         known = self.view.get(match.dataset) if self.view is not None else None
@@ -142,7 +194,7 @@ class DualWriter:
                     if self.kill_after_send == request.method:
                         log.error("failpoint kill-after-send: killing this process")
                         os.kill(os.getpid(), signal.SIGKILL)
-                    await self._record(session, fenced.seq, answer, match)
+                    await self._record(session, fenced.seq, answer, match, journaled)
         except RecordBusy as exc:
             await error(
                 out,
@@ -213,12 +265,19 @@ class DualWriter:
             return UpstreamTimeout(upstream.name, "did not answer within the write deadline")
 
     async def _record(
-        self, session: WriteSession, seq: int, answer: Answer | UpstreamError, match: Match
+        self,
+        session: WriteSession,
+        seq: int,
+        answer: Answer | UpstreamError,
+        match: Match,
+        journaled: Callable[[bool], dict[str, Any]],
     ) -> None:
         if isinstance(answer, UpstreamError):
             # Not sent: nothing happened anywhere. Sent: it may have been applied.
-            state: State = "in_doubt" if answer.sent else "rejected"
-            await session.decide(seq, state, fenced=True)
+            if answer.sent:
+                await session.decide(seq, "in_doubt", fenced=True, request=journaled(True))
+            else:
+                await session.decide(seq, "rejected", fenced=True)
             return
         status, headers, body = answer
         state = outcome_of(status)
@@ -230,7 +289,17 @@ class DualWriter:
             state = "in_doubt"
         stored = orjson.dumps({"status": status, "headers": headers, "body": b64(body)})
         record = self._created(match, body) if state == "pending" else None
-        await session.decide(seq, state, status=status, answer=stored, fenced=True, record=record)
+        # Its body only if it may be replayed or re-sent: a refused write's never stays.
+        request = journaled(True) if state != "rejected" else None
+        await session.decide(
+            seq,
+            state,
+            status=status,
+            answer=stored,
+            fenced=True,
+            record=record,
+            request=request,
+        )
 
     def _created(self, match: Match, body: bytes) -> str | None:
         """The token of the record a create made, as a write to it will name it (None when

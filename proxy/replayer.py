@@ -323,6 +323,8 @@ class Replayer:
                 headers.append(("Content-Type", stored["headers"][0][1]))
             return resolved["method"], resolved["path"], headers, body
         if route is None or route.replay_as is None:
+            if original.get("body") is None:
+                raise ValueError("its body was not journaled")
             body = base64.b64decode(original["body"])
             return original["method"], original["target"], headers, body
         if answer is None:

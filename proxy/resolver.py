@@ -186,6 +186,9 @@ class Resolver:
             # owed, which a re-send under the service credential would turn into a write.
             log.warning("entry %d: its writer died; it is never re-sent, stays in doubt", entry.seq)
             return 0
+        if original.get("body") is None:
+            log.warning("entry %d: its body was not journaled; it stays in doubt", entry.seq)
+            return 0
         headers = [(k, v) for k, v in original["headers"] if k.lower() != "content-length"]
         if not any(k.lower() == "idempotency-key" for k, _ in headers):
             log.warning("entry %d: sent without an Idempotency-Key; it stays in doubt", entry.seq)

@@ -139,7 +139,16 @@ class Replica:
             )
             namer = Namer(self.secrets.hmac_key)
             router = Router(self.config.routes, self.config.datasets)
-            self.dual = DualWriter(journal, namer, self.upstreams, view=self.view, router=router)
+            self.dual = DualWriter(
+                journal,
+                namer,
+                self.upstreams,
+                view=self.view,
+                router=router,
+                credentials_header=self.config.proxy.credentials_header,
+                require_credentials=self.config.proxy.require_credentials,
+                anonymous_writes=self.config.proxy.anonymous_writes,
+            )
             routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
             credentials = {
                 Side.SOURCE: _credential(self.config.source_backend),

@@ -82,16 +82,19 @@ class JournalCore:
         release: bool = False,
         fenced: bool = False,
         record: str | None = None,
+        request: bytes | None = None,
     ) -> None:
         """Move one entry to ``state`` if its state allows it. ``release``: the writer's own
         outcome statement, which also releases its session's locks and commits without
         waiting for the WAL flush (see :meth:`WriteSession.decide`). ``record``: the record
-        the entry turned out to write (a create, once its answer names the new record)."""
+        the entry turned out to write (a create, once its answer names the new record).
+        ``request``: the sealed request with its body (the intent's has none)."""
         allowed = [s for s, nexts in NEXT.items() if state in nexts]
         update = (
             "UPDATE bascule_journal SET state = $2,"
             " status = coalesce($3, status), answer = coalesce($4, answer),"
             " last_error = coalesce($5, last_error), record = coalesce($9, record),"
+            " request = coalesce($10, request),"
             # When the write reached the authoritative side, as far as anyone can say: its
             # outcome, or the resolution of an in-doubt one (the race guard relies on it).
             " decided_at = CASE WHEN state IN ('intent', 'in_doubt') THEN now()"
@@ -127,6 +130,7 @@ class JournalCore:
                 retry_in,
                 stage_version,
                 record,
+                request,
             )
         if done is None:
             raise IllegalTransition(f"journal entry {seq} cannot move to {state!r} from its state")

@@ -189,10 +189,13 @@ class WriteSession:
         stage_version: int | None = None,
         fenced: bool = False,
         record: str | None = None,
+        request: dict[str, Any] | None = None,
     ) -> None:
         """Record the outcome on this session, and release its locks in the same statement.
         ``record``: the record a create turned out to make (its answer names it): from then on
-        the entry is that record's, and waits for no write to any other.
+        the entry is that record's, and waits for no write to any other. ``request``: the
+        request with its body, for an outcome that may be replayed or re-sent (the intent is
+        journaled without it, so that a refused write never leaves its body in the journal).
 
         On this session: a write never needs a second connection (with every session of the
         pool held by writers, waiting for another would deadlock). The outcome is flushed like
@@ -215,6 +218,7 @@ class WriteSession:
                 release=True,
                 fenced=fenced,
                 record=record,
+                request=None if request is None else self._sealed(request),
             )
         except IllegalTransition:
             self.unlocked = True  # the statement ran to its end, unlock included
