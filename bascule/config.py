@@ -95,6 +95,10 @@ class SwitchSettings(_Record, frozen=True):
     confirm_wait: float = 30.0
     """Seconds a change waits for every live replica to confirm it (a replica stops counting
     once its lease runs out)."""
+    seen_within: float = 600.0
+    """Seconds back a change looks for replicas: each one that reported since and has not
+    confirmed the change is named in its result, its lease run out or not (cut off, frozen),
+    with when its stages go stale."""
 
 
 class ControllerSettings(_Record, frozen=True):
@@ -513,7 +517,7 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "state.dead_session_after", "expected 2 to 3600 seconds")
     if config.state.stale_after <= config.state.poll_interval:
         raise ConfigError(src, "state.stale_after", "must be longer than state.poll_interval")
-    for field in ("hold", "backlog_wait", "confirm_wait"):
+    for field in ("hold", "backlog_wait", "confirm_wait", "seen_within"):
         if getattr(config.switch, field) <= 0:
             raise ConfigError(src, f"switch.{field}", "expected a positive number of seconds")
     if config.switch.small_backlog < 1:

@@ -153,7 +153,11 @@ class Outcome:
 
     steps: list[str] = field(default_factory=list)
     lagging: list[str] = field(default_factory=list)
-    """Replicas that had not confirmed when the wait ended (leases still alive)."""
+    """Replicas seen within ``[switch] seen_within`` that had not confirmed when the wait
+    ended: live ones slow to confirm, and those whose lease ran out (cut off, frozen)."""
+    unconfirmed: list[dict[str, Any]] = field(default_factory=list)
+    """Each of them: its name, the version it runs, its last report, whether its lease is
+    alive, and when its stages go stale (:meth:`bascule.state.replicas.Unconfirmed.as_json`)."""
     announced: bool = False
 
 
@@ -172,6 +176,9 @@ class Switcher:
     dead_session_after: float = DEAD_SESSION_AFTER
     """``[state] dead_session_after``: how long a writer cut off from the state Postgres may
     keep holding the fence (named in a refusal)."""
+    stale_after: float = 30.0
+    """``[state] stale_after``: when a replica that stopped reading the stages reports not
+    ready (said of each replica that has not confirmed a change)."""
 
     async def change(
         self,
@@ -490,30 +497,58 @@ class _Run:
         if self.dry_run:
             live = [r.name for r in await replicas.listing(self.pool) if r.alive]
             self.done.steps.append(f"live replicas that would confirm: {', '.join(live) or 'none'}")
+            lapsed = sorted(
+                {
+                    one.name
+                    for r in self.befores
+                    for one in await replicas.unconfirmed(
+                        self.pool, r.dataset, r.version + 1, within=self.settings.seen_within
+                    )
+                    if not one.alive
+                }
+            )
+            if lapsed:
+                self.done.steps.append(
+                    "replicas whose lease ran out (cut off or frozen: they would not confirm, "
+                    f"and serve reads on their last known stages): {', '.join(lapsed)}"
+                )
             return
         assert self.after is not None
-        lagging: set[str] = set()
+        stale_after, within = self.s.stale_after, self.settings.seen_within
+        behind: dict[str, replicas.Unconfirmed] = {}
         try:
             for after in self.after:
-                lagging.update(
-                    await replicas.confirmed(
-                        self.pool, after.dataset, after.version, timeout=self.settings.confirm_wait
-                    )
+                await replicas.confirmed(
+                    self.pool, after.dataset, after.version, timeout=self.settings.confirm_wait
                 )
+            # Not only the live ones: a replica whose lease ran out (cut off, frozen) still
+            # serves reads on the stages it last read.
+            for after in self.after:
+                for one in await replicas.unconfirmed(
+                    self.pool, after.dataset, after.version, within=within
+                ):
+                    behind.setdefault(one.name, one)
         except StoreError as exc:
             self.done.steps.append(
                 f"committed, but the replicas' confirmations could not be read: {exc}"
             )
             self.done.lagging = ["(unknown: the state Postgres did not answer)"]
             return
-        self.done.lagging = sorted(lagging)
+        self.done.lagging = sorted(behind)
+        self.done.unconfirmed = [behind[n].as_json(stale_after) for n in self.done.lagging]
         if self.done.lagging:
             log.warning(
-                "%s: replicas %s have not confirmed the new versions yet",
+                "%s: replicas %s have not confirmed the new versions",
                 ", ".join(self.datasets),
                 ", ".join(self.done.lagging),
             )
-            self.done.steps.append(f"replicas still to confirm: {', '.join(self.done.lagging)}")
+            named = ", ".join(
+                r["name"] + ("" if r["lease_alive"] else " (its lease ran out)")
+                for r in self.done.unconfirmed
+            )
+            self.done.steps.append(
+                f"replicas seen in the last {within:g} s that have not confirmed it: {named}"
+            )
         else:
             self.done.steps.append("every live replica confirmed it")
 
@@ -574,6 +609,7 @@ def switcher_for(config: Config, pool: asyncpg.Pool) -> Switcher:
             "target": config.target_backend.database,
         },
         dead_session_after=config.state.dead_session_after,
+        stale_after=config.state.stale_after,
     )
 
 

@@ -26,6 +26,7 @@ from contextlib import AsyncExitStack
 import redis.asyncio as aioredis
 
 from bascule import telemetry
+from bascule.state.fleet import REDIS_TIMEOUT
 from bascule.state.postgres import open_pool
 from bascule.tasks import spawn
 from shadow.dispatch import Job
@@ -81,7 +82,9 @@ async def serve(fd: int) -> None:
             dead_session_after=hello.config.state.dead_session_after,
         )
         stack.push_async_callback(pool.close)
-        redis = aioredis.Redis.from_url(hello.redis_url, socket_connect_timeout=1.0)
+        redis = aioredis.Redis.from_url(
+            hello.redis_url, socket_connect_timeout=1.0, socket_timeout=REDIS_TIMEOUT
+        )
         stack.push_async_callback(redis.aclose)
         dispatcher = await open_dispatcher(
             stack,

@@ -261,7 +261,7 @@ def _report_move(args: argparse.Namespace, result: dict[str, Any]) -> int:
     elif result.get("dry_run"):
         render.dry_run(result)
     else:
-        print(render.move(result))
+        render.moved(result)
     if result.get("dry_run") and not result["allowed"]:
         raise Refused(result["refusal"])  # exit 3, the refusal on stderr like any other
     return 0

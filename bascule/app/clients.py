@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from bascule.app.operations import Operations, naming_of
 from bascule.config import Config, Secrets, load_config
 from bascule.errors import ConfigError, Refused, StoreError, UsageError
-from bascule.state.fleet import RedisAnnouncer
+from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer
 from bascule.state.postgres import open_pool, schema_check
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
@@ -58,7 +58,10 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
         pool = await open_pool(
             found.postgres_url, max_size=4, dead_session_after=config.state.dead_session_after
         )
-        redis = aioredis.Redis.from_url(found.redis_url, socket_connect_timeout=1.0)
+        # A Redis behind a silent partition must not hang the announcement of a change.
+        redis = aioredis.Redis.from_url(
+            found.redis_url, socket_connect_timeout=1.0, socket_timeout=REDIS_TIMEOUT
+        )
         try:
             await schema_check(pool)
             yield Operations(

@@ -23,7 +23,7 @@ from bascule.config import Backend, Config, Secrets, load_config
 from bascule.errors import UsageError
 from bascule.sealing import Namer, Sealer
 from bascule.stages import Side
-from bascule.state.fleet import RedisAnnouncer, StageView
+from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer, StageView
 from bascule.state.journal import Journal
 from bascule.state.journal.writes import WriterConnection
 from bascule.state.postgres import open_pool, schema_check
@@ -103,7 +103,11 @@ class Replica:
         probe = self.config.state.dead_session_after
         self.pool = await open_pool(self.postgres_url, dead_session_after=probe)
         await schema_check(self.pool)
-        self.redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0)
+        # Announcements, counters, noise: a silent Redis fails them in REDIS_TIMEOUT, never
+        # hangs them (the tally's flushes would stop, the gate's evidence with them).
+        self.redis = aioredis.Redis.from_url(
+            self.redis_url, socket_connect_timeout=1.0, socket_timeout=REDIS_TIMEOUT
+        )
         self.store = StageStore(self.pool)
         self.view = StageView(
             self.store,
