@@ -318,6 +318,8 @@ class Created:
     token: str
     path: str
     """Its path on either side (``replay_as``'s, with its id): where to read it back."""
+    id: str
+    """Its id, as the create's answer gave it (never stored in the clear)."""
 
 
 def created_record(
@@ -355,7 +357,7 @@ def record_named(
         return None
     if made.key is None or made.dataset != dataset:
         return None
-    return Created(namer.record(made.dataset, made.key), path)
+    return Created(namer.record(made.dataset, made.key), path, record_id)
 
 
 def call_deadline(upstream: Upstream) -> float:

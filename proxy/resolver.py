@@ -49,7 +49,7 @@ from bascule.errors import StoreError, UpstreamError
 from bascule.sealing import Namer, SealError
 from bascule.stages import Side
 from bascule.state.journal import Journal
-from bascule.state.journal.entries import Entry
+from bascule.state.journal.entries import Entry, IllegalTransition
 from bascule.upstream import Upstream
 from proxy.answers import response_headers
 from proxy.dualwrite import Created, b64, call_deadline, created_record, outcome_of, record_named
@@ -61,8 +61,9 @@ ORPHANED = "orphan: its writer died before recording the answer"
 """The error of an in-doubt entry that was an orphan: what the backend answered is unknown."""
 
 NAMED = "resolve"
-"""The member of an in-doubt create's answer by which an SRE names the record it made
-(``{"resolve": {"id": ...}}``, written by ``bascule journal resolve SEQ applied --record``)."""
+"""The member of an in-doubt create's answer that names the record it made
+(``{"resolve": {"id": ...}}``): written by ``bascule journal resolve SEQ applied --record``, or
+by the resolver once a re-send's answer told it."""
 
 
 @dataclass
@@ -97,6 +98,9 @@ class Resolver:
                 raise  # this replica's key is wrong: the replayer gives the dataset up
             except (UpstreamError, StoreError) as exc:
                 log.warning("could not settle journal entry %d yet: %s", entry.seq, exc)
+            except IllegalTransition:
+                # An SRE settled it meanwhile (`journal resolve`, `journal skip`): theirs stands.
+                log.info("journal entry %d was settled meanwhile", entry.seq)
         return settled
 
     async def settle(self, entry: Entry) -> int:
@@ -106,7 +110,7 @@ class Resolver:
         if route is None:
             return 0
         if original.get("key") is None:
-            named = await self._named_by_sre(entry, route)
+            named = await self._named(entry, route)
             if named is not None:
                 return await self._read_back(entry, authority, named.path, named.path)
             if route.idempotent_backend:
@@ -136,9 +140,16 @@ class Resolver:
         credential = self.credentials.get(authority)
         if credential:
             headers.append(("Authorization", f"Bearer {credential}"))
-        async with self.upstreams[authority].request("GET", record_path, headers, b"") as resp:
-            body = await resp.read()
-            status = resp.status
+        upstream = self.upstreams[authority]
+        try:
+            async with asyncio.timeout(call_deadline(upstream)):
+                async with upstream.request("GET", record_path, headers, b"") as resp:
+                    body = await resp.read()
+                    status = resp.status
+                    content_type = _ctype(resp.raw_headers)
+        except TimeoutError:
+            log.warning("entry %d: reading its record back timed out", entry.seq)
+            return 0
         if status == 200:
             replay = {"method": put_method, "path": put_path}
         elif status == 404:
@@ -149,7 +160,7 @@ class Resolver:
         stored = orjson.dumps(
             {
                 "status": status,
-                "headers": [["Content-Type", _ctype(resp.raw_headers)]],
+                "headers": [["Content-Type", content_type]],
                 "body": b64(body if status == 200 else b""),
                 "resolved": replay,
             }
@@ -159,9 +170,10 @@ class Resolver:
         )
         return 1
 
-    async def _named_by_sre(self, entry: Entry, route: Route) -> Created | None:
-        """The record an SRE said this create made (``journal resolve … applied --record``);
-        the entry was named after it then."""
+    async def _named(self, entry: Entry, route: Route) -> Created | None:
+        """The record this create made, once known: said by an SRE (``journal resolve …
+        applied --record``), or by the first answer to its re-send; the entry was named after
+        it then, and is settled by reading it back (until that succeeds, without re-sending)."""
         answer = await self.journal.answer_of(entry)
         if answer is None or self.router is None or self.namer is None:
             return None
@@ -225,11 +237,17 @@ class Resolver:
             else None
         )
         if made is not None:
-            # Its record is known: settled by the record's current state, never by the first
-            # answer (writes to it may have been replayed already: see the module).
-            settled = await self._read_back(
-                entry, authority, made.path, made.path, record=made.token
-            )
+            # Its record is known: named after it first (still in doubt, it now holds back that
+            # record's later writes, wherever they would be replayed), then settled by the
+            # record's current state, never by the first answer (writes to it may have been
+            # replayed already: see the module).
+            named = orjson.dumps({NAMED: {"id": made.id}})
+            if not await self.journal.name_record(
+                entry.seq, made.token, named, dataset=entry.dataset
+            ):
+                log.warning("entry %d: settled or named meanwhile; left as it is", entry.seq)
+                return 0
+            settled = await self._read_back(entry, authority, made.path, made.path)
             if settled:
                 log.info(
                     "entry %d settled by an idempotent re-send: its record read back", entry.seq

@@ -281,8 +281,8 @@ async def journal_resolve(request: web.Request) -> web.Response:
     raw_seq = request.match_info["seq"]
 
     async def resolve(ops: Operations) -> dict[str, Any]:
-        if not raw_seq.isdigit():
-            raise UsageError("the journal entry must be a whole number")
+        if not (raw_seq.isascii() and raw_seq.isdigit()) or len(raw_seq) > 19:
+            raise UsageError("the journal entry must be a whole number from 1 to 2^63 - 1")
         body = await _body(request)
         _only(body, "as", "record", "by", "reason")
         return await ops.journal_resolve(

@@ -68,6 +68,12 @@ def naming_of(config: Config, secrets: Secrets) -> Naming:
     )
 
 
+def _check_seq(seq: int) -> None:
+    """A journal entry's number as the journal can hold it (a bigint), or UsageError."""
+    if not 0 < seq < 2**63:
+        raise UsageError("a journal entry is a whole number from 1 to 2^63 - 1")
+
+
 NOT_RETRIED_IN_DOUBT = (
     "journal entry {seq} is in doubt, not dead: whether its authoritative side applied it is "
     "unknown, and the resolver keeps trying to settle it (it stays in doubt when it names no "
@@ -278,6 +284,8 @@ class Operations:
         """Send dead entries (one, or all) back to the replayer, audited; how many."""
         if (seq is None) == (not all_dead):
             raise UsageError("name one entry (its seq) or ask for all dead entries")
+        if seq is not None:
+            _check_seq(seq)
         check_actor(by)
         why = check_text("reason", reason.strip()) if reason and reason.strip() else ""
         count = await queries.retry(
@@ -309,6 +317,7 @@ class Operations:
         authoritative side and replayed by the resolver)."""
         why = require_reason(reason)
         check_actor(by)
+        _check_seq(seq)
         if outcome not in ("applied", "not-applied"):
             raise UsageError("say whether it was 'applied' or 'not-applied'")
         applied = outcome == "applied"
@@ -351,7 +360,9 @@ class Operations:
                 " resolve it not-applied, or skip it"
             )
         naming = self.naming
-        route = None if naming is None else naming.routes.get((entry["route"], entry["method"]))
+        if naming is None:
+            raise UsageError("naming the record a create made is not available here")
+        route = naming.routes.get((entry["route"], entry["method"]))
         if route is None or route.create_id is None or route.replay_as is None:
             raise Refused(
                 f"journal entry {seq} is a dataset-wide write that creates no record: what it "
@@ -364,7 +375,6 @@ class Operations:
                 "side); or resolve it not-applied, or skip it"
             )
         check_text("record", record)
-        assert naming is not None
         if naming.namer is None or naming.sealer is None:
             raise UsageError(
                 "naming a record needs BASCULE_HMAC_KEY and BASCULE_JOURNAL_KEY here (or go "

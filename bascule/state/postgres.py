@@ -129,6 +129,7 @@ async def open_pool(
 
     pool = asyncpg.create_pool(
         url,
+        connect=connect_probing,
         min_size=0,
         max_size=max_size,
         timeout=2.0,
@@ -140,6 +141,25 @@ async def open_pool(
     )
     async with reaching_postgres():
         return await pool
+
+
+async def connect_probing(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect``, and again without the probes' session settings if the server
+    refuses them (a Postgres before 12 has no ``tcp_user_timeout``; some platforms support
+    none of them): a replica then runs on the server's own keepalive, and says so."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except asyncpg.PostgresError as exc:
+        settings = kwargs.get("server_settings") or {}
+        if "tcp_" not in str(exc) or not any(k.startswith("tcp_") for k in settings):
+            raise
+        log.warning(
+            "the state Postgres refused the session probes (%s): a replica cut off from it "
+            "keeps its record locks for the server's own TCP keepalive time",
+            type(exc).__name__,
+        )
+        kwargs["server_settings"] = {k: v for k, v in settings.items() if not k.startswith("tcp_")}
+        return await asyncpg.connect(*args, **kwargs)
 
 
 async def schema_check(pool: asyncpg.Pool) -> None:

@@ -118,3 +118,38 @@ async def test_a_busy_record_answers_503_record_busy_with_retry_after(world: Wor
         session.patch(f"{world.proxy}/v1/datasets/dcir/records/4", json={"amount": 13}) as resp,
     ):
         assert resp.status == 200, await resp.text()
+
+
+async def test_a_writers_session_keeps_no_bound_and_a_cancel_is_not_busy(
+    journal: Journal, pg_url: str
+) -> None:
+    """Red team: the statement timeout bounds the lock statement only (a writer pool hands
+    sessions back unreset, and a data job runs long statements on its own); and a lock wait
+    cancelled by an administrator is an error of the store, not a busy record."""
+    async with journal.locked("dcir", [NAMER.record("dcir", "1")], wait=1.0) as session:
+        assert await session.conn.fetchval("SHOW statement_timeout") == "0"
+    held = asyncio.Event()
+    record = NAMER.record("dcir", "2")
+    other = spawn(holder(pg_url, lock_id("dcir", record), 3.0, held), name="holder")
+    try:
+        await held.wait()
+
+        async def cancel_the_waiter() -> None:
+            await asyncio.sleep(0.5)
+            admin = await asyncpg.connect(pg_url)
+            try:
+                await admin.execute(
+                    "SELECT pg_cancel_backend(pid) FROM pg_locks"
+                    " WHERE locktype = 'advisory' AND NOT granted"
+                )
+            finally:
+                await admin.close()
+
+        canceller = spawn(cancel_the_waiter(), name="canceller")
+        with pytest.raises(StoreError) as raised:
+            async with journal.locked("dcir", [record], wait=2.5):
+                pass
+        await canceller
+    finally:
+        await other
+    assert not isinstance(raised.value, RecordBusy), raised.value

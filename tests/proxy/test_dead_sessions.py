@@ -27,7 +27,7 @@ from bascule.config import SwitchSettings
 from bascule.errors import Refused
 from bascule.stages import Stage
 from bascule.state.fleet import RedisAnnouncer
-from bascule.state.postgres import open_pool
+from bascule.state.postgres import connect_probing, open_pool
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
 from cutover import controller
@@ -169,3 +169,16 @@ async def test_a_replica_cut_off_mid_write_loses_its_locks_within_the_bound(
         f" went through {released:.2f} s after the cut ({len(attempts) - 1} record_busy"
         f" before), a flip {flipped:.2f} s after it"
     )
+
+
+async def test_a_server_refusing_the_probes_still_lets_replicas_connect(pg_url: str) -> None:
+    """Red team: a state Postgres that refuses a probe setting (one before 12 has no
+    ``tcp_user_timeout``; some platforms support none) must not keep every replica out: the
+    session is opened again without them, and that is logged."""
+    conn = await connect_probing(pg_url, server_settings={"tcp_user_timeout": "-1"})
+    try:
+        assert await conn.fetchval("SHOW tcp_user_timeout") == "0"
+    finally:
+        await conn.close()
+    with pytest.raises(asyncpg.PostgresError):  # any other refusal is not hidden
+        await connect_probing(pg_url, server_settings={"work_mem": "-1"})

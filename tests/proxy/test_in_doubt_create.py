@@ -221,3 +221,57 @@ async def test_a_create_settled_by_its_key_replays_its_records_current_state(
         await until(world, {"applied": 2})
         assert await amount(world.target_db, made) == Decimal(555)
         assert await table_digest(world.source_db) == await table_digest(world.target_db)
+
+
+def record_read_refused_until(ready: asyncio.Event) -> Hook:
+    """A backend that applies the first POST and answers 504, answers a re-sent one, and
+    answers 503 to reading a single record back until ``ready`` is set."""
+    seen: set[str] = set()
+
+    async def hook(request: web.Request, forward: Forward) -> web.StreamResponse:
+        key = request.headers.get("Idempotency-Key")
+        if request.method == "POST" and key is not None and key not in seen:
+            seen.add(key)
+            await forward()
+            return web.Response(status=504, text="gateway timeout")
+        if request.method == "GET" and request.path.count("/") == 5 and not ready.is_set():
+            return web.Response(status=503, text="busy")
+        return await forward()
+
+    return hook
+
+
+async def test_a_create_whose_record_is_known_holds_its_later_writes_until_settled(
+    ground: Ground,
+) -> None:
+    """Red team: the re-send told the record the create made, but reading it back fails for a
+    while. Named after its record at once, the create holds back that record's later writes
+    meanwhile (replayed first, their state would be overwritten by the older one read back)."""
+    ready = asyncio.Event()
+    async with build_world(
+        ground, hooks=Hooks(source=record_read_refused_until(ready)), idempotent_creates=True
+    ) as world:
+        await world.to_stage(Stage.DUALWRITE)
+        base = f"{world.proxy}/v1/datasets/dcir/records"
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            created = await write(
+                session, "POST", base, dcir_record(900), **{"Idempotency-Key": "k2"}
+            )
+            assert created == 504
+            [made] = await ids(world.source_db) - await ids(world.target_db)
+            deadline = time.monotonic() + 20
+            while True:  # the resolver re-sent it and named it after its record
+                rows = await world.sql(world.state_db, "SELECT record, state FROM bascule_journal")
+                if rows and rows[0]["record"] != "*":
+                    break
+                assert time.monotonic() < deadline, rows
+                await asyncio.sleep(0.1)
+            assert rows[0]["state"] == "in_doubt"
+            assert await write(session, "PATCH", f"{base}/{made}", {"amount": 777}) == 200
+            await asyncio.sleep(1.5)  # several replayer and resolver rounds
+            assert await counts(world) == {"in_doubt": 1, "pending": 1}
+            assert await amount(world.target_db, made) is None
+        ready.set()
+        await until(world, {"applied": 2})
+        assert await amount(world.target_db, made) == Decimal(777)
+        assert await table_digest(world.source_db) == await table_digest(world.target_db)

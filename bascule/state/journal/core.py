@@ -137,6 +137,22 @@ class JournalCore:
         if state == "pending":
             self.wake(done)
 
+    async def name_record(self, seq: int, record: str, answer: bytes, *, dataset: str) -> bool:
+        """Name a dataset-wide entry in doubt after the record it turned out to write (a
+        create whose record is now known), leaving it in doubt; ``answer``: what says which
+        record (sealed here), kept for whoever settles it. False if it is no longer in doubt,
+        or is another record's."""
+        sealed = self.sealer.seal(answer, dataset=dataset, field="answer")
+        async with reaching_postgres():
+            named = await self.pool.fetchval(
+                "UPDATE bascule_journal SET record = $2, answer = $3 WHERE seq = $1"
+                " AND state = 'in_doubt' AND record IN ('*', $2) RETURNING seq",
+                seq,
+                record,
+                sealed,
+            )
+        return named is not None
+
     def wake(self, dataset: str) -> None:
         """Say that this replica has an entry of ``dataset`` to replay: wakes its idle
         replayer at once, if it holds that dataset's lease (entries journaled by other

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -226,9 +227,10 @@ class WriteSession:
         self.unlocked = True
 
 
-def _timed_out(exc: asyncpg.QueryCanceledError) -> bool:
-    """Cancelled by the statement's own ``statement_timeout`` (not by another session)."""
-    return "statement timeout" in str(exc)
+def _timed_out(asked: float, wait: float) -> bool:
+    """A statement sent at ``asked`` (monotonic) was cancelled at its ``wait`` bound, by its
+    own ``statement_timeout``, not earlier by another session."""
+    return time.monotonic() - asked >= wait * 0.9
 
 
 async def _read_backend_start(conn: Any) -> datetime:
@@ -292,10 +294,14 @@ class WriteLocks(JournalCore):
                     # The client's timeout outlasts the server's bound: past it the session
                     # is silent (a partition), not busy. The pool's default command timeout
                     # would cut the wait short, as if Postgres were unreachable.
+                    asked = time.monotonic()
                     await conn.execute(statement, timeout=wait + 5.0)
                 except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
-                    if isinstance(exc, asyncpg.QueryCanceledError) and not _timed_out(exc):
-                        raise  # cancelled by someone else (an administrator): not busy
+                    # A cancel that came before the bound was someone else's (an
+                    # administrator's): not a busy record. (The server's message says which,
+                    # but in the server's language.)
+                    if isinstance(exc, asyncpg.QueryCanceledError) and not _timed_out(asked, wait):
+                        raise
                     raise RecordBusy(
                         f"waited more than {wait:g} s for this record: another write to it, or "
                         "a stage switch of its dataset, held it"
