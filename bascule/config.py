@@ -29,6 +29,7 @@ DEFAULT_DATASET = "default"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}\Z")  # \Z: `$` lets a trailing \n by
 _PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)\}\Z")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
 
 
 class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -47,6 +48,17 @@ class ProxySettings(_Record, frozen=True):
     it): a slow client cannot hold a connection and its buffers for longer."""
     idle_timeout: float = 75.0
     """Seconds a kept-alive researcher connection may wait for its next request."""
+    credentials_header: str = "authorization"
+    """The request header that carries a researcher's credentials: a write without it (or
+    with it empty) is *anonymous*."""
+    require_credentials: bool = False
+    """Refuse an anonymous write with 401 ``credentials_required`` before it is journaled or
+    takes any lock (off: the authoritative backend judges it, and a refusal leaves no body in
+    the journal). On whenever every legitimate write carries credentials."""
+    anonymous_writes: int = 4
+    """Anonymous writes in flight at once on a replica, all clients together; more get 429
+    ``too_many_anonymous_writes`` (with ``Retry-After``) before the journal, so that clients
+    without credentials cannot hold the journal's sessions and locks writers need."""
 
 
 class StateSettings(_Record, frozen=True):
@@ -68,6 +80,11 @@ class StateSettings(_Record, frozen=True):
     stale_after: float = 30.0
     """Seconds a replica that cannot read the stages keeps reporting ready (it keeps serving
     reads on its last known stages either way)."""
+    dead_session_after: float = 30.0
+    """Seconds after which a state-database session that stopped answering (a partition, a
+    replica's host gone) is dropped by both ends, with the record locks and write fences it
+    held: TCP keepalive probes and ``TCP_USER_TIMEOUT`` on both sides of every state session
+    (``bascule/state/postgres.py``). Postgres' own default would keep them two hours."""
 
 
 class SwitchSettings(_Record, frozen=True):
@@ -84,6 +101,10 @@ class SwitchSettings(_Record, frozen=True):
     confirm_wait: float = 30.0
     """Seconds a change waits for every live replica to confirm it (a replica stops counting
     once its lease runs out)."""
+    seen_within: float = 600.0
+    """Seconds back a change looks for replicas: each one that reported since and has not
+    confirmed the change is named in its result, its lease run out or not (cut off, frozen),
+    with when its stages go stale."""
 
 
 class ControllerSettings(_Record, frozen=True):
@@ -532,6 +553,12 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "proxy.max_body_bytes", "expected a positive number of bytes")
     for field in ("receive_timeout", "idle_timeout"):
         _check_seconds(src, f"proxy.{field}", getattr(config.proxy, field))
+    if not _HEADER_NAME.match(config.proxy.credentials_header):
+        raise ConfigError(
+            src, "proxy.credentials_header", "expected a header name (letters, digits, '-')"
+        )
+    if config.proxy.anonymous_writes < 1:
+        raise ConfigError(src, "proxy.anonymous_writes", "expected at least 1")
     if config.state.poll_interval <= 0:
         raise ConfigError(src, "state.poll_interval", "expected a positive number of seconds")
     if config.state.journal_retention < 600:
@@ -540,9 +567,11 @@ def _check(config: Config) -> None:
         raise ConfigError(src, "state.journal_retention", "expected at least 600 seconds")
     if config.state.journal_sessions < 2:
         raise ConfigError(src, "state.journal_sessions", "expected at least 2")
+    if not 2.0 <= config.state.dead_session_after <= 3600.0:
+        raise ConfigError(src, "state.dead_session_after", "expected 2 to 3600 seconds")
     if config.state.stale_after <= config.state.poll_interval:
         raise ConfigError(src, "state.stale_after", "must be longer than state.poll_interval")
-    for field in ("hold", "backlog_wait", "confirm_wait"):
+    for field in ("hold", "backlog_wait", "confirm_wait", "seen_within"):
         if getattr(config.switch, field) <= 0:
             raise ConfigError(src, f"switch.{field}", "expected a positive number of seconds")
     if config.switch.small_backlog < 1:

@@ -85,7 +85,11 @@ class MoveResult:
     """The steps a real move took (the fence, the barrier, confirmations), in order; for a dry
     run, what each step's check found."""
     lagging: tuple[str, ...] = ()
-    """Live replicas that had not confirmed the change when the wait ended."""
+    """Replicas seen within ``[switch] seen_within`` that had not confirmed the change when the
+    wait ended, their lease alive or run out (cut off, frozen)."""
+    unconfirmed: tuple[dict[str, Any], ...] = ()
+    """Each of them: the version it runs, its last report, its lease, when its stages go
+    stale."""
     gate: GateReport | None = None
     """What the gate found, for a forward move past ``shadow``."""
     forced_gate: tuple[str, ...] = ()
@@ -118,6 +122,7 @@ class MoveResult:
             "steps": list(self.steps),
             "done": list(self.done),
             "lagging_replicas": list(self.lagging),
+            "unconfirmed_replicas": list(self.unconfirmed),
             "gate": None if self.gate is None else self.gate.as_json(),
             "group": None
             if self.group is None
@@ -515,9 +520,11 @@ async def _move(
         announced = all([await announcer.announce(after) for after in afters])
         done: tuple[str, ...] = ()
         lagging: tuple[str, ...] = ()
+        unconfirmed: tuple[dict[str, Any], ...] = ()
     else:
         afters, outcome = await switcher.change_group(befores, wanted, commit, announcer.announce)
         announced, done, lagging = outcome.announced, tuple(outcome.steps), tuple(outcome.lagging)
+        unconfirmed = tuple(outcome.unconfirmed)
     before = next(r for r in befores if r.dataset == dataset)
     after = next(r for r in afters if r.dataset == dataset)
     return MoveResult(
@@ -530,6 +537,7 @@ async def _move(
         forced_gaps=mine.forced_gaps,
         done=done,
         lagging=lagging,
+        unconfirmed=unconfirmed,
         gate=mine.report,
         forced_gate=mine.forced_gate,
         group=group,

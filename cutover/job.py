@@ -24,7 +24,7 @@ from bascule.sealing import Namer, Sealer
 from bascule.stages import Side
 from bascule.state.journal import Journal
 from bascule.state.journal.writes import WriterConnection
-from bascule.state.postgres import open_pool, reaching_postgres, schema_check
+from bascule.state.postgres import Probes, open_pool, reaching_postgres, schema_check
 from bascule.state.stage_store import StageRow, StageStore
 from cutover.journaled import JournalView
 from cutover.repair import clear_interrupted
@@ -178,12 +178,20 @@ async def data_job(
     name = f"bascule {purpose} {socket.gethostname()}:{os.getpid()}"[:63]
     async with AsyncExitStack() as stack:
         async with reaching_postgres():
+            probes = Probes(config.state.dead_session_after)
             own = await asyncpg.connect(
-                postgres_url, timeout=5.0, server_settings={"application_name": name}
+                postgres_url,
+                timeout=5.0,
+                server_settings={"application_name": name, **probes.server_settings()},
             )
+            probes.apply(own)
         stack.push_async_callback(own.close)
         pool = await open_pool(
-            postgres_url, max_size=2, connection_class=WriterConnection, application_name=name
+            postgres_url,
+            max_size=2,
+            connection_class=WriterConnection,
+            application_name=name,
+            dead_session_after=config.state.dead_session_after,
         )
         stack.push_async_callback(pool.close)
         await schema_check(pool)

@@ -36,7 +36,7 @@ from bascule.sealing import fence_id
 from bascule.stages import Stage, alters_writes, authority, opens_gaps, switches_authority
 from bascule.state import replicas
 from bascule.state.journal import queries
-from bascule.state.postgres import reaching_postgres
+from bascule.state.postgres import DEAD_SESSION_AFTER, reaching_postgres
 from bascule.state.stage_store import StageRow
 
 log = logging.getLogger("bascule.switch")
@@ -153,7 +153,11 @@ class Outcome:
 
     steps: list[str] = field(default_factory=list)
     lagging: list[str] = field(default_factory=list)
-    """Replicas that had not confirmed when the wait ended (leases still alive)."""
+    """Replicas seen within ``[switch] seen_within`` that had not confirmed when the wait
+    ended: live ones slow to confirm, and those whose lease ran out (cut off, frozen)."""
+    unconfirmed: list[dict[str, Any]] = field(default_factory=list)
+    """Each of them: its name, the version it runs, its last report, whether its lease is
+    alive, and when its stages go stale (:meth:`bascule.state.replicas.Unconfirmed.as_json`)."""
     announced: bool = False
 
 
@@ -169,6 +173,12 @@ class Switcher:
     """Per dataset: how to move the new authority's id allocation past the other side's ids."""
     databases: dict[str, str | None] = field(default_factory=dict)
     """Per side (``source``/``target``): the backend database's DSN (``[backends.X] database``)."""
+    dead_session_after: float = DEAD_SESSION_AFTER
+    """``[state] dead_session_after``: how long a writer cut off from the state Postgres may
+    keep holding the fence (named in a refusal)."""
+    stale_after: float = 30.0
+    """``[state] stale_after``: when a replica that stopped reading the stages reports not
+    ready (said of each replica that has not confirmed a change)."""
 
     async def change(
         self,
@@ -378,8 +388,10 @@ class _Run:
                     raise Refused(
                         f"{dataset}: writes in flight did not finish within {hold:g} s (held by "
                         f"{holders or 'sessions that are gone now'}); nothing was changed (try "
-                        "again; a replica that stays frozen keeps its writes' sessions and their "
-                        "fence: stop it)"
+                        "again: a replica cut off from the state Postgres loses its sessions, "
+                        f"and this fence, within {self.s.dead_session_after:g} s of its last "
+                        "answer (state.dead_session_after); one that stays frozen keeps them: "
+                        "stop it)"
                     ) from None
         finally:
             await conn.execute("SET lock_timeout = 0")
@@ -485,30 +497,58 @@ class _Run:
         if self.dry_run:
             live = [r.name for r in await replicas.listing(self.pool) if r.alive]
             self.done.steps.append(f"live replicas that would confirm: {', '.join(live) or 'none'}")
+            lapsed = sorted(
+                {
+                    one.name
+                    for r in self.befores
+                    for one in await replicas.unconfirmed(
+                        self.pool, r.dataset, r.version + 1, within=self.settings.seen_within
+                    )
+                    if not one.alive
+                }
+            )
+            if lapsed:
+                self.done.steps.append(
+                    "replicas whose lease ran out (cut off or frozen: they would not confirm, "
+                    f"and serve reads on their last known stages): {', '.join(lapsed)}"
+                )
             return
         assert self.after is not None
-        lagging: set[str] = set()
+        stale_after, within = self.s.stale_after, self.settings.seen_within
+        behind: dict[str, replicas.Unconfirmed] = {}
         try:
             for after in self.after:
-                lagging.update(
-                    await replicas.confirmed(
-                        self.pool, after.dataset, after.version, timeout=self.settings.confirm_wait
-                    )
+                await replicas.confirmed(
+                    self.pool, after.dataset, after.version, timeout=self.settings.confirm_wait
                 )
+            # Not only the live ones: a replica whose lease ran out (cut off, frozen) still
+            # serves reads on the stages it last read.
+            for after in self.after:
+                for one in await replicas.unconfirmed(
+                    self.pool, after.dataset, after.version, within=within
+                ):
+                    behind.setdefault(one.name, one)
         except StoreError as exc:
             self.done.steps.append(
                 f"committed, but the replicas' confirmations could not be read: {exc}"
             )
             self.done.lagging = ["(unknown: the state Postgres did not answer)"]
             return
-        self.done.lagging = sorted(lagging)
+        self.done.lagging = sorted(behind)
+        self.done.unconfirmed = [behind[n].as_json(stale_after) for n in self.done.lagging]
         if self.done.lagging:
             log.warning(
-                "%s: replicas %s have not confirmed the new versions yet",
+                "%s: replicas %s have not confirmed the new versions",
                 ", ".join(self.datasets),
                 ", ".join(self.done.lagging),
             )
-            self.done.steps.append(f"replicas still to confirm: {', '.join(self.done.lagging)}")
+            named = ", ".join(
+                r["name"] + ("" if r["lease_alive"] else " (its lease ran out)")
+                for r in self.done.unconfirmed
+            )
+            self.done.steps.append(
+                f"replicas seen in the last {within:g} s that have not confirmed it: {named}"
+            )
         else:
             self.done.steps.append("every live replica confirmed it")
 
@@ -568,6 +608,8 @@ def switcher_for(config: Config, pool: asyncpg.Pool) -> Switcher:
             "source": config.source_backend.database,
             "target": config.target_backend.database,
         },
+        dead_session_after=config.state.dead_session_after,
+        stale_after=config.state.stale_after,
     )
 
 

@@ -41,12 +41,21 @@ def dropped(connection: str | None, always: frozenset[str]) -> frozenset[str]:
     return always | {t.strip().lower() for t in connection.split(",") if t.strip()}
 
 
-async def error(out: Responder, status: int, code: str, message: str, dataset: str | None) -> None:
+async def error(
+    out: Responder,
+    status: int,
+    code: str,
+    message: str,
+    dataset: str | None,
+    *,
+    retry_after: int | None = None,
+) -> None:
+    """bascule's own answer; ``retry_after``: seconds after which trying again may succeed
+    (a busy record, a refusal that passes)."""
     payload: dict[str, object] = {"code": code, "message": message}
     if dataset is not None:
         payload["dataset"] = dataset
-    await out.send(
-        status,
-        [("Content-Type", "application/json"), ("X-Bascule-Error", code)],
-        orjson.dumps({"error": payload}),
-    )
+    headers = [("Content-Type", "application/json"), ("X-Bascule-Error", code)]
+    if retry_after is not None:
+        headers.append(("Retry-After", str(retry_after)))
+    await out.send(status, headers, orjson.dumps({"error": payload}))

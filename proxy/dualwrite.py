@@ -6,11 +6,14 @@ of the stages is stale never writes under an old authority, and a change that al
 (taking the fence exclusively) waits for writes in flight. In a stage that writes one side only
 that is all. For a write whose plan has a side to replicate to:
 
-1. the intent is committed to the journal (sealed; never the researcher's ``Authorization``);
+1. the intent is committed to the journal (sealed; never the researcher's ``Authorization``),
+   without the request's body;
 2. the authoritative side is called, and its answer read whole;
 3. the outcome is recorded: a 2xx is *pending* (to be replayed), a non-retryable 4xx is
    *rejected* (never replayed), and a 5xx, a 408/429, a timeout or a broken connection after
-   the request was sent is *in doubt* (the backend may have committed it);
+   the request was sent is *in doubt* (the backend may have committed it); the body is
+   journaled with a pending or in-doubt outcome only, so a write the authority refused (a
+   client without credentials, say) leaves no body in the journal;
 4. the researcher gets the authoritative side's answer.
 
 If the intent cannot be committed the write is refused (503) before anything is sent: no
@@ -27,7 +30,7 @@ import base64
 import logging
 import os
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -84,6 +87,17 @@ class DualWriter:
     """This replica's view of the stages: refreshed before answering a write that found a
     newer stage under the fence, so the researcher's next read here goes to the side that
     now holds the write."""
+    lock_wait: float = 10.0
+    """Seconds a write waits in all for its dataset's fence and its record's lock; past it,
+    503 ``record_busy`` (with ``Retry-After``) before reaching any backend."""
+    credentials_header: str = "authorization"
+    """``[proxy] credentials_header``: a write without it is anonymous."""
+    require_credentials: bool = False
+    """``[proxy] require_credentials``: refuse anonymous writes before the journal (401)."""
+    anonymous_writes: int = 4
+    """``[proxy] anonymous_writes``: anonymous writes in flight at once; more get 429."""
+    _anonymous: int = field(default=0, init=False)
+    """Anonymous writes in flight now."""
     router: Router | None = None
     """Routes the record a create made (its ``replay_as`` path), to name it as later writes to
     it are named: from its outcome on, the create waits for no write to another record."""
@@ -98,13 +112,56 @@ class DualWriter:
         only_at_source: bool = False,
     ) -> None:
         """Any write, in any stage: its plan is read under the dataset's fence, never from
-        this replica's view of the stages (which may be stale). ``only_at_source``: a write
-        whose record bascule cannot name (``match.refused``): refused, before anything is
-        journaled or sent, unless its dataset is at ``source`` under the fence."""
+        this replica's view of the stages (which may be stale). An anonymous write (no
+        credentials) is refused before the journal when credentials are required, or when
+        ``anonymous_writes`` of them are in flight already: a client without credentials may
+        neither fill the journal nor hold the sessions and locks other writers need.
+        ``only_at_source``: a write whose record bascule cannot name (``match.refused``):
+        refused, before anything is journaled or sent, unless its dataset is at ``source``
+        under the fence."""
+        credentials = request.header(self.credentials_header)
+        if credentials is not None and credentials.strip():
+            return await self._write(request, out, match, headers, only_at_source)
+        if self.require_credentials:
+            return await error(
+                out,
+                401,
+                "credentials_required",
+                f"this write carries no credentials (the {self.credentials_header} header): "
+                "refused before reaching any backend",
+                match.dataset,
+            )
+        if self._anonymous >= self.anonymous_writes:
+            return await error(
+                out,
+                429,
+                "too_many_anonymous_writes",
+                f"{self.anonymous_writes} writes without credentials (the "
+                f"{self.credentials_header} header) are in flight on this replica already: "
+                "refused before reaching any backend; try again",
+                match.dataset,
+                retry_after=1,
+            )
+        self._anonymous += 1
+        try:
+            await self._write(request, out, match, headers, only_at_source)
+        finally:
+            self._anonymous -= 1
+
+    async def _write(
+        self,
+        request: Request,
+        out: Responder,
+        match: Match,
+        headers: list[tuple[str, str]],
+        only_at_source: bool,
+    ) -> None:
         token = self.namer.record(match.dataset, match.key)
         body = b""
 
-        def journaled() -> dict[str, Any]:
+        def journaled(with_body: bool = False) -> dict[str, Any]:
+            """The journaled request; the intent's without its body (None): whatever settles
+            an entry whose outcome is lost reads its record back, never re-sends it."""
             if only_at_source:
                 raise _unnameable(match)  # before the intent: nothing is journaled
             return {
@@ -112,7 +169,7 @@ class DualWriter:
                 "target": request.target,
                 "key": match.key,
                 "headers": [[k, v] for k, v in headers if k.lower() not in _NOT_JOURNALED],
-                "body": base64.b64encode(body).decode("ascii"),
+                "body": base64.b64encode(body).decode("ascii") if with_body else None,
             }
 
         known = self.view.get(match.dataset) if self.view is not None else None
@@ -134,7 +191,7 @@ class DualWriter:
         body = await request.read()
         answer: Answer | UpstreamError | None = None
         try:
-            async with self.journal.locked(match.dataset, [token]) as session:
+            async with self.journal.locked(match.dataset, [token], wait=self.lock_wait) as session:
                 fenced = await session.plan(
                     record=token,
                     route=match.template,
@@ -150,7 +207,7 @@ class DualWriter:
                     if self.kill_after_send == request.method:
                         log.error("failpoint kill-after-send: killing this process")
                         os.kill(os.getpid(), signal.SIGKILL)
-                    await self._record(session, fenced.seq, answer, match)
+                    await self._record(session, fenced.seq, answer, match, journaled)
         except RouteError as exc:  # only_at_source, and the stage was found past it
             await error(out, exc.status, exc.code, str(exc), match.dataset)
             return
@@ -161,6 +218,7 @@ class DualWriter:
                 "record_busy",
                 f"this write was refused before reaching any backend: {exc}; try again",
                 match.dataset,
+                retry_after=1,
             )
             return
         except StoreError as exc:
@@ -224,12 +282,19 @@ class DualWriter:
             )
 
     async def _record(
-        self, session: WriteSession, seq: int, answer: Answer | UpstreamError, match: Match
+        self,
+        session: WriteSession,
+        seq: int,
+        answer: Answer | UpstreamError,
+        match: Match,
+        journaled: Callable[[bool], dict[str, Any]],
     ) -> None:
         if isinstance(answer, UpstreamError):
             # Not sent: nothing happened anywhere. Sent: it may have been applied.
-            state: State = "in_doubt" if answer.sent else "rejected"
-            await session.decide(seq, state, fenced=True)
+            if answer.sent:
+                await session.decide(seq, "in_doubt", fenced=True, request=journaled(True))
+            else:
+                await session.decide(seq, "rejected", fenced=True)
             return
         status, headers, body = answer
         state = outcome_of(status)
@@ -241,39 +306,75 @@ class DualWriter:
             state = "in_doubt"
         stored = orjson.dumps({"status": status, "headers": headers, "body": b64(body)})
         record = self._created(match, body) if state == "pending" else None
-        await session.decide(seq, state, status=status, answer=stored, fenced=True, record=record)
+        # Its body only if it may be replayed or re-sent: a refused write's never stays.
+        request = journaled(True) if state != "rejected" else None
+        await session.decide(
+            seq,
+            state,
+            status=status,
+            answer=stored,
+            fenced=True,
+            record=record,
+            request=request,
+        )
 
     def _created(self, match: Match, body: bytes) -> str | None:
-        """The token of the record a create made, as a write to it will name it: its id in
-        the answer (``create_id``), put into ``replay_as``'s path and routed. None when the
-        write named its record already, or the answer does not say it (the entry then stays
-        dataset-wide: every later write of the dataset waits for its replay)."""
-        route = match.route
-        if (
-            self.router is None
-            or match.key is not None
-            or route is None
-            or route.create_id is None
-            or route.replay_as is None
-        ):
+        """The token of the record a create made, as a write to it will name it (None when
+        the write named its record already, or the answer does not say it: the entry then
+        stays dataset-wide, and every later write of the dataset waits for its replay)."""
+        if self.router is None or match.key is not None or match.route is None:
             return None
-        try:
-            value = json_pointer(orjson.loads(body), route.create_id)
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            return None
-        method, _, template = route.replay_as.partition(" ")
-        path = template.replace("{dataset}", quote(match.dataset, safe="")).replace(
-            "{id}", quote(str(value), safe="")
-        )
-        try:
-            made = self.router.match(method, path)
-        except RouteError:
-            return None
-        if made.key is None or made.dataset != match.dataset:
-            return None
-        return self.namer.record(made.dataset, made.key)
+        made = created_record(self.router, self.namer, match.dataset, match.route, body)
+        return None if made is None else made.token
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """The record a create made, named as later writes to it name it."""
+
+    token: str
+    path: str
+    """Its path on either side (``replay_as``'s, with its id): where to read it back."""
+    id: str
+    """Its id, as the create's answer gave it (never stored in the clear)."""
+
+
+def created_record(
+    router: Router, namer: Namer, dataset: str, route: Route, answer: bytes
+) -> Created | None:
+    """The record a create on ``route`` made, from the authority's ``answer``: its id at
+    ``create_id``, put into ``replay_as``'s path and routed. None when the route is no create
+    or the answer does not name an id."""
+    if route.create_id is None:
+        return None
+    try:
+        value = json_pointer(orjson.loads(answer), route.create_id)
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    return record_named(router, namer, dataset, route, str(value))
+
+
+def record_named(
+    router: Router, namer: Namer, dataset: str, route: Route, record_id: str
+) -> Created | None:
+    """The record ``record_id`` made by a create on ``route``: routed through ``replay_as``'s
+    path (so its key is made canonical as a later write to it would be). None if it does not
+    route to a record of ``dataset``."""
+    if route.replay_as is None or not record_id:
+        return None
+    method, _, template = route.replay_as.partition(" ")
+    path = template.replace("{dataset}", quote(dataset, safe="")).replace(
+        "{id}", quote(record_id, safe="")
+    )
+    try:
+        made = router.match(method, path)
+    except RouteError:
+        return None
+    if made.key is None or made.dataset != dataset:
+        return None
+    return Created(namer.record(made.dataset, made.key), path, record_id)
 
 
 def _unnameable(match: Match) -> RouteError:

@@ -89,6 +89,12 @@ class Replayer:
     _more: dict[str, bool] = field(default_factory=dict)
     """Per dataset: whether its last round was cut short (more may be replayable at once)."""
 
+    @property
+    def creates(self) -> frozenset[str]:
+        """The routes that create a record (``"METHOD template"``): one of their entries left
+        in doubt holds back only dataset-wide writes (``bascule/state/journal/replay.py``)."""
+        return creates_of(self.routes)
+
     async def run(self) -> None:
         """Replay until cancelled."""
         last_purge = 0.0
@@ -219,7 +225,9 @@ class Replayer:
         pending, held back by it); records go concurrently. The wave, with its requests and
         answers, comes in one query and the successes are marked in one statement: per entry,
         only the replay itself is a round trip."""
-        entries, payloads = await self.journal.wave(dataset, limit=self.wave, run=self.run_length)
+        entries, payloads = await self.journal.wave(
+            dataset, limit=self.wave, run=self.run_length, creates=self.creates
+        )
         if not entries:
             self._more[dataset] = False
             return 0
@@ -316,6 +324,8 @@ class Replayer:
                 headers.append(("Content-Type", stored["headers"][0][1]))
             return resolved["method"], resolved["path"], headers, body
         if route is None or route.replay_as is None:
+            if original.get("body") is None:
+                raise ValueError("its body was not journaled")
             body = base64.b64decode(original["body"])
             return original["method"], original["target"], headers, body
         if answer is None:
@@ -335,6 +345,16 @@ class Replayer:
         )
         headers.append(("Content-Type", content_type))
         return method, path, headers, body
+
+
+def creates_of(routes: Mapping[tuple[str, str], Route]) -> frozenset[str]:
+    """``"METHOD template"`` of every route whose writes create a record named by their answer
+    (``create_id`` and ``replay_as``)."""
+    return frozenset(
+        f"{method} {template}"
+        for (template, method), route in routes.items()
+        if route.create_id is not None and route.replay_as is not None
+    )
 
 
 def _ours(name: str) -> bool:

@@ -57,6 +57,7 @@ def write_config(
     journal_sessions: int = POOL_SIZE,
     open_gate: bool = True,
     controller_interval: float = 3600.0,
+    dead_session_after: float = 30.0,
 ) -> Config:
     """A proxy config over the two backends. ``idempotent_creates``: the create route declares
     ``idempotent_backend`` (the backend honours Idempotency-Key there). ``databases``: the
@@ -119,6 +120,7 @@ poll_interval = {poll_interval}
 stale_after = {stale_after}
 orphan_grace = {orphan_grace}
 journal_sessions = {journal_sessions}
+dead_session_after = {dead_session_after}
 
 [controller]
 interval = {controller_interval}

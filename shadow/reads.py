@@ -58,7 +58,12 @@ async def open_dispatcher(
         stack.push_async_callback(upstream.close)
     # The race guard and the clock on two sessions of their own: shadow reads never queue
     # behind (or hold back) the replayer, the resolver and stage reloads.
-    guard_pool = await open_pool(postgres_url, max_size=2, connection_class=StatelessConnection)
+    guard_pool = await open_pool(
+        postgres_url,
+        max_size=2,
+        connection_class=StatelessConnection,
+        dead_session_after=config.state.dead_session_after,
+    )
     stack.push_async_callback(guard_pool.close)
     guard = None
     if secrets.journal_key is not None:

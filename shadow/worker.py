@@ -26,6 +26,7 @@ from contextlib import AsyncExitStack
 import redis.asyncio as aioredis
 
 from bascule import telemetry
+from bascule.state.fleet import REDIS_TIMEOUT
 from bascule.state.postgres import open_pool
 from bascule.tasks import spawn
 from shadow.dispatch import Job
@@ -75,9 +76,15 @@ async def serve(fd: int) -> None:
 
     async with AsyncExitStack() as stack:
         # Noise observations and accepted rules only: the worker writes no count.
-        pool = await open_pool(hello.postgres_url, max_size=2)
+        pool = await open_pool(
+            hello.postgres_url,
+            max_size=2,
+            dead_session_after=hello.config.state.dead_session_after,
+        )
         stack.push_async_callback(pool.close)
-        redis = aioredis.Redis.from_url(hello.redis_url, socket_connect_timeout=1.0)
+        redis = aioredis.Redis.from_url(
+            hello.redis_url, socket_connect_timeout=1.0, socket_timeout=REDIS_TIMEOUT
+        )
         stack.push_async_callback(redis.aclose)
         dispatcher = await open_dispatcher(
             stack,

@@ -26,6 +26,9 @@ CUT_GRACE = 1.0
 # peer that stopped reading.
 CLOSE_GRACE = 1.0
 
+# linux/tcp.h: a socket in repair mode is closed without sending anything (CRIU's option).
+TCP_REPAIR = 19
+
 DEFAULT_PORTS = {
     "postgresql": 5432,
     "postgres": 5432,
@@ -68,6 +71,19 @@ class _Side:
     def close(self) -> None:
         if not self.writer.is_closing():
             self.writer.close()
+
+    def drop_silently(self) -> None:
+        """Close the socket without a FIN or an RST, as if its host had vanished: the peer
+        learns only when it next sends something, and is answered with a reset. Needs
+        CAP_NET_ADMIN (``TCP_REPAIR``)."""
+        sock = self.writer.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        except OSError as exc:
+            raise RuntimeError(
+                f"vanish() needs CAP_NET_ADMIN to put a socket in TCP_REPAIR mode: {exc}"
+            ) from exc
+        self.writer.transport.abort()
 
     def abort_with_rst(self) -> None:
         # SO_LINGER with a zero timeout makes close() send RST instead of FIN, as a crashed host
@@ -151,7 +167,12 @@ class FaultProxy:
       still sends, and closes fully when the peer closes or after ``CUT_GRACE`` seconds);
     - :meth:`blackhole` is a silent partition: new connections are accepted and held, bytes
       are read and dropped both ways (so a peer's send never errors), nothing is ever
-      forwarded or closed, not even a FIN or RST from either peer.
+      forwarded or closed, not even a FIN or RST from either peer;
+    - :meth:`vanish` is a blackhole as the upstream server sees a partition or a client's
+      host gone: the client side is silent as above, and each upstream connection is dropped
+      without a word (``TCP_REPAIR``), so the server finds out only by its own TCP keepalive
+      probes (or retransmissions), which this host answers with a reset. A blackhole alone
+      cannot show the server's side: the proxy's kernel acknowledges whatever it reads.
 
     A blackholed connection stays silent after :meth:`heal`: its bytes were dropped, so its
     stream can never be valid again, and like a connection across a real partition its fate is
@@ -270,6 +291,16 @@ class FaultProxy:
         self._mode = _Mode.BLACKHOLE
         for link in self._links:
             link.silent = True
+
+    def vanish(self) -> None:
+        """:meth:`blackhole`, and every upstream connection dropped without a FIN or an RST:
+        the server learns of it only when it next sends (a keepalive probe), as across a
+        partition. Needs CAP_NET_ADMIN."""
+        self.blackhole()
+        for link in self._links:
+            if link.upstream is not None:
+                upstream, link.upstream = link.upstream, None
+                upstream.drop_silently()
 
     def heal(self) -> None:
         """New connections pass again, without latency; blackholed ones stay silent."""

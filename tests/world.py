@@ -251,6 +251,7 @@ async def build_world(
     failpoints: Sequence[str | None] = (),
     open_gate: bool = True,
     controller_interval: float = 3600.0,
+    dead_session_after: float = 30.0,
 ) -> AsyncIterator[World]:
     """Two reference APIs (``azure`` the source, ``scaleway`` the target) over databases seeded
     alike (``rows`` dcir rows from ``seed``; 0: not seeded), or the ``backends`` given (URLs,
@@ -266,7 +267,7 @@ async def build_world(
     environment of every process; ``failpoints``: ``BASCULE_FAILPOINT`` of each process in
     turn. ``open_gate``, ``controller_interval``: as :func:`refapi.lab.write_config` (a gate
     that holds whatever the evidence, and a controller that stays idle, unless a test asks
-    otherwise).
+    otherwise); ``dead_session_after``: ``[state] dead_session_after``.
     """
     hooks = hooks or Hooks()
     state_db = postgres_url or ground.pg_url
@@ -334,6 +335,7 @@ async def build_world(
             shadow_worker=shadow_worker,
             open_gate=open_gate,
             controller_interval=controller_interval,
+            dead_session_after=dead_session_after,
         )
         world = World(
             config_path,

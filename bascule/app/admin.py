@@ -242,7 +242,7 @@ async def close_gap(request: web.Request) -> web.Response:
 async def journal_retry(request: web.Request) -> web.Response:
     async def retry(ops: Operations) -> dict[str, int]:
         body = await _body(request)
-        _only(body, "seq", "all_dead")
+        _only(body, "seq", "all_dead", "by", "reason")
         seq, all_dead = body.get("seq"), body.get("all_dead", False)
         if seq is not None:
             if not isinstance(seq, int) or isinstance(seq, bool):
@@ -250,7 +250,11 @@ async def journal_retry(request: web.Request) -> web.Response:
             seq = check_seq(seq)
         if not isinstance(all_dead, bool):
             raise UsageError("'all_dead' must be true or false")
-        return {"retried": await ops.journal_retry(seq, all_dead)}
+        identity: str = request[IDENTITY]
+        retried = await ops.journal_retry(
+            seq, all_dead, identity, _text(body, "reason"), _on_behalf(body, identity)
+        )
+        return {"retried": retried}
 
     return await _answer(retry, request)
 
@@ -270,6 +274,30 @@ async def journal_skip(request: web.Request) -> web.Response:
         return {"skipped": seq, "dataset": dataset}
 
     return await _answer(skip, request)
+
+
+@_requires("operator")
+async def journal_resolve(request: web.Request) -> web.Response:
+    """``{"as": "applied"|"not-applied", "record"?, "reason", "by"?}``: an SRE's word on an
+    entry in doubt, audited under the token's name."""
+    identity: str = request[IDENTITY]
+    raw_seq = request.match_info["seq"]
+
+    async def resolve(ops: Operations) -> dict[str, Any]:
+        if not (raw_seq.isascii() and raw_seq.isdigit()) or len(raw_seq) > 19:
+            raise UsageError("the journal entry must be a whole number from 1 to 2^63 - 1")
+        body = await _body(request)
+        _only(body, "as", "record", "by", "reason")
+        return await ops.journal_resolve(
+            int(raw_seq),
+            _text(body, "as") or "",
+            _text(body, "record"),
+            identity,
+            _text(body, "reason"),
+            _on_behalf(body, identity),
+        )
+
+    return await _answer(resolve, request)
 
 
 @_requires("operator")
@@ -427,4 +455,5 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     app.router.add_get("/v1/journal/entries", journal_entries)
     app.router.add_post("/v1/journal/retry", journal_retry)
     app.router.add_post("/v1/journal/{seq}/skip", journal_skip)
+    app.router.add_post("/v1/journal/{seq}/resolve", journal_resolve)
     return app

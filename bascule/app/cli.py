@@ -100,7 +100,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("side", choices=[s.value for s in Side])
     p.set_defaults(func=lambda a: run(_gap_close(a)))
 
-    jp = sub.add_parser("journal", help="the dual-write journal: backlog, entries, retry, skip")
+    jp = sub.add_parser(
+        "journal", help="the dual-write journal: backlog, entries, retry, resolve, skip"
+    )
     jsub = jp.add_subparsers(dest="journal_command", metavar="ACTION")
     jsub.required = True
     p = jsub.add_parser("status", parents=[common], help="backlog per dataset")
@@ -111,10 +113,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dataset")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=lambda a: run(_journal_list(a)))
-    p = jsub.add_parser("retry", parents=[common], help="send dead entries back to the replayer")
+    p = jsub.add_parser(
+        "retry",
+        parents=[common, audited],
+        help="send dead entries back to the replayer (audited; --reason optional)",
+    )
     p.add_argument("seq", nargs="?", type=int)
     p.add_argument("--all-dead", action="store_true")
     p.set_defaults(func=lambda a: run(_journal_retry(a)))
+    p = jsub.add_parser(
+        "resolve",
+        parents=[common, audited],
+        help="say whether an entry in doubt was applied by its authoritative side (audited)",
+    )
+    p.add_argument("seq", type=int)
+    p.add_argument("outcome", choices=["applied", "not-applied"])
+    p.add_argument(
+        "--record",
+        help="for a create resolved as applied: the id of the record it made (read back from "
+        "the authoritative side and replayed)",
+    )
+    p.set_defaults(func=lambda a: run(_journal_resolve(a)))
     p = jsub.add_parser(
         "skip", parents=[common, audited], help="give up replaying an entry (audited)"
     )
@@ -242,7 +261,7 @@ def _report_move(args: argparse.Namespace, result: dict[str, Any]) -> int:
     elif result.get("dry_run"):
         render.dry_run(result)
     else:
-        print(render.move(result))
+        render.moved(result)
     if result.get("dry_run") and not result["allowed"]:
         raise Refused(result["refusal"])  # exit 3, the refusal on stderr like any other
     return 0
@@ -369,12 +388,32 @@ async def _journal_list(args: argparse.Namespace) -> int:
 async def _journal_retry(args: argparse.Namespace) -> int:
     if (args.seq is None) == (not args.all_dead):
         raise UsageError("name one entry (SEQ) or pass --all-dead")
+    check_actor(args.by)
     async with client_for(args, change=True) as client:
-        count = await client.journal_retry(args.seq, args.all_dead)
+        count = await client.journal_retry(args.seq, args.all_dead, args.by, args.reason)
     render.say(
         args.json,
         {"retried": count},
         f"{count} dead entr{'y' if count == 1 else 'ies'} sent back to the replayer",
+    )
+    return 0
+
+
+async def _journal_resolve(args: argparse.Namespace) -> int:
+    reason = require_reason(args.reason)
+    check_actor(args.by)
+    async with client_for(args, change=True) as client:
+        result = await client.journal_resolve(args.seq, args.outcome, args.record, args.by, reason)
+    then = (
+        "nothing is left to replay"
+        if args.outcome == "not-applied"
+        else "its record is read back from the authoritative side and replayed"
+    )
+    render.say(
+        args.json,
+        result,
+        f"journal entry {args.seq} of {result['dataset']} resolved as {args.outcome}: {then}"
+        " (audited)",
     )
     return 0
 

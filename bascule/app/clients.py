@@ -19,10 +19,10 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from bascule.app.operations import Operations
-from bascule.config import Config, load_config
-from bascule.errors import Refused, StoreError, UsageError
-from bascule.state.fleet import RedisAnnouncer
+from bascule.app.operations import Operations, naming_of
+from bascule.config import Config, Secrets, load_config
+from bascule.errors import ConfigError, Refused, StoreError, UsageError
+from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer
 from bascule.state.postgres import open_pool, schema_check
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
@@ -55,8 +55,13 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
     with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
         # Up to 3 at once: the write fence held during a change, its commit, and the backlog
         # and replica queries of an authority switch.
-        pool = await open_pool(found.postgres_url, max_size=4)
-        redis = aioredis.Redis.from_url(found.redis_url, socket_connect_timeout=1.0)
+        pool = await open_pool(
+            found.postgres_url, max_size=4, dead_session_after=config.state.dead_session_after
+        )
+        # A Redis behind a silent partition must not hang the announcement of a change.
+        redis = aioredis.Redis.from_url(
+            found.redis_url, socket_connect_timeout=1.0, socket_timeout=REDIS_TIMEOUT
+        )
         try:
             await schema_check(pool)
             yield Operations(
@@ -67,10 +72,20 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
                 noise_pairs(config),
                 gates_of(config, pool),
                 groups_of(config),
+                naming_of(config, _secrets()),
             )
         finally:
             await redis.aclose()
             await pool.close()
+
+
+def _secrets() -> Secrets:
+    """The journal's keys, when this environment has them (only `journal resolve` needs them,
+    and says so when they are missing)."""
+    try:
+        return Secrets.from_env(os.environ)
+    except ConfigError:
+        return Secrets()
 
 
 class AdminClient:
@@ -232,10 +247,19 @@ class AdminClient:
         ]
         return result
 
-    async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
-        body = {"seq": seq, "all_dead": all_dead}
+    async def journal_retry(
+        self, seq: int | None, all_dead: bool, by: str = "operator", reason: str | None = None
+    ) -> int:
+        body = {"seq": seq, "all_dead": all_dead, "by": by, "reason": reason}
         count: int = (await self._call("POST", "/v1/journal/retry", body))["retried"]
         return count
+
+    async def journal_resolve(
+        self, seq: int, outcome: str, record: str | None, by: str, reason: str | None
+    ) -> dict[str, Any]:
+        body = {"as": outcome, "record": record, "by": by, "reason": reason}
+        result: dict[str, Any] = await self._call("POST", f"/v1/journal/{seq}/resolve", body)
+        return result
 
     async def journal_skip(self, seq: int, by: str, reason: str | None) -> str:
         body = {"by": by, "reason": reason}

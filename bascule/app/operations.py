@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from bascule.checks import check_actor, check_name, check_seq, check_text, require_reason
+from bascule.config import Config, Route, Secrets
 from bascule.errors import Refused, StoreError, UsageError
+from bascule.sealing import DATASET_WIDE, Namer, Sealer
 from bascule.stages import Side, Stage
 from bascule.state import replicas
 from bascule.state.journal import queries
@@ -24,6 +28,9 @@ from cutover import controller
 from cutover.controller import Announcer, Groups
 from cutover.gate import Gate
 from cutover.switch import Switcher
+from proxy.dualwrite import record_named
+from proxy.resolver import NAMED
+from proxy.routing import Router
 from shadow import ledger
 from shadow.noise_store import NoiseStore, pairs_needed
 
@@ -41,6 +48,37 @@ LISTED_STATES = {
 
 
 @dataclass(frozen=True)
+class Naming:
+    """What naming the record an in-doubt create made takes: the routes (to name it as later
+    writes to it are named), the record namer and the journal's sealer (its id is never
+    stored in the clear). ``namer``/``sealer`` None: their keys are not in this environment."""
+
+    router: Router
+    routes: Mapping[tuple[str, str], Route]
+    namer: Namer | None
+    sealer: Sealer | None
+
+
+def naming_of(config: Config, secrets: Secrets) -> Naming:
+    return Naming(
+        Router(config.routes, config.datasets),
+        {(r.path, m): r for r in config.routes for m in r.methods},
+        Namer(secrets.hmac_key) if secrets.hmac_key else None,
+        Sealer(secrets.journal_key) if secrets.journal_key else None,
+    )
+
+
+NOT_RETRIED_IN_DOUBT = (
+    "journal entry {seq} is in doubt, not dead: whether its authoritative side applied it is "
+    "unknown, and the resolver keeps trying to settle it (it stays in doubt when it names no "
+    "record and cannot be re-sent under its researcher's Idempotency-Key). Settle it yourself: "
+    "`bascule journal resolve {seq} not-applied --reason …`, `bascule journal resolve {seq} "
+    "applied --record ID --reason …` for a create whose record you found on the authoritative "
+    "side, or `bascule journal skip {seq} --reason …` (opens the other side's gap)"
+)
+
+
+@dataclass(frozen=True)
 class Operations:
     store: StageStore
     announcer: Announcer
@@ -54,6 +92,8 @@ class Operations:
     """The gate of moves past ``shadow``; None only in tests of the stage rules alone."""
     groups: Groups = field(default_factory=dict)
     """Datasets that move together (:func:`cutover.controller.groups_of`)."""
+    naming: Naming | None = None
+    """Names the record of an in-doubt create an SRE resolves as applied; None: refused."""
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -229,16 +269,123 @@ class Operations:
         ]
         return {"auto_promote": on, "datasets": [r.dataset for r in rows]}
 
-    async def journal_retry(self, seq: int | None, all_dead: bool) -> int:
-        """Send dead entries (one, or all) back to the replayer; how many."""
+    async def journal_retry(
+        self,
+        seq: int | None,
+        all_dead: bool,
+        by: str = "operator",
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Send dead entries (one, or all) back to the replayer, audited; how many."""
         if (seq is None) == (not all_dead):
             raise UsageError("name one entry (its seq) or ask for all dead entries")
         if seq is not None:
             check_seq(seq)
-        count = await queries.retry(self.store.pool, seq, all_dead=all_dead)
+        check_actor(by)
+        why = check_text("reason", reason.strip()) if reason and reason.strip() else ""
+        count = await queries.retry(
+            self.store.pool,
+            seq,
+            all_dead=all_dead,
+            actor=by,
+            reason=why or "(no reason given)",
+            details=dict(details or {}),
+        )
         if seq is not None and count == 0:
+            entry = await queries.entry_of(self.store.pool, seq)
+            if entry is not None and entry["state"] == "in_doubt":
+                raise Refused(NOT_RETRIED_IN_DOUBT.format(seq=seq))
             raise Refused(f"journal entry {seq} does not exist or is not dead")
         return count
+
+    async def journal_resolve(
+        self,
+        seq: int,
+        outcome: str,
+        record: str | None,
+        by: str,
+        reason: str | None,
+        details: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """An SRE's word on an entry in doubt, audited: ``not-applied`` (nothing to replay) or
+        ``applied`` with ``record``, the id of the record a create made (read back from the
+        authoritative side and replayed by the resolver)."""
+        why = require_reason(reason)
+        check_actor(by)
+        check_seq(seq)
+        if outcome not in ("applied", "not-applied"):
+            raise UsageError("say whether it was 'applied' or 'not-applied'")
+        applied = outcome == "applied"
+        if not applied and record is not None:
+            raise UsageError("--record goes with 'applied' (the record the create made)")
+        entry = await queries.entry_of(self.store.pool, seq)
+        if entry is None:
+            raise Refused(f"journal entry {seq} does not exist")
+        if entry["state"] != "in_doubt":
+            raise Refused(
+                f"journal entry {seq} is {entry['state'].replace('_', ' ')}, not in doubt: "
+                "only an entry whose outcome is unknown is resolved"
+            )
+        token = named = None
+        if applied:
+            token, named = self._named(entry, record)
+        try:
+            dataset = await queries.resolve(
+                self.store.pool,
+                seq,
+                applied=applied,
+                actor=by,
+                reason=why,
+                record=token,
+                named=named,
+                details=dict(details or {}),
+            )
+        except IllegalTransition as exc:
+            raise Refused(str(exc)) from None
+        return {"resolved": seq, "dataset": dataset, "as": outcome}
+
+    def _named(self, entry: dict[str, Any], record: str | None) -> tuple[str, bytes]:
+        """The token and the sealed id of the record an in-doubt create made."""
+        seq, dataset = entry["seq"], entry["dataset"]
+        if entry["record"] != DATASET_WIDE:
+            raise Refused(
+                f"journal entry {seq} names its record: the resolver settles it by reading "
+                "that record back from the authoritative side, applied or not, and it stays "
+                f"in doubt only while that fails (last error: {entry['last_error'] or 'none'});"
+                " resolve it not-applied, or skip it"
+            )
+        naming = self.naming
+        if naming is None:
+            raise UsageError("naming the record a create made is not available here")
+        route = naming.routes.get((entry["route"], entry["method"]))
+        if route is None or route.create_id is None or route.replay_as is None:
+            raise Refused(
+                f"journal entry {seq} is a dataset-wide write that creates no record: what it "
+                "wrote cannot be read back; resolve it not-applied, or skip it (opens the "
+                "other side's gap until a verification closes it)"
+            )
+        if record is None or not record.strip():
+            raise UsageError(
+                "name the record this create made: --record ID (its id on the authoritative "
+                "side); or resolve it not-applied, or skip it"
+            )
+        check_text("record", record)
+        if naming.namer is None or naming.sealer is None:
+            raise UsageError(
+                "naming a record needs BASCULE_HMAC_KEY and BASCULE_JOURNAL_KEY here (or go "
+                "through a proxy's admin API: --admin URL)"
+            )
+        made = record_named(naming.router, naming.namer, dataset, route, record.strip())
+        if made is None:
+            raise UsageError(
+                f"--record: not an id of a {dataset} record (as the route {route.replay_as} "
+                "reads it)"
+            )
+        sealed = naming.sealer.seal(
+            orjson.dumps({NAMED: {"id": record.strip()}}), dataset=dataset, field="answer"
+        )
+        return made.token, sealed
 
     async def journal_skip(
         self, seq: int, by: str, reason: str | None, details: Mapping[str, Any] | None = None

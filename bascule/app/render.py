@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bascule.checks import showable
+from bascule.state.replicas import described
 
 
 def console() -> Console:
@@ -108,6 +109,21 @@ def shadow_counts(counts: dict[str, int]) -> str:
         f"{counts.get('compared', 0)} compared, {counts.get('mismatched', 0)} mismatched, "
         f"{counts.get('errored', 0)} errored, {skipped} skipped, {counts.get('dropped', 0)} dropped"
     )
+
+
+def moved(result: dict[str, Any]) -> None:
+    """A move that was made: what changed, the steps it took, and every replica seen lately
+    that does not run it yet (what it still serves, until when)."""
+    print(move(result))
+    if result.get("done"):
+        print("steps taken:")
+        for i, step in enumerate(result["done"], 1):
+            print(f"  {i}. {step}")
+    behind = result.get("unconfirmed_replicas") or []
+    if behind:
+        print(f"replicas that have not confirmed version {result['version']}:")
+        for replica in behind:
+            print(f"  - {described(replica)}")
 
 
 def move(result: dict[str, Any]) -> str:

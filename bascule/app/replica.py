@@ -18,12 +18,12 @@ from aiohttp import web
 
 from bascule import telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
-from bascule.app.operations import Operations
+from bascule.app.operations import Operations, naming_of
 from bascule.config import Backend, Config, ProxySettings, Secrets, load_config
 from bascule.errors import UsageError
 from bascule.sealing import Namer, Sealer
 from bascule.stages import Side
-from bascule.state.fleet import RedisAnnouncer, StageView
+from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer, StageView
 from bascule.state.journal import Journal
 from bascule.state.journal.writes import WriterConnection
 from bascule.state.postgres import open_pool, schema_check
@@ -113,9 +113,14 @@ class Replica:
     """This replica, as recorded in the journal and leases."""
 
     async def __aenter__(self) -> Replica:
-        self.pool = await open_pool(self.postgres_url)
+        probe = self.config.state.dead_session_after
+        self.pool = await open_pool(self.postgres_url, dead_session_after=probe)
         await schema_check(self.pool)
-        self.redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0)
+        # Announcements, counters, noise: a silent Redis fails them in REDIS_TIMEOUT, never
+        # hangs them (the tally's flushes would stop, the gate's evidence with them).
+        self.redis = aioredis.Redis.from_url(
+            self.redis_url, socket_connect_timeout=1.0, socket_timeout=REDIS_TIMEOUT
+        )
         self.store = StageStore(self.pool)
         self.view = StageView(
             self.store,
@@ -144,16 +149,22 @@ class Replica:
                 connection_class=WriterConnection,
                 # Names the replica holding a dataset's fence, when a change has to wait.
                 application_name=f"bascule writer {self.name}"[:63],
+                dead_session_after=probe,
             )
             journal = Journal(
                 self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool
             )
+            namer = Namer(self.secrets.hmac_key)
+            router = Router(self.config.routes, self.config.datasets)
             self.dual = DualWriter(
                 journal,
-                Namer(self.secrets.hmac_key),
+                namer,
                 self.upstreams,
                 view=self.view,
-                router=Router(self.config.routes, self.config.datasets),
+                router=router,
+                credentials_header=self.config.proxy.credentials_header,
+                require_credentials=self.config.proxy.require_credentials,
+                anonymous_writes=self.config.proxy.anonymous_writes,
             )
             routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
             credentials = {
@@ -173,6 +184,8 @@ class Replica:
                     routes,
                     credentials,
                     orphan_grace=self.config.state.orphan_grace,
+                    router=router,
+                    namer=namer,
                 ),
                 retention=self.config.state.journal_retention,
             )
@@ -269,6 +282,7 @@ class Replica:
                 noise_pairs(self.config),
                 gates_of(self.config, self.pool),
                 groups_of(self.config),
+                naming_of(self.config, self.secrets),
             ),
             view=self.view,
             operator_tokens=self.secrets.operators(),

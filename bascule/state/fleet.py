@@ -31,6 +31,19 @@ log = logging.getLogger("bascule.fleet")
 
 CHANNEL = "stages"
 
+PING_AFTER = 1.0
+"""Seconds of silence on the stage channel after which the listener PINGs Redis."""
+ANSWER_WITHIN = 3.0
+"""Seconds Redis has to answer that PING, or the subscription: a Redis behind a silent
+partition accepts nothing back and closes nothing, and would look healthy for ever."""
+REDIS_TIMEOUT = 5.0
+"""Seconds any other Redis command of a replica may wait for its answer (an announcement, a
+flush of counters): past it, it fails and is logged, never hangs."""
+
+
+class RedisSilent(TimeoutError):
+    """Redis did not answer in time: a silent partition, or a Redis that hangs."""
+
 
 def channel(prefix: str) -> str:
     return f"{prefix}{CHANNEL}"
@@ -79,6 +92,17 @@ class StoreHealth:
             "for_seconds": round(time.time() - self.since, 3) if self.since else None,
             "last_error": self.last_error,
         }
+
+
+async def _answered(pubsub: Any, kind: str) -> None:
+    """Wait for Redis's confirmation of a ``kind`` command on ``pubsub`` (a subscription)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ANSWER_WITHIN
+    while (left := deadline - loop.time()) > 0:
+        message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=left)
+        if message is not None and message.get("type") == kind:
+            return
+    raise RedisSilent(f"Redis did not confirm the {kind} within {ANSWER_WITHIN:g} s")
 
 
 class StageView:
@@ -224,35 +248,55 @@ class StageView:
                 log.error("stage poll failed: %s", type(exc).__name__)
                 self.postgres.mark(False, type(exc).__name__)
 
+    async def _hear(self, pubsub: Any) -> None:
+        """Reload on every announcement; PING Redis after ``PING_AFTER`` seconds of silence,
+        and raise :class:`RedisSilent` if nothing comes back within ``ANSWER_WITHIN``."""
+        loop = asyncio.get_running_loop()
+        heard, asked = loop.time(), None
+        while not self._stopping:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            now = loop.time()
+            if message is not None:
+                heard, asked = now, None  # any answer (a PONG included) says it is there
+                if message.get("type") == "message":
+                    await self.reload()
+            elif asked is None:
+                if now - heard >= PING_AFTER:
+                    await pubsub.ping()
+                    asked = now
+            elif now - asked > ANSWER_WITHIN:
+                raise RedisSilent(f"Redis did not answer a PING within {ANSWER_WITHIN:g} s")
+
     async def _listen(self) -> None:
         backoff = 0.1
         while not self._stopping:
             client = aioredis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=1.0, socket_keepalive=True
+                self.redis_url,
+                socket_connect_timeout=1.0,
+                socket_keepalive=True,
+                socket_timeout=REDIS_TIMEOUT,
             )
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(channel(self.prefix))
+                    # Healthy once Redis has confirmed the subscription, not once it was sent.
+                    await _answered(pubsub, "subscribe")
                     self.redis.mark(True)
                     backoff = 0.1
                     # Anything announced while we were not listening is in Postgres.
                     await self.reload()
-                    while not self._stopping:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        if message is not None and message.get("type") == "message":
-                            await self.reload()
+                    await self._hear(pubsub)
             except Exception as exc:  # Redis away, or anything else: log, back off, listen again
                 if not isinstance(exc, (RedisError, OSError)):
                     log.error("stage listener failed: %s", type(exc).__name__)
+                reason = str(exc) if isinstance(exc, RedisSilent) else type(exc).__name__
                 if self.redis.ok or self.redis.since == 0.0:
                     log.warning(
                         "Redis unreachable (%s); relying on polls every %.1fs",
-                        type(exc).__name__,
+                        reason,
                         self.poll_interval,
                     )
-                self.redis.mark(False, type(exc).__name__)
+                self.redis.mark(False, reason)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await client.aclose()

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 
 from bascule.errors import BasculeError, StoreError
 from bascule.state import schema
+
+log = logging.getLogger("bascule.state")
+
+DEAD_SESSION_AFTER = 30.0
+"""Seconds after which a state session that stopped answering is dropped by both ends
+(``[state] dead_session_after``, :func:`probes`)."""
 
 Reader = asyncpg.Pool | asyncpg.Connection
 """Where a query runs: a pool (a session of its own), or one session, e.g. a transaction's, so
@@ -53,30 +62,104 @@ class StatelessConnection(asyncpg.Connection):
         return ""
 
 
+class Probes:
+    """How both ends of a state session find out that the other stopped answering: TCP
+    keepalive probes once it has been idle for ``idle`` seconds, every ``interval``, and
+    ``TCP_USER_TIMEOUT``: the connection is dropped once nothing has been heard for ``bound``
+    seconds with a probe or data unacknowledged. Postgres applies its side per session
+    (``tcp_keepalives_*``, ``tcp_user_timeout``): a replica cut off by a partition, or whose
+    host vanished, loses its sessions and their record locks within ``bound`` (plus a probe
+    interval) instead of the server's default two hours. A frozen process keeps them: its
+    kernel still answers the probes (see docs/decisions.md)."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+        self.idle = max(1, int(bound / 2))
+        self.count = 4
+        self.interval = max(1, int((bound - self.idle) / self.count))
+        self.user_timeout_ms = max(1000, int(bound * 1000))
+
+    def server_settings(self) -> dict[str, str]:
+        """The session settings that make the server's side of the socket probe."""
+        return {
+            "tcp_keepalives_idle": str(self.idle),
+            "tcp_keepalives_interval": str(self.interval),
+            "tcp_keepalives_count": str(self.count),
+            "tcp_user_timeout": str(self.user_timeout_ms),
+        }
+
+    def apply(self, conn: Any) -> None:
+        """The same on the client's side of ``conn``'s socket (asyncpg has no option for it)."""
+        transport = getattr(conn, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # a Unix socket: nothing in between can vanish
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, self.idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, self.interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, self.count)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.user_timeout_ms)
+        except (OSError, AttributeError) as exc:  # a platform without one of them
+            log.debug("state session probes not set on the client side: %s", exc)
+
+
 async def open_pool(
     url: str,
     *,
     max_size: int = 10,
     connection_class: type[asyncpg.Connection] = asyncpg.Connection,
     application_name: str | None = None,
+    dead_session_after: float = DEAD_SESSION_AFTER,
 ) -> asyncpg.Pool:
     """A pool on the state database that fails fast when Postgres is away (no 60 s hangs).
 
     ``min_size=0``: creating the pool connects nothing, so a replica can start, and keep
-    serving on its last known stages, while Postgres is unreachable.
+    serving on its last known stages, while Postgres is unreachable. Every session probes
+    its peer both ways (:class:`Probes`): one that stopped answering is dropped, with its
+    locks, within ``dead_session_after`` seconds.
     """
+    probes = Probes(dead_session_after)
+    settings = probes.server_settings()
+    if application_name:
+        settings["application_name"] = application_name
+
+    async def probing(conn: asyncpg.Connection) -> None:
+        probes.apply(conn)
+
     pool = asyncpg.create_pool(
         url,
+        connect=connect_probing,
         min_size=0,
         max_size=max_size,
         timeout=2.0,
         command_timeout=5.0,
         max_inactive_connection_lifetime=60.0,
         connection_class=connection_class,
-        server_settings={"application_name": application_name} if application_name else None,
+        server_settings=settings,
+        init=probing,
     )
     async with reaching_postgres():
         return await pool
+
+
+async def connect_probing(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect``, and again without the probes' session settings if the server
+    refuses them (a Postgres before 12 has no ``tcp_user_timeout``; some platforms support
+    none of them): a replica then runs on the server's own keepalive, and says so."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except asyncpg.PostgresError as exc:
+        settings = kwargs.get("server_settings") or {}
+        if "tcp_" not in str(exc) or not any(k.startswith("tcp_") for k in settings):
+            raise
+        log.warning(
+            "the state Postgres refused the session probes (%s): a replica cut off from it "
+            "keeps its record locks for the server's own TCP keepalive time",
+            type(exc).__name__,
+        )
+        kwargs["server_settings"] = {k: v for k, v in settings.items() if not k.startswith("tcp_")}
+        return await asyncpg.connect(*args, **kwargs)
 
 
 async def schema_check(pool: asyncpg.Pool) -> None:

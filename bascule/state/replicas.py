@@ -4,7 +4,9 @@ Every replica reports, after each reload of the stages, the version it now runs 
 dataset, with a lease (``bascule_replica``). A change that alters writes completes only once
 every replica whose lease is alive has reported the new version, or its lease has run out: a
 replica frozen or cut off from Postgres stops holding a flip up once its lease expires (its
-writes cannot go through anyway: they read their plan under the dataset's fence).
+writes cannot go through anyway: they read their plan under the dataset's fence). It is not
+forgotten: it still serves reads on the stages it last read, so the change names it
+(:func:`unconfirmed`), with how long ago it last reported (its last read of the stages).
 """
 
 from __future__ import annotations
@@ -81,6 +83,68 @@ async def lagging(pool: asyncpg.Pool, dataset: str, version: int) -> list[str]:
             version,
         )
     return [r["name"] for r in rows]
+
+
+@dataclass(frozen=True)
+class Unconfirmed:
+    """A replica seen recently that does not run a change yet."""
+
+    name: str
+    version: int | None
+    """The version of the dataset it last reported running (None: it never reported one)."""
+    seen_ago: float
+    """Seconds since its last report, by the database's clock: it reports right after each
+    read of the stages, so this is how old its stages are."""
+    alive: bool
+    """Its lease has not run out: it is only slow to confirm."""
+
+    def as_json(self, stale_after: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_report_seconds_ago": round(self.seen_ago, 3),
+            "lease_alive": self.alive,
+            "stale_in_seconds": round(stale_after - self.seen_ago, 3),
+        }
+
+
+def described(replica: dict[str, Any]) -> str:
+    """An unconfirmed replica (:meth:`Unconfirmed.as_json`) in words for an SRE: what it still
+    does, and until when."""
+    version = replica["version"]
+    runs = f"runs version {version}" if version is not None else "never reported this dataset"
+    if replica["lease_alive"]:
+        return f"{replica['name']}: {runs}; its lease is alive (slow to confirm)"
+    left = replica["stale_in_seconds"]
+    until = (
+        f"until its stages go stale in {left:.1f} s, when it reports not ready"
+        if left > 0
+        else f"(its stages have been stale for {-left:.1f} s: it reports not ready)"
+    )
+    return (
+        f"{replica['name']}: {runs}; last report {replica['last_report_seconds_ago']:.1f} s ago,"
+        " its lease ran out (cut off from the state Postgres, or frozen); it serves reads on its"
+        f" last known stages {until}, and as long as a load balancer sends it researchers"
+    )
+
+
+async def unconfirmed(
+    pool: asyncpg.Pool, dataset: str, version: int, *, within: float
+) -> list[Unconfirmed]:
+    """Replicas that reported in the last ``within`` seconds and do not run ``version`` (or
+    later) of ``dataset``: live ones slow to confirm, and those whose lease ran out. A replica
+    that stopped cleanly withdrew its report and is not among them."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "SELECT name, (versions ->> $1)::bigint AS version,"
+            " extract(epoch FROM now() - seen_at)::float8 AS ago, expires_at > now() AS alive"
+            " FROM bascule_replica WHERE seen_at > now() - make_interval(secs => $3)"
+            " AND coalesce((versions ->> $1)::bigint, 0) < $2 ORDER BY name",
+            dataset,
+            version,
+            within,
+        )
+    return [Unconfirmed(r["name"], r["version"], max(0.0, r["ago"]), r["alive"]) for r in rows]
 
 
 async def confirmed(

@@ -295,6 +295,9 @@ def test_bad_routes_are_named(route: str, key: str, problem: str) -> None:
         ("[datasets.DCIR]\n", "datasets.DCIR", "lower-case"),
         ("[proxy]\nlisten = '8080'\n", "proxy.listen", "host:port"),
         ("[proxy]\nadmin_listen = '127.0.0.1:8080'\n", "proxy.admin_listen", "must differ"),
+        ("[proxy]\ncredentials_header = 'X Token'\n", "proxy.credentials_header", "header"),
+        ("[proxy]\nanonymous_writes = 0\n", "proxy.anonymous_writes", "at least 1"),
+        ("[state]\ndead_session_after = 1\n", "state.dead_session_after", "2 to 3600"),
     ],
 )
 def test_bad_values_are_named(extra: str, key: str, problem: str) -> None:

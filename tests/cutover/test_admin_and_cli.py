@@ -469,7 +469,8 @@ async def test_random_admin_requests_get_no_500_and_change_nothing_without_an_op
         try:
             writer.write(head.encode("utf-8", "surrogateescape") + body)
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), 30)
+            async with asyncio.timeout(30):
+                line = await reader.readline()
         finally:
             writer.close()
         status = line.split(b" ", 2)[1] if line.startswith(b"HTTP/") else b"closed"

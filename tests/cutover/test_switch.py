@@ -168,7 +168,11 @@ async def test_a_change_waits_for_live_replicas_and_not_for_expired_ones(
     after, outcome = await Switcher(state_pool, QUICK).change(
         "dcir", row, Stage.DUALWRITE, committing(store, row, Stage.DUALWRITE)
     )
-    assert outcome.lagging == ["alive"]  # it never reported the new version
+    # Neither reported the new version; it waited only for the live one, and names both (the
+    # frozen one still serves reads on its last stages).
+    assert outcome.lagging == ["alive", "frozen"]
+    alive = {r["name"]: r["lease_alive"] for r in outcome.unconfirmed}
+    assert alive == {"alive": True, "frozen": False}
     await replicas.report(state_pool, "alive", {"dcir": after.version}, lease=30.0)
     assert await replicas.lagging(state_pool, "dcir", after.version) == []
     listed = {r.name: r.alive for r in await replicas.listing(state_pool)}

@@ -251,8 +251,11 @@ async def test_a_replica_frozen_during_a_switch_holds_it_until_its_lease_expires
                 await watcher
             ended = time.monotonic()
             assert result.after is not None and result.after.stage is Stage.LIVE
-            assert result.lagging == (), result.lagging
-            assert "every live replica confirmed it" in result.done, result.done
+            # Not waited for past its lease, but named: it serves reads on its last stages.
+            assert result.lagging == (name,), result.lagging
+            [behind] = result.unconfirmed
+            assert (behind["version"], behind["lease_alive"]) == (before.version, False), behind
+            assert "every live replica confirmed it" not in result.done, result.done
             # It waited for the frozen replica, until its lease ran out, and no longer.
             assert name in seen_lagging, seen_lagging
             assert ended >= lease_ends - 0.1, (ended - started, remaining)
@@ -351,8 +354,12 @@ async def test_a_replica_cut_off_from_the_state_postgres_serves_reads_refuses_wr
         # dcir moves on without it: its lease has run out, nothing waits for it.
         result = await f.move(Stage.LIVE)
         assert result.after is not None
-        assert result.lagging == (), result.lagging
-        assert "every live replica confirmed it" in result.done, result.done
+        # Nothing waits for it, but the flip names it: it still serves reads from the old
+        # authority, on the stages it last read (stale by now: it reports not ready).
+        assert result.lagging == (cut_name,), result.lagging
+        [behind] = result.unconfirmed
+        assert behind["lease_alive"] is False and behind["stale_in_seconds"] < 0, behind
+        assert "every live replica confirmed it" not in result.done, result.done
         await replicas_see([other_admin], "dcir", Stage.LIVE)
         # The other replica keeps working: ready, reads and writes under the new authority.
         assert (await readyz(session, other_admin))[0] == 200

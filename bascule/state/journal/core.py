@@ -51,9 +51,11 @@ class JournalCore:
         stage_version: int | None = None,
         conn: Any = None,
         error: str | None = None,
+        record: str | None = None,
     ) -> None:
         """Record an entry's outcome. With ``stage_version``, only if the entry was written
-        under that stage version (the epoch check of the outcome transaction)."""
+        under that stage version (the epoch check of the outcome transaction). ``record``: the
+        record the entry turned out to write (a create, once the record it made is known)."""
         sealed = self.sealer.seal(answer, dataset=dataset, field="answer") if answer else None
         await self._move(
             seq,
@@ -63,6 +65,7 @@ class JournalCore:
             stage_version=stage_version,
             conn=conn,
             error=error,
+            record=record,
         )
 
     async def _move(
@@ -79,16 +82,19 @@ class JournalCore:
         release: bool = False,
         fenced: bool = False,
         record: str | None = None,
+        request: bytes | None = None,
     ) -> None:
         """Move one entry to ``state`` if its state allows it. ``release``: the writer's own
         outcome statement, which also releases its session's locks and commits without
         waiting for the WAL flush (see :meth:`WriteSession.decide`). ``record``: the record
-        the entry turned out to write (a create, once its answer names the new record)."""
+        the entry turned out to write (a create, once its answer names the new record).
+        ``request``: the sealed request with its body (the intent's has none)."""
         allowed = [s for s, nexts in NEXT.items() if state in nexts]
         update = (
             "UPDATE bascule_journal SET state = $2,"
             " status = coalesce($3, status), answer = coalesce($4, answer),"
             " last_error = coalesce($5, last_error), record = coalesce($9, record),"
+            " request = coalesce($10, request),"
             # When the write reached the authoritative side, as far as anyone can say: its
             # outcome, or the resolution of an in-doubt one (the race guard relies on it).
             " decided_at = CASE WHEN state IN ('intent', 'in_doubt') THEN now()"
@@ -124,11 +130,28 @@ class JournalCore:
                 retry_in,
                 stage_version,
                 record,
+                request,
             )
         if done is None:
             raise IllegalTransition(f"journal entry {seq} cannot move to {state!r} from its state")
         if state == "pending":
             self.wake(done)
+
+    async def name_record(self, seq: int, record: str, answer: bytes, *, dataset: str) -> bool:
+        """Name a dataset-wide entry in doubt after the record it turned out to write (a
+        create whose record is now known), leaving it in doubt; ``answer``: what says which
+        record (sealed here), kept for whoever settles it. False if it is no longer in doubt,
+        or is another record's."""
+        sealed = self.sealer.seal(answer, dataset=dataset, field="answer")
+        async with reaching_postgres():
+            named = await self.pool.fetchval(
+                "UPDATE bascule_journal SET record = $2, answer = $3 WHERE seq = $1"
+                " AND state = 'in_doubt' AND record IN ('*', $2) RETURNING seq",
+                seq,
+                record,
+                sealed,
+            )
+        return named is not None
 
     def wake(self, dataset: str) -> None:
         """Say that this replica has an entry of ``dataset`` to replay: wakes its idle

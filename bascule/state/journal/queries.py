@@ -72,17 +72,103 @@ async def listing(
     ]
 
 
-async def retry(pool: asyncpg.Pool, seq: int | None, *, all_dead: bool = False) -> int:
-    """Send dead entries (one, or all) back to the replayer; return how many."""
-    async with reaching_postgres():
-        rows = await pool.fetch(
+async def retry(
+    pool: asyncpg.Pool,
+    seq: int | None,
+    *,
+    all_dead: bool = False,
+    actor: str,
+    reason: str,
+    details: dict[str, str] | None = None,
+) -> int:
+    """Send dead entries (one, or all) back to the replayer, audited (a row per dataset, with
+    the entries) in the same transaction; return how many."""
+    async with reaching_postgres(), pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
             "UPDATE bascule_journal SET state = 'pending', attempts = 0, next_attempt_at = now()"
             " WHERE state = 'dead' AND ($1::bigint IS NULL OR seq = $1) AND ($2 OR seq = $1)"
-            " RETURNING seq",
+            " RETURNING seq, dataset",
             seq,
             all_dead,
         )
+        retried: dict[str, list[int]] = {}
+        for row in rows:
+            retried.setdefault(row["dataset"], []).append(row["seq"])
+        for dataset, seqs in sorted(retried.items()):
+            await audit.record(
+                conn,
+                dataset,
+                "journal-retry",
+                actor=actor,
+                reason=reason,
+                details={**(details or {}), "seqs": sorted(seqs)},
+            )
     return len(rows)
+
+
+async def entry_of(pool: Reader, seq: int) -> dict[str, Any] | None:
+    """One entry's metadata (never its body), or None."""
+    async with reaching_postgres():
+        row = await pool.fetchrow(
+            "SELECT seq, dataset, record, route, method, authority, state, last_error"
+            " FROM bascule_journal WHERE seq = $1",
+            seq,
+        )
+    return None if row is None else dict(row)
+
+
+async def resolve(
+    pool: asyncpg.Pool,
+    seq: int,
+    *,
+    applied: bool,
+    actor: str,
+    reason: str,
+    record: str | None = None,
+    named: bytes | None = None,
+    details: dict[str, str] | None = None,
+) -> str:
+    """An SRE's word on an entry in doubt, audited in the same transaction; its dataset.
+
+    Not applied: the authoritative side never applied it, so there is nothing to replay (it
+    becomes *rejected*, and holds nothing back any more). Applied, for a create whose record is
+    now known (``record``: its token; ``named``: the sealed answer naming its id, for the
+    resolver): the entry is named after that record and stays in doubt until the resolver has
+    read the record back from the authoritative side and queued its current state."""
+    async with reaching_postgres(), pool.acquire() as conn, conn.transaction():
+        if applied:
+            row = await conn.fetchrow(
+                "UPDATE bascule_journal SET record = $2, answer = $3, next_attempt_at = now(),"
+                " last_error = 'an SRE named the record it made: it is read back'"
+                " WHERE seq = $1 AND state = 'in_doubt' AND record = '*'"
+                " RETURNING dataset, state",
+                seq,
+                record,
+                named,
+            )
+        else:
+            row = await conn.fetchrow(
+                "UPDATE bascule_journal SET state = 'rejected', decided_at = now(),"
+                " last_error = 'an SRE said it was not applied'"
+                " WHERE seq = $1 AND state = 'in_doubt' RETURNING dataset, 'in_doubt' AS state",
+                seq,
+            )
+        if row is None:
+            raise IllegalTransition(f"journal entry {seq} does not exist or is not in doubt")
+        await audit.record(
+            conn,
+            row["dataset"],
+            "journal-resolve",
+            actor=actor,
+            reason=reason,
+            details={
+                **(details or {}),
+                "seq": seq,
+                "was": "in_doubt",
+                "as": "applied" if applied else "not-applied",
+            },
+        )
+        return str(row["dataset"])
 
 
 async def skip(

@@ -3,10 +3,17 @@
 An entry is replayed only after every earlier open entry of its record (and of its dataset,
 when either is dataset-wide) has settled. That rule is evaluated on each entry's own state,
 never on a high-water mark: a lower ``seq`` can commit after a higher one is visible.
+
+One exception: a create left in doubt (its answer lost, so the record it made is unknown)
+holds back only later dataset-wide entries, not later writes naming their record. Those may
+name the record it made (a researcher who found it): replayed before it, they are never
+overwritten by it, since a create is settled by reading its record's *current* state back from
+the authority (``proxy/resolver.py``), which holds them already.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import asyncpg
@@ -19,20 +26,23 @@ from bascule.state.postgres import reaching_postgres
 class ReplaySelection(JournalCore):
     """Pending entries in replay order, the orphans, and marking entries applied."""
 
-    async def replayable(self, dataset: str, limit: int = 100, run: int = 1) -> list[Entry]:
+    async def replayable(
+        self, dataset: str, limit: int = 100, run: int = 1, creates: Collection[str] = ()
+    ) -> list[Entry]:
         """Pending entries whose every earlier open entry of the same record — or of the whole
         dataset, when either is dataset-wide — has settled or comes before it in this answer;
         in order. ``run``: how many of one record's consecutive pending entries may come
         (the replayer applies them one after the other), so a busy record is not drained one
-        entry per round."""
-        return [entry(r) for r in await self._replayable(dataset, limit, run, "")]
+        entry per round. ``creates``: the routes that create a record (``"METHOD template"``):
+        one of those left in doubt holds back dataset-wide entries only (see the module)."""
+        return [entry(r) for r in await self._replayable(dataset, limit, run, "", creates)]
 
     async def wave(
-        self, dataset: str, limit: int = 100, run: int = 1
+        self, dataset: str, limit: int = 100, run: int = 1, creates: Collection[str] = ()
     ) -> tuple[list[Entry], dict[int, tuple[dict[str, Any], bytes | None]]]:
         """:meth:`replayable` and the opened request and answer of each entry, in one query
         (the replayer's round)."""
-        rows = await self._replayable(dataset, limit, run, ", j.request, j.answer")
+        rows = await self._replayable(dataset, limit, run, ", j.request, j.answer", creates)
         entries = [entry(r) for r in rows]
         return entries, {
             entry.seq: self._opened(dataset, r["request"], r["answer"])
@@ -40,7 +50,7 @@ class ReplaySelection(JournalCore):
         }
 
     async def _replayable(
-        self, dataset: str, limit: int, run: int, extra: str
+        self, dataset: str, limit: int, run: int, extra: str, creates: Collection[str]
     ) -> list[asyncpg.Record]:
         # One pass over the open entries (a partial index). Per record, the entries before
         # the first that is not pending-and-due; none after an earlier open dataset-wide
@@ -52,7 +62,10 @@ class ReplaySelection(JournalCore):
         # the 2-core bench machine, 44 ms chosen first).
         async with reaching_postgres():
             rows: list[asyncpg.Record] = await self.pool.fetch(
-                "WITH open AS MATERIALIZED (SELECT seq, record, state, next_attempt_at"
+                "WITH open AS MATERIALIZED (SELECT seq, record, state, next_attempt_at,"
+                # A create in doubt: later record entries do not wait for it (see the module).
+                "   record = '*' AND state = 'in_doubt'"
+                "     AND method || ' ' || route = ANY($5::text[]) AS loose"
                 "   FROM bascule_journal WHERE dataset = $1 AND state = ANY($3::text[])),"
                 " chains AS (SELECT seq, record, row_number() OVER w AS pos,"
                 "   count(*) FILTER (WHERE state <> 'pending' OR next_attempt_at > now())"
@@ -60,7 +73,8 @@ class ReplaySelection(JournalCore):
                 "   FROM open WINDOW w AS (PARTITION BY record ORDER BY seq)),"
                 " wave AS (SELECT seq FROM chains c WHERE c.blocked = 0 AND c.pos <= $4"
                 "   AND CASE WHEN c.record = '*' THEN c.seq = (SELECT min(seq) FROM open)"
-                "     ELSE c.seq < coalesce((SELECT min(seq) FROM open WHERE record = '*'),"
+                "     ELSE c.seq < coalesce((SELECT min(seq) FROM open"
+                "       WHERE record = '*' AND NOT loose),"
                 "       9223372036854775807) END"
                 "   ORDER BY seq LIMIT $2)"
                 f" SELECT {J_COLUMNS}{extra} FROM bascule_journal j JOIN wave USING (seq)"
@@ -69,6 +83,7 @@ class ReplaySelection(JournalCore):
                 limit,
                 list(OPEN),
                 run,
+                list(creates),
             )
         return rows
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -189,10 +190,13 @@ class WriteSession:
         stage_version: int | None = None,
         fenced: bool = False,
         record: str | None = None,
+        request: dict[str, Any] | None = None,
     ) -> None:
         """Record the outcome on this session, and release its locks in the same statement.
         ``record``: the record a create turned out to make (its answer names it): from then on
-        the entry is that record's, and waits for no write to any other.
+        the entry is that record's, and waits for no write to any other. ``request``: the
+        request with its body, for an outcome that may be replayed or re-sent (the intent is
+        journaled without it, so that a refused write never leaves its body in the journal).
 
         On this session: a write never needs a second connection (with every session of the
         pool held by writers, waiting for another would deadlock). The outcome is flushed like
@@ -215,11 +219,18 @@ class WriteSession:
                 release=True,
                 fenced=fenced,
                 record=record,
+                request=None if request is None else self._sealed(request),
             )
         except IllegalTransition:
             self.unlocked = True  # the statement ran to its end, unlock included
             raise
         self.unlocked = True
+
+
+def _timed_out(asked: float, wait: float) -> bool:
+    """A statement sent at ``asked`` (monotonic) was cancelled at its ``wait`` bound, by its
+    own ``statement_timeout``, not earlier by another session."""
+    return time.monotonic() - asked >= wait * 0.9
 
 
 async def _read_backend_start(conn: Any) -> datetime:
@@ -249,29 +260,48 @@ class WriteLocks(JournalCore):
 
         A record write holds the dataset's lock shared and its records' locks exclusively, in
         sorted order (no deadlock between writes naming several records); a dataset-wide write
-        holds the dataset's lock exclusively. Waiting longer than ``wait`` raises StoreError.
+        holds the dataset's lock exclusively. Waiting longer than ``wait`` in all raises
+        :class:`RecordBusy`; a session that does not answer at all, :class:`StoreError`.
         """
         wanted = sorted(set(records))
         whole = lock_id(dataset, DATASET_WIDE)
         # The dataset's write fence first (shared: writes do not exclude each other; a stage
         # change that alters writes takes it exclusively), then the record locks.
-        takes = [f"SELECT pg_advisory_lock_shared({fence_id(dataset)})"]
+        takes = [f"pg_advisory_lock_shared({fence_id(dataset)})"]
         if DATASET_WIDE in wanted:
-            takes.append(f"SELECT pg_advisory_lock({whole})")
+            takes.append(f"pg_advisory_lock({whole})")
         else:
-            takes.append(f"SELECT pg_advisory_lock_shared({whole})")
-            takes += [f"SELECT pg_advisory_lock({lock_id(dataset, r)})" for r in wanted]
-        # One round trip for the timeout and every lock, taken in this order (the ids are
-        # integers computed here, never text from a request).
-        statement = "; ".join([f"SET lock_timeout = '{max(1, int(wait * 1000))}ms'", *takes])
+            takes.append(f"pg_advisory_lock_shared({whole})")
+            takes += [f"pg_advisory_lock({lock_id(dataset, r)})" for r in wanted]
+        # One round trip for the bounds and every lock, taken in this order (the ids are
+        # integers computed here, never text from a request). One SELECT, not a statement per
+        # lock: `lock_timeout` bounds each wait, `statement_timeout` the whole statement (it
+        # applies to each statement of a message apart), so waits in turn for several locks
+        # cannot add up past `wait` (they did, and the client's own timeout then reported a
+        # busy record as an unreachable store). The statement timeout is reset in the same
+        # message once the locks are held (a writer pool hands sessions back unreset, and a
+        # data job runs long queries on its own); should the locks fail, the message's
+        # implicit transaction undoes both SETs.
+        bound = f"'{max(1, int(wait * 1000))}ms'"
+        statement = (
+            f"SET lock_timeout = {bound}; SET statement_timeout = {bound};"
+            f" SELECT {', '.join(takes)}; RESET statement_timeout"
+        )
         async with reaching_postgres(), self.sessions.acquire() as conn:
             session: WriteSession | None = None
             try:
                 try:
-                    # The statement's own timeout outlasts the lock wait (the pool's default
-                    # command timeout would cut it short, as if Postgres were unreachable).
+                    # The client's timeout outlasts the server's bound: past it the session
+                    # is silent (a partition), not busy. The pool's default command timeout
+                    # would cut the wait short, as if Postgres were unreachable.
+                    asked = time.monotonic()
                     await conn.execute(statement, timeout=wait + 5.0)
-                except asyncpg.LockNotAvailableError:
+                except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
+                    # A cancel that came before the bound was someone else's (an
+                    # administrator's): not a busy record. (The server's message says which,
+                    # but in the server's language.)
+                    if isinstance(exc, asyncpg.QueryCanceledError) and not _timed_out(asked, wait):
+                        raise
                     raise RecordBusy(
                         f"waited more than {wait:g} s for this record: another write to it, or "
                         "a stage switch of its dataset, held it"
