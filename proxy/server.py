@@ -159,6 +159,9 @@ class Body:
             self._waiter.set_result(None)
 
 
+_NO_BODY = Body.whole(b"")
+
+
 class Request:
     """One researcher request: its head at once, its body as it arrives."""
 
@@ -521,6 +524,7 @@ class _Connection(asyncio.Protocol):
         length: int | None = None
         expect = False
         host = ""
+        framed = False
         for name, value in self.headers:
             lower = name.lower()
             if lower == "host":
@@ -529,12 +533,20 @@ class _Connection(asyncio.Protocol):
                 if hosts > 1:
                     raise _Failure(400, "bad_request", "the request has more than one Host header")
             elif lower == "content-length" and value.strip().isdigit():
-                length = int(value)  # llhttp refused a malformed or repeated one already
-                if length > limit:
+                # llhttp refused a malformed, repeated or overflowing one already.
+                digits = value.strip().lstrip("0")
+                if len(digits) > 18 or int(digits or "0") > limit:
                     raise _Failure(413, "body_too_large", _too_large(limit))
+                length = int(digits or "0")
+            elif lower == "transfer-encoding":
+                framed = True
             elif lower == "expect" and value.lower() == "100-continue":
                 expect = True
         http10 = parser.get_http_version() == "1.0"
+        if framed or length:
+            body = Body(self, length, expect_continue=expect and not http10)
+        else:
+            body = _NO_BODY  # none follows (RFC 9112 6.3): one shared, complete, empty body
         request = Request(
             parser.get_method().decode("ascii"),
             self.target.decode("latin-1"),
@@ -543,7 +555,7 @@ class _Connection(asyncio.Protocol):
             host=host,
             keep_alive=parser.should_keep_alive() and not self._upgrade_asked(),
             http10=http10,
-            body=Body(self, length, expect_continue=expect and not http10),
+            body=body,
         )
         self.parsing = request
         self.queue.append(request)
@@ -574,7 +586,8 @@ class _Connection(asyncio.Protocol):
         try:
             while self.queue and not self.closed:
                 request = self.queue.popleft()
-                self.flow()  # room for one more
+                if not self.reading:
+                    self.flow()  # room for one more
                 out = Responder(
                     self,
                     head_only=request.method == "HEAD",
@@ -606,7 +619,8 @@ class _Connection(asyncio.Protocol):
                 if not out.keep_alive:
                     self.close()
                     break
-                await self._taken()
+                if not self.can_write.is_set():
+                    await self._taken()
         finally:
             self.handling = False
         if not self.closed and self.transport is not None:
@@ -634,8 +648,6 @@ class _Connection(asyncio.Protocol):
         high-water mark, before the next pipelined request is answered (and read): a client
         that never reads holds one connection's buffers, never more. One that takes nothing
         for ``keepalive_idle`` seconds is closed."""
-        if self.can_write.is_set():
-            return
         try:
             async with asyncio.timeout(self.server.keepalive_idle):
                 await self.can_write.wait()
