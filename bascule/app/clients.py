@@ -23,7 +23,7 @@ from bascule.app.operations import Operations, naming_of
 from bascule.config import Config, Secrets, load_config
 from bascule.errors import ConfigError, Refused, StoreError, UsageError
 from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer
-from bascule.state.postgres import open_pool, schema_check
+from bascule.state.postgres import IDLE_IN_TRANSACTION, open_pool, schema_check
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 from cutover.controller import groups_of
@@ -56,7 +56,10 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
         # Up to 3 at once: the write fence held during a change, its commit, and the backlog
         # and replica queries of an authority switch.
         pool = await open_pool(
-            found.postgres_url, max_size=4, dead_session_after=config.state.dead_session_after
+            found.postgres_url,
+            max_size=4,
+            dead_session_after=config.state.dead_session_after,
+            idle_in_transaction=IDLE_IN_TRANSACTION,
         )
         # A Redis behind a silent partition must not hang the announcement of a change.
         redis = aioredis.Redis.from_url(

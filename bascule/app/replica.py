@@ -26,7 +26,7 @@ from bascule.stages import Side
 from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer, StageView
 from bascule.state.journal import Journal
 from bascule.state.journal.writes import WriterConnection
-from bascule.state.postgres import open_pool, schema_check
+from bascule.state.postgres import IDLE_IN_TRANSACTION, open_pool, schema_check
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
@@ -114,7 +114,9 @@ class Replica:
 
     async def __aenter__(self) -> Replica:
         probe = self.config.state.dead_session_after
-        self.pool = await open_pool(self.postgres_url, dead_session_after=probe)
+        self.pool = await open_pool(
+            self.postgres_url, dead_session_after=probe, idle_in_transaction=IDLE_IN_TRANSACTION
+        )
         await schema_check(self.pool)
         # Announcements, counters, noise: a silent Redis fails them in REDIS_TIMEOUT, never
         # hangs them (the tally's flushes would stop, the gate's evidence with them).

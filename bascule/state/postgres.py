@@ -17,7 +17,10 @@ log = logging.getLogger("bascule.state")
 
 DEAD_SESSION_AFTER = 30.0
 """Seconds after which a state session that stopped answering is dropped by both ends
-(``[state] dead_session_after``, :func:`probes`)."""
+(``[state] dead_session_after``, :class:`Probes`)."""
+IDLE_IN_TRANSACTION = 60.0
+"""Seconds a replica's or the CLI's session may sit idle inside a transaction (theirs only
+ever run statements, in milliseconds): then the server ends it, and its row locks with it."""
 
 Reader = asyncpg.Pool | asyncpg.Connection
 """Where a query runs: a pool (a session of its own), or one session, e.g. a transaction's, so
@@ -111,18 +114,23 @@ async def open_pool(
     connection_class: type[asyncpg.Connection] = asyncpg.Connection,
     application_name: str | None = None,
     dead_session_after: float = DEAD_SESSION_AFTER,
+    idle_in_transaction: float | None = None,
 ) -> asyncpg.Pool:
     """A pool on the state database that fails fast when Postgres is away (no 60 s hangs).
 
     ``min_size=0``: creating the pool connects nothing, so a replica can start, and keep
     serving on its last known stages, while Postgres is unreachable. Every session probes
     its peer both ways (:class:`Probes`): one that stopped answering is dropped, with its
-    locks, within ``dead_session_after`` seconds.
+    locks, within ``dead_session_after`` seconds. ``idle_in_transaction``: seconds a session
+    may sit idle inside a transaction before the server ends it (for pools whose transactions
+    only ever run statements: a client frozen mid-transaction must not hold its row locks).
     """
     probes = Probes(dead_session_after)
     settings = probes.server_settings()
     if application_name:
         settings["application_name"] = application_name
+    if idle_in_transaction is not None:
+        settings["idle_in_transaction_session_timeout"] = f"{int(idle_in_transaction * 1000)}ms"
 
     async def probing(conn: asyncpg.Connection) -> None:
         probes.apply(conn)

@@ -182,3 +182,18 @@ async def test_a_server_refusing_the_probes_still_lets_replicas_connect(pg_url: 
         await conn.close()
     with pytest.raises(asyncpg.PostgresError):  # any other refusal is not hidden
         await connect_probing(pg_url, server_settings={"work_mem": "-1"})
+
+
+async def test_a_session_idle_inside_a_transaction_is_ended(pg_url: str) -> None:
+    """A replica's or the CLI's session frozen mid-transaction (they only ever run statements
+    in theirs) does not hold its row locks for good: the server ends it."""
+    pool = await open_pool(pg_url, max_size=1, idle_in_transaction=0.5)
+    try:
+        async with pool.acquire() as conn:
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+                async with conn.transaction():
+                    await conn.execute("SELECT 1")
+                    await asyncio.sleep(1.5)
+                    await conn.execute("SELECT 1")
+    finally:
+        await pool.close()
