@@ -227,8 +227,11 @@ class WriteSession:
         self.unlocked = True
 
 
-IN_ALL = 5.0
+IN_ALL = 3.0
 """Seconds a write's locks may take in all beyond its wait for one of them."""
+SILENT_AFTER = 2.0
+"""Seconds past the server's own bound after which a lock statement's session is silent (a
+partition), not busy: together, the 15 s the client allowed a write's locks before."""
 
 
 def _timed_out(asked: float, bound: float) -> bool:
@@ -283,8 +286,9 @@ class WriteLocks(JournalCore):
         # lock: `lock_timeout` bounds each wait, `statement_timeout` the whole statement (it
         # applies to each statement of a message apart), so waits in turn for several locks
         # cannot add up past the client's own timeout (they did, and it then reported a busy
-        # record as an unreachable store). The whole may take `IN_ALL` more than one lock, as
-        # the client allowed before: nothing that waited its turn then is refused now. The
+        # record as an unreachable store). The whole may take `IN_ALL` more than one lock, and
+        # a session silent `SILENT_AFTER` past that is unreachable: 15 s in all, the client's
+        # timeout before, so a partition is told as fast as it was. The
         # statement timeout is reset in the same
         # message once the locks are held (a writer pool hands sessions back unreset, and a
         # data job runs long queries on its own); should the locks fail, the message's
@@ -303,7 +307,7 @@ class WriteLocks(JournalCore):
                     # is silent (a partition), not busy. The pool's default command timeout
                     # would cut the wait short, as if Postgres were unreachable.
                     asked = time.monotonic()
-                    await conn.execute(statement, timeout=total + 5.0)
+                    await conn.execute(statement, timeout=total + SILENT_AFTER)
                 except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
                     # A cancel that came before the bound was someone else's (an
                     # administrator's): not a busy record. (The server's message says which,
