@@ -227,10 +227,17 @@ class WriteSession:
         self.unlocked = True
 
 
-def _timed_out(asked: float, wait: float) -> bool:
-    """A statement sent at ``asked`` (monotonic) was cancelled at its ``wait`` bound, by its
-    own ``statement_timeout``, not earlier by another session."""
-    return time.monotonic() - asked >= wait * 0.9
+IN_ALL = 3.0
+"""Seconds a write's locks may take in all beyond its wait for one of them."""
+SILENT_AFTER = 2.0
+"""Seconds past the server's own bound after which a lock statement's session is silent (a
+partition), not busy: together, the 15 s the client allowed a write's locks before."""
+
+
+def _timed_out(asked: float, bound: float) -> bool:
+    """A statement sent at ``asked`` (monotonic) was cancelled at its ``bound``, by its own
+    ``statement_timeout``, not earlier by another session."""
+    return time.monotonic() - asked >= bound * 0.9
 
 
 async def _read_backend_start(conn: Any) -> datetime:
@@ -260,8 +267,9 @@ class WriteLocks(JournalCore):
 
         A record write holds the dataset's lock shared and its records' locks exclusively, in
         sorted order (no deadlock between writes naming several records); a dataset-wide write
-        holds the dataset's lock exclusively. Waiting longer than ``wait`` in all raises
-        :class:`RecordBusy`; a session that does not answer at all, :class:`StoreError`.
+        holds the dataset's lock exclusively. Waiting longer than ``wait`` for one lock, or
+        ``wait`` + :data:`IN_ALL` for all of them, raises :class:`RecordBusy`; a session that does
+        not answer at all, :class:`StoreError`.
         """
         wanted = sorted(set(records))
         whole = lock_id(dataset, DATASET_WIDE)
@@ -277,14 +285,18 @@ class WriteLocks(JournalCore):
         # integers computed here, never text from a request). One SELECT, not a statement per
         # lock: `lock_timeout` bounds each wait, `statement_timeout` the whole statement (it
         # applies to each statement of a message apart), so waits in turn for several locks
-        # cannot add up past `wait` (they did, and the client's own timeout then reported a
-        # busy record as an unreachable store). The statement timeout is reset in the same
+        # cannot add up past the client's own timeout (they did, and it then reported a busy
+        # record as an unreachable store). The whole may take `IN_ALL` more than one lock, and
+        # a session silent `SILENT_AFTER` past that is unreachable: 15 s in all, the client's
+        # timeout before, so a partition is told as fast as it was. The
+        # statement timeout is reset in the same
         # message once the locks are held (a writer pool hands sessions back unreset, and a
         # data job runs long queries on its own); should the locks fail, the message's
         # implicit transaction undoes both SETs.
-        bound = f"'{max(1, int(wait * 1000))}ms'"
+        total = wait + IN_ALL
         statement = (
-            f"SET lock_timeout = {bound}; SET statement_timeout = {bound};"
+            f"SET lock_timeout = '{max(1, int(wait * 1000))}ms';"
+            f" SET statement_timeout = '{int(total * 1000)}ms';"
             f" SELECT {', '.join(takes)}; RESET statement_timeout"
         )
         async with reaching_postgres(), self.sessions.acquire() as conn:
@@ -295,16 +307,17 @@ class WriteLocks(JournalCore):
                     # is silent (a partition), not busy. The pool's default command timeout
                     # would cut the wait short, as if Postgres were unreachable.
                     asked = time.monotonic()
-                    await conn.execute(statement, timeout=wait + 5.0)
+                    await conn.execute(statement, timeout=total + SILENT_AFTER)
                 except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
                     # A cancel that came before the bound was someone else's (an
                     # administrator's): not a busy record. (The server's message says which,
                     # but in the server's language.)
-                    if isinstance(exc, asyncpg.QueryCanceledError) and not _timed_out(asked, wait):
+                    if isinstance(exc, asyncpg.QueryCanceledError) and not _timed_out(asked, total):
                         raise
                     raise RecordBusy(
-                        f"waited more than {wait:g} s for this record: another write to it, or "
-                        "a stage switch of its dataset, held it"
+                        f"waited more than {wait:g} s for this record ({total:g} s in all with its"
+                        " dataset's): another write to it, a create in its dataset, or a stage "
+                        "switch of its dataset, held it"
                     ) from None
                 session = WriteSession(self, conn, dataset)
                 yield session
