@@ -230,3 +230,29 @@ async def digest(database: str, table: str = "dcir") -> tuple[int, str]:
         f" FROM {table} t",
     )
     return rows[0][0], rows[0][1]
+
+
+async def table_world(
+    tmp_path: Path,
+    make_database: MakeDatabase,
+    pg_url: str,
+    source_sql: list[str],
+    target_sql: list[str],
+    *stages: Stage,
+) -> tuple[Config, str, str]:
+    """A custom ``cepidc`` table on each side, built by the statements given."""
+    source, target = await make_database("src"), await make_database("tgt")
+    await execute(source, *source_sql)
+    await execute(target, *target_sql)
+    await state(pg_url)
+    await walk_dataset(pg_url, "cepidc", *stages)
+    config = write_config(tmp_path / "bascule.toml", pg_url, (source, target))
+    return config, source, target
+
+
+async def walk_dataset(pg_url: str, dataset: str, *stages: Stage) -> None:
+    pool = await open_pool(pg_url, max_size=1)
+    try:
+        await walk(StageStore(pool), dataset, *stages, reason="set-up")
+    finally:
+        await pool.close()

@@ -13,19 +13,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bascule.config import Config, Secrets
+from bascule.config import Secrets
 from bascule.stages import Side, Stage
-from bascule.state.postgres import open_pool
-from bascule.state.stage_store import StageStore
 from cutover.backfill import BackfillOptions, backfill
 from cutover.checksum import key_hashes
 from cutover.findings import Options
 from cutover.job import data_job
 from cutover.tables import PINNED, Conn, Pair, agree, discover, hash_seed, pair
 from cutover.verify import verify
-from refapi.lab import walk
-from tests.cutover import datajobs
-from tests.cutover.datajobs import MakeDatabase, execute, state
+from tests.cutover.datajobs import MakeDatabase, execute, table_world
 from tests.harness import fetch
 
 SEED = hash_seed(b"test_hash_edges")
@@ -149,26 +145,6 @@ async def test_keys_the_key_type_cannot_hold_are_absent_not_a_failure(
 # --- generated and identity columns on one side only ---------------------------------------
 
 
-async def cepidc_world(
-    tmp_path: Path,
-    make_database: MakeDatabase,
-    pg_url: str,
-    source_sql: list[str],
-    target_sql: list[str],
-) -> tuple[Config, str, str]:
-    source, target = await make_database("src"), await make_database("tgt")
-    await execute(source, *source_sql)
-    await execute(target, *target_sql)
-    await state(pg_url)
-    pool = await open_pool(pg_url, max_size=1)
-    try:
-        await walk(StageStore(pool), "cepidc", Stage.DUALWRITE, reason="set-up")
-    finally:
-        await pool.close()
-    config = datajobs.write_config(tmp_path / "bascule.toml", pg_url, (source, target))
-    return config, source, target
-
-
 PLAIN = "CREATE TABLE cepidc (code bigint PRIMARY KEY, score int, total int)"
 GENERATED = (
     "CREATE TABLE cepidc (code bigint PRIMARY KEY, score int,"
@@ -190,12 +166,13 @@ async def test_a_column_generated_on_one_side_only_is_written_where_it_is_plain(
     """The target already holds some rows (its batch is staged: INSERT ... SELECT). Generated
     on the target: the target computes it; on the source only: the target is given it."""
     source_ddl, target_ddl = (GENERATED, PLAIN) if generated_on == "source" else (PLAIN, GENERATED)
-    config, _, target = await cepidc_world(
+    config, _, target = await table_world(
         tmp_path,
         make_database,
         pg_url,
         [source_ddl, rows(source_ddl, 1000), "ANALYZE cepidc"],
         [target_ddl, rows(target_ddl, 10), "ANALYZE cepidc"],
+        Stage.DUALWRITE,
     )
     secrets = Secrets.from_env(os.environ)
     async with data_job(config, secrets, "cepidc", pg_url, actor="t", purpose="backfill") as job:
@@ -225,7 +202,7 @@ async def test_identity_columns_generated_always_are_written_by_a_backfill_and_a
     """The target's key and another column are GENERATED ALWAYS AS IDENTITY: a staged batch
     and a repair's upsert insert them with OVERRIDING SYSTEM VALUE; an upsert's update leaves
     the non-key one alone (an UPDATE may only set it to its default), which is equal here."""
-    config, _, target = await cepidc_world(
+    config, _, target = await table_world(
         tmp_path,
         make_database,
         pg_url,
@@ -241,6 +218,7 @@ async def test_identity_columns_generated_always_are_written_by_a_backfill_and_a
             " SELECT g, g + 10, g FROM generate_series(1, 10) g",
             "ANALYZE cepidc",
         ],
+        Stage.DUALWRITE,
     )
     secrets = Secrets.from_env(os.environ)
     async with data_job(config, secrets, "cepidc", pg_url, actor="t", purpose="backfill") as job:

@@ -34,9 +34,8 @@ from cutover.gate import Gate
 from cutover.job import Progress, Silent, data_job
 from cutover.verify import verify
 from proxy.routing import Router
-from refapi.lab import walk
 from tests.cutover import datajobs
-from tests.cutover.datajobs import MakeDatabase, execute, state, token
+from tests.cutover.datajobs import MakeDatabase, execute, state, table_world, token, walk_dataset
 from tests.harness import fetch
 
 # --- helpers -----------------------------------------------------------------------------
@@ -51,32 +50,6 @@ async def dcir_world(
     await state(pg_url, *stages)
     config = datajobs.write_config(tmp_path / "bascule.toml", pg_url, (source, target))
     return config, source, target
-
-
-async def table_world(
-    tmp_path: Path,
-    make_database: MakeDatabase,
-    pg_url: str,
-    source_sql: list[str],
-    target_sql: list[str],
-    *stages: Stage,
-) -> tuple[Config, str, str]:
-    """A custom ``cepidc`` table on each side, built by the statements given."""
-    source, target = await make_database("src"), await make_database("tgt")
-    await execute(source, *source_sql)
-    await execute(target, *target_sql)
-    await state(pg_url)
-    await walk_dataset(pg_url, "cepidc", *stages)
-    config = datajobs.write_config(tmp_path / "bascule.toml", pg_url, (source, target))
-    return config, source, target
-
-
-async def walk_dataset(pg_url: str, dataset: str, *stages: Stage) -> None:
-    pool = await open_pool(pg_url, max_size=1)
-    try:
-        await walk(StageStore(pool), dataset, *stages, reason="set-up")
-    finally:
-        await pool.close()
 
 
 async def verify_once(
