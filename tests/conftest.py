@@ -18,19 +18,22 @@ import pytest
 import redis.asyncio as aioredis
 from _pytest.nodeid import NodeId
 
-from bascule.state.servers import StoreEndpoints, create_database, drop_database, provide_stores
+from bascule.state.servers import StoreEndpoints, create_database, provide_stores
 from refapi.lab import PROXY_ENV, migrate_state
+from tests.dropping import Dropper
 
 # A test fails when a background task dies or the event loop reports an exception.
 pytest_plugins = ["tests.surfacing"]
 
 _stack = ExitStack()
 _endpoints: StoreEndpoints | None = None
+_dropper: Dropper | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _endpoints
+    global _endpoints, _dropper
     _endpoints = _stack.enter_context(provide_stores())
+    _dropper = Dropper(_endpoints.postgres_url)
     # Proxies started in-process read their service credential from the environment.
     os.environ.update(PROXY_ENV)
 
@@ -51,6 +54,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         }
         if groups and "@" not in item.nodeid:
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Every database the tests made is dropped before the run ends; one that could not be is
+    a failure of the run (it would be left on the machine's server)."""
+    assert _dropper is not None
+    _dropper.close()
+    if _dropper.failures:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            for failure in _dropper.failures:
+                reporter.write_line(f"bascule tests: a test database was not dropped: {failure}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -88,8 +104,9 @@ async def make_database(stores: StoreEndpoints) -> AsyncIterator[MakeDatabase]:
         return await create_database(stores.postgres_url, name)
 
     yield make
+    assert _dropper is not None
     for name in made:
-        await drop_database(stores.postgres_url, name)
+        _dropper.drop(name)  # off the test's path: tests/dropping.py
 
 
 @pytest.fixture
