@@ -86,6 +86,8 @@ def fragment(data: dict[str, Any]) -> str:
     parts = [f'<p class="muted">figures read at <time>{_e(_when(data["at"]))}</time></p>']
     if not data["datasets"]:
         parts.append("<p>no dataset is registered (`bascule migrate`)</p>")
+    else:
+        parts.append(_summary(data["datasets"]))
     parts.extend(_dataset(d, data["mismatches_since"]) for d in data["datasets"])
     return "".join(parts)
 
@@ -126,6 +128,41 @@ def _frame(title: str, body: str) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<title>{_e(title)}</title><link rel="stylesheet" href="/oncall.css"></head>'
         f"<body>{body}</body></html>"
+    )
+
+
+def _summary(datasets: list[dict[str, Any]]) -> str:
+    """One line per dataset, at a glance; each links to its panel."""
+    rows = []
+    for d in datasets:
+        gate = d["gate"]
+        if gate is None:
+            verdict = '<span class="muted">-</span>'
+        elif gate["ok"]:
+            verdict = '<span class="ok">holds</span>'
+        else:
+            failing = ", ".join(c["condition"] for c in gate["conditions"] if not c["ok"])
+            verdict = f'<span class="bad">closed</span>: {_e(failing)}'
+        mismatched = sum(m["mismatched"] for m in d["minutes"])
+        compared = sum(m["compared"] for m in d["minutes"])
+        j = d["journal"]
+        noise = "-" if d["noise"] is None else str(len(d["noise"]))
+        rows.append(
+            f'<tr data-dataset="{_e(d["dataset"])}"><td><a href="#dataset-{_e(d["dataset"])}">'
+            f"{_e(d['dataset'])}</a></td>"
+            f'<td><span class="stage stage-{_e(d["stage"])}">{_e(d["stage"])}</span></td>'
+            f"<td>{_e(_when(d['since']))}</td><td>{verdict}</td>"
+            f'<td class="{"bad" if mismatched else ""}">{mismatched} of {compared}</td>'
+            f"<td>{_e(j.get('backlog', 0))}</td>"
+            f'<td class="{"bad" if j.get("in_doubt") else ""}">{_e(j.get("in_doubt", 0))}</td>'
+            f'<td class="{"bad" if j.get("dead") else ""}">{_e(j.get("dead", 0))}</td>'
+            f"<td>{_e(noise)}</td></tr>"
+        )
+    return (
+        '<table class="summary"><thead><tr><th>dataset</th><th>stage</th><th>since</th>'
+        "<th>gate</th><th>mismatched, last hour</th><th>backlog</th><th>in doubt</th>"
+        f"<th>dead</th><th>noise to decide</th></tr></thead><tbody>{''.join(rows)}</tbody>"
+        "</table>"
     )
 
 
@@ -367,4 +404,6 @@ svg.chart text { font-size: 7px; fill: #6b7280; }
 .figure span { display: block; color: #6b7280; }
 .figure b { font-size: 1.4rem; }
 form.login { margin-top: 1rem; }
+table.summary { background: #fff; border: 1px solid #d5d9e0; margin-bottom: .5rem; }
+td.bad { color: #b42318; font-weight: 600; }
 """
