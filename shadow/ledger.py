@@ -283,3 +283,37 @@ async def errored(
         }
         for r in rows
     ]
+
+
+async def per_minute(
+    pool: asyncpg.Pool, datasets: list[str], minutes: int = 60
+) -> dict[str, list[dict[str, Any]]]:
+    """Per dataset, the last ``minutes`` minutes on the database's clock, oldest first, each
+    with its comparisons and mismatches (whatever the stage version): the on-call page's chart.
+    Every minute is listed, zero where nothing was compared."""
+    async with reaching_postgres():
+        rows = await pool.fetch(
+            "WITH span AS (SELECT generate_series(date_trunc('minute', now())"
+            "   - make_interval(mins => $2 - 1), date_trunc('minute', now()),"
+            "   interval '1 minute') AS minute)"
+            " SELECT d.dataset, s.minute,"
+            "  coalesce(sum(c.n) FILTER (WHERE c.outcome = 'compared'), 0)::bigint AS compared,"
+            "  coalesce(sum(c.n) FILTER (WHERE c.outcome = 'mismatched'), 0)::bigint"
+            "   AS mismatched"
+            " FROM unnest($1::text[]) AS d(dataset) CROSS JOIN span s"
+            " LEFT JOIN bascule_shadow_count c ON c.dataset = d.dataset AND c.minute = s.minute"
+            "  AND c.outcome IN ('compared', 'mismatched')"
+            " GROUP BY 1, 2 ORDER BY 1, 2",
+            datasets,
+            minutes,
+        )
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in datasets}
+    for r in rows:
+        found[r["dataset"]].append(
+            {
+                "minute": r["minute"].isoformat(),
+                "compared": int(r["compared"]),
+                "mismatched": int(r["mismatched"]),
+            }
+        )
+    return found

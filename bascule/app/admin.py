@@ -4,6 +4,10 @@
 record data). Everything under ``/v1`` needs ``Authorization: Bearer``: the viewer or the
 operator token to read, the operator token to change anything. A missing or unknown token is
 401, a viewer token on a change is 403, and in both cases nothing changes.
+
+The on-call page (``GET /``, its fragment ``/oncall/fragment`` and its JSON ``/api/oncall``:
+``bascule/app/oncall.py``) only reads. It takes the bearer header too, or the session cookie a
+person gets from ``POST /login`` with a token; that cookie opens nothing else.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from bascule.app import oncall
 from bascule.app.operations import Operations
 from bascule.checks import check_name, check_seq, check_text
 from bascule.errors import (
@@ -93,6 +98,120 @@ def _requires(role: str) -> Callable[[Handler], Handler]:
         return guarded
 
     return wrap
+
+
+# --- the on-call page ------------------------------------------------------------------------
+
+PAGE_HEADERS = {
+    # Only bascule's own script, style sheet and fetches; no frame, no form elsewhere.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _html(body: str, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, text=body, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS
+    )
+
+
+def _readers(deps: AdminDeps) -> list[str]:
+    """Every token that may read: the operators' and the viewer's."""
+    tokens = list(deps.operator_tokens.values())
+    if deps.viewer_token:
+        tokens.append(deps.viewer_token)
+    return tokens
+
+
+def _may_read(request: web.Request) -> bool:
+    """A reader's bearer header, or a live session cookie (from ``POST /login``)."""
+    deps = request.app[DEPS]
+    if _token_role(deps, request.headers.get("Authorization")) is not None:
+        return True
+    cookie = request.cookies.get(oncall.SESSION_COOKIE)
+    return cookie is not None and oncall.session_matches(cookie, _readers(deps))
+
+
+async def oncall_page(request: web.Request) -> web.Response:
+    if not _may_read(request):
+        return _html(oncall.login(), 401)
+    try:
+        data = await request.app[DEPS].ops.oncall()
+    except BasculeError as exc:
+        return _html(oncall.unavailable(str(exc)), 503)
+    raw = request.query.get("refresh", str(oncall.REFRESH_SECONDS))
+    refresh = int(raw) if raw.isdigit() and 1 <= int(raw) <= 3600 else oncall.REFRESH_SECONDS
+    return _html(oncall.page(data, refresh))
+
+
+async def oncall_fragment(request: web.Request) -> web.Response:
+    """What the page's script puts in place every few seconds."""
+    if not _may_read(request):
+        return _html("<p>log in again</p>", 401)
+    try:
+        data = await request.app[DEPS].ops.oncall()
+    except BasculeError as exc:
+        return _html(oncall.failed(str(exc)), 503)
+    return _html(oncall.fragment(data))
+
+
+async def oncall_json(request: web.Request) -> web.Response:
+    """The page's figures as JSON (for scripts; the same as the page shows)."""
+    if not _may_read(request):
+        return json_error(401, "unauthorized", "a valid Bearer token or session is required")
+    return await _answer(lambda ops: ops.oncall(), request)
+
+
+async def login_form(request: web.Request) -> web.Response:
+    return _html(oncall.login())
+
+
+async def login(request: web.Request) -> web.Response:
+    """A token typed in the form, exchanged for a session cookie (never the token itself)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.split("://", 1)[-1] != request.host:
+        return _html(oncall.login("log in from this page"), 403)
+    form = await request.post()
+    token = form.get("token")
+    deps = request.app[DEPS]
+    if (
+        not isinstance(token, str)
+        or not token
+        or _token_role(deps, f"Bearer {token.strip()}") is None
+    ):
+        return _html(oncall.login("that token is not a viewer's or an operator's"), 401)
+    resp = web.Response(status=303, headers={**PAGE_HEADERS, "Location": "/"})
+    resp.set_cookie(
+        oncall.SESSION_COOKIE,
+        oncall.session_value(token.strip()),
+        max_age=oncall.SESSION_SECONDS,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+    )
+    return resp
+
+
+async def logout(request: web.Request) -> web.Response:
+    resp = web.Response(status=303, headers={**PAGE_HEADERS, "Location": "/login"})
+    resp.del_cookie(oncall.SESSION_COOKIE, path="/")
+    return resp
+
+
+async def oncall_script(request: web.Request) -> web.Response:
+    return web.Response(
+        text=oncall.SCRIPT, content_type="text/javascript", charset="utf-8", headers=PAGE_HEADERS
+    )
+
+
+async def oncall_style(request: web.Request) -> web.Response:
+    return web.Response(
+        text=oncall.STYLE, content_type="text/css", charset="utf-8", headers=PAGE_HEADERS
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -438,6 +557,14 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # once: filters are a set
     app = web.Application(client_max_size=client_max_size)
     app[DEPS] = deps
+    app.router.add_get("/", oncall_page)
+    app.router.add_get("/oncall/fragment", oncall_fragment)
+    app.router.add_get("/api/oncall", oncall_json)
+    app.router.add_get("/oncall.js", oncall_script)
+    app.router.add_get("/oncall.css", oncall_style)
+    app.router.add_get("/login", login_form)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/datasets", list_datasets)

@@ -13,14 +13,15 @@ import argparse
 import asyncio
 import getpass
 import os
+import signal
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from bascule.app import render
-from bascule.app.clients import client_for, config_of
+from bascule.app.clients import Client, client_for, config_of
 from bascule.checks import check_actor, require_reason
-from bascule.errors import EXIT_REFUSED, Refused, UsageError
+from bascule.errors import EXIT_REFUSED, Refused, StoreError, UsageError
 from bascule.stages import Side
 from bascule.state import schema
 from bascule.state.journal import queries
@@ -59,6 +60,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("status", parents=[common], help="each dataset's stage")
     p.add_argument("dataset", nargs="?")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw the tables every --interval seconds until Ctrl-C (exit 0)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=WATCH_INTERVAL,
+        help=f"seconds between two frames of --watch (default: {WATCH_INTERVAL:g})",
+    )
     p.set_defaults(func=lambda a: run(_status(a)))
 
     audited = argparse.ArgumentParser(add_help=False)
@@ -190,6 +202,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=lambda a: run(_history(a)))
 
 
+WATCH_INTERVAL = 2.0
+"""``bascule status --watch``'s default: a frame every 2 s."""
+
+
 def os_user() -> str:
     """Who runs the command, as the audit records it unless ``--by`` says otherwise."""
     try:
@@ -224,18 +240,69 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return await _watch(args)
     async with client_for(args, change=False) as client:
-        rows = await client.datasets()
-        fleet = await client.replicas()
-    if args.dataset:
-        rows = [r for r in rows if r["dataset"] == args.dataset]
-        if not rows:
-            raise Refused(f"unknown dataset {args.dataset!r}")
+        rows, fleet = await _status_of(client, args.dataset)
     if args.json:
         render.print_json({"datasets": rows, "replicas": fleet})
     else:
         render.status(rows, fleet)
     return 0
+
+
+async def _status_of(
+    client: Client, dataset: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = await client.datasets()
+    fleet = await client.replicas()
+    if dataset:
+        rows = [r for r in rows if r["dataset"] == dataset]
+        if not rows:
+            raise Refused(f"unknown dataset {dataset!r}")
+    return rows, fleet
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    """``status`` again every ``--interval`` seconds, drawn in place, until Ctrl-C (or
+    SIGTERM): then exit 0, whatever the fetch under way. A frame that cannot be read (the
+    state database or the admin API away) says so, and the next one tries again."""
+    if args.json:
+        raise UsageError("--watch draws tables for a person; for scripts, run --json repeatedly")
+    if not 0.1 <= args.interval <= 3600:  # false for NaN too
+        raise UsageError("--interval must be a number of seconds from 0.1 to 3600")
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        async with client_for(args, change=False) as client:
+            with render.Watch() as screen:
+                while True:
+                    try:
+                        rows, fleet = await _status_of(client, args.dataset)
+                    except StoreError as exc:
+                        screen.show(render.status_unread(str(exc), args.interval))
+                    else:
+                        screen.show(render.status_frame(rows, fleet, args.interval))
+                    await asyncio.sleep(args.interval)
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        task.uncancel()
+        return 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _stage(args: argparse.Namespace) -> int:

@@ -342,7 +342,10 @@ class Demo:
             f"BASCULE_ADMIN_TOKEN={self.admin_token}\n"
             "  .venv/bin/bascule status\n"
             "  .venv/bin/bascule gate dcir\n"
-            "  .venv/bin/bascule stage pmsi dualwrite --reason 'try it'"
+            "  .venv/bin/bascule stage pmsi dualwrite --reason 'try it'\n"
+            "  .venv/bin/bascule status --watch\n"
+            f"and as on-call, in a browser: http://{self.config.proxy.admin_listen}/ "
+            f"(log in with {self.admin_token})"
         )
         await self._wait()
         return 0 if ok else 1

@@ -37,6 +37,13 @@ from shadow.noise_store import NoiseStore, pairs_needed
 MAX_SINCE = 366 * 24 * 3600.0
 """The furthest back ``divergence`` looks: a year (ledger rows are kept for the gate's windows)."""
 
+ONCALL_MINUTES = 60
+"""The on-call page's chart: the last hour, a bar a minute."""
+ONCALL_MISMATCHES_SINCE = 24 * 3600.0
+"""The on-call page lists the mismatches of the last day, by pointer..."""
+ONCALL_POINTERS = 20
+"""... the most frequent first, up to this many (and says how many there were)."""
+
 LISTED_STATES = {
     "pending": "pending",
     "dead": "dead",
@@ -172,6 +179,53 @@ class Operations:
         min_pairs = pairs_needed(self.noise_pairs, dataset)
         rows = await noise.proposals(dataset, min_pairs)
         return {"dataset": dataset, "min_pairs": min_pairs, "proposals": rows}
+
+    async def oncall(self) -> dict[str, Any]:
+        """What the on-call page shows, per dataset: its stage and since when, the gate with
+        each condition's figure, comparisons and mismatches per minute over the last hour, the
+        recent mismatches by pointer (with trace ids), the journal's counts, and the noise
+        proposals waiting for a decision. Stages, pointers, kinds, counts and trace ids only:
+        nothing here holds a record value (the ledger and the journal's counts have none)."""
+        rows = await self.store.all()
+        names = sorted(rows)
+        counts = await queries.backlog(self.store.pool)
+        minutes = await ledger.per_minute(self.store.pool, names, ONCALL_MINUTES)
+        since = datetime.now(UTC) - timedelta(seconds=ONCALL_MISMATCHES_SINCE)
+        datasets = []
+        for name in names:
+            row = rows[name]
+            gate = None if self.gate is None else (await self.gate.judge(row)).as_json()
+            groups = await ledger.divergence(self.store.pool, name, since)
+            noise = None
+            if self.noise_store is not None:
+                found = await self.noise_store.proposals(name, pairs_needed(self.noise_pairs, name))
+                noise = [
+                    {k: p[k] for k in ("pointer", "route", "rule", "key", "pairs", "last_seen")}
+                    for p in found
+                    if p["status"] == "pending"
+                ]
+            datasets.append(
+                {
+                    "dataset": name,
+                    "stage": row.stage.value,
+                    "version": row.version,
+                    "since": row.updated_at.isoformat(),
+                    "updated_by": row.updated_by,
+                    "auto_promote": row.auto_promote,
+                    "gaps": row.as_json()["gaps"],
+                    "gate": gate,
+                    "minutes": minutes[name],
+                    "mismatches": groups[:ONCALL_POINTERS],
+                    "mismatch_groups": len(groups),
+                    "journal": counts.get(name, queries.EMPTY_BACKLOG),
+                    "noise": noise,
+                }
+            )
+        return {
+            "at": datetime.now(UTC).isoformat(),
+            "mismatches_since": since.isoformat(),
+            "datasets": datasets,
+        }
 
     # --- changing (each audited) -------------------------------------------------------------
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 import orjson
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -54,6 +56,60 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> 
 
 def status(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> None:
     """Each dataset's stage, backlog and gaps; each replica and the version it runs."""
+    out = console()
+    for found in status_tables(rows, fleet):
+        out.print(found)
+
+
+def status_frame(
+    rows: list[dict[str, Any]], fleet: list[dict[str, Any]], every: float
+) -> RenderableType:
+    """One frame of ``bascule status --watch``: when it was read, then :func:`status`'s tables."""
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    head = Text(f"bascule status at {now}, every {every:g} s (Ctrl-C to stop)", style="bold")
+    return Group(head, *status_tables(rows, fleet))
+
+
+def status_unread(error: str, every: float) -> RenderableType:
+    """A frame of ``bascule status --watch`` whose figures could not be read: it keeps trying."""
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    head = Text(f"bascule status at {now}, every {every:g} s (Ctrl-C to stop)", style="bold")
+    return Group(head, Text(f"the figures could not be read: {showable(error)}", style="red"))
+
+
+class Watch:
+    """Frames drawn in place on a terminal (rich's live display); elsewhere (a pipe, a log)
+    printed one after the other, each whole."""
+
+    def __init__(self) -> None:
+        self.out = console()
+        self.live = Live(console=self.out, auto_refresh=False) if self.out.is_terminal else None
+
+    def __enter__(self) -> Watch:
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def show(self, frame: RenderableType) -> None:
+        if self.live is not None:
+            self.live.update(frame, refresh=True)
+        else:
+            self.out.print(frame)
+            self.out.print()
+            self.out.file.flush()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def status_tables(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> list[Table]:
+    """The datasets' table and the replicas' table."""
     cells = []
     for r in rows:
         oldest = r.get("oldest_pending_seconds")
@@ -77,8 +133,7 @@ def status(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> None:
         )
     columns = "dataset stage version since by reason backlog oldest".split()
     columns += ["in doubt", "dead", "gaps", "shadow reads (this stage version)"]
-    out = console()
-    out.print(table("datasets", columns, cells))
+    datasets = table("datasets", columns, cells)
     shown = [r["dataset"] for r in rows]
     current = {r["dataset"]: r["version"] for r in rows}
     replicas = []
@@ -97,7 +152,7 @@ def status(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> None:
             )
         )
     title = "replicas (the stage version each runs)"
-    out.print(table(title, ("replica", "alive", "last report", *shown), replicas))
+    return [datasets, table(title, ("replica", "alive", "last report", *shown), replicas)]
 
 
 def shadow_counts(counts: dict[str, int]) -> str:
