@@ -25,9 +25,9 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 FIXTURES = ROOT / "tests" / "fixtures" / "deploy"
 
-K8S_VERSION = "1.30.0"
-"""The oldest Kubernetes the manifests are checked against (strict: unknown fields are errors).
-A newer one accepts them as well: the schema of each kind used is unchanged since."""
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+"""The manifests are checked against the oldest Kubernetes they promise to run on and the newest
+the installed schemas know, in strict mode (an unknown field is an error)."""
 
 
 # ---------------------------------------------------------------- Kubernetes
@@ -47,14 +47,15 @@ def k8s_problems(path: Path) -> list[str]:
         kind = doc.get("kind", "?")
         name = (doc.get("metadata") or {}).get("name", "?")
         where = f"{path.name}: {kind}/{name}"
-        try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pointer = ".".join(str(p) for p in exc.path) or "(top)"
-            problems.append(f"{where}: {pointer}: {exc.message}")
-        except kubernetes_validate.SchemaNotFoundError as exc:
-            problems.append(f"{where}: {exc.message}")
-    return problems
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pointer = ".".join(str(p) for p in exc.path) or "(top)"
+                problems.append(f"{where}: {pointer}: {exc.message}")
+            except kubernetes_validate.SchemaNotFoundError:
+                problems.append(f"{where}: no kind {kind} in {doc.get('apiVersion')}")
+    return list(dict.fromkeys(problems))  # the same mistake in both versions, named once
 
 
 # ---------------------------------------------------------------- compose
