@@ -1,0 +1,1 @@
+"""The deployment files of deploy/, validated offline (issue 18, item 6)."""
