@@ -15,7 +15,7 @@ from bascule.config import Config, Secrets
 from bascule.sealing import Namer
 from bascule.stages import Side
 from bascule.state.journal.guard import RaceGuard
-from bascule.state.postgres import StatelessConnection, open_pool
+from bascule.state.postgres import StatelessConnection, open_pool, session_name
 from bascule.upstream import Upstream
 from shadow.dispatch import Dispatcher, JobDone
 from shadow.ledger import Ledger
@@ -60,8 +60,9 @@ async def open_dispatcher(
     # behind (or hold back) the replayer, the resolver and stage reloads.
     guard_pool = await open_pool(
         postgres_url,
-        max_size=2,
+        max_size=1,  # one statement of a few index probes per candidate mismatch
         connection_class=StatelessConnection,
+        application_name=session_name("shadow", replica),
         dead_session_after=config.state.dead_session_after,
     )
     stack.push_async_callback(guard_pool.close)

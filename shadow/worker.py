@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from bascule import telemetry
 from bascule.state.fleet import REDIS_TIMEOUT
-from bascule.state.postgres import open_pool
+from bascule.state.postgres import open_pool, session_name
 from bascule.tasks import spawn
 from shadow.dispatch import Job
 from shadow.reads import open_dispatcher
@@ -78,7 +78,9 @@ async def serve(fd: int) -> None:
         # Noise observations and accepted rules only: the worker writes no count.
         pool = await open_pool(
             hello.postgres_url,
-            max_size=2,
+            # The race guard and clock hold one more (shadow/reads.py): `shadow_sessions`.
+            max_size=max(1, hello.config.state.shadow_sessions - 1),
+            application_name=session_name("shadow", hello.replica),
             dead_session_after=hello.config.state.dead_session_after,
         )
         stack.push_async_callback(pool.close)

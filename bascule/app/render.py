@@ -89,6 +89,7 @@ def status(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> None:
                 rep["name"],
                 "yes" if rep["alive"] else "lease expired",
                 when(rep["seen_at"]),
+                str(rep.get("sessions", "-")),
                 *(
                     f"{versions.get(d, '-')}"
                     + ("" if versions.get(d) == current[d] else " (behind)")
@@ -97,7 +98,8 @@ def status(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> None:
             )
         )
     title = "replicas (the stage version each runs)"
-    out.print(table(title, ("replica", "alive", "last report", *shown), replicas))
+    head = ("replica", "alive", "last report", "state sessions", *shown)
+    out.print(table(title, head, replicas))
 
 
 def shadow_counts(counts: dict[str, int]) -> str:

@@ -26,7 +26,7 @@ from bascule.stages import Side
 from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer, StageView
 from bascule.state.journal import Journal
 from bascule.state.journal.writes import WriterConnection
-from bascule.state.postgres import IDLE_IN_TRANSACTION, open_pool, schema_check
+from bascule.state.postgres import IDLE_IN_TRANSACTION, open_pool, schema_check, session_name
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
@@ -114,8 +114,15 @@ class Replica:
 
     async def __aenter__(self) -> Replica:
         probe = self.config.state.dead_session_after
+        # The connection budget (docs/operations.md): `sessions` here, `journal_sessions`
+        # for writes, `shadow_sessions` for shadow reads; each named after this replica, so
+        # that `bascule status` counts them in pg_stat_activity.
         self.pool = await open_pool(
-            self.postgres_url, dead_session_after=probe, idle_in_transaction=IDLE_IN_TRANSACTION
+            self.postgres_url,
+            max_size=self.config.state.sessions,
+            application_name=session_name("state", self.name),
+            dead_session_after=probe,
+            idle_in_transaction=IDLE_IN_TRANSACTION,
         )
         await schema_check(self.pool)
         # Announcements, counters, noise: a silent Redis fails them in REDIS_TIMEOUT, never
@@ -150,11 +157,15 @@ class Replica:
                 max_size=self.config.state.journal_sessions,
                 connection_class=WriterConnection,
                 # Names the replica holding a dataset's fence, when a change has to wait.
-                application_name=f"bascule writer {self.name}"[:63],
+                application_name=session_name("writer", self.name),
                 dead_session_after=probe,
             )
             journal = Journal(
-                self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool
+                self.pool,
+                Sealer(self.secrets.journal_key),
+                self.name,
+                sessions=self.journal_pool,
+                session_wait=self.config.state.session_wait,
             )
             namer = Namer(self.secrets.hmac_key)
             router = Router(self.config.routes, self.config.datasets)
