@@ -894,9 +894,7 @@ RELOADABLE = (
     re.compile(r"^datasets\.[^.]+\.compare(\..*)?\Z"),
     re.compile(r"^datasets\.[^.]+\.(shadow_sample|noise_sample)\Z"),
     re.compile(r"^routes\[\d+\]\.(compare(\..*)?|read_timeout|total_timeout)\Z"),
-    re.compile(
-        r"^backends\.[^.]+\.(connect|read|total|write|pool|keepalive)_timeout\Z"
-    ),
+    re.compile(r"^backends\.[^.]+\.(connect|read|total|write|pool|keepalive)_timeout\Z"),
     re.compile(r"^shadow\.(deadline|lag_wait)\Z"),
     re.compile(r"^proxy\.(receive|idle)_timeout\Z"),
 )
@@ -932,5 +930,6 @@ def _changed_keys(old: object, new: object, key: str) -> list[str]:
     if isinstance(old, list) and isinstance(new, list) and key in ("routes",):
         if len(old) != len(new):
             return [key]
-        return [k for i, (a, b) in enumerate(zip(old, new)) for k in _changed_keys(a, b, f"{key}[{i}]")]
+        pairs = enumerate(zip(old, new, strict=True))
+        return [k for i, (a, b) in pairs for k in _changed_keys(a, b, f"{key}[{i}]")]
     return [] if old == new else [key]

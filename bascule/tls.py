@@ -109,4 +109,3 @@ def server_context(
         _load_cas(context, f"{key}.client_ca", cas)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-

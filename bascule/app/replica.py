@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from bascule.state.postgres import IDLE_IN_TRANSACTION, open_pool, schema_check,
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
+from bascule.tls import server_context
 from bascule.upstream import Upstream
 from cutover.autopilot import autopilot_for
 from cutover.controller import groups_of
@@ -315,13 +317,22 @@ async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str
             researcher = replica.server()
             host, _, port = listen.rpartition(":")
             try:
-                await researcher.start(host, int(port))
+                await researcher.start(
+                    host, int(port), tls=server_context("proxy.tls", config.proxy.tls)
+                )
             except OSError as exc:
                 raise UsageError(
                     f"cannot listen on {listen} for researchers: {exc.strerror}"
                 ) from exc
-            log.info("researcher port listening on %s", listen)
-            admin = await _start(create_admin_app(replica.admin_deps()), admin_listen, "admin")
+            log.info(
+                "researcher port listening on %s%s", listen, " (TLS)" if config.proxy.tls else ""
+            )
+            admin = await _start(
+                create_admin_app(replica.admin_deps()),
+                admin_listen,
+                "admin",
+                server_context("proxy.admin_tls", config.proxy.admin_tls),
+            )
             try:
                 await _until_stopped()
             finally:
@@ -329,16 +340,18 @@ async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str
                 await admin.cleanup()
 
 
-async def _start(app: web.Application, address: str, what: str) -> web.AppRunner:
+async def _start(
+    app: web.Application, address: str, what: str, tls: ssl.SSLContext | None = None
+) -> web.AppRunner:
     host, _, port = address.rpartition(":")
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, int(port), backlog=1024).start()
+        await web.TCPSite(runner, host, int(port), backlog=1024, ssl_context=tls).start()
     except OSError as exc:
         await runner.cleanup()
         raise UsageError(f"cannot listen on {address} for the {what} port: {exc.strerror}") from exc
-    log.info("%s port listening on %s", what, address)
+    log.info("%s port listening on %s%s", what, address, " (TLS)" if tls else "")
     return runner
 
 
