@@ -905,16 +905,17 @@ Anything else needs a restart (docs/operations.md)."""
 def reload_refusal(old: Config, new: Config) -> str | None:
     """Why ``new`` cannot replace ``old`` in a running replica (None: it can): the first key
     that changed and needs a restart, named."""
-    changed = _changed_keys(
-        msgspec.to_builtins(old, builtin_types=(bytes,)),
-        msgspec.to_builtins(new, builtin_types=(bytes,)),
-        "",
-    )
-    for key in changed:
-        if key == "source" or any(rule.match(key) for rule in RELOADABLE):
+    for key in changed_keys(old, new):
+        if any(rule.match(key) for rule in RELOADABLE):
             continue
         return f"{key}: changing it needs a restart; the running configuration stays"
     return None
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configurations (``source`` aside)."""
+    keys = _changed_keys(msgspec.to_builtins(old), msgspec.to_builtins(new), "")
+    return [k for k in keys if k != "source"]
 
 
 def _changed_keys(old: object, new: object, key: str) -> list[str]:
@@ -927,7 +928,7 @@ def _changed_keys(old: object, new: object, key: str) -> list[str]:
             else:
                 found += _changed_keys(old[name], new[name], sub)
         return found
-    if isinstance(old, list) and isinstance(new, list) and key in ("routes",):
+    if isinstance(old, tuple | list) and isinstance(new, tuple | list) and key == "routes":
         if len(old) != len(new):
             return [key]
         pairs = enumerate(zip(old, new, strict=True))

@@ -31,7 +31,7 @@ from bascule.state.postgres import open_pool, session_name
 from bascule.tasks import spawn
 from shadow.dispatch import Job
 from shadow.reads import open_dispatcher
-from shadow.wire import Hello, Join, Joined, Ready, Report, frame, job_of, read_to_worker
+from shadow.wire import Hello, Join, Joined, Ready, Reload, Report, frame, job_of, read_to_worker
 
 log = logging.getLogger("bascule.shadow.worker")
 REPORT_EVERY = 0.1
@@ -138,6 +138,9 @@ async def serve(fd: int) -> None:
                 if isinstance(message, Join):
                     await dispatcher.join()
                     writer.write(report() + frame(Joined(message.id)))
+                elif isinstance(message, Reload):
+                    await dispatcher.reconfigure(message.config)
+                    log.info("shadow reads of replica %s: configuration reloaded", hello.replica)
                 elif isinstance(message, Hello):
                     raise ConnectionError("a second hello on the shadow link")
                 else:

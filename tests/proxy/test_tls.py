@@ -120,7 +120,7 @@ async def test_a_dual_write_over_mtls_leaves_identical_databases(ground: Ground,
         assert await table_digest(source_db) == await table_digest(target_db)
 
 
-REFUSALS = {
+REFUSALS: dict[str, tuple[dict[str, str | None], str, str]] = {
     # what is wrong: (config override, world host, the text the researcher and the log get)
     "wrong CA": ({"ca_file": "other"}, "localhost", "its TLS certificate was refused"),
     "wrong host name": ({}, "127.0.0.1", "certificate is not valid for '127.0.0.1'"),
