@@ -105,8 +105,8 @@ async def test_a_replica_without_a_free_session_refuses_writes_at_once(ground: G
                 try:
                     status, body = await _write(proxy, 4)
                 finally:
-                    for conn in taken:
-                        await conn.close()
+                    for session in taken:
+                        await session.close()
                 assert status == 503, body
                 error = body["error"]
                 assert isinstance(error, dict) and error["code"] == "journal_unavailable", body
