@@ -18,10 +18,13 @@ import aiohttp
 import pytest
 import trustme
 
+from bascule.app.admin import create_admin_app
+from bascule.app.replica import _start
 from bascule.config import Backend, BackendTLS, ListenerTLS
 from bascule.errors import ConfigError
 from bascule.stages import Stage
 from bascule.tls import client_context, server_context
+from bascule.state.servers import free_port
 from bascule.upstream import Upstream
 from refapi.app import tls_context
 from refapi.lab import AUTH
@@ -161,9 +164,11 @@ async def test_a_tls_misconfiguration_fails_clearly_and_journals_nothing_applied
     assert logged, [r.getMessage() for r in caplog.records]
 
 
-async def test_the_researcher_port_serves_https(ground: Ground, pki: Pki) -> None:
+async def test_bascules_ports_serve_https(ground: Ground, pki: Pki) -> None:
     """``[proxy.tls]``: the researcher port speaks TLS with the configured certificate; a
-    client trusting its CA reads through it, and a plain-HTTP client gets no answer."""
+    client trusting its CA reads through it, and a plain-HTTP client gets no answer.
+    ``[proxy.admin_tls]`` with ``client_ca_file``: an SRE's client with a certificate signed
+    by that CA is answered, one without is refused."""
     listener = ListenerTLS(cert_file=str(pki.server), key_file=str(pki.server))
     async with build_world(ground) as world:
         server = world.replica.server()
@@ -181,6 +186,34 @@ async def test_the_researcher_port_serves_https(ground: Ground, pki: Pki) -> Non
                         await r.read()
         finally:
             await server.close(grace=0.1)
+
+        # The admin port, requiring a client certificate signed by the CA (`client_ca_file`).
+        admin_tls = ListenerTLS(
+            cert_file=str(pki.server), key_file=str(pki.server), client_ca_file=str(pki.ca)
+        )
+        admin_port = free_port()
+        runner = await _start(
+            create_admin_app(world.replica.admin_deps()),
+            f"127.0.0.1:{admin_port}",
+            "admin",
+            server_context("proxy.admin_tls", admin_tls),
+        )
+        try:
+            health = f"https://localhost:{admin_port}/healthz"
+            sre = ssl.create_default_context(cafile=str(pki.ca))
+            sre.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=sre)) as session:
+                async with session.get(health) as r:
+                    assert r.status == 200
+            anonymous = ssl.create_default_context(cafile=str(pki.ca))
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=anonymous)
+            ) as session:
+                with pytest.raises(aiohttp.ClientError):
+                    async with session.get(health) as r:
+                        await r.read()
+        finally:
+            await runner.cleanup()
 
 
 def test_key_material_comes_from_the_environment_as_well(pki: Pki) -> None:
