@@ -23,8 +23,8 @@ from bascule.app.replica import _start
 from bascule.config import Backend, BackendTLS, ListenerTLS
 from bascule.errors import ConfigError
 from bascule.stages import Stage
-from bascule.tls import client_context, server_context
 from bascule.state.servers import free_port
+from bascule.tls import client_context, server_context
 from bascule.upstream import Upstream
 from refapi.app import tls_context
 from refapi.lab import AUTH
