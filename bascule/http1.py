@@ -58,6 +58,13 @@ class Streamed:
 Body = bytes | Streamed
 
 
+_CERTIFICATE_ALERT = re.compile(
+    r"ALERT_(CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN"
+    r"|UNSUPPORTED_CERTIFICATE|CERTIFICATE_EXPIRED|CERTIFICATE_REVOKED|HANDSHAKE_FAILURE)"
+)
+"""Alerts a server sends while it checks a client's certificate, in the handshake."""
+
+
 def tls_failure(error: ssl.SSLError) -> str:
     """An SSL failure in words for the researcher's answer and the log (no record value can be
     in it: it is about certificates)."""
@@ -214,9 +221,11 @@ class _Connection(asyncio.Protocol):
                 self.keep_alive = False
                 self.on_message_complete()
             elif isinstance(exc, ssl.SSLError) and not self.got_bytes:
-                # The backend's TLS layer ended the session (an alert) before its
-                # application had a byte: the request was never processed.
-                self._fail("tls", tls_failure(exc), sent=False)
+                # A certificate alert ends the handshake of a new session, before the
+                # backend's application has a byte: that request was never processed. Any
+                # other TLS error (a corrupt record...) may come after it was.
+                handshake = _CERTIFICATE_ALERT.search(exc.reason or "") is not None
+                self._fail("tls", tls_failure(exc), sent=not (handshake and not self.reused))
             elif self.tls and not self.reused and not self.got_bytes:
                 # In TLS 1.3 a backend refuses a missing or untrusted client certificate
                 # after the handshake, and asyncio reports its alert as a plain close: the
