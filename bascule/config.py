@@ -84,10 +84,10 @@ class StateSettings(_Record, frozen=True):
     shadow_sessions: int = 2
     """State-database sessions of the shadow reads (the worker process's): one for the race
     guard and the database clock, the others for noise observations."""
-    session_wait: float = 2.0
-    """Seconds a write waits for a journal session (all ``journal_sessions`` busy, or the
-    server refusing new ones) before it is refused with 503 ``journal_unavailable``, before
-    reaching any backend."""
+    session_wait: float = 10.0
+    """Seconds a write waits for a journal session (all ``journal_sessions`` busy) before it
+    is refused with 503 ``journal_unavailable``, before reaching any backend: as long as it
+    may wait for its record's lock. A server refusing new sessions refuses it at once."""
     orphan_grace: float = 30.0
     """Seconds past a write's deadline before the write of a vanished replica is read back from
     the authoritative side (a backend may finish a request its client gave up on)."""

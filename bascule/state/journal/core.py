@@ -28,7 +28,7 @@ class JournalCore:
         sealer: Sealer,
         replica: str,
         sessions: asyncpg.Pool | None = None,
-        session_wait: float = 2.0,
+        session_wait: float = 10.0,
     ) -> None:
         self.pool = pool
         """For reading and settling entries (the replayer, the resolver, status)."""
