@@ -59,6 +59,10 @@ class ProxySettings(_Record, frozen=True):
     """Anonymous writes in flight at once on a replica, all clients together; more get 429
     ``too_many_anonymous_writes`` (with ``Retry-After``) before the journal, so that clients
     without credentials cannot hold the journal's sessions and locks writers need."""
+    tls: ListenerTLS | None = None
+    """TLS on the researcher port (``[proxy.tls]``): certificate and key files (or variables)."""
+    admin_tls: ListenerTLS | None = None
+    """TLS on the admin port (``[proxy.admin_tls]``), optionally requiring client certificates."""
 
 
 class StateSettings(_Record, frozen=True):
@@ -69,9 +73,21 @@ class StateSettings(_Record, frozen=True):
     redis_prefix: str = "bascule:"
     poll_interval: float = 1.0
     """Seconds between polls of the stage table (bounds how late a lost message makes a flip)."""
-    journal_sessions: int = 20
+    journal_sessions: int = 3
     """State-database sessions per replica for writes in dual-write stages: each write in
-    flight holds one (it holds the record's lock). More concurrent writes wait for one."""
+    flight holds one (it holds the record's lock). More concurrent writes wait for one, at
+    most ``session_wait`` seconds (see the connection budget in docs/operations.md)."""
+    sessions: int = 3
+    """State-database sessions of the replica's main pool: stage reads and reports, the
+    replayer and resolver, the controller, the switch (a change holds one for its fence), the
+    shadow reads' counts, the admin API."""
+    shadow_sessions: int = 2
+    """State-database sessions of the shadow reads (the worker process's): one for the race
+    guard and the database clock, the others for noise observations."""
+    session_wait: float = 10.0
+    """Seconds a write waits for a journal session (all ``journal_sessions`` busy) before it
+    is refused with 503 ``journal_unavailable``, before reaching any backend: as long as it
+    may wait for its record's lock. A server refusing new sessions refuses it at once."""
     orphan_grace: float = 30.0
     """Seconds past a write's deadline before the write of a vanished replica is read back from
     the authoritative side (a backend may finish a request its client gave up on)."""
@@ -180,6 +196,9 @@ class Backend(_Record, frozen=True):
     """Optional DSN of the backend's database, used only by ``bascule verify``."""
     credential_env: str | None = None
     """Name of the environment variable holding bascule's service credential for this backend."""
+    tls: BackendTLS | None = None
+    """How an ``https://`` backend is verified, and bascule's client certificate for it
+    (``[backends.NAME.tls]``); without it, the system's CAs and no client certificate."""
 
 
 class CompareRules(_Record, frozen=True):
@@ -430,6 +449,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    _refuse_inline_pem(raw, source, "")
     for key in raw:
         if key not in _TOP_KEYS:
             raise ConfigError(
@@ -599,6 +619,7 @@ def _check(config: Config) -> None:
 
     for name, backend in config.backends.items():
         _check_backend(src, name, backend)
+    _check_where_it_runs(config)
     for name, dataset in config.datasets.items():
         _check_dataset(src, name, dataset)
     for i, route in enumerate(config.routes):
@@ -763,3 +784,153 @@ def _check_route(src: str, key: str, route: Route, datasets: Mapping[str, Datase
         if route.kind != "read":
             raise ConfigError(src, f"{key}.compare", "only read routes are compared")
         _check_compare(src, f"{key}.compare", route.compare)
+
+
+# -- Where it runs: TLS, reload, sessions (issue 18) ------------------------------------------
+# TLS to each backend and on bascule's own ports, the state-Postgres session budget's checks,
+# and what a reload (SIGHUP) may change. Key material is never in the file: a file named here
+# or an environment variable named here holds it (bascule/tls.py reads them).
+
+_PEM = "-----BEGIN"
+
+
+class BackendTLS(_Record, frozen=True):
+    """``[backends.NAME.tls]``: the backend's URL is ``https://``, its certificate is checked
+    against ``ca_file`` (or ``ca_env``; default: the system's CAs) and the URL's host name,
+    and bascule presents ``cert_file``/``key_file`` (or ``cert_env``/``key_env``) where the
+    backend wants a client certificate (mTLS)."""
+
+    ca_file: str | None = None
+    """PEM bundle of the CAs trusted for this backend (instead of the system's)."""
+    ca_env: str | None = None
+    """Name of an environment variable holding that PEM bundle."""
+    cert_file: str | None = None
+    """bascule's client certificate (PEM, chain included) for this backend."""
+    cert_env: str | None = None
+    key_file: str | None = None
+    """Its private key (PEM, unencrypted: keep the file readable by bascule only)."""
+    key_env: str | None = None
+
+
+class ListenerTLS(_Record, frozen=True):
+    """``[proxy.tls]`` / ``[proxy.admin_tls]``: TLS on one of bascule's ports."""
+
+    cert_file: str | None = None
+    """The port's certificate (PEM, chain included)."""
+    cert_env: str | None = None
+    key_file: str | None = None
+    """Its private key (PEM, unencrypted)."""
+    key_env: str | None = None
+    client_ca_file: str | None = None
+    """Require a client certificate signed by one of these CAs (PEM bundle)."""
+    client_ca_env: str | None = None
+
+
+def _refuse_inline_pem(value: object, source: str, key: str) -> None:
+    """Key material pasted in the file is refused wherever it is, naming the key: a TOML file
+    travels (ConfigMaps, repositories, tickets) where a private key must not."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _refuse_inline_pem(item, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_inline_pem(item, source, f"{key}[{i}]")
+    elif isinstance(value, str) and _PEM in value:
+        raise ConfigError(
+            source,
+            key,
+            "inline PEM (certificate or key material) is refused: keys never live in the "
+            "configuration file; put it in a file and name the file (`*_file`), or in an "
+            "environment variable and name the variable (`*_env`)",
+        )
+
+
+def _check_pair(src: str, key: str, tls: BackendTLS | ListenerTLS, part: str) -> bool:
+    """``part_file`` and ``part_env`` are exclusive; the env name is a name. Whether set."""
+    file, env = getattr(tls, f"{part}_file"), getattr(tls, f"{part}_env")
+    if file is not None and env is not None:
+        raise ConfigError(src, f"{key}.{part}_env", f"set {part}_file or {part}_env, not both")
+    if env is not None and not _ENV_NAME.match(env):
+        raise ConfigError(
+            src, f"{key}.{part}_env", "expected the NAME of an environment variable (A-Z, 0-9, _)"
+        )
+    if file is not None and not file.strip():
+        raise ConfigError(src, f"{key}.{part}_file", "expected a file path")
+    return file is not None or env is not None
+
+
+def _check_where_it_runs(config: Config) -> None:
+    src = config.source
+    for name, backend in config.backends.items():
+        if backend.tls is None:
+            continue
+        key = f"backends.{name}.tls"
+        if not backend.url.startswith("https://"):
+            raise ConfigError(src, key, f"TLS settings need an https:// url, got {backend.url!r}")
+        _check_pair(src, key, backend.tls, "ca")
+        cert = _check_pair(src, key, backend.tls, "cert")
+        if cert != _check_pair(src, key, backend.tls, "key"):
+            raise ConfigError(src, key, "a client certificate and its key go together")
+    for field in ("tls", "admin_tls"):
+        listener: ListenerTLS | None = getattr(config.proxy, field)
+        if listener is None:
+            continue
+        key = f"proxy.{field}"
+        if not _check_pair(src, key, listener, "cert") or not _check_pair(
+            src, key, listener, "key"
+        ):
+            raise ConfigError(src, key, "expected a certificate and its key (cert_*, key_*)")
+        _check_pair(src, key, listener, "client_ca")
+    for field in ("sessions", "shadow_sessions"):
+        if getattr(config.state, field) < 1:
+            raise ConfigError(src, f"state.{field}", "expected at least 1")
+    if config.state.sessions < 2:
+        # A change holds one for its fence while it reads and writes with another.
+        raise ConfigError(src, "state.sessions", "expected at least 2")
+    _check_seconds(src, "state.session_wait", config.state.session_wait)
+
+
+RELOADABLE = (
+    re.compile(r"^datasets\.[^.]+\.compare(\..*)?\Z"),
+    re.compile(r"^datasets\.[^.]+\.(shadow_sample|noise_sample)\Z"),
+    re.compile(r"^routes\[\d+\]\.(compare(\..*)?|read_timeout|total_timeout)\Z"),
+    re.compile(r"^backends\.[^.]+\.(connect|read|total|write|pool|keepalive)_timeout\Z"),
+    re.compile(r"^shadow\.(deadline|lag_wait)\Z"),
+    re.compile(r"^proxy\.(receive|idle)_timeout\Z"),
+)
+"""What ``SIGHUP`` may change in a running replica: comparison rules, sampling, timeouts.
+Anything else needs a restart (docs/operations.md)."""
+
+
+def reload_refusal(old: Config, new: Config) -> str | None:
+    """Why ``new`` cannot replace ``old`` in a running replica (None: it can): the first key
+    that changed and needs a restart, named."""
+    for key in changed_keys(old, new):
+        if any(rule.match(key) for rule in RELOADABLE):
+            continue
+        return f"{key}: changing it needs a restart; the running configuration stays"
+    return None
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configurations (``source`` aside)."""
+    keys = _changed_keys(msgspec.to_builtins(old), msgspec.to_builtins(new), "")
+    return [k for k in keys if k != "source"]
+
+
+def _changed_keys(old: object, new: object, key: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for name in sorted(set(old) | set(new), key=str):
+            sub = f"{key}.{name}" if key else str(name)
+            if name not in old or name not in new:
+                found.append(sub)
+            else:
+                found += _changed_keys(old[name], new[name], sub)
+        return found
+    if isinstance(old, tuple | list) and isinstance(new, tuple | list) and key == "routes":
+        if len(old) != len(new):
+            return [key]
+        pairs = enumerate(zip(old, new, strict=True))
+        return [k for i, (a, b) in pairs for k in _changed_keys(a, b, f"{key}[{i}]")]
+    return [] if old == new else [key]

@@ -58,6 +58,29 @@ class Streamed:
 Body = bytes | Streamed
 
 
+_CERTIFICATE_ALERT = re.compile(
+    r"ALERT_(CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN"
+    r"|UNSUPPORTED_CERTIFICATE|CERTIFICATE_EXPIRED|CERTIFICATE_REVOKED|HANDSHAKE_FAILURE)"
+)
+"""Alerts a server sends while it checks a client's certificate, in the handshake."""
+
+
+def tls_failure(error: ssl.SSLError) -> str:
+    """An SSL failure in words for the researcher's answer and the log (no record value can be
+    in it: it is about certificates)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"its TLS certificate was refused: {error.verify_message}"
+    reason = (error.reason or type(error).__name__).lower().replace("_", " ")
+    if "alert" in reason and "certificate" in reason:
+        return (
+            f"it refused bascule's TLS session ({reason}): it wants a client certificate "
+            "bascule does not have, or does not trust the one bascule presented"
+        )
+    if "alert" in reason:
+        return f"it refused bascule's TLS session ({reason})"
+    return f"the TLS handshake failed ({reason})"
+
+
 class _Failure(Exception):
     """Internal: how a connection failed; turned into an Upstream* error by the pool."""
 
@@ -112,6 +135,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.last_used = time.monotonic()
         self.reused = False
+        self.tls = False
+        """Over TLS (a backend that refuses bascule's client certificate in TLS 1.3 says so
+        only after the handshake, by ending the session before any answer)."""
         self.slot: asyncio.Semaphore | None = None
         """The pool slot this connection holds while in use; given back once (:meth:`free`)."""
         self.deadline: float | None = None
@@ -194,6 +220,22 @@ class _Connection(asyncio.Protocol):
                 # An answer with neither length nor chunking ends when the backend closes.
                 self.keep_alive = False
                 self.on_message_complete()
+            elif isinstance(exc, ssl.SSLError) and not self.got_bytes:
+                # A certificate alert ends the handshake of a new session, before the
+                # backend's application has a byte: that request was never processed. Any
+                # other TLS error (a corrupt record...) may come after it was.
+                handshake = _CERTIFICATE_ALERT.search(exc.reason or "") is not None
+                self._fail("tls", tls_failure(exc), sent=not (handshake and not self.reused))
+            elif self.tls and not self.reused and not self.got_bytes:
+                # In TLS 1.3 a backend refuses a missing or untrusted client certificate
+                # after the handshake, and asyncio reports its alert as a plain close: the
+                # same as a backend dying on the request, so the write stays in doubt.
+                self._fail(
+                    "broken",
+                    "the new TLS connection was closed before any answer: the backend "
+                    "refused bascule's client certificate (none is configured, or the "
+                    "backend does not trust it), or failed on the request",
+                )
             elif self.headers_done is None or not self.headers_done.done():
                 self._fail("broken", "the connection broke before an answer")
             else:
@@ -339,10 +381,10 @@ class _Connection(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    def _fail(self, kind: str, message: str) -> None:
+    def _fail(self, kind: str, message: str, *, sent: bool = True) -> None:
         if self.failure is not None or self.complete:
             return
-        self.failure = _Failure(kind, message, sent=True, got_bytes=self.got_bytes)
+        self.failure = _Failure(kind, message, sent=sent, got_bytes=self.got_bytes)
         self._cancel_timer()
         if self.headers_done is not None and not self.headers_done.done():
             self.headers_done.set_exception(self.failure)
@@ -468,10 +510,13 @@ class Pool:
             raise UpstreamTimeout(
                 self.name, "did not accept a connection in time", sent=False
             ) from None
+        except ssl.SSLError as exc:  # a wrong CA, a wrong host name, a refused handshake
+            raise UpstreamUnreachable(self.name, tls_failure(exc), sent=False) from None
         except OSError as exc:
             raise UpstreamUnreachable(
                 self.name, f"cannot connect ({exc.strerror or type(exc).__name__})", sent=False
             ) from None
+        conn.tls = self.tls is not None
         return conn
 
     def _take_idle(self) -> _Connection | None:

@@ -7,12 +7,12 @@ received, nothing is decompressed, no cookie is kept, no redirect followed.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from bascule.config import Backend, Route
 from bascule.http1 import Body, Headers, Pool, Response, _Connection
+from bascule.tls import client_context
 
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -27,9 +27,11 @@ class Limits:
 
 
 class Upstream:
-    def __init__(self, name: str, backend: Backend) -> None:
+    def __init__(self, name: str, backend: Backend, *, key: str | None = None) -> None:
+        """``key``: the backend's key in the configuration (``backends.NAME``), for errors."""
         self.name = name
         self.backend = backend
+        self.key = key or f"backends.{name}"
         url = urlsplit(backend.url)
         self.tls = url.scheme == "https"
         self.host = url.hostname or "127.0.0.1"
@@ -49,8 +51,22 @@ class Upstream:
             read_timeout=self.backend.read_timeout,
             pool_timeout=self.backend.pool_timeout,
             keepalive=self.backend.keepalive_timeout,
-            tls=ssl.create_default_context() if self.tls else None,
+            # The same checks on every path that calls the backend (researchers' reads and
+            # writes, replays, the resolver, shadow reads in their worker process).
+            tls=client_context(f"{self.key}.tls", self.backend.tls) if self.tls else None,
         )
+
+    def retime(self, backend: Backend) -> None:
+        """Take ``backend``'s timeouts (a reload, SIGHUP): the next requests get them; the
+        connections open stay open."""
+        self.backend = backend
+        self._reads = Limits(backend.read_timeout, backend.total_timeout)
+        self._writes = Limits(backend.read_timeout, backend.write_timeout)
+        if self._pool is not None:
+            self._pool.connect_timeout = backend.connect_timeout
+            self._pool.read_timeout = backend.read_timeout
+            self._pool.pool_timeout = backend.pool_timeout
+            self._pool.keepalive = backend.keepalive_timeout
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -244,6 +244,15 @@ class DualWriter:
         assert answer is not None
         await self._catch_up(match.dataset, fenced.version)
         if isinstance(answer, UpstreamError):
+            log.warning(
+                "%s %s dataset=%s: the authoritative call failed, %s (%s); %s",
+                request.method,
+                match.template,
+                match.dataset,
+                answer.code,
+                answer,
+                "in doubt, left to the resolver" if answer.sent else "not sent, refused",
+            )
             await error(out, answer.status, answer.code, str(answer), match.dataset)
             return
         status, answer_headers, body = answer

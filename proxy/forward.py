@@ -349,13 +349,16 @@ class Forwarder:
                 )
                 out.abort()
                 return None
+            # The error's text is about the connection (refused, timed out, a certificate
+            # refused), never about a request's content.
             log.warning(
-                "%s %s dataset=%s backend=%s: %s",
+                "%s %s dataset=%s backend=%s: %s (%s)",
                 request.method,
                 match.template,
                 match.dataset,
                 upstream.name,
                 exc.code,
+                exc,
             )
             await error(out, exc.status, exc.code, str(exc), match.dataset)
             return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from http import HTTPStatus
@@ -762,9 +763,10 @@ class Server:
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> int:
+        """Listen; ``tls``: serve https (``[proxy.tls]``)."""
         self._server = await self.loop.create_server(
-            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
+            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True, ssl=tls
         )
         sock = self._server.sockets[0]
         bound: int = sock.getsockname()[1]

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Coroutine
 from typing import Any
 
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from bascule.errors import ConfigError, StoreError, UsageError
 from bascule.state.servers import redact_url
-from refapi.app import create_app
+from refapi.app import create_app, tls_context
 from refapi.auth import TOKENS_ENV, parse_tokens
 from refapi.datasets import DATASETS
 from refapi.seed import seed_database
@@ -42,6 +43,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="apply every write even when its Idempotency-Key was seen (as some backends do)",
     )
     parser.add_argument("--pool-size", type=int, default=10, help="database connections")
+    parser.add_argument("--tls-cert", help="serve https with this certificate (PEM file)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM file)")
+    parser.add_argument(
+        "--tls-client-ca",
+        help="require client certificates signed by one of these CAs (PEM file): mTLS",
+    )
     parser.set_defaults(func=lambda args: _serve(parser, args))
 
     actions = parser.add_subparsers(dest="api_command", metavar="{seed}")
@@ -70,6 +77,10 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("name", "database", "port") if getattr(args, k) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     tokens = parse_tokens(os.environ.get(TOKENS_ENV, ""))
     try:
         app = create_app(
@@ -92,15 +103,22 @@ async def _serve_until_stopped(app: web.Application, args: argparse.Namespace) -
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise StoreError(f"database {redact_url(args.database)}: {exc}") from None
     try:
-        site = web.TCPSite(runner, args.host, args.port)
+        tls = None
+        if args.tls_cert is not None:
+            try:
+                tls = tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"--tls-cert/--tls-key/--tls-client-ca: {exc}") from None
+        site = web.TCPSite(runner, args.host, args.port, ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:
             raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
         host, port = runner.addresses[0][:2]  # the bound port, when --port 0 asked for any
         _log.info(
-            "reference API %s listening on http://%s:%d (idempotency keys %s)",
+            "reference API %s listening on %s://%s:%d (idempotency keys %s)",
             args.name,
+            "http" if tls is None else "https",
             host,
             port,
             "ignored" if args.ignore_idempotency_keys else "honoured",

@@ -44,11 +44,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
+import msgspec
 from multidict import CIMultiDict
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from bascule.config import CompareRules, Config, ShadowSettings
+from bascule.config import Backend, CompareRules, Config, ShadowSettings
 from bascule.errors import StoreError, UpstreamError, UpstreamTimeout
 from bascule.stages import Side
 from bascule.state.journal.guard import Guarded
@@ -139,6 +140,16 @@ class Shadows(Protocol):
     def submit(self, job: Job) -> None: ...
 
     def count(self, dataset: str, route: str, outcome: Outcome, version: int) -> None: ...
+
+    async def reconfigure(self, config: Config) -> None: ...
+
+
+def shadow_backend(backend: Backend, settings: ShadowSettings) -> Backend:
+    """A backend as shadow reads call it: a pool of their own (``concurrency`` connections,
+    so a slow shadowed side never takes the researchers'), silent ``deadline`` at most."""
+    return msgspec.structs.replace(
+        backend, pool_size=settings.concurrency, read_timeout=settings.deadline
+    )
 
 
 class DbClock:
@@ -289,6 +300,22 @@ class Dispatcher(Sampling):
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._noise_version: Any = None
+
+    async def reconfigure(self, config: Config) -> None:
+        """A reload (SIGHUP): comparison rules, sampling, deadlines and the backends'
+        timeouts from ``config``, for the reads compared from now on (the checked reload
+        changes nothing else: queue and concurrency stay)."""
+        self.config = config
+        self.settings = config.shadow
+        self._routes = {r.path: r for r in config.routes if r.kind == "read"}
+        self._rules = {}
+        for side, backend in (
+            (Side.SOURCE, config.source_backend),
+            (Side.TARGET, config.target_backend),
+        ):
+            upstream = self.upstreams.get(side)
+            if upstream is not None:
+                upstream.retime(shadow_backend(backend, config.shadow))
 
     # -- the researcher's path -------------------------------------------------------------
 

@@ -30,12 +30,24 @@ import time
 from collections import Counter
 from typing import Any
 
+import msgspec
+
 from bascule.config import Config, Secrets
 from bascule.tasks import spawn
 from shadow.dispatch import DbClock, Job, Sampling
 from shadow.ledger import Ledger, Outcome
 from shadow.tally import Tally
-from shadow.wire import Hello, Join, Joined, Ready, Report, frame, job_frame, read_to_proxy
+from shadow.wire import (
+    Hello,
+    Join,
+    Joined,
+    Ready,
+    Reload,
+    Report,
+    frame,
+    job_frame,
+    read_to_proxy,
+)
 
 log = logging.getLogger("bascule.shadow")
 
@@ -149,6 +161,17 @@ class ShadowLink(Sampling):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(START_WAIT):
                 await self._ready.wait()
+
+    async def reconfigure(self, config: Config) -> None:
+        """A reload (SIGHUP): sampling here, and the worker told (one frame, before any job
+        sent after it); a worker started later gets it in its hello."""
+        self.config = config
+        self.settings = config.shadow
+        self._hello = msgspec.structs.replace(self._hello, config=config)
+        writer = self._open_writer()
+        if writer is not None:
+            with contextlib.suppress(RuntimeError, OSError):
+                writer.write(frame(Reload(config)))
 
     async def join(self) -> None:
         """Until every job sent so far is done and counted, and the tally flushed."""

@@ -9,15 +9,13 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from typing import Any
 
-import msgspec
-
 from bascule.config import Config, Secrets
 from bascule.sealing import Namer
 from bascule.stages import Side
 from bascule.state.journal.guard import RaceGuard
-from bascule.state.postgres import StatelessConnection, open_pool
+from bascule.state.postgres import StatelessConnection, open_pool, session_name
 from bascule.upstream import Upstream
-from shadow.dispatch import Dispatcher, JobDone
+from shadow.dispatch import Dispatcher, JobDone, shadow_backend
 from shadow.ledger import Ledger
 from shadow.noise_store import NoiseStore
 
@@ -43,10 +41,7 @@ async def open_dispatcher(
     # reads, writes and replays need.
     upstreams = {
         side: Upstream(
-            f"{name} (shadow)",
-            msgspec.structs.replace(
-                backend, pool_size=settings.concurrency, read_timeout=settings.deadline
-            ),
+            f"{name} (shadow)", shadow_backend(backend, settings), key=f"backends.{name}"
         )
         for side, name, backend in (
             (Side.SOURCE, config.migration.source, config.source_backend),
@@ -60,8 +55,9 @@ async def open_dispatcher(
     # behind (or hold back) the replayer, the resolver and stage reloads.
     guard_pool = await open_pool(
         postgres_url,
-        max_size=2,
+        max_size=1,  # one statement of a few index probes per candidate mismatch
         connection_class=StatelessConnection,
+        application_name=session_name("shadow", replica),
         dead_session_after=config.state.dead_session_after,
     )
     stack.push_async_callback(guard_pool.close)

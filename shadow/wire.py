@@ -65,6 +65,13 @@ class Join(msgspec.Struct, tag="join", frozen=True):
     id: int
 
 
+class Reload(msgspec.Struct, tag="reload", frozen=True):
+    """Proxy to worker: the configuration reloaded (SIGHUP); the jobs sent after it are
+    compared on its rules."""
+
+    config: Config
+
+
 class Ready(msgspec.Struct, tag="ready", frozen=True):
     """Worker to proxy: its stores are open and its dispatcher is started."""
 
@@ -91,7 +98,7 @@ class Joined(msgspec.Struct, tag="joined", frozen=True):
     id: int
 
 
-ToWorker = Hello | JobFrame | Join
+ToWorker = Hello | JobFrame | Join | Reload
 ToProxy = Ready | Report | Joined
 
 _encoder = msgspec.msgpack.Encoder()

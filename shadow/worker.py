@@ -27,11 +27,11 @@ import redis.asyncio as aioredis
 
 from bascule import telemetry
 from bascule.state.fleet import REDIS_TIMEOUT
-from bascule.state.postgres import open_pool
+from bascule.state.postgres import open_pool, session_name
 from bascule.tasks import spawn
 from shadow.dispatch import Job
 from shadow.reads import open_dispatcher
-from shadow.wire import Hello, Join, Joined, Ready, Report, frame, job_of, read_to_worker
+from shadow.wire import Hello, Join, Joined, Ready, Reload, Report, frame, job_of, read_to_worker
 
 log = logging.getLogger("bascule.shadow.worker")
 REPORT_EVERY = 0.1
@@ -78,7 +78,9 @@ async def serve(fd: int) -> None:
         # Noise observations and accepted rules only: the worker writes no count.
         pool = await open_pool(
             hello.postgres_url,
-            max_size=2,
+            # The race guard and clock hold one more (shadow/reads.py): `shadow_sessions`.
+            max_size=max(1, hello.config.state.shadow_sessions - 1),
+            application_name=session_name("shadow", hello.replica),
             dead_session_after=hello.config.state.dead_session_after,
         )
         stack.push_async_callback(pool.close)
@@ -136,6 +138,9 @@ async def serve(fd: int) -> None:
                 if isinstance(message, Join):
                     await dispatcher.join()
                     writer.write(report() + frame(Joined(message.id)))
+                elif isinstance(message, Reload):
+                    await dispatcher.reconfigure(message.config)
+                    log.info("shadow reads of replica %s: configuration reloaded", hello.replica)
                 elif isinstance(message, Hello):
                     raise ConnectionError("a second hello on the shadow link")
                 else:

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -142,12 +143,17 @@ class RestartableRefapi:
         *,
         port: int | None = None,
         shutdown_timeout: float = 1.0,
+        ssl_context: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
         **kwargs: bool,
     ) -> None:
+        """``ssl_context``: serve https (:func:`refapi.app.tls_context`); ``host``: the name in
+        :attr:`url` (the server listens on 127.0.0.1 either way), for a certificate's name."""
         self.name = name
         self.database_url = database_url
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ssl_context = ssl_context
+        self.url = f"{'https' if ssl_context else 'http'}://{host}:{self.port}"
         self.shutdown_timeout = shutdown_timeout
         self.kwargs = kwargs
         self._runner: web.AppRunner | None = None
@@ -172,7 +178,9 @@ class RestartableRefapi:
         deadline = asyncio.get_running_loop().time() + 5.0
         while True:
             try:
-                await web.TCPSite(runner, "127.0.0.1", self.port).start()
+                await web.TCPSite(
+                    runner, "127.0.0.1", self.port, ssl_context=self.ssl_context
+                ).start()
                 break
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -48,7 +49,18 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
         headers = {"Authorization": f"Bearer {token}"}
         # An authority switch may wait for its backlog, its barrier and its replicas.
         timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        # An https admin port whose certificate a private CA signed: BASCULE_ADMIN_CA names
+        # that CA's PEM file (the system's CAs otherwise).
+        connector = None
+        if os.environ.get("BASCULE_ADMIN_CA"):
+            try:
+                trusted = ssl.create_default_context(cafile=os.environ["BASCULE_ADMIN_CA"])
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"BASCULE_ADMIN_CA: cannot use it as a CA bundle: {exc}") from None
+            connector = aiohttp.TCPConnector(ssl=trusted)
+        async with aiohttp.ClientSession(
+            headers=headers, timeout=timeout, connector=connector
+        ) as session:
             yield AdminClient(session, args.admin)
         return
     config = config_of(args)
@@ -58,6 +70,7 @@ async def client_for(args: argparse.Namespace, *, change: bool) -> AsyncIterator
         pool = await open_pool(
             found.postgres_url,
             max_size=4,
+            application_name="bascule cli",
             dead_session_after=config.state.dead_session_after,
             idle_in_transaction=IDLE_IN_TRANSACTION,
         )

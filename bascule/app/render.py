@@ -144,6 +144,7 @@ def status_tables(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> li
                 rep["name"],
                 "yes" if rep["alive"] else "lease expired",
                 when(rep["seen_at"]),
+                str(rep.get("sessions", "-")),
                 *(
                     f"{versions.get(d, '-')}"
                     + ("" if versions.get(d) == current[d] else " (behind)")
@@ -152,7 +153,8 @@ def status_tables(rows: list[dict[str, Any]], fleet: list[dict[str, Any]]) -> li
             )
         )
     title = "replicas (the stage version each runs)"
-    return [datasets, table(title, ("replica", "alive", "last report", *shown), replicas)]
+    head = ("replica", "alive", "last report", "state sessions", *shown)
+    return [datasets, table(title, head, replicas)]
 
 
 def shadow_counts(counts: dict[str, int]) -> str:

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +20,26 @@ from aiohttp import web
 from bascule import telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations, naming_of
-from bascule.config import Backend, Config, ProxySettings, Secrets, load_config
-from bascule.errors import UsageError
+from bascule.config import (
+    Backend,
+    Config,
+    ProxySettings,
+    Secrets,
+    changed_keys,
+    load_config,
+    reload_refusal,
+)
+from bascule.errors import ConfigError, UsageError
 from bascule.sealing import Namer, Sealer
 from bascule.stages import Side
 from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer, StageView
 from bascule.state.journal import Journal
 from bascule.state.journal.writes import WriterConnection
-from bascule.state.postgres import IDLE_IN_TRANSACTION, open_pool, schema_check
+from bascule.state.postgres import IDLE_IN_TRANSACTION, open_pool, schema_check, session_name
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
+from bascule.tls import server_context
 from bascule.upstream import Upstream
 from cutover.autopilot import autopilot_for
 from cutover.controller import groups_of
@@ -75,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.install()
-    asyncio.run(serve(config, secrets, listen, admin_listen))
+    asyncio.run(serve(config, secrets, listen, admin_listen, config_path=args.config))
     return 0
 
 
@@ -114,8 +124,20 @@ class Replica:
 
     async def __aenter__(self) -> Replica:
         probe = self.config.state.dead_session_after
+        self.forwarders: list[Forwarder] = []
+        self.servers: list[Server] = []
+        self.routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
+        """Write routes by (path, method), shared by the replayer and the resolver (a reload
+        updates it in place)."""
+        # The connection budget (docs/operations.md): `sessions` here, `journal_sessions`
+        # for writes, `shadow_sessions` for shadow reads; each named after this replica, so
+        # that `bascule status` counts them in pg_stat_activity.
         self.pool = await open_pool(
-            self.postgres_url, dead_session_after=probe, idle_in_transaction=IDLE_IN_TRANSACTION
+            self.postgres_url,
+            max_size=self.config.state.sessions,
+            application_name=session_name("state", self.name),
+            dead_session_after=probe,
+            idle_in_transaction=IDLE_IN_TRANSACTION,
         )
         await schema_check(self.pool)
         # Announcements, counters, noise: a silent Redis fails them in REDIS_TIMEOUT, never
@@ -150,11 +172,15 @@ class Replica:
                 max_size=self.config.state.journal_sessions,
                 connection_class=WriterConnection,
                 # Names the replica holding a dataset's fence, when a change has to wait.
-                application_name=f"bascule writer {self.name}"[:63],
+                application_name=session_name("writer", self.name),
                 dead_session_after=probe,
             )
             journal = Journal(
-                self.pool, Sealer(self.secrets.journal_key), self.name, sessions=self.journal_pool
+                self.pool,
+                Sealer(self.secrets.journal_key),
+                self.name,
+                sessions=self.journal_pool,
+                session_wait=self.config.state.session_wait,
             )
             namer = Namer(self.secrets.hmac_key)
             router = Router(self.config.routes, self.config.datasets)
@@ -168,7 +194,7 @@ class Replica:
                 require_credentials=self.config.proxy.require_credentials,
                 anonymous_writes=self.config.proxy.anonymous_writes,
             )
-            routes = {(r.path, m): r for r in self.config.routes for m in r.methods}
+            routes = self.routes
             credentials = {
                 Side.SOURCE: _credential(self.config.source_backend),
                 Side.TARGET: _credential(self.config.target_backend),
@@ -262,17 +288,42 @@ class Replica:
 
     def forwarder(self) -> Forwarder:
         router = Router(self.config.routes, self.config.datasets)
-        return Forwarder(
+        forwarder = Forwarder(
             router,
             self.view,
             self.upstreams,
             self.dual,
+            scheme="https" if self.config.proxy.tls is not None else "http",
             shadow=self.shadow,
             namer=Namer(self.secrets.hmac_key) if self.secrets.hmac_key else None,
         )
+        self.forwarders.append(forwarder)
+        return forwarder
 
     def server(self) -> Server:
-        return create_proxy_server(self.forwarder(), self.config.proxy)
+        server = create_proxy_server(self.forwarder(), self.config.proxy)
+        self.servers.append(server)
+        return server
+
+    async def reload(self, new: Config) -> None:
+        """Run on ``new`` from now on, without dropping a connection: comparison rules,
+        sampling and timeouts (:data:`bascule.config.RELOADABLE`; the caller checked that
+        nothing else changed, :func:`bascule.config.reload_refusal`). Requests in flight
+        finish on the settings they started with; the next ones get the new."""
+        self.config = new
+        self.upstreams[Side.SOURCE].retime(new.source_backend)
+        self.upstreams[Side.TARGET].retime(new.target_backend)
+        # Routes: only their comparison rules and timeouts may have changed.
+        self.routes.clear()
+        self.routes.update({(r.path, m): r for r in new.routes for m in r.methods})
+        for forwarder in self.forwarders:
+            forwarder.router = Router(new.routes, new.datasets)
+        for server in self.servers:
+            server.request_deadline = new.proxy.receive_timeout
+            server.keepalive_idle = new.proxy.idle_timeout
+        if self.shadow is not None:
+            # Sampling here; rules, deadlines and timeouts in the worker process too.
+            await self.shadow.reconfigure(new)
 
     def admin_deps(self) -> AdminDeps:
         return AdminDeps(
@@ -292,7 +343,35 @@ class Replica:
         )
 
 
-async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str) -> None:
+async def reload_from(replica: Replica, path: Path) -> bool:
+    """SIGHUP: read ``path`` again and run on it if only what may change live changed;
+    otherwise keep the running configuration and say which key needs a restart."""
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        log.error("configuration not reloaded, the running one stays: %s", exc)
+        return False
+    refusal = reload_refusal(replica.config, new)
+    if refusal is not None:
+        log.error("configuration not reloaded from %s: %s", path, refusal)
+        return False
+    changed = changed_keys(replica.config, new)
+    await replica.reload(new)
+    log.info(
+        "configuration reloaded from %s: %s",
+        path,
+        ", ".join(changed) if changed else "nothing changed",
+    )
+    return True
+
+
+async def serve(
+    config: Config,
+    secrets: Secrets,
+    listen: str,
+    admin_listen: str,
+    config_path: Path | None = None,
+) -> None:
     if not secrets.operators():
         log.warning(
             "no operator token (BASCULE_ADMIN_TOKEN or BASCULE_OPERATOR_TOKENS) is set: "
@@ -304,13 +383,23 @@ async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str
             researcher = replica.server()
             host, _, port = listen.rpartition(":")
             try:
-                await researcher.start(host, int(port))
+                await researcher.start(
+                    host, int(port), tls=server_context("proxy.tls", config.proxy.tls)
+                )
             except OSError as exc:
                 raise UsageError(
                     f"cannot listen on {listen} for researchers: {exc.strerror}"
                 ) from exc
-            log.info("researcher port listening on %s", listen)
-            admin = await _start(create_admin_app(replica.admin_deps()), admin_listen, "admin")
+            log.info(
+                "researcher port listening on %s%s", listen, " (TLS)" if config.proxy.tls else ""
+            )
+            admin = await _start(
+                create_admin_app(replica.admin_deps()),
+                admin_listen,
+                "admin",
+                server_context("proxy.admin_tls", config.proxy.admin_tls),
+            )
+            _reload_on_sighup(replica, config_path)
             try:
                 await _until_stopped()
             finally:
@@ -318,17 +407,33 @@ async def serve(config: Config, secrets: Secrets, listen: str, admin_listen: str
                 await admin.cleanup()
 
 
-async def _start(app: web.Application, address: str, what: str) -> web.AppRunner:
+async def _start(
+    app: web.Application, address: str, what: str, tls: ssl.SSLContext | None = None
+) -> web.AppRunner:
     host, _, port = address.rpartition(":")
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, int(port), backlog=1024).start()
+        await web.TCPSite(runner, host, int(port), backlog=1024, ssl_context=tls).start()
     except OSError as exc:
         await runner.cleanup()
         raise UsageError(f"cannot listen on {address} for the {what} port: {exc.strerror}") from exc
-    log.info("%s port listening on %s", what, address)
+    log.info("%s port listening on %s%s", what, address, " (TLS)" if tls else "")
     return runner
+
+
+def _reload_on_sighup(replica: Replica, path: Path | None) -> None:
+    """SIGHUP reloads ``path`` (:func:`reload_from`), one reload at a time."""
+    if path is None:
+        return
+    loop = asyncio.get_running_loop()
+    lock = asyncio.Lock()
+
+    async def reload() -> None:
+        async with lock:
+            await reload_from(replica, path)
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload(), name="reload"))
 
 
 async def _until_stopped() -> None:

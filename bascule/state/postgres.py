@@ -107,6 +107,13 @@ class Probes:
             log.debug("state session probes not set on the client side: %s", exc)
 
 
+def session_name(role: str, replica: str) -> str:
+    """The ``application_name`` of a replica's state sessions (``bascule ROLE REPLICA``): what
+    ``bascule status`` counts a replica's sessions by, and what names the replica holding a
+    dataset's fence when a change has to wait. Postgres keeps 63 bytes of it."""
+    return f"bascule {role} {replica}"[:63]
+
+
 async def open_pool(
     url: str,
     *,

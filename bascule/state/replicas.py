@@ -29,6 +29,9 @@ class Replica:
     seen_at: datetime
     expires_at: datetime
     alive: bool
+    sessions: int = 0
+    """State-Postgres sessions open now under this replica's name (its pools' and its shadow
+    worker's: ``bascule ROLE NAME``, :func:`bascule.state.postgres.session_name`)."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -37,6 +40,7 @@ class Replica:
             "seen_at": self.seen_at.isoformat(),
             "expires_at": self.expires_at.isoformat(),
             "alive": self.alive,
+            "sessions": self.sessions,
         }
 
 
@@ -61,14 +65,27 @@ async def withdraw(pool: asyncpg.Pool, name: str) -> None:
 
 
 async def listing(pool: asyncpg.Pool) -> list[Replica]:
-    """Every replica that reported; expired ones are shown, marked not alive."""
+    """Every replica that reported, with its state sessions open now; expired ones are
+    shown, marked not alive."""
     async with reaching_postgres():
         rows = await pool.fetch(
-            "SELECT name, versions, seen_at, expires_at, expires_at > now() AS alive"
+            "WITH named AS (SELECT application_name AS app FROM pg_stat_activity"
+            "  WHERE datname = current_database() AND application_name LIKE 'bascule %')"
+            " SELECT name, versions, seen_at, expires_at, expires_at > now() AS alive,"
+            "  (SELECT count(*) FROM named WHERE app IN (left('bascule state ' || name, 63),"
+            "   left('bascule writer ' || name, 63), left('bascule shadow ' || name, 63)))"
+            "  AS sessions"
             " FROM bascule_replica ORDER BY name"
         )
     return [
-        Replica(r["name"], json.loads(r["versions"]), r["seen_at"], r["expires_at"], r["alive"])
+        Replica(
+            r["name"],
+            json.loads(r["versions"]),
+            r["seen_at"],
+            r["expires_at"],
+            r["alive"],
+            r["sessions"],
+        )
         for r in rows
     ]
 

@@ -399,3 +399,45 @@ def test_a_route_sets_its_own_time_limits() -> None:
     config = parse_config(MINIMAL + ROUTE + "read_timeout = 300\ntotal_timeout = 7200.0\n")
     assert (config.routes[0].read_timeout, config.routes[0].total_timeout) == (300.0, 7200.0)
     assert (config.source_backend.read_timeout, config.source_backend.write_timeout) == (60, 120)
+
+
+HTTPS = MINIMAL.replace('url = "http://127.0.0.1:9001"', 'url = "https://azure.example"')
+
+
+@pytest.mark.parametrize(
+    ("tls", "key", "says"),
+    [
+        (
+            'cert_file = "-----BEGIN CERTIFICATE-----\\nMIIB\\n"',
+            "backends.azure.tls.cert_file",
+            "inline PEM",
+        ),
+        ('key_file = "/k.pem"', "backends.azure.tls", "a client certificate and its key go"),
+        ('ca_file = "/a.pem"\nca_env = "CA"', "backends.azure.tls.ca_env", "not both"),
+        ('key_env = "lower"\ncert_file = "/c.pem"', "backends.azure.tls.key_env", "NAME"),
+        ("pem = 'x'", "backends.azure.tls.pem", "unknown key"),
+    ],
+)
+def test_backend_tls_settings_are_checked(tls: str, key: str, says: str) -> None:
+    error = error_of(f"{HTTPS}\n[backends.azure.tls]\n{tls}\n")
+    assert error.key == key and says in str(error), error
+
+
+def test_tls_needs_an_https_backend_and_a_listener_needs_its_certificate() -> None:
+    error = error_of(f"{MINIMAL}\n[backends.azure.tls]\nca_file = '/a.pem'\n")
+    assert error.key == "backends.azure.tls" and "https://" in str(error)
+    error = error_of(f"[proxy.admin_tls]\ncert_file = '/c.pem'\n{MINIMAL}")
+    assert error.key == "proxy.admin_tls" and "certificate and its key" in str(error)
+    config = parse_config(
+        f"[proxy.tls]\ncert_file = '/c.pem'\nkey_env = 'PROXY_KEY'\n{HTTPS}"
+        "\n[backends.azure.tls]\nca_file = '/a.pem'\ncert_env = 'C'\nkey_env = 'K'\n"
+    )
+    assert config.proxy.tls is not None and config.proxy.tls.key_env == "PROXY_KEY"
+    assert config.source_backend.tls is not None and config.source_backend.tls.ca_file == "/a.pem"
+
+
+def test_pem_is_refused_anywhere_in_the_file() -> None:
+    error = error_of(
+        MINIMAL.replace("[migration]", '[proxy]\nlisten = "-----BEGIN X"\n[migration]')
+    )
+    assert error.key == "proxy.listen" and "inline PEM" in str(error)

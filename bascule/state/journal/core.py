@@ -28,11 +28,15 @@ class JournalCore:
         sealer: Sealer,
         replica: str,
         sessions: asyncpg.Pool | None = None,
+        session_wait: float = 10.0,
     ) -> None:
         self.pool = pool
         """For reading and settling entries (the replayer, the resolver, status)."""
         self.sessions = sessions or pool
         """For writes: each holds one session, with its record lock, for its whole life."""
+        self.session_wait = session_wait
+        """Seconds a write waits for one of those sessions (all busy, or the server refusing
+        new ones) before it is refused, ``journal_unavailable``, rather than hang."""
         self.sealer = sealer
         self.replica = replica
         self._woken: set[str] = set()

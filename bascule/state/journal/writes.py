@@ -260,6 +260,25 @@ class WriteLocks(JournalCore):
     """The fence and the record locks a write holds for its whole life."""
 
     @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[Any]:
+        """One of the writers' sessions, waited for ``session_wait`` at most: a replica whose
+        sessions are all busy, or whose server refuses new ones (``max_connections``, a role's
+        ``CONNECTION LIMIT``), refuses the write at once (:class:`StoreError`) instead of
+        holding the researcher until a session frees up."""
+        try:
+            conn = await self.sessions.acquire(timeout=self.session_wait)
+        except TimeoutError:
+            size = self.sessions.get_max_size()
+            raise StoreError(
+                f"no journal session within {self.session_wait:g} s (this replica's "
+                f"{size} are all busy, or the state Postgres refuses new sessions)"
+            ) from None
+        try:
+            yield conn
+        finally:
+            await self.sessions.release(conn)
+
+    @contextlib.asynccontextmanager
     async def locked(
         self, dataset: str, records: Iterable[str], *, wait: float = 10.0
     ) -> AsyncIterator[WriteSession]:
@@ -299,7 +318,7 @@ class WriteLocks(JournalCore):
             f" SET statement_timeout = '{int(total * 1000)}ms';"
             f" SELECT {', '.join(takes)}; RESET statement_timeout"
         )
-        async with reaching_postgres(), self.sessions.acquire() as conn:
+        async with reaching_postgres(), self._session() as conn:
             session: WriteSession | None = None
             try:
                 try:
