@@ -47,6 +47,7 @@ async def open_dispatcher(
             msgspec.structs.replace(
                 backend, pool_size=settings.concurrency, read_timeout=settings.deadline
             ),
+            side.value,
         )
         for side, name, backend in (
             (Side.SOURCE, config.migration.source, config.source_backend),

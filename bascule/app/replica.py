@@ -16,7 +16,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bascule import telemetry
+from bascule import logs, metrics, telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations, naming_of
 from bascule.config import Backend, Config, ProxySettings, Secrets, load_config
@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     secrets = Secrets.from_env(os.environ)
     listen = args.listen or config.proxy.listen
     admin_listen = args.admin_listen or config.proxy.admin_listen
-    telemetry.install()
+    telemetry.install(config.telemetry)
+    metrics.configure(config.datasets)
+    logs.setup(config.telemetry.logs)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -134,8 +136,12 @@ class Replica:
             replica=self.name,
         )
         self.upstreams = {
-            Side.SOURCE: Upstream(self.config.migration.source, self.config.source_backend),
-            Side.TARGET: Upstream(self.config.migration.target, self.config.target_backend),
+            Side.SOURCE: Upstream(
+                self.config.migration.source, self.config.source_backend, Side.SOURCE.value
+            ),
+            Side.TARGET: Upstream(
+                self.config.migration.target, self.config.target_backend, Side.TARGET.value
+            ),
         }
         for upstream in self.upstreams.values():
             await upstream.open()
