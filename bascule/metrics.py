@@ -61,8 +61,9 @@ STAGE = "bascule.stage"
 GATE_OPEN = "bascule.gate.open"
 """Gauge: 1 when the dataset's gate to its next stage holds, 0 when a condition fails
 (datasets in ``shadow`` or past it), by ``bascule.dataset``."""
-GATE_FAILING = "bascule.gate.failing"
-"""Gauge: 1 per failing gate condition (``bascule.dataset``, ``bascule.condition``)."""
+GATE_CONDITION = "bascule.gate.condition"
+"""Gauge: per gate condition (``bascule.dataset``, ``bascule.condition``), 1 when it holds, 0
+when it fails: ``bascule_gate_condition == 0`` names what keeps a gate closed."""
 
 PROMETHEUS: dict[str, str] = {
     SERVER_DURATION: "http_server_request_duration_seconds",
@@ -76,7 +77,7 @@ PROMETHEUS: dict[str, str] = {
     JOURNAL_DEAD: "bascule_journal_dead",
     STAGE: "bascule_stage",
     GATE_OPEN: "bascule_gate_open",
-    GATE_FAILING: "bascule_gate_failing",
+    GATE_CONDITION: "bascule_gate_condition",
 }
 """Each instrument's name in a Prometheus scrape (histograms: ``_bucket``, ``_sum``,
 ``_count`` series of it)."""
@@ -105,8 +106,8 @@ class Figures:
 
     journal: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)
-    gates: dict[str, tuple[bool, tuple[str, ...]]] = field(default_factory=dict)
-    """Per dataset: whether its gate holds, and the names of the failing conditions."""
+    gates: dict[str, dict[str, bool]] = field(default_factory=dict)
+    """Per dataset whose gate applies: each condition's name and whether it holds."""
     at: float = 0.0
 
 
@@ -151,7 +152,7 @@ class Instruments:
             GATE_OPEN, callbacks=[_gates], description="1 when the dataset's gate holds"
         )
         meter.create_observable_gauge(
-            GATE_FAILING, callbacks=[_failing], description="1 per failing gate condition"
+            GATE_CONDITION, callbacks=[_conditions], description="1 when a gate condition holds"
         )
 
     def dataset(self, name: str | None) -> str:
@@ -193,14 +194,15 @@ def _stages(options: CallbackOptions) -> Iterable[Observation]:
 
 
 def _gates(options: CallbackOptions) -> Iterable[Observation]:
-    for dataset, (ok, _) in figures.gates.items():
-        yield Observation(1 if ok else 0, {"bascule.dataset": dataset})
+    for dataset, conditions in figures.gates.items():
+        yield Observation(1 if all(conditions.values()) else 0, {"bascule.dataset": dataset})
 
 
-def _failing(options: CallbackOptions) -> Iterable[Observation]:
-    for dataset, (_, failing) in figures.gates.items():
-        for condition in failing:
-            yield Observation(1, {"bascule.dataset": dataset, "bascule.condition": condition})
+def _conditions(options: CallbackOptions) -> Iterable[Observation]:
+    for dataset, conditions in figures.gates.items():
+        for name, ok in conditions.items():
+            labels = {"bascule.dataset": dataset, "bascule.condition": name}
+            yield Observation(1 if ok else 0, labels)
 
 
 current: Instruments | None = None
@@ -254,9 +256,12 @@ def _pushing(settings: TelemetrySettings) -> MetricReader:
 
 
 def configure(datasets: Iterable[str]) -> None:
-    """The configured datasets: any other a request names is labelled ``other``."""
+    """The configured datasets: any other a request names is labelled ``other``. Their
+    drop counters start at 0, so a scrape shows them before the first drop."""
     if current is not None:
         current.datasets = frozenset(datasets)
+        for name in sorted(current.datasets):
+            current.dropped.add(0, {"bascule.dataset": name})
 
 
 def scrape() -> bytes:

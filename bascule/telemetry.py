@@ -410,6 +410,7 @@ def end(req: Request, status: int, error: str | None = None) -> None:
     """The request is answered (``status``; 0: no answer, the connection was cut).
     ``error``: what failed (an error class or code), if anything."""
     failed = status >= 500 or status == 0 or error is not None
+    current.set(None)
     span = req.span
     if span is not None:
         if status:

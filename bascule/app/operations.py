@@ -426,12 +426,12 @@ class Operations:
         where one applies (``shadow`` and past it, ``target`` excepted)."""
         rows = await self.store.all()
         journal = await queries.backlog(self.store.pool)
-        gates: dict[str, tuple[bool, tuple[str, ...]]] = {}
+        gates: dict[str, dict[str, bool]] = {}
         if self.gate is not None:
             for name, row in rows.items():
                 if Stage.SHADOW.position <= row.stage.position < Stage.TARGET.position:
                     report = await self.gate.judge(row)
-                    gates[name] = (report.ok, tuple(c.name for c in report.failing))
+                    gates[name] = {c.name: c.ok for c in report.conditions}
         metrics.figures.stages = {name: row.stage.value for name, row in rows.items()}
         metrics.figures.journal = {n: journal.get(n, queries.EMPTY_BACKLOG) for n in rows}
         metrics.figures.gates = gates

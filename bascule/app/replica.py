@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     listen = args.listen or config.proxy.listen
     admin_listen = args.admin_listen or config.proxy.admin_listen
     telemetry.install(config.telemetry)
-    metrics.configure(config.datasets)
     logs.setup(config.telemetry.logs)
     with contextlib.suppress(ImportError):
         import uvloop
@@ -115,6 +114,8 @@ class Replica:
     """This replica, as recorded in the journal and leases."""
 
     async def __aenter__(self) -> Replica:
+        telemetry.install()  # as configured, if `bascule proxy` installed it first
+        metrics.configure(self.config.datasets)
         probe = self.config.state.dead_session_after
         self.pool = await open_pool(
             self.postgres_url, dead_session_after=probe, idle_in_transaction=IDLE_IN_TRANSACTION
