@@ -127,7 +127,12 @@ async def test_a_planted_value_appears_nowhere(
     spans = InMemorySpanExporter()
     telemetry.add_exporter(spans, batch=False)
     telemetry.set_ratio(1.0)
-    request.addfinalizer(lambda: (telemetry.remove_exporter(spans), telemetry.set_ratio(0.1)))
+
+    def restore() -> None:
+        telemetry.remove_exporter(spans)
+        telemetry.set_ratio(0.1)
+
+    request.addfinalizer(restore)
     tmp_path, _, pg_url, redis_url, redis_prefix = ground
     async with shadow_world(ground) as world:
         await world.sql(world.target_db, "UPDATE dcir SET patient_id = $1 WHERE id = 8", PLANTED)
