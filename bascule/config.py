@@ -148,6 +148,10 @@ class TelemetrySettings(_Record, frozen=True):
     Nothing exported ever carries a record value: datasets, route templates, outcomes, JSON
     pointers and kinds only."""
 
+    enabled: bool = True
+    """False: no span and no metric is made (``/metrics`` has none of bascule's); backends
+    still get a ``traceparent`` and log lines a trace id. A baseline for
+    ``bench/proxy_overhead.py``, or a replica that must spend nothing on telemetry."""
     exporter: Literal["none", "console", "otlp-grpc", "otlp-http"] = "none"
     """Where spans (and, for OTLP, metrics) go: ``none`` (the Prometheus endpoint on the admin
     port only), ``console`` (spans as JSON on stderr), ``otlp-grpc`` or ``otlp-http`` (a

@@ -380,7 +380,8 @@ def begin(method: str, traceparent: str | None) -> Request:
         trace_id, parent, flagged = incoming
         sampled = flagged or sampled_id(trace_id)
     req = Request(method, trace_id, _bits(64) or 1, parent)
-    if sampled and _state.installed:
+    tail = _state.tail
+    if sampled and tail is not None and tail.outputs:  # no exporter: no span to make
         ctx = None
         if parent:
             remote = SpanContext(trace_id, parent, True, SAMPLED if flagged else UNSAMPLED)

@@ -71,7 +71,8 @@ async def serve(fd: int) -> None:
         raise ConnectionError("the first frame on the shadow link was not a hello")
     # Its spans: every one recorded, exported when sampled, failed or divergent. No metrics:
     # the proxy counts what this worker reports.
-    telemetry.install(hello.config.telemetry, service="bascule-shadow", with_metrics=False)
+    if hello.config.telemetry.enabled:
+        telemetry.install(hello.config.telemetry, service="bascule-shadow", with_metrics=False)
     logs.setup(hello.config.telemetry.logs)
     finished: list[int] = []
 

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     secrets = Secrets.from_env(os.environ)
     listen = args.listen or config.proxy.listen
     admin_listen = args.admin_listen or config.proxy.admin_listen
-    telemetry.install(config.telemetry)
+    if config.telemetry.enabled:
+        telemetry.install(config.telemetry)
     logs.setup(config.telemetry.logs)
     with contextlib.suppress(ImportError):
         import uvloop
@@ -114,8 +115,9 @@ class Replica:
     """This replica, as recorded in the journal and leases."""
 
     async def __aenter__(self) -> Replica:
-        telemetry.install()  # as configured, if `bascule proxy` installed it first
-        metrics.configure(self.config.datasets)
+        if self.config.telemetry.enabled:
+            telemetry.install()  # as configured, if `bascule proxy` installed it first
+            metrics.configure(self.config.datasets)
         probe = self.config.state.dead_session_after
         self.pool = await open_pool(
             self.postgres_url, dead_session_after=probe, idle_in_transaction=IDLE_IN_TRANSACTION
