@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -120,3 +121,13 @@ def test_log_lines_carry_the_requests_trace_and_route_not_its_path() -> None:
     )
     assert line["level"] == "WARNING" and line["message"] == "backend azure: Timeout"
     assert "dataset=dcir" in readable and "trace=" in readable
+
+
+def test_the_dashboard_shows_every_documented_metric() -> None:
+    """``deploy/grafana/bascule.json`` queries every metric ``bascule/metrics.py`` documents,
+    by its Prometheus name."""
+    root = Path(__file__).resolve().parents[2]
+    dashboard = json.loads((root / "deploy/grafana/bascule.json").read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for name in metrics.PROMETHEUS.values():
+        assert name in queries, name
