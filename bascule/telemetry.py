@@ -387,7 +387,10 @@ def begin(method: str, traceparent: str | None) -> Request:
             remote = SpanContext(trace_id, parent, True, SAMPLED if flagged else UNSAMPLED)
             ctx = trace.set_span_in_context(trace.NonRecordingSpan(remote))
         span = _tracer.start_span(
-            method, context=ctx, kind=SpanKind.SERVER, attributes={"http.request.method": method}
+            f"{method} unrouted",
+            context=ctx,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method},
         )
         req.span = span
         req.trace_id = span.get_span_context().trace_id
@@ -425,7 +428,7 @@ def end(req: Request, status: int, error: str | None = None) -> None:
             otel_context.detach(req.token)  # type: ignore[arg-type]
         return
     tail = _state.tail
-    if tail is None:
+    if tail is None or not tail.outputs:  # no exporter: nothing to keep it for
         return
     if failed or req.trace_id in tail._marked:
         tail._marked.pop(req.trace_id, None)
