@@ -151,8 +151,13 @@ class Exchange:
         limits = self._limits
         method, target, headers, body = self._args
         sent = list(headers)
-        self._span = telemetry.client_span(method, self._origin, self._role, sent)
-        span = self._otel = self._span.__enter__()
+        req = telemetry.current.get()
+        if req is not None and req.span is None:  # a researcher's request, not sampled
+            sent.append(("traceparent", req.traceparent))
+            span = None
+        else:
+            self._span = telemetry.client_span(method, self._origin, self._role, sent)
+            span = self._otel = self._span.__enter__()
         self._started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + limits.total
         try:
@@ -175,24 +180,23 @@ class Exchange:
         """Time the call, end its span; the error a caller sees (translated), if any."""
         translated = self._pool.error(exc) if isinstance(exc, Exception) else exc
         resp = self._resp
-        attributes: dict[str, Any] = {
-            "http.request.method": self._args[0],
-            "bascule.origin": self._origin,
-            "bascule.role": self._role,
-        }
-        if resp is not None:
-            attributes["http.response.status_code"] = resp.status
-        if translated is not None:
-            attributes["error.type"] = type(translated).__name__
+        status = resp.status if resp is not None else None
+        error = type(translated).__name__ if translated is not None else None
         m = metrics.current
         if m is not None:
-            m.client.record(time.perf_counter() - self._started, attributes)
+            m.client.record(
+                time.perf_counter() - self._started,
+                (self._args[0], status, error, self._origin, self._role),
+            )
         if span is not None:
-            span.set_attributes(attributes)
-            if translated is not None or (resp is not None and resp.status >= 500):
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+            if error is not None:
+                span.set_attribute("error.type", error)
+            if error is not None or (status is not None and status >= 500):
                 span.set_status(telemetry.ERROR)
-        assert self._span is not None
-        self._span.__exit__(None, None, None)
+        if self._span is not None:
+            self._span.__exit__(None, None, None)
         return translated
 
     async def __aexit__(

@@ -105,12 +105,7 @@ class Forwarder:
             if m is not None:
                 m.server.record(
                     time.perf_counter() - started,
-                    {
-                        "http.request.method": request.method,
-                        "http.route": traced.route,
-                        "http.response.status_code": status,
-                        "bascule.dataset": m.dataset(traced.dataset),
-                    },
+                    (request.method, traced.route, status, m.dataset(traced.dataset)),
                 )
 
     async def _handle(self, request: Request, out: Responder, traced: telemetry.Request) -> None:
