@@ -372,14 +372,15 @@ _bits = random.getrandbits
 def begin(method: str, traceparent: str | None) -> Request:
     """A researcher's request starts: decide (head) and, when sampled, start its server span
     (named by the route template once :func:`route` knows it)."""
-    incoming = parse_traceparent(traceparent)
+    bits = _bits(192)  # one draw: a trace id if none came, and the span id
+    span_id = (bits & _MASK64) or 1
+    incoming = parse_traceparent(traceparent) if traceparent is not None else None
     if incoming is None:
-        trace_id, parent, flagged = _bits(128) or 1, 0, False
-        sampled = random.random() < _state.ratio
+        trace_id, parent, flagged = (bits >> 64) or 1, 0, False
     else:
         trace_id, parent, flagged = incoming
-        sampled = flagged or sampled_id(trace_id)
-    req = Request(method, trace_id, _bits(64) or 1, parent)
+    sampled = flagged or sampled_id(trace_id)
+    req = Request(method, trace_id, span_id, parent)
     tail = _state.tail
     if sampled and tail is not None and tail.outputs:  # no exporter: no span to make
         ctx = None

@@ -51,6 +51,7 @@ is asserted.
     .venv/bin/python bench/proxy_overhead.py [--requests 6000] [--rows 1000] [--rounds 10]
         [--only direct,bascule,busy,traced,shadow,nginx,mirror,slow] [--concurrency 1,32]
         [--slow-requests 1500] [--delay 0.2] [--shadowed idle|equal] [--cpus split|shared]
+        [--trace-ratio R]
 """
 
 from __future__ import annotations
@@ -754,7 +755,10 @@ async def main(args: argparse.Namespace) -> None:
                     api_url,
                     api_url,
                     shadow=False,
-                    extra=f'\n[telemetry]\nexporter = "otlp-http"\nendpoint = "{sink_url}"\n',
+                    extra=(
+                        f'\n[telemetry]\nexporter = "otlp-http"\nendpoint = "{sink_url}"\n'
+                        + (f"sample_ratio = {args.trace_ratio}\n" if args.trace_ratio else "")
+                    ),
                 )
                 traced.name = "bascule/traced"
                 targets.append(traced)
@@ -1056,6 +1060,11 @@ if __name__ == "__main__":
     parser.add_argument("--slow-concurrency", type=int, default=32)
     parser.add_argument(
         "--delay", type=float, default=0.2, help="seconds the slow API's answers are late"
+    )
+    parser.add_argument(
+        "--trace-ratio",
+        type=float,
+        help="[telemetry] sample_ratio of the bascule/traced row (default: the configuration's)",
     )
     parser.add_argument("--profile", metavar="FILE", help="py-spy raw samples of a proxy")
     parser.add_argument(
