@@ -159,7 +159,7 @@ class TelemetrySettings(_Record, frozen=True):
     endpoint: str | None = None
     """The collector's OTLP endpoint (``http://host:4317`` for gRPC, ``http://host:4318`` for
     HTTP); None: the exporter's default (``OTEL_EXPORTER_OTLP_ENDPOINT`` or localhost)."""
-    sample_ratio: float = 0.1
+    sample_ratio: float = 0.01
     """Share of researchers' requests traced from the start (by trace id, so every process
     agrees). A failed request, a failed replay and a divergent shadow read are kept whatever
     this says."""

@@ -81,8 +81,8 @@ _MASK64 = (1 << 64) - 1
 
 
 class _State:
-    ratio = 0.1
-    bound = round(0.1 * (1 << 64))
+    ratio = 0.01
+    bound = round(0.01 * (1 << 64))
     installed = False
     tail: TailProcessor | None = None
     resource: Resource | None = None

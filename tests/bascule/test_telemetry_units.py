@@ -28,7 +28,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
         yield exporter
     finally:
         telemetry.remove_exporter(exporter)
-        telemetry.set_ratio(0.1)
+        telemetry.set_ratio(0.01)
 
 
 def test_an_unsampled_request_is_kept_when_it_fails(spans: InMemorySpanExporter) -> None:

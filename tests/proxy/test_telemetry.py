@@ -41,7 +41,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
         yield exporter
     finally:
         telemetry.remove_exporter(exporter)
-        telemetry.set_ratio(0.1)
+        telemetry.set_ratio(0.01)
 
 
 def of_trace(spans: InMemorySpanExporter, trace_id: str) -> list[ReadableSpan]:

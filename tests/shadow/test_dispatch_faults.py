@@ -130,7 +130,7 @@ async def test_a_planted_value_appears_nowhere(
 
     def restore() -> None:
         telemetry.remove_exporter(spans)
-        telemetry.set_ratio(0.1)
+        telemetry.set_ratio(0.01)
 
     request.addfinalizer(restore)
     tmp_path, _, pg_url, redis_url, redis_prefix = ground
