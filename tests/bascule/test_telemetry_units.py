@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from bascule import logs, metrics, telemetry
+from bascule.config import TelemetrySettings
 
 
 @pytest.fixture
@@ -131,3 +132,18 @@ def test_the_dashboard_shows_every_documented_metric() -> None:
     queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     for name in metrics.PROMETHEUS.values():
         assert name in queries, name
+
+
+@pytest.mark.parametrize(
+    ("exporter", "kind"),
+    [
+        ("console", "ConsoleSpanExporter"),
+        ("otlp-grpc", "opentelemetry.exporter.otlp.proto.grpc"),
+        ("otlp-http", "opentelemetry.exporter.otlp.proto.http"),
+    ],
+)
+def test_each_configured_exporter_is_the_one_named(exporter: str, kind: str) -> None:
+    settings = TelemetrySettings(exporter=exporter, endpoint="http://127.0.0.1:9")  # type: ignore[arg-type]
+    made = telemetry._span_exporter(settings)
+    assert kind in f"{type(made).__module__}.{type(made).__name__}"
+    made.shutdown()
