@@ -159,6 +159,39 @@ class ShadowSettings(_Record, frozen=True):
     its shadow reads, counted ``dropped``, rather than slow them down."""
 
 
+class TelemetrySettings(_Record, frozen=True):
+    """Traces, metrics and logs for on-call (``[telemetry]``; ``docs/observability.md``).
+    Nothing exported ever carries a record value: datasets, route templates, outcomes, JSON
+    pointers and kinds only."""
+
+    enabled: bool = True
+    """False: no span and no metric is made (``/metrics`` has none of bascule's); backends
+    still get a ``traceparent`` and log lines a trace id. A baseline for
+    ``bench/proxy_overhead.py``, or a replica that must spend nothing on telemetry."""
+    exporter: Literal["none", "console", "otlp-grpc", "otlp-http"] = "none"
+    """Where spans (and, for OTLP, metrics) go: ``none`` (the Prometheus endpoint on the admin
+    port only), ``console`` (spans as JSON on stderr), ``otlp-grpc`` or ``otlp-http`` (a
+    collector: ``deploy/otel-collector.yaml``)."""
+    endpoint: str | None = None
+    """The collector's OTLP endpoint (``http://host:4317`` for gRPC, ``http://host:4318`` for
+    HTTP); None: the exporter's default (``OTEL_EXPORTER_OTLP_ENDPOINT`` or localhost)."""
+    sample_ratio: float = 0.01
+    """Share of researchers' requests traced from the start (by trace id, so every process
+    agrees). A failed request, a failed replay and a divergent shadow read are kept whatever
+    this says."""
+    metrics_interval: float = 15.0
+    """Seconds between OTLP metric pushes (``otlp-*`` only)."""
+    logs: Literal["auto", "json", "text"] = "auto"
+    """``json``: one JSON object per line; ``text``: a line for people; ``auto``: text on a
+    terminal, JSON otherwise."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be between 0 and 1, not {self.sample_ratio}")
+        if self.metrics_interval <= 0:
+            raise ValueError("metrics_interval must be more than 0 seconds")
+
+
 class MigrationSettings(_Record, frozen=True):
     source: str
     target: str
@@ -406,6 +439,7 @@ class Config(_Record, frozen=True):
     switch: SwitchSettings = SwitchSettings()
     shadow: ShadowSettings = ShadowSettings()
     controller: ControllerSettings = ControllerSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @property
     def source_backend(self) -> Backend:
@@ -431,6 +465,7 @@ _TOP_KEYS = (
     "switch",
     "shadow",
     "controller",
+    "telemetry",
 )
 
 
@@ -466,6 +501,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     switch = _convert(raw.get("switch", {}), SwitchSettings, source, "switch")
     shadow = _convert(raw.get("shadow", {}), ShadowSettings, source, "shadow")
     controller = _convert(raw.get("controller", {}), ControllerSettings, source, "controller")
+    telemetry = _convert(raw.get("telemetry", {}), TelemetrySettings, source, "telemetry")
 
     backends_raw = _table(raw.get("backends", {}), source, "backends")
     backends = {
@@ -505,6 +541,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         switch=switch,
         shadow=shadow,
         controller=controller,
+        telemetry=telemetry,
     )
     _check(config)
     return config

@@ -2,7 +2,13 @@
 
 One run measures, with the same request mix and fixed concurrency (1 and 32):
   direct       the reference API itself (the baseline)
-  bascule      the same API through `bascule proxy` (datasets at `source`: passthrough)
+  bascule      the same API through `bascule proxy` (datasets at `source`: passthrough),
+               telemetry off ([telemetry] enabled = false: no span, no metric)
+  bascule/traced the same with telemetry on: metrics recorded (scraped on /metrics and pushed),
+               spans by the default head ratio plus failed ones, exported by OTLP/HTTP to a
+               local sink that accepts and discards (bench/otlp_sink.py, on the other cloud's
+               cores, at SCHED_IDLE); its proxy CPU per request against the `bascule` row
+               (target <= 1.15x)
   bascule/busy the same proxy while a process per core spins at SCHED_IDLE: a control, what
                work that only takes the CPU researchers leave costs them on this machine
   shadow       bascule with the mix's datasets moved to `shadow` (source -> dualwrite ->
@@ -43,8 +49,9 @@ shadow req/s / mirror req/s at 32 (>= 1), shadow/slow p99 / mirror/slow p99 (< 1
 is asserted.
 
     .venv/bin/python bench/proxy_overhead.py [--requests 6000] [--rows 1000] [--rounds 10]
-        [--only direct,bascule,busy,shadow,nginx,mirror,slow] [--concurrency 1,32]
+        [--only direct,bascule,busy,traced,shadow,nginx,mirror,slow] [--concurrency 1,32]
         [--slow-requests 1500] [--delay 0.2] [--shadowed idle|equal] [--cpus split|shared]
+        [--trace-ratio R]
 """
 
 from __future__ import annotations
@@ -85,7 +92,9 @@ from shadow.ledger import OUTCOMES, Ledger
 
 TICKS = os.sysconf("SC_CLK_TCK")
 LEDGER_SINCE = time.time() - 60
-ROW_NAMES = ("direct", "bascule", "busy", "shadow", "nginx", "mirror", "slow")
+ROW_NAMES = ("direct", "bascule", "busy", "traced", "shadow", "nginx", "mirror", "slow")
+UNTRACED = "\n[telemetry]\nenabled = false\n"
+"""The `bascule` rows' proxies: no span, no metric (the baseline of `bascule/traced`)."""
 MIX_DATASETS = ("dcir", "pmsi", "cepidc")
 # Equal answers match: the reference API stamps each answer with the time it was served.
 COMPARE_RULES = "".join(
@@ -708,11 +717,51 @@ async def main(args: argparse.Namespace) -> None:
                 targets.append(Target("direct", api_url, None))
             if "bascule" in only:
                 source = await start_bascule(
-                    stack, workdir, stores, "bascule", api_url, api_url, shadow=False
+                    stack,
+                    workdir,
+                    stores,
+                    "bascule",
+                    api_url,
+                    api_url,
+                    shadow=False,
+                    extra=UNTRACED,
                 )
                 targets.append(source)
                 if "busy" in only:
                     targets.append(Target("bascule/busy", source.url, source.pid, busy=True))
+            sink_url = None
+            if "traced" in only:
+                port = free_port()
+                sink_url = f"http://127.0.0.1:{port}"
+                sink = ServerProcess(
+                    "otlp sink",
+                    [
+                        sys.executable,
+                        str(Path(__file__).with_name("otlp_sink.py")),
+                        "--port",
+                        str(port),
+                    ],
+                    f"{sink_url}/stats",
+                    workdir / "otlp-sink.log",
+                )
+                stack.push_async_callback(sink.stop)
+                await sink.start()
+                placement.shadowed(sink.proc.pid if sink.proc else None, session=True)
+                traced = await start_bascule(
+                    stack,
+                    workdir,
+                    stores,
+                    "traced",
+                    api_url,
+                    api_url,
+                    shadow=False,
+                    extra=(
+                        f'\n[telemetry]\nexporter = "otlp-http"\nendpoint = "{sink_url}"\n'
+                        + (f"sample_ratio = {args.trace_ratio}\n" if args.trace_ratio else "")
+                    ),
+                )
+                traced.name = "bascule/traced"
+                targets.append(traced)
             if "shadow" in only and target_url is not None:
                 targets.append(
                     await start_bascule(
@@ -789,7 +838,14 @@ async def main(args: argparse.Namespace) -> None:
             rows += await measure_rows(
                 slow, mix, args.slow_requests, args.slow_concurrency, args.rounds, processes
             )
+            exported = None
+            if sink_url is not None:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"{sink_url}/stats") as resp:
+                        exported = await resp.json()
     report(rows, nginx is not None, args.delay, args.shadowed, placement)
+    if exported is not None:
+        print(f"  the OTLP sink took from bascule/traced: {exported}")
 
 
 async def profile(
@@ -906,6 +962,15 @@ def report(
                 f"  concurrency {c:>2}: shadow p99 / bascule p99 = {ratio:.2f}"
                 f" (target <= 1.10: {'met' if ratio <= 1.10 else 'missed'})"
             )
+        traced = by.get(("bascule/traced", c))
+        if traced and source and traced.cpu_us and source.cpu_us:
+            ratio = traced.cpu_us / source.cpu_us
+            verdict = "met" if ratio <= 1.15 else "missed"
+            print(
+                f"  concurrency {c:>2}: bascule/traced proxy CPU / bascule proxy CPU ="
+                f" {ratio:.2f} per request (target <= 1.15: {verdict}),"
+                f" p99 {traced.p99_ms / source.p99_ms:.2f}"
+            )
         busy = by.get(("bascule/busy", c))
         if busy and source:
             print(
@@ -995,6 +1060,11 @@ if __name__ == "__main__":
     parser.add_argument("--slow-concurrency", type=int, default=32)
     parser.add_argument(
         "--delay", type=float, default=0.2, help="seconds the slow API's answers are late"
+    )
+    parser.add_argument(
+        "--trace-ratio",
+        type=float,
+        help="[telemetry] sample_ratio of the bascule/traced row (default: the configuration's)",
     )
     parser.add_argument("--profile", metavar="FILE", help="py-spy raw samples of a proxy")
     parser.add_argument(

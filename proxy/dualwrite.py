@@ -279,7 +279,7 @@ class DualWriter:
         try:
             async with asyncio.timeout(limits.total):
                 async with upstream.request(
-                    request.method, request.target, headers, body, limits=limits
+                    request.method, request.target, headers, body, limits=limits, role="write"
                 ) as resp:
                     body = await resp.read()
                     return resp.status, response_headers(resp.raw_headers), body

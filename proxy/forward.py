@@ -19,12 +19,14 @@ host, RFC 9112 3.2.2); ``OPTIONS *`` as is. A read's body of known length over
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from multidict import CIMultiDict
 
+from bascule import metrics, telemetry
 from bascule.config import DEFAULT_DATASET
 from bascule.errors import RouteError, UpstreamError
 from bascule.http1 import Body, Streamed
@@ -54,6 +56,10 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-proto",
     "forwarded",
     "x-real-ip",
+    # The trace context is bascule's own on the way to a backend (its span's, or the
+    # researcher's trace id with bascule's span id): added by the backend client.
+    "traceparent",
+    "tracestate",
 }
 STREAM_ABOVE = 64 * 1024
 
@@ -82,6 +88,27 @@ class Forwarder:
             return None
 
     async def handle(self, request: Request, out: Responder) -> None:
+        """One researcher's request, traced (a server span named by its route template, or
+        its ids alone when not sampled: ``bascule/telemetry.py``) and timed."""
+        started = time.perf_counter()
+        traced = telemetry.begin(request.method, request.header("traceparent"))
+        error: str | None = None
+        try:
+            await self._handle(request, out, traced)
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            status = out.status if out.status and not out.aborted else 0
+            telemetry.end(traced, status, error)
+            m = metrics.current
+            if m is not None:
+                m.server.record(
+                    time.perf_counter() - started,
+                    (request.method, traced.route, status, m.dataset(traced.dataset)),
+                )
+
+    async def _handle(self, request: Request, out: Responder, traced: telemetry.Request) -> None:
         target, authority = origin_form(request.target)
         if request.method == "CONNECT" or not (target.startswith("/") or target == "*"):
             return await error(
@@ -101,9 +128,12 @@ class Forwarder:
                 match = self.router.route(request.method, target.split("?", 1)[0])
             except RouteError as exc:
                 return await error(out, exc.status, exc.code, str(exc), None)
+        row = self.view.get(match.dataset)
+        telemetry.route(
+            traced, match.template, match.dataset, row.stage.value if row is not None else None
+        )
         if match.refused is not None:
             return await self.handle_ambiguous(request, out, match, match.refused)
-        row = self.view.get(match.dataset)
         if row is None:
             return await error(
                 out,
@@ -274,7 +304,7 @@ class Forwarder:
                 answer=answer,
                 t0=t0,
                 records=records,
-                traceparent=request.header("traceparent"),
+                traceparent=telemetry.traceparent_now(),
                 version=version,
             )
         )

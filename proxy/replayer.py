@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from bascule import telemetry
 from bascule.config import Route
 from bascule.errors import StoreError, UpstreamError
 from bascule.sealing import SealError
@@ -281,17 +282,37 @@ class Replayer:
             await self.journal.dead(entry.seq, f"cannot build the replay: {type(exc).__name__}")
             return False
         route = self.routes.get((entry.route, entry.method))
-        try:
-            async with asyncio.timeout(call_deadline(upstream, route)):
-                async with upstream.request(method, path, headers, body, route=route) as resp:
-                    await resp.read()
-                    status = resp.status
-        except UpstreamError as exc:
-            await self._later(entry, type(exc).__name__)
-            return False
-        except TimeoutError:
-            await self._later(entry, "deadline")
-            return False
+        with telemetry.tracer().start_as_current_span(
+            telemetry.REPLAY_SPAN,
+            links=telemetry.link_to(entry.traceparent),
+            attributes={
+                telemetry.DATASET: entry.dataset,
+                telemetry.ROUTE: entry.route,
+                "http.request.method": entry.method,
+                "bascule.journal.seq": entry.seq,
+                telemetry.ORIGIN: target.value,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                async with asyncio.timeout(call_deadline(upstream, route)):
+                    async with upstream.request(
+                        method, path, headers, body, route=route, role="replay"
+                    ) as resp:
+                        await resp.read()
+                        status = resp.status
+            except UpstreamError as exc:
+                span.set_status(telemetry.ERROR)
+                await self._later(entry, type(exc).__name__)
+                return False
+            except TimeoutError:
+                span.set_status(telemetry.ERROR)
+                await self._later(entry, "deadline")
+                return False
+            span.set_attribute("http.response.status_code", status)
+            if not (200 <= status < 300 or (method == "DELETE" and status == 404)):
+                span.set_status(telemetry.ERROR)
         if 200 <= status < 300 or (method == "DELETE" and status == 404):
             # A DELETE of what the other side does not have leaves both sides equal.
             return True

@@ -151,7 +151,9 @@ class Resolver:
         upstream = self.upstreams[authority]
         try:
             async with asyncio.timeout(call_deadline(upstream)):
-                async with upstream.request("GET", record_path, headers, b"") as resp:
+                async with upstream.request(
+                    "GET", record_path, headers, b"", role="replay"
+                ) as resp:
                     body = await resp.read()
                     status = resp.status
                     content_type = _ctype(resp.raw_headers)
@@ -225,6 +227,7 @@ class Resolver:
                     headers,
                     base64.b64decode(original["body"]),
                     route=route,
+                    role="replay",
                 ) as resp:
                     body = await resp.read()
                     status = resp.status

@@ -244,8 +244,10 @@ class Responder:
         "_http10",
         "_keep_alive",
         "_request",
+        "aborted",
         "finished",
         "started",
+        "status",
     )
 
     def __init__(
@@ -265,8 +267,12 @@ class Responder:
         self._chunked = False
         self.started = False
         self.finished = False
+        self.status = 0
+        self.aborted = False
+        """The answer's status once its head is made (0: none yet)."""
 
     def _head(self, status: int, headers: Headers, length: int | None, *, framed: bool) -> bytes:
+        self.status = status
         request = self._request
         if request is not None and not (request.keep_alive and request.complete):
             # Upgraded since, or answered before its body arrived (a refusal): what follows on
@@ -324,6 +330,7 @@ class Responder:
     def abort(self) -> None:
         """End a started answer short: the connection closes, so the client sees it cut
         (short of its length, or without the last chunk), never a complete wrong answer."""
+        self.aborted = True
         self._conn.close()
 
     @property

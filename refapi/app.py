@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
@@ -13,7 +14,7 @@ from refapi.auth import middleware as auth_middleware
 from refapi.handlers import add_routes
 from refapi.middleware import envelope
 from refapi.schema import ensure_schema
-from refapi.state import POOL, SETTINGS, Settings
+from refapi.state import POOL, RECEIVED, RECEIVED_KEPT, SETTINGS, Received, Settings
 
 # A record or a query is a few hundred bytes; anything near this is a mistake or an attack.
 MAX_BODY_BYTES = 64 * 1024
@@ -26,8 +27,11 @@ def create_app(
     *,
     honour_idempotency: bool = True,
     pool_size: int = 10,
+    received: deque[Received] | None = None,
 ) -> web.Application:
     """An app serving the datasets of ``database_url``; ``ValueError`` if no token is given.
+    ``received``: where it records each request's trace context (``RECEIVED``; one of its own
+    by default), so that a test can see what bascule propagated.
 
     The pool opens, and the tables are created if absent, when the app starts (not here).
     """
@@ -43,6 +47,7 @@ def create_app(
         client_max_size=MAX_BODY_BYTES,
     )
     app[SETTINGS] = settings
+    app[RECEIVED] = received if received is not None else deque(maxlen=RECEIVED_KEPT)
     app.cleanup_ctx.append(_database)
     add_routes(app)
     return app

@@ -24,6 +24,7 @@ from refapi.errors import (
     ServiceUnavailable,
 )
 from refapi.responses import error_response
+from refapi.state import RECEIVED, Received
 
 _access = logging.getLogger("refapi.access")
 _errors = logging.getLogger("refapi.errors")
@@ -48,6 +49,14 @@ def envelope(name: str, max_body: int) -> Middleware:
     @web.middleware
     async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
+        request.app[RECEIVED].append(
+            Received(
+                request.method,
+                route_template(request),
+                request.headers.get("traceparent"),
+                "X-Bascule-Shadow" in request.headers,
+            )
+        )
         try:
             response = await handler(request)
         except ApiError as exc:

@@ -47,8 +47,8 @@ from typing import Any, Literal, Protocol
 import msgspec
 from multidict import CIMultiDict
 from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from bascule import telemetry
 from bascule.config import Backend, CompareRules, Config, ShadowSettings
 from bascule.errors import StoreError, UpstreamError, UpstreamTimeout
 from bascule.stages import Side
@@ -62,8 +62,6 @@ from shadow.noise import merge, observe
 from shadow.tally import Tally
 
 log = logging.getLogger("bascule.shadow")
-_tracer = trace.get_tracer("bascule.shadow")
-_propagator = TraceContextTextMapPropagator()
 
 SHADOW_HEADER = ("X-Bascule-Shadow", "1")
 DECODABLE = frozenset({"gzip", "x-gzip", "deflate", "identity"})
@@ -485,24 +483,27 @@ class Dispatcher(Sampling):
     async def run(self, job: Job) -> tuple[Answer | None, Outcome, Diff | None, str | None]:
         """Shadow-read, guard and compare one job: the serving answer uncoded (None when it
         cannot be), the outcome, the diff of a mismatch and the trace id. Nothing counted."""
-        parent = _propagator.extract({"traceparent": job.traceparent}) if job.traceparent else None
-        with _tracer.start_as_current_span(
-            "bascule.shadow_read",
+        parent = telemetry.context_of(job.traceparent)
+        with telemetry.tracer().start_as_current_span(
+            telemetry.SHADOW_SPAN,
             context=parent,
             kind=trace.SpanKind.INTERNAL,
-            attributes={"bascule.dataset": job.dataset, "bascule.route": job.route},
+            attributes={
+                telemetry.DATASET: job.dataset,
+                telemetry.ROUTE: job.route,
+                telemetry.ORIGIN: job.shadowed.value,
+            },
+            record_exception=False,
         ) as span:
             # Uncoded once, for the comparison and for a noise pair alike.
             served = _decoded(job.answer, self.settings.max_body_bytes)
             outcome, diff = await self._outcome(job, served)
-            span.set_attribute("bascule.outcome", outcome)
+            span.set_attribute(telemetry.OUTCOME, outcome)
             trace_id = _trace_id(span)
+            if outcome == "errored":
+                span.set_status(telemetry.ERROR)
             if diff is not None:
                 span.set_attribute("bascule.diff.count", len(diff.differences) + diff.truncated)
-                span.set_attribute(
-                    "bascule.diff.pointers",
-                    [f"{d.part}:{d.pointer}:{d.kind}" for d in diff.differences[:20]],
-                )
         return served, outcome, diff, trace_id
 
     async def _outcome(self, job: Job, served: Answer | None) -> tuple[Outcome, Diff | None]:
@@ -534,18 +535,38 @@ class Dispatcher(Sampling):
             self._bytes += len(other.body)
             try:
                 rules = self.rules(job.dataset, job.route)
-                if len(served.body) + len(other.body) > THREAD_ABOVE:
-                    loop = asyncio.get_running_loop()
-                    diff = await loop.run_in_executor(
-                        self._executor, compare, served, other, rules, self.token
-                    )
-                else:
-                    diff = compare(served, other, rules, self.token)
+                with telemetry.tracer().start_as_current_span(
+                    telemetry.COMPARE_SPAN,
+                    attributes={telemetry.DATASET: job.dataset, telemetry.ROUTE: job.route},
+                    record_exception=False,
+                ) as compared:
+                    if len(served.body) + len(other.body) > THREAD_ABOVE:
+                        loop = asyncio.get_running_loop()
+                        diff = await loop.run_in_executor(
+                            self._executor, compare, served, other, rules, self.token
+                        )
+                    else:
+                        diff = compare(served, other, rules, self.token)
+                    compared.set_attribute("bascule.equal", diff.equal)
+                    if not diff.equal:
+                        verdict = await self._guarded(job, t1, served, other, waited_until)
+                        compared.set_attribute("bascule.guard", verdict)
+                        if verdict == "clear":
+                            # Pointers and kinds: never a value.
+                            compared.add_event(
+                                telemetry.DIVERGENCE,
+                                {
+                                    "bascule.pointers": [
+                                        f"{d.part}:{d.pointer}" for d in diff.differences[:50]
+                                    ],
+                                    "bascule.kinds": [d.kind for d in diff.differences[:50]],
+                                    "bascule.count": len(diff.differences) + diff.truncated,
+                                },
+                            )
                 if diff.equal:
                     # The two sides said the same thing: a match whatever wrote meanwhile. The
                     # guard only ever stands between a difference and a mismatch.
                     return "matched", None
-                verdict = await self._guarded(job, t1, served, other, waited_until)
             finally:
                 self._bytes -= len(other.body)
             if verdict == "ask_again":
@@ -612,7 +633,7 @@ class Dispatcher(Sampling):
         limit = self.settings.max_body_bytes
         async with asyncio.timeout(self.settings.deadline):
             async with self.upstreams[side].request(
-                job.method, job.target, headers, job.body
+                job.method, job.target, headers, job.body, role="shadow"
             ) as resp:
                 length = resp.content_length
                 if length is not None and length > limit:

@@ -41,7 +41,10 @@ async def open_dispatcher(
     # reads, writes and replays need.
     upstreams = {
         side: Upstream(
-            f"{name} (shadow)", shadow_backend(backend, settings), key=f"backends.{name}"
+            f"{name} (shadow)",
+            shadow_backend(backend, settings),
+            side.value,
+            key=f"backends.{name}",
         )
         for side, name, backend in (
             (Side.SOURCE, config.migration.source, config.source_backend),

@@ -15,6 +15,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable
 
+from bascule import metrics, telemetry
 from bascule.errors import StoreError
 from shadow.diff import Diff
 from shadow.ledger import Ledger, Outcome
@@ -58,6 +59,7 @@ class Tally:
         """One outcome of a read served under ``version`` of the dataset's stage."""
         self.counts[(dataset, route, outcome, version)] += 1
         self.gated[(dataset, route, outcome, version)] += 1
+        _measured(dataset, route, outcome, 1)
 
     def error(self, dataset: str, route: str, reason: str, version: int = 0) -> None:
         self.errors[(dataset, route, reason, version)] += 1
@@ -71,6 +73,12 @@ class Tally:
         at: float | None = None,
         version: int = 0,
     ) -> None:
+        m = metrics.current
+        if m is not None:
+            for d in diff.differences:
+                m.mismatch(dataset, d.part, d.pointer, d.kind)
+        # The request's trace, held by this process unsampled, is kept now (a tail decision).
+        telemetry.keep_trace(trace_id)
         if len(self.evidence) < EVIDENCE_CAP:
             self.evidence.append((dataset, route, diff, trace_id, at, version))
         else:
@@ -89,6 +97,8 @@ class Tally:
     ) -> None:
         self.counts.update(counts)
         self.gated.update(counts)
+        for (dataset, route, outcome, _), n in counts.items():
+            _measured(dataset, route, outcome, n)
         self.errors.update(errors)
         for item in evidence:
             self.mismatch(*item)
@@ -175,3 +185,17 @@ class Tally:
             self.counts.update(counts)
         if failure is not None:
             raise failure
+
+
+def _measured(dataset: str, route: str, outcome: Outcome, n: int) -> None:
+    """Shadow-read outcomes as metrics (``bascule/metrics.py``), in the proxy's process only
+    (a worker process has none: its proxy counts what it reports)."""
+    m = metrics.current
+    if m is None or outcome == "compared":  # compared = matched + mismatched
+        return
+    label = m.dataset(dataset)
+    m.comparisons.add(
+        n, {"bascule.dataset": label, "http.route": route, "bascule.outcome": outcome}
+    )
+    if outcome == "dropped":
+        m.dropped.add(n, {"bascule.dataset": label})

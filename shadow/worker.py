@@ -25,7 +25,7 @@ from contextlib import AsyncExitStack
 
 import redis.asyncio as aioredis
 
-from bascule import telemetry
+from bascule import logs, telemetry
 from bascule.state.fleet import REDIS_TIMEOUT
 from bascule.state.postgres import open_pool, session_name
 from bascule.tasks import spawn
@@ -69,6 +69,11 @@ async def serve(fd: int) -> None:
     hello = await read_to_worker(reader)
     if not isinstance(hello, Hello):
         raise ConnectionError("the first frame on the shadow link was not a hello")
+    # Its spans: every one recorded, exported when sampled, failed or divergent. No metrics:
+    # the proxy counts what this worker reports.
+    if hello.config.telemetry.enabled:
+        telemetry.install(hello.config.telemetry, service="bascule-shadow", with_metrics=False)
+    logs.setup(hello.config.telemetry.logs)
     finished: list[int] = []
 
     def done(job: Job) -> None:
@@ -173,7 +178,6 @@ def main() -> int:
     # terminal's) reaches the proxy, which closes the link and so ends the worker cleanly.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    telemetry.install()
     with contextlib.suppress(ImportError):
         import uvloop
 

@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import subprocess
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from bascule.state.servers import free_port, free_ports
 from proxy.server import Server
 from refapi.app import create_app
 from refapi.lab import POOL_SIZE, RESEARCHER_TOKEN, SERVICE_TOKEN, write_config
+from refapi.state import RECEIVED_KEPT, Received
 
 
 @asynccontextmanager
@@ -157,6 +159,8 @@ class RestartableRefapi:
         self.shutdown_timeout = shutdown_timeout
         self.kwargs = kwargs
         self._runner: web.AppRunner | None = None
+        self.received: deque[Received] = deque(maxlen=RECEIVED_KEPT)
+        """Each request's trace context, across restarts (``refapi.state.RECEIVED``)."""
 
     @property
     def running(self) -> bool:
@@ -171,6 +175,7 @@ class RestartableRefapi:
             self.database_url,
             [RESEARCHER_TOKEN, SERVICE_TOKEN],
             pool_size=POOL_SIZE,
+            received=self.received,
             **self.kwargs,
         )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout)

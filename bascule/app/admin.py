@@ -1,8 +1,9 @@
 """The admin HTTP API, on its own port: the CLI's operations over HTTP, plus health and readiness.
 
 ``/healthz`` and ``/readyz`` are open (load balancers and probes call them; they carry no
-record data). Everything under ``/v1`` needs ``Authorization: Bearer``: the viewer or the
-operator token to read, the operator token to change anything. A missing or unknown token is
+record data). ``/metrics`` (Prometheus text) and everything under ``/v1`` need
+``Authorization: Bearer``: the viewer or the operator token to read, the operator token to
+change anything. A missing or unknown token is
 401, a viewer token on a change is 403, and in both cases nothing changes.
 
 The on-call page (``GET /``, its fragment ``/oncall/fragment`` and its JSON ``/api/oncall``:
@@ -22,6 +23,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from bascule import metrics
 from bascule.app import oncall
 from bascule.app.operations import Operations
 from bascule.checks import check_name, check_seq, check_text
@@ -38,6 +40,7 @@ from bascule.stages import GapOpen, Side
 from bascule.state.fleet import StageView
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("bascule.admin")
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,22 @@ async def readyz(request: web.Request) -> web.Response:
         return json_response({"ready": True})
     detail = view.detail()
     return json_response(detail, 200 if detail["ready"] else 503)
+
+
+@_requires("viewer")
+async def prometheus(request: web.Request) -> web.Response:
+    """Every metric (``bascule/metrics.py``) in Prometheus text format. The viewer's token,
+    as every read here: the labels name datasets, routes and pointers (no value), and a
+    scraper sends it (``authorization: credentials_file``). The gauges' figures are read from
+    the state database, at most once a second; a failing read serves the last ones."""
+    if metrics.now() - metrics.figures.at > 1.0:
+        try:
+            await request.app[DEPS].ops.refresh_figures()
+        except (StoreError, OSError) as exc:
+            log.warning("metrics: state figures not refreshed (%s)", type(exc).__name__)
+    return web.Response(
+        body=metrics.scrape(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
 @_requires("viewer")
@@ -567,6 +586,7 @@ def create_admin_app(deps: AdminDeps, *, client_max_size: int = 64 * 1024) -> we
     app.router.add_post("/logout", logout)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", prometheus)
     app.router.add_get("/v1/datasets", list_datasets)
     app.router.add_get("/v1/history", history)
     app.router.add_get("/v1/replicas", list_replicas)

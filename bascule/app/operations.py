@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from bascule import metrics
 from bascule.checks import check_actor, check_name, check_seq, check_text, require_reason
 from bascule.config import Config, Route, Secrets
 from bascule.errors import Refused, StoreError, UsageError
@@ -472,6 +473,23 @@ class Operations:
         return await noise.decide(
             dataset, pointer, accept, reason, by, route, min_pairs=min_pairs, details=details
         )
+
+    async def refresh_figures(self) -> None:
+        """The figures the gauges report (``bascule/metrics.py``), read from the state
+        database now: each dataset's stage, journal backlog, and the gate of its next move
+        where one applies (``shadow`` and past it, ``target`` excepted)."""
+        rows = await self.store.all()
+        journal = await queries.backlog(self.store.pool)
+        gates: dict[str, dict[str, bool]] = {}
+        if self.gate is not None:
+            for name, row in rows.items():
+                if Stage.SHADOW.position <= row.stage.position < Stage.TARGET.position:
+                    report = await self.gate.judge(row)
+                    gates[name] = {c.name: c.ok for c in report.conditions}
+        metrics.figures.stages = {name: row.stage.value for name, row in rows.items()}
+        metrics.figures.journal = {n: journal.get(n, queries.EMPTY_BACKLOG) for n in rows}
+        metrics.figures.gates = gates
+        metrics.figures.at = metrics.now()
 
     def _noise(self) -> NoiseStore:
         if self.noise_store is None:

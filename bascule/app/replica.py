@@ -17,7 +17,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bascule import telemetry
+from bascule import logs, metrics, telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations, naming_of
 from bascule.config import (
@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     secrets = Secrets.from_env(os.environ)
     listen = args.listen or config.proxy.listen
     admin_listen = args.admin_listen or config.proxy.admin_listen
-    telemetry.install()
+    if config.telemetry.enabled:
+        telemetry.install(config.telemetry)
+    logs.setup(config.telemetry.logs)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -123,6 +125,9 @@ class Replica:
     """This replica, as recorded in the journal and leases."""
 
     async def __aenter__(self) -> Replica:
+        if self.config.telemetry.enabled:
+            telemetry.install()  # as configured, if `bascule proxy` installed it first
+            metrics.configure(self.config.datasets)
         probe = self.config.state.dead_session_after
         self.forwarders: list[Forwarder] = []
         self.servers: list[Server] = []
@@ -156,8 +161,12 @@ class Replica:
             replica=self.name,
         )
         self.upstreams = {
-            Side.SOURCE: Upstream(self.config.migration.source, self.config.source_backend),
-            Side.TARGET: Upstream(self.config.migration.target, self.config.target_backend),
+            Side.SOURCE: Upstream(
+                self.config.migration.source, self.config.source_backend, Side.SOURCE.value
+            ),
+            Side.TARGET: Upstream(
+                self.config.migration.target, self.config.target_backend, Side.TARGET.value
+            ),
         }
         for upstream in self.upstreams.values():
             await upstream.open()

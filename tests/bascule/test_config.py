@@ -104,7 +104,8 @@ def test_config_records_are_frozen() -> None:
             "routes[0].foo",
             "unknown key",
         ),
-        ("[telemetry]\nx = 1\n", "telemetry", "unknown section"),
+        ("[telemetry]\nx = 1\n", "telemetry.x", "unknown key"),
+        ("[tracing]\nx = 1\n", "tracing", "unknown section"),
     ],
 )
 def test_unknown_keys_are_errors(extra: str, key: str, problem: str) -> None:

@@ -529,7 +529,7 @@ class _Ledger:
 class _Stuck:
     """An upstream whose answers never come (a slow shadowed side, up to the deadline)."""
 
-    def request(self, *args: Any) -> Any:
+    def request(self, *args: Any, **kwargs: Any) -> Any:
         @contextlib.asynccontextmanager
         async def exchange() -> AsyncIterator[Any]:
             await asyncio.Event().wait()

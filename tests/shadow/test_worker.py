@@ -74,6 +74,14 @@ async def test_divergence_is_found_through_the_worker_process(worlds: Worlds) ->
         link = link_of(world)
         assert link.pid is not None and link.pid != os.getpid()
         await planted_divergence_is_found(world)
+        # The trace context crossed to the worker: each mismatch's trace id is the one the
+        # serving side got with the researcher's read, and the shadowed side with the worker's.
+        traces = {t for m in await world.mismatches() for t in m["trace_ids"]}
+        sent = [
+            {r.traceparent.split("-")[1] for r in api.received if r.traceparent}
+            for api in (world.source, world.target)
+        ]
+    assert traces and traces <= sent[0] & sent[1], (traces, sent)
 
 
 @pytest.mark.parametrize(

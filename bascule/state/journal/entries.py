@@ -64,11 +64,13 @@ class Entry:
     attempts: int
     created_at: datetime
     last_error: str | None
+    traceparent: str | None = None
+    """The W3C ``traceparent`` of the request that journaled it (its replay's span links it)."""
 
 
 COLUMNS = (
     "seq, dataset, record, route, method, authority, stage_version, state, status, attempts,"
-    " created_at, last_error"
+    " created_at, last_error, traceparent"
 )
 _FIELDS = tuple(c.strip() for c in COLUMNS.split(","))
 J_COLUMNS = ", ".join(f"j.{c}" for c in _FIELDS).replace("j.seq", "seq")

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from bascule import telemetry
 from bascule.errors import RecordBusy, StoreError
 from bascule.sealing import DATASET_WIDE, fence_id, lock_id
 from bascule.stages import Stage, authority
@@ -91,8 +92,10 @@ class WriteSession:
             started = await _backend_start(self.conn)
             seq: int = await self.conn.fetchval(
                 "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
-                " stage_version, writer, writer_pid, writer_started, state, request, write_epoch)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'intent', $10, $11) RETURNING seq",
+                " stage_version, writer, writer_pid, writer_started, state, request, write_epoch,"
+                " traceparent)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'intent', $10, $11, $12)"
+                " RETURNING seq",
                 self.dataset,
                 record,
                 route,
@@ -104,6 +107,7 @@ class WriteSession:
                 started,
                 sealed,
                 write_epoch,
+                telemetry.traceparent_now(),
             )
         return seq
 
@@ -159,10 +163,10 @@ class WriteSession:
                 "   WHERE dataset = $1),"
                 " ins AS (INSERT INTO bascule_journal (dataset, record, route, method, authority,"
                 "   stage_version, write_epoch, writer, writer_pid, writer_started, state,"
-                "   request)"
+                "   request, traceparent)"
                 "   SELECT $1, $2, $3, $4,"
                 f"     {AUTHORITY_SQL},"
-                "     s.version, s.write_epoch, $5, $6, $7, 'intent', $8"
+                "     s.version, s.write_epoch, $5, $6, $7, 'intent', $8, $10"
                 "   FROM s WHERE s.stage = ANY($9::text[])"
                 "   RETURNING seq)"
                 " SELECT s.stage, s.version, s.write_epoch, (SELECT seq FROM ins) AS seq FROM s",
@@ -175,6 +179,7 @@ class WriteSession:
                 started,
                 sealed,
                 list(JOURNALED_STAGES),
+                telemetry.traceparent_now(),
             )
         if row is None:
             raise StoreError(f"no stage is recorded for dataset {self.dataset!r}")
