@@ -126,6 +126,9 @@ class StageView:
         self.datasets = frozenset(datasets)
         self.stages: dict[str, StageRow] = {}
         self.loaded_at: float | None = None
+        self.applied_at: dict[str, float] = {}
+        """When (wall clock) this replica first read each dataset's current stage version:
+        where a flip's propagation is measured (``bench/fleet.py``)."""
         self.postgres = StoreHealth()
         self.redis = StoreHealth()
         self._reload_lock = asyncio.Lock()
@@ -199,6 +202,11 @@ class StageView:
             "redis": self.redis.as_json(),
             "stages": {name: row.stage.value for name, row in sorted(self.stages.items())},
             "versions": {name: row.version for name, row in sorted(self.stages.items())},
+            "applied_at": {
+                name: round(self.applied_at[name], 6)
+                for name in sorted(self.stages)
+                if name in self.applied_at
+            },
         }
 
     async def reload(self) -> bool:
@@ -226,8 +234,13 @@ class StageView:
                     )
             for name in self.stages.keys() - rows.keys():
                 log.error("ALARM: the stage row of %s disappeared from Postgres", name)
+            now = time.time()
+            for name, row in rows.items():
+                current = self.stages.get(name)
+                if current is None or current.version != row.version:
+                    self.applied_at[name] = now
             self.stages = dict(rows)
-            self.loaded_at = time.time()
+            self.loaded_at = now
             if self.replica is not None:
                 # Right after a reload, so a flip announced through Redis is confirmed at once.
                 with contextlib.suppress(StoreError):
