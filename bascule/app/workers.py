@@ -116,7 +116,7 @@ class Supervisor:
         self.config_path = config_path
         self.listen = listen
         self.admin_listen = admin_listen
-        self.slots = [Slot(i) for i in range(workers)]
+        self.slots = [Slot(i, delay=RESTART_FIRST) for i in range(workers)]
         self.stop_within = stop_within
         self.stopping: signal.Signals | None = None
         self.gave_up = False
