@@ -253,8 +253,13 @@ class StageView:
             return True
 
     async def _poll(self) -> None:
+        # Polls start every poll_interval (not poll_interval after the last one ended), so a
+        # flip Redis did not announce is read at most poll_interval + one read after it.
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while not self._stopping:
-            await asyncio.sleep(self.poll_interval)
+            due = max(due + self.poll_interval, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
                 await self.reload()
             except Exception as exc:  # never let one bad answer stop propagation for good

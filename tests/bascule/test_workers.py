@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ async def test_sigterm_is_forwarded_and_the_parent_exits_0_once_workers_stopped(
     while alive(supervisor) < 3:
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)  # their SIGTERM handlers installed
-    supervisor._signal(workers.signal.SIGTERM)
+    supervisor._signal(signal.SIGTERM)
     async with asyncio.timeout(10):
         assert await running == 0
     assert [s.proc.returncode for s in supervisor.slots if s.proc] == [0, 0, 0]
