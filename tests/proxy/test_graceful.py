@@ -20,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from bascule.stages import Stage
@@ -129,10 +130,12 @@ async def settled(world: World, within: float) -> dict[str, int]:
         await asyncio.sleep(0.5)
 
 
-async def replica_pids(world: World) -> set[int]:
-    """The process ids of the replicas reporting their stages (named host:pid)."""
-    rows = await fetch(world.state_db, "SELECT name FROM bascule_replica")
-    return {int(r["name"].rsplit(":", 1)[1]) for r in rows}
+def replica_pids(world: World) -> set[int]:
+    """The process ids of the live replicas `bascule status` lists (named host:pid)."""
+    done = world.cli("status", "--json")
+    assert done.returncode == 0, done.stderr
+    listed = orjson.loads(done.stdout)["replicas"]
+    return {int(r["name"].rsplit(":", 1)[1]) for r in listed if r["alive"]}
 
 
 def children(pid: int) -> set[int]:
@@ -206,10 +209,10 @@ async def test_a_killed_worker_is_restarted_and_its_writes_are_settled(ground: G
         assert len(first) == 2
         url = world.proxy
         async with aiohttp.ClientSession(headers=AUTH) as session:
-            # Each worker is a replica of its own (`bascule status`), once started.
+            # Each worker is a replica of its own in `bascule status`, once started.
             deadline = time.monotonic() + 20
-            while not first <= await replica_pids(world):
-                assert time.monotonic() < deadline, await replica_pids(world)
+            while not first <= replica_pids(world):
+                assert time.monotonic() < deadline, replica_pids(world)
                 await asyncio.sleep(0.1)
 
             # The worst moment: the source applied the PATCH, the worker dies before its
