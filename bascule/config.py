@@ -30,6 +30,8 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}\Z")  # \Z: `$` lets a trailing \n by
 _PARAM = re.compile(r"^\{([a-z_][a-z0-9_]*)\}\Z")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
+MAX_WORKERS = 64
+"""``[proxy] workers`` at most: each worker holds its own state-database sessions."""
 
 
 class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -63,6 +65,19 @@ class ProxySettings(_Record, frozen=True):
     """TLS on the researcher port (``[proxy.tls]``): certificate and key files (or variables)."""
     admin_tls: ListenerTLS | None = None
     """TLS on the admin port (``[proxy.admin_tls]``), optionally requiring client certificates."""
+
+    # -- Where it runs: workers and graceful stop (docs/decisions.md) --------------------------
+    workers: int = 1
+    """Serving processes on this replica's ports (``SO_REUSEPORT``), each its own replica in
+    ``bascule status``; more than 1 adds a parent process that supervises them (restarts a
+    dead one). ``bascule proxy --workers N`` overrides it."""
+    prestop_seconds: float = 5.0
+    """On SIGTERM: seconds the replica keeps serving new requests after ``/readyz`` turned
+    false, so load balancers notice it first (0: close the listener at once)."""
+    drain_seconds: float = 20.0
+    """On SIGTERM, once the listener is closed: seconds requests in flight (journaled writes
+    included) have to finish, and the shadow queue to drain; past it what is left is cut off
+    (its writes are settled by the resolver) and the shadow reads left are counted dropped."""
 
 
 class StateSettings(_Record, frozen=True):
@@ -616,6 +631,11 @@ def _check(config: Config) -> None:
         )
     if config.proxy.anonymous_writes < 1:
         raise ConfigError(src, "proxy.anonymous_writes", "expected at least 1")
+    # Where it runs: workers and graceful stop.
+    if not 1 <= config.proxy.workers <= MAX_WORKERS:
+        raise ConfigError(src, "proxy.workers", f"expected 1 to {MAX_WORKERS}")
+    _check_seconds(src, "proxy.prestop_seconds", config.proxy.prestop_seconds, zero="no window")
+    _check_seconds(src, "proxy.drain_seconds", config.proxy.drain_seconds)
     if config.state.poll_interval <= 0:
         raise ConfigError(src, "state.poll_interval", "expected a positive number of seconds")
     if config.state.journal_retention < 600:

@@ -29,6 +29,9 @@ class ServerProcess:
     log_path: Path
     env: Mapping[str, str] = field(default_factory=dict)
     proc: asyncio.subprocess.Process | None = None
+    stop_signal: signal.Signals = signal.SIGTERM
+    """What :meth:`stop` sends first (SIGINT stops a `bascule proxy` without its pre-stop
+    window, for a demo that has no load balancer to warn)."""
 
     async def start(self, timeout: float = 30.0) -> None:
         env = {**os.environ, **self.env}
@@ -77,11 +80,11 @@ class ServerProcess:
                 self.proc.send_signal(sig)
 
     async def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        """``stop_signal`` (SIGTERM), then SIGKILL after ``timeout``; returns the exit code."""
         if self.proc is None:
             return None
         if self.proc.returncode is None:
-            self.signal(signal.SIGTERM)
+            self.signal(self.stop_signal)
             try:
                 async with asyncio.timeout(timeout):
                     await self.proc.wait()

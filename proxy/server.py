@@ -292,6 +292,10 @@ class Responder:
                 parts.append("Transfer-Encoding: chunked\r\n")
             else:
                 parts += ("Content-Length: ", str(length), "\r\n")
+        if self._conn.server.draining:
+            # Stopping (SIGTERM): the client's next request goes to a new connection, which
+            # the load balancer sends to another replica.
+            self._keep_alive = False
         if not self._keep_alive:
             parts.append("Connection: close\r\n")
         parts.append("\r\n")
@@ -769,18 +773,37 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
+        self.draining = False
+        """Set when the replica is stopping: every answer closes its connection after it."""
 
-    async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> int:
-        """Listen; ``tls``: serve https (``[proxy.tls]``)."""
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
+    ) -> int:
+        """Listen; ``tls``: serve https (``[proxy.tls]``); ``reuse_port``: share the port with
+        the replica's other workers (``SO_REUSEPORT``: the kernel spreads new connections over
+        them)."""
         self._server = await self.loop.create_server(
-            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True, ssl=tls
+            lambda: _Connection(self),
+            host,
+            port,
+            backlog=1024,
+            reuse_address=True,
+            ssl=tls,
+            reuse_port=reuse_port or None,
         )
         sock = self._server.sockets[0]
         bound: int = sock.getsockname()[1]
         return bound
 
-    async def close(self, grace: float = 10.0) -> None:
-        """Stop accepting; let requests being served finish (up to ``grace`` s); close all."""
+    async def close(self, grace: float = 10.0) -> int:
+        """Stop accepting; let requests being served finish (up to ``grace`` s); close all.
+        Returns how many connections were still serving a request when ``grace`` ran out."""
+        self.draining = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -789,7 +812,9 @@ class Server:
         deadline = self.loop.time() + grace
         while any(c.handling for c in self.connections) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
+        cut = sum(1 for c in self.connections if c.handling)
         for conn in list(self.connections):
             conn.close()
         if self._server is not None:
             await self._server.wait_closed()
+        return cut

@@ -53,6 +53,8 @@ def write_config(
     idempotent_creates: bool = False,
     databases: tuple[str, str] | None = None,
     extra: str = "",
+    prestop_seconds: float = 0.0,
+    proxy_extra: str = "",
     shadow_worker: str | None = "inline",
     journal_sessions: int = POOL_SIZE,
     open_gate: bool = True,
@@ -71,7 +73,9 @@ def write_config(
     ``controller_interval``: the controller's rounds; by default an hour apart, so that it acts
     only in tests that ask it to. ``write_timeout``: a write's whole time (by default
     ``connect_timeout + read_timeout``, so that orphans and replay leases settle in seconds);
-    ``backend_extra``: lines added to both backends' tables."""
+    ``backend_extra``: lines added to both backends' tables. ``prestop_seconds``: none by
+    default (no load balancer to warn in a lab: a stop closes the port at once);
+    ``proxy_extra``: lines added to ``[proxy]``."""
     if write_timeout is None:
         write_timeout = 1.0 + read_timeout
     gate = (
@@ -111,6 +115,8 @@ credential_env = "BASCULE_TEST_SERVICE_TOKEN"
 listen = "127.0.0.1:{listen}"
 admin_listen = "127.0.0.1:{admin}"
 max_body_bytes = {max_body_bytes}
+prestop_seconds = {prestop_seconds}
+{proxy_extra}
 
 [state]
 postgres_url = "{postgres_url}"

@@ -281,9 +281,10 @@ class ProxyProcess:
 
 
 async def start_proxy(
-    stack: AsyncExitStack, config: Path, log: Path, env: dict[str, str]
+    stack: AsyncExitStack, config: Path, log: Path, env: dict[str, str], workers: int = 1
 ) -> ProxyProcess:
-    """Start `bascule proxy` on free ports, ready; it is stopped when ``stack`` closes."""
+    """Start `bascule proxy` (``--workers``) on free ports, ready; it is stopped when
+    ``stack`` closes."""
     port, admin = free_ports(2)
     proc = ServerProcess(
         name=log.stem,
@@ -295,6 +296,8 @@ async def start_proxy(
             f"127.0.0.1:{port}",
             "--admin-listen",
             f"127.0.0.1:{admin}",
+            "--workers",
+            str(workers),
         ),
         health_url=f"http://127.0.0.1:{admin}/readyz",
         log_path=log,

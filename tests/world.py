@@ -252,6 +252,8 @@ async def build_world(
     open_gate: bool = True,
     controller_interval: float = 3600.0,
     dead_session_after: float = 30.0,
+    workers: int = 1,
+    prestop_seconds: float = 0.0,
 ) -> AsyncIterator[World]:
     """Two reference APIs (``azure`` the source, ``scaleway`` the target) over databases seeded
     alike (``rows`` dcir rows from ``seed``; 0: not seeded), or the ``backends`` given (URLs,
@@ -267,7 +269,8 @@ async def build_world(
     environment of every process; ``failpoints``: ``BASCULE_FAILPOINT`` of each process in
     turn. ``open_gate``, ``controller_interval``: as :func:`refapi.lab.write_config` (a gate
     that holds whatever the evidence, and a controller that stays idle, unless a test asks
-    otherwise); ``dead_session_after``: ``[state] dead_session_after``.
+    otherwise); ``dead_session_after``: ``[state] dead_session_after``; ``workers`` (each
+    process's ``--workers``) and ``prestop_seconds``: ``[proxy]``'s.
     """
     hooks = hooks or Hooks()
     state_db = postgres_url or ground.pg_url
@@ -336,6 +339,7 @@ async def build_world(
             open_gate=open_gate,
             controller_interval=controller_interval,
             dead_session_after=dead_session_after,
+            prestop_seconds=prestop_seconds,
         )
         world = World(
             config_path,
@@ -369,7 +373,7 @@ async def build_world(
                 if point:
                     own["BASCULE_FAILPOINT"] = point
                 log = ground.tmp_path / f"proxy{i}.log"
-                started = await start_proxy(stack, config_path, log, own)
+                started = await start_proxy(stack, config_path, log, own, workers)
                 world.procs.append(started.proc)
                 world.proxies.append(started.url)
                 world.admin_urls.append(started.admin_url)

@@ -51,6 +51,8 @@ class AdminDeps:
     operator_tokens: Mapping[str, str]
     """Operator tokens by name: the name is recorded in the audit as who made a change."""
     viewer_token: str | None
+    stopping: Callable[[], bool] = lambda: False
+    """True once the replica is stopping (SIGTERM): ``/readyz`` answers 503 from then on."""
 
 
 DEPS = web.AppKey("admin_deps", AdminDeps)
@@ -222,10 +224,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    view = request.app[DEPS].view
-    if view is None:
-        return json_response({"ready": True})
-    detail = view.detail()
+    deps = request.app[DEPS]
+    stopping = deps.stopping()
+    detail: dict[str, Any] = {"ready": True} if deps.view is None else deps.view.detail()
+    if stopping:
+        detail["ready"] = False
+    detail["stopping"] = stopping
     return json_response(detail, 200 if detail["ready"] else 503)
 
 

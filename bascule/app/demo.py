@@ -406,6 +406,7 @@ class Demo:
             health_url=f"http://{self.config.proxy.admin_listen}/readyz",
             log_path=self.workdir / "proxy.log",
             env=self.proxy_env,
+            stop_signal=signal.SIGINT,  # no load balancer to warn: no pre-stop window
         )
         self.processes.append(proxy)
         await proxy.start()

@@ -21,6 +21,7 @@ from bascule import logs, metrics, telemetry
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations, naming_of
 from bascule.config import (
+    MAX_WORKERS,
     Backend,
     Config,
     ProxySettings,
@@ -70,6 +71,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--listen", help="researcher host:port (overrides [proxy] listen)")
     parser.add_argument("--admin-listen", help="admin host:port (overrides [proxy] admin_listen)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help=f"serving processes on these ports, 1 to {MAX_WORKERS} (overrides [proxy] workers)",
+    )
+    # Set by the supervisor on the processes it starts: serve, sharing the ports.
+    parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
@@ -77,9 +85,16 @@ def run(args: argparse.Namespace) -> int:
     if args.config is None:  # as every other command: --config, or BASCULE_CONFIG
         raise UsageError("no configuration: pass --config FILE or set BASCULE_CONFIG")
     config = load_config(args.config)
-    secrets = Secrets.from_env(os.environ)
     listen = args.listen or config.proxy.listen
     admin_listen = args.admin_listen or config.proxy.admin_listen
+    workers = config.proxy.workers if args.workers is None else args.workers
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers: expected 1 to {MAX_WORKERS}, got {workers}")
+    if workers > 1 and args.worker_of is None:
+        from bascule.app.workers import supervise
+
+        return supervise(args.config, listen, admin_listen, workers)
+    secrets = Secrets.from_env(os.environ)
     if config.telemetry.enabled:
         telemetry.install(config.telemetry)
     logs.setup(config.telemetry.logs)
@@ -87,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.install()
-    asyncio.run(serve(config, secrets, listen, admin_listen, config_path=args.config))
+    shared = args.worker_of is not None
+    asyncio.run(
+        serve(config, secrets, listen, admin_listen, config_path=args.config, shared_ports=shared)
+    )
     return 0
 
 
@@ -122,7 +140,9 @@ class Replica:
     postgres_url: str
     redis_url: str
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    """This replica, as recorded in the journal and leases."""
+    """This replica, as recorded in the journal and leases (each worker process is one)."""
+    stopping: bool = False
+    """Set on SIGTERM: ``/readyz`` answers 503 from then on, so load balancers move away."""
 
     async def __aenter__(self) -> Replica:
         if self.config.telemetry.enabled:
@@ -349,7 +369,25 @@ class Replica:
             view=self.view,
             operator_tokens=self.secrets.operators(),
             viewer_token=self.secrets.viewer_token,
+            stopping=lambda: self.stopping,
         )
+
+    async def drain_shadow(self, within: float) -> None:
+        """On a graceful stop: shadow reads already handed over finish and are counted, for
+        up to ``within`` seconds; those left are counted ``dropped`` when the worker stops."""
+        if self.shadow is None:
+            return
+        try:
+            async with asyncio.timeout(max(within, 0.0)):
+                await self.shadow.join()
+            log.info("stopping: shadow reads drained")
+        except TimeoutError:
+            left = self.shadow.unreported if isinstance(self.shadow, ShadowLink) else None
+            log.warning(
+                "stopping: shadow reads not drained within %.1f s (%s left): counted dropped",
+                within,
+                "some" if left is None else left,
+            )
 
 
 async def reload_from(replica: Replica, path: Path) -> bool:
@@ -380,12 +418,20 @@ async def serve(
     listen: str,
     admin_listen: str,
     config_path: Path | None = None,
+    *,
+    shared_ports: bool = False,
 ) -> None:
+    """One replica until SIGTERM or SIGINT, then a graceful stop (:func:`_stop`); SIGHUP
+    reloads ``config_path`` (:func:`reload_from`). ``shared_ports``: a worker of
+    ``--workers N``, binding both ports with ``SO_REUSEPORT``."""
     if not secrets.operators():
         log.warning(
             "no operator token (BASCULE_ADMIN_TOKEN or BASCULE_OPERATOR_TOKENS) is set: "
             "the admin API will refuse every change"
         )
+    # Signals are caught from the start: one arriving while the replica starts stops it
+    # once it has started, rather than killing it half-open.
+    signals = Signals()
     with provide_stores(config.state.postgres_url, config.state.redis_url, embed=False) as found:
         log.info("state stores: %s", found.describe())
         async with Replica(config, secrets, found.postgres_url, found.redis_url) as replica:
@@ -393,37 +439,109 @@ async def serve(
             host, _, port = listen.rpartition(":")
             try:
                 await researcher.start(
-                    host, int(port), tls=server_context("proxy.tls", config.proxy.tls)
+                    host,
+                    int(port),
+                    tls=server_context("proxy.tls", config.proxy.tls),
+                    reuse_port=shared_ports,
                 )
             except OSError as exc:
                 raise UsageError(
                     f"cannot listen on {listen} for researchers: {exc.strerror}"
                 ) from exc
             log.info(
-                "researcher port listening on %s%s", listen, " (TLS)" if config.proxy.tls else ""
+                "researcher port listening on %s%s (replica %s)",
+                listen,
+                " (TLS)" if config.proxy.tls else "",
+                replica.name,
             )
             admin = await _start(
                 create_admin_app(replica.admin_deps()),
                 admin_listen,
                 "admin",
                 server_context("proxy.admin_tls", config.proxy.admin_tls),
+                shared_ports,
             )
             _reload_on_sighup(replica, config_path)
             try:
-                await _until_stopped()
+                await signals.stop.wait()
+                await _stop(replica, researcher, config.proxy, signals)
             finally:
-                await researcher.close()
+                await researcher.close(grace=0)
                 await admin.cleanup()
+    log.info("stopped")
+
+
+class Signals:
+    """SIGTERM and SIGINT, caught: the first of either starts the stop (``stop``); SIGINT
+    (a person at a terminal) also cuts the pre-stop window short (``hurry``). Repeats are
+    harmless: a service manager and the supervisor may both send SIGTERM."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.received: str | None = None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._got, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self._got, signal.SIGINT)
+
+    def _got(self, sig: signal.Signals) -> None:
+        if self.received is None:
+            self.received = sig.name
+        if sig is signal.SIGINT:
+            self.hurry.set()
+        self.stop.set()
+
+
+async def _stop(
+    replica: Replica, researcher: Server, settings: ProxySettings, signals: Signals
+) -> None:
+    """The graceful stop (docs/operations.md): not ready at once; new requests still served
+    for ``prestop_seconds`` (answers close their connections, so clients come back through
+    the load balancer, which by then sends them elsewhere); then the listener closes and the
+    requests in flight (journaled writes included) and the shadow reads get ``drain_seconds``
+    to finish. Every step is logged; the process then exits 0."""
+    replica.stopping = True
+    researcher.draining = True
+    window = 0.0 if signals.hurry.is_set() else settings.prestop_seconds
+    log.info(
+        "%s: not ready; serving new requests for %.1f s more, then draining (up to %.1f s)",
+        signals.received,
+        window,
+        settings.drain_seconds,
+    )
+    if window > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(window):
+                await signals.hurry.wait()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.drain_seconds
+    cut = await researcher.close(grace=settings.drain_seconds)
+    if cut:
+        log.error(
+            "stopping: %d request(s) still in flight after %.1f s were cut off (their "
+            "journaled writes are settled by the resolver)",
+            cut,
+            settings.drain_seconds,
+        )
+    else:
+        log.info("stopping: listener closed, requests in flight finished")
+    await replica.drain_shadow(deadline - loop.time())
 
 
 async def _start(
-    app: web.Application, address: str, what: str, tls: ssl.SSLContext | None = None
+    app: web.Application,
+    address: str,
+    what: str,
+    tls: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
     host, _, port = address.rpartition(":")
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, int(port), backlog=1024, ssl_context=tls).start()
+        await web.TCPSite(
+            runner, host, int(port), backlog=1024, ssl_context=tls, reuse_port=reuse_port or None
+        ).start()
     except OSError as exc:
         await runner.cleanup()
         raise UsageError(f"cannot listen on {address} for the {what} port: {exc.strerror}") from exc
@@ -443,12 +561,3 @@ def _reload_on_sighup(replica: Replica, path: Path | None) -> None:
             await reload_from(replica, path)
 
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload(), name="reload"))
-
-
-async def _until_stopped() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping")

@@ -126,6 +126,9 @@ class StageView:
         self.datasets = frozenset(datasets)
         self.stages: dict[str, StageRow] = {}
         self.loaded_at: float | None = None
+        self.applied_at: dict[str, float] = {}
+        """When (wall clock) this replica first read each dataset's current stage version:
+        where a flip's propagation is measured (``bench/fleet.py``)."""
         self.postgres = StoreHealth()
         self.redis = StoreHealth()
         self._reload_lock = asyncio.Lock()
@@ -199,6 +202,11 @@ class StageView:
             "redis": self.redis.as_json(),
             "stages": {name: row.stage.value for name, row in sorted(self.stages.items())},
             "versions": {name: row.version for name, row in sorted(self.stages.items())},
+            "applied_at": {
+                name: round(self.applied_at[name], 6)
+                for name in sorted(self.stages)
+                if name in self.applied_at
+            },
         }
 
     async def reload(self) -> bool:
@@ -226,8 +234,13 @@ class StageView:
                     )
             for name in self.stages.keys() - rows.keys():
                 log.error("ALARM: the stage row of %s disappeared from Postgres", name)
+            now = time.time()
+            for name, row in rows.items():
+                current = self.stages.get(name)
+                if current is None or current.version != row.version:
+                    self.applied_at[name] = now
             self.stages = dict(rows)
-            self.loaded_at = time.time()
+            self.loaded_at = now
             if self.replica is not None:
                 # Right after a reload, so a flip announced through Redis is confirmed at once.
                 with contextlib.suppress(StoreError):
@@ -240,8 +253,13 @@ class StageView:
             return True
 
     async def _poll(self) -> None:
+        # Polls start every poll_interval (not poll_interval after the last one ended), so a
+        # flip Redis did not announce is read at most poll_interval + one read after it.
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while not self._stopping:
-            await asyncio.sleep(self.poll_interval)
+            due = max(due + self.poll_interval, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
                 await self.reload()
             except Exception as exc:  # never let one bad answer stop propagation for good

@@ -20,6 +20,8 @@ from tests.deploy.validate import (
 )
 
 COMPOSE = DEPLOY / "compose.yaml"
+
+
 def services() -> dict[str, Any]:
     [compose] = load_yaml_documents(COMPOSE)
     return dict(compose["services"])
