@@ -191,14 +191,15 @@ class DualWriter:
         body = await request.read()
         answer: Answer | UpstreamError | None = None
         try:
-            async with self.journal.locked(match.dataset, [token], wait=self.lock_wait) as session:
-                fenced = await session.plan(
-                    record=token,
-                    route=match.template,
-                    method=request.method,
-                    request=journaled,
-                    expect_journal=known is None or known.stage.value in JOURNALED_STAGES,
-                )
+            async with self.journal.begin(
+                match.dataset,
+                token,
+                route=match.template,
+                method=request.method,
+                request=journaled,
+                expect_journal=known is None or known.stage.value in JOURNALED_STAGES,
+                wait=self.lock_wait,
+            ) as (session, fenced):
                 if only_at_source and fenced.stage != Stage.SOURCE.value:
                     raise _unnameable(match)  # `target`: not journaled, but past source
                 upstream = self.upstreams[plan(Stage(fenced.stage), "write").serve]
