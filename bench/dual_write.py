@@ -382,6 +382,7 @@ async def main(args: argparse.Namespace) -> None:
                         stages,
                         journal_sessions=args.sessions,
                         repo=Path(args.baseline),
+                        apis=world,
                     )
                 ),
                 " (after)": world,

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import struct
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -132,23 +133,29 @@ async def lab(
     *,
     rows: int = ROWS,
     repo: Path | None = None,
+    apis: Lab | None = None,
     config_edit: Any = None,
     **config: Any,
 ) -> AsyncIterator[Lab]:
     """The world, with ``stages`` (dataset -> stage) walked; ``config``: more arguments of
     :func:`refapi.lab.write_config`; ``config_edit``: a function of the config text, for what
     it has no argument for. ``repo``: the checkout the servers run from (this one's by
-    default), to compare two versions in one run."""
+    default), to compare two versions in one run. ``apis``: another lab whose reference APIs
+    (and their databases) this one's proxy fronts, so that two proxies compared in one run
+    take half the Postgres connections of two worlds."""
     code = {"PYTHONPATH": str(repo.resolve())} if repo is not None else {}
     workdir = Path(tempfile.mkdtemp(prefix=f"bascule-{prefix}-"))
-    names = {side: f"{prefix}_{side}" for side in ("src", "tgt", "state")}
+    sides = ("state",) if apis is not None else ("src", "tgt", "state")
+    names = {side: f"{prefix}_{side}" for side in sides}
     with provide_stores() as stores:
         databases = {
             side: await create_database(stores.postgres_url, name, replace=True)
             for side, name in names.items()
         }
         try:
-            for side in ("src", "tgt"):
+            if apis is not None:
+                databases.update(src=apis.databases["src"], tgt=apis.databases["tgt"])
+            for side in ("src", "tgt") if apis is None else ():
                 proc = await asyncio.create_subprocess_exec(
                     *bascule_argv(
                         "api", "seed", "--database", databases[side], "--rows", str(rows)
@@ -156,8 +163,20 @@ async def lab(
                     stdout=asyncio.subprocess.DEVNULL,
                 )
                 await proc.wait()
-            await migrate_state(databases["state"])
-            ports = {"src": free_port(), "tgt": free_port()}
+            if repo is None:
+                await migrate_state(databases["state"])
+            else:  # with that checkout's migrations: its proxy refuses a newer schema
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    "import asyncio, sys; from refapi.lab import migrate_state;"
+                    " asyncio.run(migrate_state(sys.argv[1]))",
+                    databases["state"],
+                    env={**os.environ, **code},
+                )
+                if await proc.wait():
+                    raise RuntimeError(f"could not migrate {databases['state']} from {repo}")
+            ports = apis.ports if apis is not None else {"src": free_port(), "tgt": free_port()}
             config_path = workdir / "bascule.toml"
             config.setdefault("read_timeout", 10.0)
             cfg = write_config(
@@ -194,10 +213,14 @@ async def lab(
                     journal,
                     code,
                 )
-                world.source, world.target = world.api("azure", "src"), world.api("scaleway", "tgt")
-                for server in (world.source, world.target):
-                    stack.push_async_callback(server.stop)
-                    await server.start()
+                if apis is not None:
+                    world.source, world.target = apis.source, apis.target
+                else:
+                    world.source = world.api("azure", "src")
+                    world.target = world.api("scaleway", "tgt")
+                    for server in (world.source, world.target):
+                        stack.push_async_callback(server.stop)
+                        await server.start()
                 stack.push_async_callback(proxy.stop)
                 await proxy.start()
                 pool = await open_pool(databases["state"], max_size=1)
