@@ -17,6 +17,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -114,9 +115,16 @@ class Lab:
         )
         return count
 
-    async def settled(self, poll: float = 0.05) -> None:
-        """Until no journal entry is open."""
+    async def settled(self, poll: float = 0.05, within: float = 120.0) -> None:
+        """Until no journal entry is open (``within`` seconds at most)."""
+        deadline = time.monotonic() + within
         while await self.open_entries():
+            if time.monotonic() > deadline:
+                states = await self.journal.fetch(
+                    "SELECT state, last_error, count(*) FROM bascule_journal"
+                    " WHERE state NOT IN ('applied', 'skipped', 'rejected') GROUP BY 1, 2"
+                )
+                raise RuntimeError(f"the journal did not settle: {[tuple(r) for r in states]}")
             await asyncio.sleep(poll)
 
     async def release_backoff(self) -> None:
@@ -144,6 +152,8 @@ async def lab(
     (and their databases) this one's proxy fronts, so that two proxies compared in one run
     take half the Postgres connections of two worlds."""
     code = {"PYTHONPATH": str(repo.resolve())} if repo is not None else {}
+    # -P: the checkout's code, not the current directory's (which `-m` and `-c` put first).
+    python = [sys.executable, "-P"] if repo is not None else [sys.executable]
     workdir = Path(tempfile.mkdtemp(prefix=f"bascule-{prefix}-"))
     sides = ("state",) if apis is not None else ("src", "tgt", "state")
     names = {side: f"{prefix}_{side}" for side in sides}
@@ -167,7 +177,7 @@ async def lab(
                 await migrate_state(databases["state"])
             else:  # with that checkout's migrations: its proxy refuses a newer schema
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
+                    *python,
                     "-c",
                     "import asyncio, sys; from refapi.lab import migrate_state;"
                     " asyncio.run(migrate_state(sys.argv[1]))",
@@ -176,6 +186,14 @@ async def lab(
                 )
                 if await proc.wait():
                     raise RuntimeError(f"could not migrate {databases['state']} from {repo}")
+            if apis is not None:
+                # Its replays carry `bascule:{dataset}:{seq}` to the same APIs as the other
+                # lab's: its own seqs, or the APIs would take them for repeats (422).
+                conn = await asyncpg.connect(databases["state"])
+                try:
+                    await conn.execute("ALTER SEQUENCE bascule_journal_seq_seq RESTART 1000000000")
+                finally:
+                    await conn.close()
             ports = apis.ports if apis is not None else {"src": free_port(), "tgt": free_port()}
             config_path = workdir / "bascule.toml"
             config.setdefault("read_timeout", 10.0)
@@ -193,7 +211,7 @@ async def lab(
             async with AsyncExitStack() as stack:
                 proxy = ServerProcess(
                     "bascule proxy",
-                    bascule_argv("proxy", "--config", str(config_path)),
+                    [*python, *bascule_argv("proxy", "--config", str(config_path))[1:]],
                     f"http://{cfg.proxy.admin_listen}/readyz",
                     workdir / "proxy.log",
                     {**PROXY_ENV, **code},

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
+import orjson
 
 from bascule.errors import RecordBusy, StoreError
 from bascule.sealing import DATASET_WIDE, fence_id, lock_id
@@ -226,9 +227,13 @@ class WriteSession:
 
 
 def _seal(journal: JournalCore, dataset: str, request: dict[str, Any]) -> bytes:
-    return journal.sealer.seal(
-        json.dumps(request, separators=(",", ":")).encode(), dataset=dataset, field="request"
-    )
+    # orjson: the same compact JSON as json.dumps(separators=(",", ":")) but for non-ASCII
+    # text, kept as UTF-8 instead of escaped (both read back alike), in a tenth of the time.
+    try:
+        text = orjson.dumps(request)
+    except orjson.JSONEncodeError:  # text orjson refuses (a lone surrogate): escaped instead
+        text = json.dumps(request, separators=(",", ":")).encode()
+    return journal.sealer.seal(text, dataset=dataset, field="request")
 
 
 IN_ALL = 3.0
