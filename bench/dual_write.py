@@ -43,7 +43,7 @@ import aiohttp
 
 from bascule.procs import ServerProcess
 from bascule.stages import Stage
-from bench.lab import ROWS, Cpu, Lab, RoundTrips, lab, table
+from bench.lab import ROWS, Cpu, Lab, RoundTrips, lab, start, table
 from refapi.lab import AUTH
 
 
@@ -189,7 +189,7 @@ async def run_row(row: Row, concurrency: int, seconds: float, rng: random.Random
         drain = time.perf_counter() - started - elapsed
     used = await cpu.stop()
     if row.down:
-        await world.target.start()
+        await start(world.target)
         await drained(world)
     count = len(latencies)
     row.rates.setdefault(concurrency, []).append(count / elapsed)
@@ -212,7 +212,8 @@ async def throughput(world: Lab, worlds: dict[str, Lab], args: argparse.Namespac
                 await run_row(row, concurrency, args.seconds, rng)
     print(
         f"\nwrite throughput — PATCH of random records among {ROWS}, {args.seconds:g} s a run, "
-        f"{args.repeats} runs of each row, alternated; journal_sessions = {args.sessions}"
+        f"{args.repeats} runs of each row, alternated; journal_sessions = {args.sessions},"
+        f" reference API pools: {args.api_pool}"
     )
     print("CPU: ms per write, per process (its children included; Postgres: the backends of")
     print("its database), over the run and its replays; drain: s after the run until replayed")
@@ -286,7 +287,7 @@ async def round_trips(worlds: dict[str, Lab], args: argparse.Namespace) -> None:
                         [f"{name}{label}", str(concurrency), str(writes), f"{trips / writes:.2f}"]
                     )
                     if down:
-                        await world.target.start()
+                        await start(world.target)
                         await drained(world)
             lines.append([f"idle{label}", "-", "-", f"{idle:.1f}/s"])
         await world.restart_proxy()
@@ -295,18 +296,22 @@ async def round_trips(worlds: dict[str, Lab], args: argparse.Namespace) -> None:
     print(table(["path", "concurrency", "writes", "round trips/write"], lines))
 
 
-async def latency_and_replay(world: Lab, args: argparse.Namespace) -> None:
-    proxy_url, direct_url = world.proxy_url, world.source_url
+async def latency_and_replay(world: Lab, worlds: dict[str, Lab], args: argparse.Namespace) -> None:
+    direct_url = world.source_url
     await writes(direct_url, 100, 1)  # warm up
-    await writes(proxy_url, 100, 1)
-    await world.settled()
-    samples: dict[str, list[float]] = {"direct": [], "dualwrite": []}
+    for w in worlds.values():
+        await writes(w.proxy_url, 100, 1)
+        await w.settled()
+    samples: dict[str, list[float]] = {"direct": []}
     per_block = max(1, args.writes // args.blocks)
     for _ in range(args.blocks):
         samples["direct"] += await writes(direct_url, per_block, 1)
-        samples["dualwrite"] += await writes(proxy_url, per_block, 1)
-        await world.settled(0.02)  # its replays belong to the dualwrite block
-    direct, dual = quantiles(samples["direct"]), quantiles(samples["dualwrite"])
+        for label, w in worlds.items():
+            samples.setdefault(f"dualwrite{label}", [])
+            samples[f"dualwrite{label}"] += await writes(w.proxy_url, per_block, 1)
+            await w.settled(0.02)  # its replays belong to the dualwrite block
+    figures = {name: quantiles(latencies) for name, latencies in samples.items()}
+    proxy_url = world.proxy_url
 
     # The baseline of the replay rate: how fast the target API itself takes keyed
     # writes from 32 clients. A replayer cannot apply faster than the side it writes to.
@@ -319,7 +324,7 @@ async def latency_and_replay(world: Lab, args: argparse.Namespace) -> None:
     await writes(proxy_url, args.backlog, 32)
     fill = time.perf_counter() - started
     backlog = await world.open_entries()
-    await world.target.start()
+    await start(world.target)
     drain = await drained(world)
 
     # The same again into a backend that stores nothing: the replayer's own ceiling.
@@ -342,15 +347,16 @@ async def latency_and_replay(world: Lab, args: argparse.Namespace) -> None:
         sink_drain = await drained(world)
     finally:
         await sink.stop()
-    await world.target.start()
+    await start(world.target)
 
     print(
         f"\ndual write — PATCH of one record, {ROWS} records, 2 cores; "
         f"{args.blocks} alternating blocks of each path"
     )
-    print(f"{'path':<12}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}")
-    print(f"{'direct':<12}{direct[0]:>9.2f}{direct[1]:>9.2f}{0:>+9.2f}")
-    print(f"{'dualwrite':<12}{dual[0]:>9.2f}{dual[1]:>9.2f}{dual[0] - direct[0]:>+9.2f}")
+    direct = figures["direct"]
+    print(f"{'path':<22}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}")
+    for name, (p50, p99) in figures.items():
+        print(f"{name:<22}{p50:>9.2f}{p99:>9.2f}{p50 - direct[0]:>+9.2f}")
     print(
         f"\nbacklog: {backlog} writes accepted in {fill:.1f}s with the target down "
         f"({args.backlog / fill:.0f} writes/s through the proxy, concurrency 32)"
@@ -371,7 +377,7 @@ async def main(args: argparse.Namespace) -> None:
     stages = {"dcir": Stage.DUALWRITE, "pmsi": Stage.LIVE}
     async with AsyncExitStack() as labs:
         world = await labs.enter_async_context(
-            lab("bench_dw", stages, journal_sessions=args.sessions)
+            lab("bench_dw", stages, journal_sessions=args.sessions, api_pool=args.api_pool)
         )
         worlds = {"": world}
         if args.baseline:
@@ -390,7 +396,7 @@ async def main(args: argparse.Namespace) -> None:
         if args.seconds > 0:
             await throughput(world, worlds, args)
         if args.writes > 0:
-            await latency_and_replay(world, args)
+            await latency_and_replay(world, worlds, args)
         if args.count_seconds > 0:
             await round_trips(worlds, args)
 
@@ -407,6 +413,9 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--sessions", type=int, default=20, help="[state] journal_sessions (the default: 20)"
+    )
+    parser.add_argument(
+        "--api-pool", type=int, default=10, help="database connections of each reference API"
     )
     parser.add_argument(
         "--count-seconds", type=float, default=3.0, help="per round-trip counting run (0: none)"

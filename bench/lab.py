@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from bascule.config import Config
+from bascule.errors import ProcessFailed
 from bascule.procs import ServerProcess, bascule_argv
 from bascule.stages import Stage
 from bascule.state.postgres import open_pool
@@ -70,6 +71,8 @@ class Lab:
     """A session on the state database (the bench's own)."""
     code: dict[str, str] = field(default_factory=dict)
     """The environment that runs the servers from the checkout asked."""
+    api_pool: int = 10
+    """Database connections of each reference API (``bascule api --pool-size``)."""
 
     @property
     def proxy_url(self) -> str:
@@ -88,7 +91,15 @@ class Lab:
         return ServerProcess(
             name,
             bascule_argv(
-                "api", "--name", name, "--database", self.databases[side], "--port", str(port)
+                "api",
+                "--name",
+                name,
+                "--database",
+                self.databases[side],
+                "--port",
+                str(port),
+                "--pool-size",
+                str(self.api_pool),
             ),
             f"http://127.0.0.1:{port}/healthz",
             self.workdir / f"{name}.log",
@@ -142,6 +153,7 @@ async def lab(
     rows: int = ROWS,
     repo: Path | None = None,
     apis: Lab | None = None,
+    api_pool: int = 10,
     config_edit: Any = None,
     **config: Any,
 ) -> AsyncIterator[Lab]:
@@ -230,6 +242,7 @@ async def lab(
                     proxy,
                     journal,
                     code,
+                    api_pool,
                 )
                 if apis is not None:
                     world.source, world.target = apis.source, apis.target
@@ -254,6 +267,19 @@ async def lab(
             for name in names.values():
                 with contextlib.suppress(Exception):
                     await drop_database(stores.postgres_url, name)
+
+
+async def start(server: ServerProcess, tries: int = 10) -> None:
+    """Start ``server``, again after a pause if it fails (on a Postgres shared with other
+    work, a restarted API may find every connection taken for a moment)."""
+    for attempt in range(tries):
+        try:
+            await server.start()
+            return
+        except ProcessFailed:
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(2.0)
 
 
 def _ticks(pid: int) -> int:

@@ -96,7 +96,7 @@ async def test_a_write_cut_off_while_waiting_for_its_lock_journals_nothing(env) 
 
 
 async def test_a_write_whose_client_leaves_while_it_waits_for_its_lock_lands_on_both_sides(
-    env,  # type: ignore[no-untyped-def]
+    env: Callable[..., AbstractAsyncContextManager[World]],
 ) -> None:
     # A cancelled researcher: the client hangs up while its write waits for the record's
     # lock, inside the statement that commits its intent. The write is not cancelled with it:
