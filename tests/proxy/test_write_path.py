@@ -147,6 +147,7 @@ def _replayer(world: World) -> Replayer:
         "breaker",
         base_delay=30.0,
         max_delay=60.0,
+        probe_every=60.0,
     )
 
 
