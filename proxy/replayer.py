@@ -97,7 +97,7 @@ class Replayer:
     no replay to it starts, and a round for it reads nothing from the journal."""
     _backoff: dict[Side, float] = field(default_factory=dict)
     """Per side found unreachable and not yet reached again: its current wait, doubled at
-    each failed probe up to ``max_delay``. While set, a round first probes with one entry."""
+    each failed probe up to ``probe_every``. While set, a round first probes with one entry."""
 
     @property
     def creates(self) -> frozenset[str]:
