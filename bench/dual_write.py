@@ -1,50 +1,50 @@
-"""What dual write costs a researcher's write, and how fast a backlog drains.
+"""What dual write costs a researcher's write: throughput under load, latency, replay rate.
 
-One run measures, with the same writes (PATCH of one record's amount, concurrency 1):
-  direct      the source reference API itself (the baseline)
-  dualwrite   through `bascule proxy` with dcir in `dualwrite` (lock, intent, call, outcome)
-in alternating blocks, so that both see the same machine (on a shared 2-core machine the load
-of other processes drifts within a minute); each dualwrite block includes its replays to the
-target, and the next direct block starts once they are done. Then it measures the target API's
-own keyed-write capacity (concurrency 32, the replay's baseline), and builds a backlog: the
-target is stopped, N writes go through the proxy (concurrency 32), the target comes back, and
-the time to replay the whole backlog gives the replay rate; then a second backlog drains into
-bench/sink.py, a backend that stores nothing: the replayer's ceiling.
+Throughput (``--seconds`` a run, at each ``--concurrency``, ``--repeats`` times, rows
+alternated so that all see the same drift of a shared machine): PATCH of random records by
+``concurrency`` clients at once,
+  direct to the source API             the baseline
+  naive dual write                     the client PATCHes the source, then the target, itself
+  bascule dualwrite                    dcir in `dualwrite` through `bascule proxy`
+  bascule live                         pmsi in `live` (the target is the authority)
+  bascule target down                  dcir in `dualwrite`, the target API stopped
+each with the CPU per write of every process (client, proxy, each API, and the Postgres
+backends of each database, from /proc/PID/stat) over the run and its replays. Then each
+proxied row again with the proxy's state sessions through a relay that counts their round
+trips on the wire (bench/lab.py). ``--baseline CHECKOUT``: the proxied rows also for a proxy
+run from another checkout (its own world), in the same run: before and after.
 
-    .venv/bin/python bench/dual_write.py [--writes 500] [--backlog 10000]
+Latency (concurrency 1, ``--writes`` in ``--blocks`` alternating blocks): direct and through
+the proxy in `dualwrite`, each dualwrite block with its replays. Then the target API's own
+keyed-write capacity (concurrency 32, the replay's baseline), and a backlog: the target is
+stopped, ``--backlog`` writes go through the proxy (concurrency 32), the target comes back,
+and the time to replay the whole backlog gives the replay rate; then a second backlog drains
+into bench/sink.py, a backend that stores nothing: the replayer's ceiling.
+
+    .venv/bin/python bench/dual_write.py [--seconds 5] [--repeats 2] [--concurrency 32,128]
+        [--writes 500] [--backlog 10000] [--baseline /path/to/main]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-import asyncpg
 
-from bascule.procs import ServerProcess, bascule_argv
+from bascule.procs import ServerProcess
 from bascule.stages import Stage
-from bascule.state.postgres import open_pool
-from bascule.state.servers import create_database, free_port, provide_stores
-from bascule.state.stage_store import StageStore
-from refapi.lab import (
-    AUTH,
-    PROXY_ENV,
-    RESEARCHER_TOKEN,
-    SERVICE_TOKEN,
-    migrate_state,
-    walk,
-    write_config,
-)
-
-ROWS = 2000
+from bench.lab import ROWS, Cpu, Lab, RoundTrips, lab, start, table
+from refapi.lab import AUTH
 
 
 async def writes(base: str, count: int, concurrency: int, *, keyed: bool = False) -> list[float]:
@@ -82,139 +82,281 @@ def quantiles(latencies: list[float]) -> tuple[float, float]:
     return q[49] * 1e3, q[98] * 1e3
 
 
-async def open_entries(conn: asyncpg.Connection) -> int:
-    count: int = await conn.fetchval(
-        "SELECT count(*) FROM bascule_journal WHERE state IN ('intent', 'pending')"
-    )
-    return count
-
-
-async def settled(conn: asyncpg.Connection, poll: float = 0.2) -> None:
-    while await open_entries(conn):
-        await asyncio.sleep(poll)
-
-
-async def drained(conn: asyncpg.Connection) -> float:
-    """Seconds until no entry is open, from now; the outage's backoff released first. One
-    connection polls (a connection per poll would cost the server a process each time)."""
-    await conn.execute(  # measure replay, not the retry delays the outage built up
-        "UPDATE bascule_journal SET next_attempt_at = now() WHERE state = 'pending'"
-    )
+async def drained(world: Lab) -> float:
+    """Seconds until no entry is open, from now; the outage's backoff released first (measure
+    replay, not the retry delays the outage built up)."""
+    await world.release_backoff()
     started = time.perf_counter()
-    await settled(conn, 0.05)
+    await world.settled(0.05)
     return time.perf_counter() - started
 
 
-async def main(args: argparse.Namespace) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="bascule-bench-dw-"))
-    with provide_stores() as stores:
-        src = await create_database(stores.postgres_url, "bench_dw_src", replace=True)
-        tgt = await create_database(stores.postgres_url, "bench_dw_tgt", replace=True)
-        state = await create_database(stores.postgres_url, "bench_dw_state", replace=True)
-        for db in (src, tgt):
-            proc = await asyncio.create_subprocess_exec(
-                *bascule_argv("api", "seed", "--database", db, "--rows", str(ROWS)),
-                stdout=asyncio.subprocess.DEVNULL,
-            )
-            await proc.wait()
-        await migrate_state(state)
-        ports = {"src": free_port(), "tgt": free_port()}
-        config = workdir / "bascule.toml"
-        cfg = write_config(
-            config,
-            source_url=f"http://127.0.0.1:{ports['src']}",
-            target_url=f"http://127.0.0.1:{ports['tgt']}",
-            postgres_url=state,
-            redis_url=stores.redis_url,
-            redis_prefix="bench-dw:",
-            read_timeout=10.0,
-        )
-        api_env = {"BASCULE_API_TOKENS": f"{RESEARCHER_TOKEN},{SERVICE_TOKEN}"}
+async def load(
+    paths: list[str], seconds: float, concurrency: int, rng: random.Random
+) -> list[float]:
+    """``concurrency`` clients PATCHing random records for ``seconds``, each write at every URL
+    of ``paths`` in turn (``{rid}``: the record), as one client's write; their latencies."""
+    latencies: list[float] = []
+    until = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(
+        headers=AUTH, connector=aiohttp.TCPConnector(limit=concurrency * len(paths))
+    ) as session:
 
-        def api(name: str, db: str, port: int) -> ServerProcess:
-            return ServerProcess(
-                name,
-                bascule_argv("api", "--name", name, "--database", db, "--port", str(port)),
-                f"http://127.0.0.1:{port}/healthz",
-                workdir / f"{name}.log",
-                api_env,
-            )
+        async def worker() -> None:
+            while time.perf_counter() < until:
+                rid = rng.randint(1, ROWS)
+                value = rng.randint(1, 999)
+                started = time.perf_counter()
+                for path in paths:
+                    body = {"tariff" if "/pmsi/" in path else "amount": value}
+                    async with session.patch(path.format(rid=rid), json=body) as resp:
+                        text = await resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"{path} answered {resp.status}: {text[:300]!r}")
+                latencies.append(time.perf_counter() - started)
 
-        async with AsyncExitStack() as stack:
-            source, target = api("azure", src, ports["src"]), api("scaleway", tgt, ports["tgt"])
-            for server in (source, target):
-                stack.push_async_callback(server.stop)
-                await server.start()
-            proxy = ServerProcess(
-                "bascule proxy",
-                bascule_argv("proxy", "--config", str(config)),
-                f"http://{cfg.proxy.admin_listen}/readyz",
-                workdir / "proxy.log",
-                PROXY_ENV,
-            )
-            stack.push_async_callback(proxy.stop)
-            await proxy.start()
-            proxy_url = f"http://{cfg.proxy.listen}"
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
 
-            journal = await asyncpg.connect(state)
-            stack.push_async_callback(journal.close)
-            pool = await open_pool(state, max_size=1)
-            store = StageStore(pool)
-            await walk(store, "dcir", Stage.DUALWRITE, actor="bench", reason="b")
-            await pool.close()
-            await asyncio.sleep(1.5)  # the proxy polls the new stage
-            direct_url = f"http://127.0.0.1:{ports['src']}"
-            await writes(direct_url, 100, 1)  # warm up
-            await writes(proxy_url, 100, 1)
-            await settled(journal)
-            samples: dict[str, list[float]] = {"direct": [], "dualwrite": []}
-            per_block = max(1, args.writes // args.blocks)
-            for _ in range(args.blocks):
-                samples["direct"] += await writes(direct_url, per_block, 1)
-                samples["dualwrite"] += await writes(proxy_url, per_block, 1)
-                await settled(journal, 0.02)  # its replays belong to the dualwrite block
-            direct, dual = quantiles(samples["direct"]), quantiles(samples["dualwrite"])
 
-            # The baseline of the replay rate: how fast the target API itself takes keyed
-            # writes from 32 clients. A replayer cannot apply faster than the side it writes to.
-            started = time.perf_counter()
-            await writes(f"http://127.0.0.1:{ports['tgt']}", args.backlog, 32, keyed=True)
-            capacity = args.backlog / (time.perf_counter() - started)
+@dataclass
+class Row:
+    """One path of the throughput table: where its writes go, and whether the target is down."""
 
-            await target.stop()
-            started = time.perf_counter()
-            await writes(proxy_url, args.backlog, 32)
-            fill = time.perf_counter() - started
-            backlog = await open_entries(journal)
-            await target.start()
-            drain = await drained(journal)
+    name: str
+    world: Lab
+    paths: list[str]
+    down: bool = False
+    proxied: bool = True
+    rates: dict[int, list[float]] = field(default_factory=dict)
+    p50: dict[int, list[float]] = field(default_factory=dict)
+    cpu: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    """Per concurrency, per run: CPU ms per write, per process."""
+    drain: dict[int, list[float]] = field(default_factory=dict)
+    trips: dict[int, float] = field(default_factory=dict)
 
-            # The same again into a backend that stores nothing: the replayer's own ceiling.
-            await target.stop()
-            await writes(proxy_url, args.backlog, 32)
-            sink_backlog = await open_entries(journal)
-            sink = ServerProcess(
-                "sink",
+
+def records(base: str, dataset: str) -> str:
+    return f"{base}/v1/datasets/{dataset}/records/{{rid}}"
+
+
+def rows_of(world: Lab, worlds: dict[str, Lab]) -> list[Row]:
+    rows = [
+        Row("direct to the source API", world, [records(world.source_url, "dcir")], proxied=False),
+        Row(
+            "naive dual write (client)",
+            world,
+            [records(world.source_url, "dcir"), records(world.target_url, "dcir")],
+            proxied=False,
+        ),
+    ]
+    for label, w in worlds.items():
+        rows.append(Row(f"bascule dualwrite{label}", w, [records(w.proxy_url, "dcir")]))
+    for label, w in worlds.items():
+        rows.append(Row(f"bascule live{label}", w, [records(w.proxy_url, "pmsi")]))
+    for label, w in worlds.items():
+        rows.append(Row(f"bascule target down{label}", w, [records(w.proxy_url, "dcir")], True))
+    return rows
+
+
+def meter(world: Lab) -> Cpu:
+    def pid(server: Any) -> int:
+        return int(server.proc.pid) if server.proc is not None else 0
+
+    processes = {"client": -os.getpid(), "proxy": pid(world.proxy), "source API": pid(world.source)}
+    if world.target.proc is not None and world.target.proc.returncode is None:
+        processes["target API"] = pid(world.target)
+    names = {side: url.rsplit("/", 1)[1] for side, url in world.databases.items()}
+    return Cpu(
+        world.journal,
+        processes,
+        {"pg state": names["state"], "pg source": names["src"], "pg target": names["tgt"]},
+    )
+
+
+async def run_row(row: Row, concurrency: int, seconds: float, rng: random.Random) -> None:
+    world = row.world
+    if row.down:
+        await world.target.stop()
+    cpu = meter(world)
+    await cpu.start()
+    started = time.perf_counter()
+    latencies = await load(row.paths, seconds, concurrency, rng)
+    elapsed = time.perf_counter() - started
+    drain = 0.0
+    if not row.down:
+        await world.settled(0.02)  # its replays belong to the row
+        drain = time.perf_counter() - started - elapsed
+    used = await cpu.stop()
+    if row.down:
+        await start(world.target)
+        await drained(world)
+    count = len(latencies)
+    row.rates.setdefault(concurrency, []).append(count / elapsed)
+    row.p50.setdefault(concurrency, []).append(statistics.median(latencies) * 1e3)
+    row.cpu.setdefault(concurrency, []).append({k: v * 1e3 / count for k, v in used.items()})
+    row.drain.setdefault(concurrency, []).append(drain)
+
+
+async def throughput(world: Lab, worlds: dict[str, Lab], args: argparse.Namespace) -> None:
+    rows = rows_of(world, worlds)
+    rng = random.Random(2)
+    for row in rows:  # warm up
+        if not row.down:
+            await load(row.paths, 1.0, 8, rng)
+    for w in worlds.values():
+        await w.settled()
+    for _ in range(args.repeats):
+        for concurrency in args.concurrency:
+            for row in rows:  # alternating: every row sees the same drift of the machine
+                await run_row(row, concurrency, args.seconds, rng)
+    print(
+        f"\nwrite throughput — PATCH of random records among {ROWS}, {args.seconds:g} s a run, "
+        f"{args.repeats} runs of each row, alternated; journal_sessions = {args.sessions},"
+        f" reference API pools: {args.api_pool}"
+    )
+    print("CPU: ms per write, per process (its children included; Postgres: the backends of")
+    print("its database), over the run and its replays; drain: s after the run until replayed")
+    for concurrency in args.concurrency:
+        naive = statistics.median(rows[1].rates[concurrency])
+        names = list(rows[0].cpu[concurrency][0])
+        for row in rows:
+            for name in row.cpu[concurrency][0]:
+                if name not in names:
+                    names.append(name)
+        headers = ["concurrency " + str(concurrency), "writes/s", "x naive", "p50 ms", "drain s"]
+        lines = []
+        for row in rows:
+            rate = statistics.median(row.rates[concurrency])
+            spread = f"{min(row.rates[concurrency]):.0f}-{max(row.rates[concurrency]):.0f}"
+            cpu = {
+                n: statistics.median(run.get(n, 0.0) for run in row.cpu[concurrency]) for n in names
+            }
+            lines.append(
                 [
-                    sys.executable,
-                    str(Path(__file__).with_name("sink.py")),
-                    "--port",
-                    str(ports["tgt"]),
-                ],
-                f"http://127.0.0.1:{ports['tgt']}/",
-                workdir / "sink.log",
+                    row.name,
+                    spread,
+                    f"{rate / naive:.2f}",
+                    f"{statistics.median(row.p50[concurrency]):.1f}",
+                    f"{max(row.drain[concurrency]):.1f}",
+                    *(f"{cpu[n]:.2f}" for n in names),
+                    f"{sum(cpu.values()):.2f}",
+                ]
             )
-            stack.push_async_callback(sink.stop)
-            await sink.start()
-            sink_drain = await drained(journal)
+        print()
+        print(table([*headers, *names, "all"], lines))
+        down = [r for r in rows if r.down]
+        for row in down:
+            up = next(r for r in rows if r.world is row.world and r.proxied and r is not row)
+            ratio = statistics.median(row.rates[concurrency]) / statistics.median(
+                up.rates[concurrency]
+            )
+            print(f"{row.name}: {ratio:.2f}x {up.name}")
+    print("\ntargets: dualwrite >= 0.7x naive at concurrency 32; target down >= 0.9x target up")
+
+
+async def round_trips(worlds: dict[str, Lab], args: argparse.Namespace) -> None:
+    """Each proxied row again, its proxy's state sessions through a relay that counts their
+    round trips (not timed: the relay costs CPU of its own)."""
+    rng = random.Random(3)
+    lines = []
+    for label, world in worlds.items():
+        async with RoundTrips() as relay:
+            await world.restart_proxy(relay.url(world.databases["state"]))
+            await asyncio.sleep(1.0)
+            before = relay.count
+            await asyncio.sleep(2.0)
+            idle = (relay.count - before) / 2.0
+            for concurrency in args.concurrency:
+                counted = [
+                    ("dualwrite", records(world.proxy_url, "dcir"), False),
+                    ("live", records(world.proxy_url, "pmsi"), False),
+                    ("target down", records(world.proxy_url, "dcir"), True),
+                ]
+                for name, path, down in counted:
+                    await load([path], 1.0, 8, rng)
+                    await world.settled()
+                    if down:
+                        await world.target.stop()
+                    before = relay.count
+                    writes = len(await load([path], args.count_seconds, concurrency, rng))
+                    if not down:
+                        await world.settled(0.02)
+                    trips = relay.count - before
+                    lines.append(
+                        [f"{name}{label}", str(concurrency), str(writes), f"{trips / writes:.2f}"]
+                    )
+                    if down:
+                        await start(world.target)
+                        await drained(world)
+            lines.append([f"idle{label}", "-", "-", f"{idle:.1f}/s"])
+        await world.restart_proxy()
+    print("\nstate-database round trips per write, counted on the wire (Query and Sync messages")
+    print("of the proxy's sessions; replays and their polling included; idle: with no writes)")
+    print(table(["path", "concurrency", "writes", "round trips/write"], lines))
+
+
+async def latency_and_replay(world: Lab, worlds: dict[str, Lab], args: argparse.Namespace) -> None:
+    direct_url = world.source_url
+    await writes(direct_url, 100, 1)  # warm up
+    for w in worlds.values():
+        await writes(w.proxy_url, 100, 1)
+        await w.settled()
+    samples: dict[str, list[float]] = {"direct": []}
+    per_block = max(1, args.writes // args.blocks)
+    for _ in range(args.blocks):
+        samples["direct"] += await writes(direct_url, per_block, 1)
+        for label, w in worlds.items():
+            samples.setdefault(f"dualwrite{label}", [])
+            samples[f"dualwrite{label}"] += await writes(w.proxy_url, per_block, 1)
+            await w.settled(0.02)  # its replays belong to the dualwrite block
+    figures = {name: quantiles(latencies) for name, latencies in samples.items()}
+    proxy_url = world.proxy_url
+
+    # The baseline of the replay rate: how fast the target API itself takes keyed
+    # writes from 32 clients. A replayer cannot apply faster than the side it writes to.
+    started = time.perf_counter()
+    await writes(world.target_url, args.backlog, 32, keyed=True)
+    capacity = args.backlog / (time.perf_counter() - started)
+
+    await world.target.stop()
+    started = time.perf_counter()
+    await writes(proxy_url, args.backlog, 32)
+    fill = time.perf_counter() - started
+    backlog = await world.open_entries()
+    await start(world.target)
+    drain = await drained(world)
+
+    # The same again into a backend that stores nothing: the replayer's own ceiling.
+    await world.target.stop()
+    await writes(proxy_url, args.backlog, 32)
+    sink_backlog = await world.open_entries()
+    sink = ServerProcess(
+        "sink",
+        [
+            sys.executable,
+            str(Path(__file__).with_name("sink.py")),
+            "--port",
+            str(world.ports["tgt"]),
+        ],
+        f"{world.target_url}/",
+        world.workdir / "sink.log",
+    )
+    try:
+        await sink.start()
+        sink_drain = await drained(world)
+    finally:
+        await sink.stop()
+    await start(world.target)
 
     print(
         f"\ndual write — PATCH of one record, {ROWS} records, 2 cores; "
         f"{args.blocks} alternating blocks of each path"
     )
-    print(f"{'path':<12}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}")
-    print(f"{'direct':<12}{direct[0]:>9.2f}{direct[1]:>9.2f}{0:>+9.2f}")
-    print(f"{'dualwrite':<12}{dual[0]:>9.2f}{dual[1]:>9.2f}{dual[0] - direct[0]:>+9.2f}")
+    direct = figures["direct"]
+    print(f"{'path':<22}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}")
+    for name, (p50, p99) in figures.items():
+        print(f"{name:<22}{p50:>9.2f}{p99:>9.2f}{p50 - direct[0]:>+9.2f}")
     print(
         f"\nbacklog: {backlog} writes accepted in {fill:.1f}s with the target down "
         f"({args.backlog / fill:.0f} writes/s through the proxy, concurrency 32)"
@@ -231,9 +373,54 @@ async def main(args: argparse.Namespace) -> None:
     print("\ntargets: added p50 <= 3 ms; replay >= 2,000 writes/s")
 
 
+async def main(args: argparse.Namespace) -> None:
+    stages = {"dcir": Stage.DUALWRITE, "pmsi": Stage.LIVE}
+    async with AsyncExitStack() as labs:
+        world = await labs.enter_async_context(
+            lab("bench_dw", stages, journal_sessions=args.sessions, api_pool=args.api_pool)
+        )
+        worlds = {"": world}
+        if args.baseline:
+            worlds = {
+                " (before)": await labs.enter_async_context(
+                    lab(
+                        "bench_dw0",
+                        stages,
+                        journal_sessions=args.sessions,
+                        repo=Path(args.baseline),
+                        apis=world,
+                    )
+                ),
+                " (after)": world,
+            }
+        if args.seconds > 0:
+            await throughput(world, worlds, args)
+        if args.writes > 0:
+            await latency_and_replay(world, worlds, args)
+        if args.count_seconds > 0:
+            await round_trips(worlds, args)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writes", type=int, default=500, help="per latency row")
     parser.add_argument("--blocks", type=int, default=10, help="alternating blocks per row")
     parser.add_argument("--backlog", type=int, default=10_000, help="writes in the backlog")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput run (0: none)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each throughput row")
+    parser.add_argument(
+        "--concurrency", type=lambda t: [int(c) for c in t.split(",")], default=[32, 128]
+    )
+    parser.add_argument(
+        "--sessions", type=int, default=20, help="[state] journal_sessions (the default: 20)"
+    )
+    parser.add_argument(
+        "--api-pool", type=int, default=10, help="database connections of each reference API"
+    )
+    parser.add_argument(
+        "--count-seconds", type=float, default=3.0, help="per round-trip counting run (0: none)"
+    )
+    parser.add_argument(
+        "--baseline", default="", help="another checkout: its proxy's rows too, in the same run"
+    )
     asyncio.run(main(parser.parse_args()))

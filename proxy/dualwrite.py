@@ -70,9 +70,10 @@ def outcome_of(status: int) -> State:
 
 
 FAILPOINT = "BASCULE_FAILPOINT"
-"""Fault injection for tests of the worst moment: ``kill-after-send:METHOD`` makes the process
+"""Fault injection for tests of the worst moments: ``kill-after-send:METHOD`` makes the process
 kill itself (SIGKILL) once the authoritative side has answered such a write, before its
-outcome is journaled. Never set in production."""
+outcome is journaled; ``kill-after-intent:METHOD``, once its intent is committed, before
+anything is sent. Never set in production."""
 
 
 @dataclass
@@ -82,6 +83,9 @@ class DualWriter:
     upstreams: Mapping[Side, Upstream]
     kill_after_send: str | None = field(
         default_factory=lambda: _failpoint(os.environ.get(FAILPOINT, ""))
+    )
+    kill_after_intent: str | None = field(
+        default_factory=lambda: _failpoint(os.environ.get(FAILPOINT, ""), "kill-after-intent")
     )
     view: StageView | None = None
     """This replica's view of the stages: refreshed before answering a write that found a
@@ -191,17 +195,21 @@ class DualWriter:
         body = await request.read()
         answer: Answer | UpstreamError | None = None
         try:
-            async with self.journal.locked(match.dataset, [token], wait=self.lock_wait) as session:
-                fenced = await session.plan(
-                    record=token,
-                    route=match.template,
-                    method=request.method,
-                    request=journaled,
-                    expect_journal=known is None or known.stage.value in JOURNALED_STAGES,
-                )
+            async with self.journal.begin(
+                match.dataset,
+                token,
+                route=match.template,
+                method=request.method,
+                request=journaled,
+                expect_journal=known is None or known.stage.value in JOURNALED_STAGES,
+                wait=self.lock_wait,
+            ) as (session, fenced):
                 if only_at_source and fenced.stage != Stage.SOURCE.value:
                     raise _unnameable(match)  # `target`: not journaled, but past source
                 upstream = self.upstreams[plan(Stage(fenced.stage), "write").serve]
+                if fenced.seq is not None and self.kill_after_intent == request.method:
+                    log.error("failpoint kill-after-intent: killing this process")
+                    os.kill(os.getpid(), signal.SIGKILL)
                 answer = await self._call_authority(request, upstream, headers, body, match.route)
                 if fenced.seq is not None:
                     if self.kill_after_send == request.method:
@@ -417,9 +425,9 @@ def _replayed(headers: list[tuple[str, str]]) -> bool:
     )
 
 
-def _failpoint(value: str) -> str | None:
+def _failpoint(value: str, point: str = "kill-after-send") -> str | None:
     kind, _, method = value.partition(":")
-    return method.upper() if kind == "kill-after-send" and method else None
+    return method.upper() if kind == point and method else None
 
 
 def b64(data: bytes) -> str:

@@ -29,7 +29,7 @@ import orjson
 
 from bascule import telemetry
 from bascule.config import Route
-from bascule.errors import StoreError, UpstreamError
+from bascule.errors import StoreError, UpstreamBusy, UpstreamError
 from bascule.sealing import SealError
 from bascule.stages import Side
 from bascule.state import leases
@@ -82,6 +82,10 @@ class Replayer:
     (at concurrency 1 on 2 cores, 50 ms made the write p99 11 ms, 10 ms 8.6 ms; same p50)."""
     base_delay: float = 0.2
     max_delay: float = 5.0
+    probe_every: float = 1.0
+    """The longest wait between probes of a side found unreachable (from ``base_delay``,
+    doubling): a probe costs one call and one wave query, and replay resumes at most this long
+    after the side is back."""
     sleep: Callable[[float], Any] = asyncio.sleep
     _held: dict[str, float] = field(default_factory=dict)
     """Per dataset: the loop time at which this replica's replay lease may have expired."""
@@ -89,6 +93,12 @@ class Replayer:
     """Per dataset: the loop time at which this replica last renewed its replay lease."""
     _more: dict[str, bool] = field(default_factory=dict)
     """Per dataset: whether its last round was cut short (more may be replayable at once)."""
+    _down: dict[Side, float] = field(default_factory=dict)
+    """Per side: the loop time before which it is known unreachable (the circuit breaker):
+    no replay to it starts, and a round for it reads nothing from the journal."""
+    _backoff: dict[Side, float] = field(default_factory=dict)
+    """Per side found unreachable and not yet reached again: its current wait, doubled at
+    each failed probe up to ``probe_every``. While set, a round first probes with one entry."""
 
     @property
     def creates(self) -> frozenset[str]:
@@ -226,6 +236,14 @@ class Replayer:
         pending, held back by it); records go concurrently. The wave, with its requests and
         answers, comes in one query and the successes are marked in one statement: per entry,
         only the replay itself is a round trip."""
+        loop = asyncio.get_running_loop()
+        row = self.view.stages.get(dataset)
+        side = plan(row.stage, "write").replicate if row is not None else None
+        if side is not None and self._down.get(side, 0.0) > loop.time():
+            # Known unreachable: its entries wait, untouched, for the next probe (trying each
+            # cost a failed call and a statement per entry, round after round).
+            self._more[dataset] = False
+            return 0
         entries, payloads = await self.journal.wave(
             dataset, limit=self.wave, run=self.run_length, creates=self.creates
         )
@@ -237,23 +255,42 @@ class Replayer:
             chains.setdefault(entry.record, []).append(entry)
         gate = asyncio.Semaphore(self.concurrency)
 
-        loop = asyncio.get_running_loop()
         held = self._held.get(dataset)
 
-        async def chain(run: list[Entry]) -> list[int]:
-            done: list[int] = []
+        def stopped() -> bool:
+            # No call starts past the lease: each ends within its deadline, and another
+            # replica takes the lease over only a deadline after it expired. None to a side
+            # found unreachable meanwhile.
+            return (held is not None and loop.time() >= held) or (
+                side is not None and self._down.get(side, 0.0) > loop.time()
+            )
+
+        async def chain(run: list[Entry], done: list[int]) -> list[int]:
             async with gate:
-                for entry in run:
-                    # No call starts past the lease: each ends within its deadline, and another
-                    # replica takes the lease over only a deadline after it expired.
-                    if held is not None and loop.time() >= held:
-                        break
-                    if not await self.apply(entry, payloads.get(entry.seq)):
+                for entry in run[len(done) :]:
+                    if stopped() or not await self.apply(entry, payloads.get(entry.seq)):
                         break
                     done.append(entry.seq)
             return done
 
-        applied = await asyncio.gather(*(chain(run) for run in chains.values()))
+        async def failed(done: list[int]) -> list[int]:
+            return done
+
+        first = next(iter(chains.values()))
+        probe: list[int] | None = None  # the first chain's progress, once probed
+        if side is not None and side in self._backoff and not stopped():
+            # It was unreachable: one replay probes it before the wave goes.
+            probe = [first[0].seq] if await self.apply(first[0], payloads.get(first[0].seq)) else []
+        applied = await asyncio.gather(
+            *(
+                chain(run, [])
+                if run is not first or probe is None
+                else chain(run, probe)
+                if probe
+                else failed(probe)  # its first entry failed: the chain stops there
+                for run in chains.values()
+            )
+        )
         await self.journal.applied_many([seq for done in applied for seq in done])
         # More may be replayable at once only if this wave was cut short: by its size, or by
         # the run length of a record it applied whole.
@@ -304,12 +341,18 @@ class Replayer:
                         status = resp.status
             except UpstreamError as exc:
                 span.set_status(telemetry.ERROR)
+                if not exc.sent and not isinstance(exc, UpstreamBusy):
+                    self._unreachable(target)  # never reached (refused, no connection in time)
                 await self._later(entry, type(exc).__name__)
                 return False
             except TimeoutError:
                 span.set_status(telemetry.ERROR)
                 await self._later(entry, "deadline")
                 return False
+            if target in self._backoff:
+                log.info("replayer: %s answers again; replay resumes", upstream.name)
+            self._backoff.pop(target, None)
+            self._down.pop(target, None)
             span.set_attribute("http.response.status_code", status)
             if not (200 <= status < 300 or (method == "DELETE" and status == 404)):
                 span.set_status(telemetry.ERROR)
@@ -321,6 +364,16 @@ class Replayer:
         else:
             await self.journal.dead(entry.seq, f"the other side answered {status}")
         return False
+
+    def _unreachable(self, side: Side) -> None:
+        """Open the circuit breaker of ``side``: no replay to it for a while, then a probe."""
+        longest = min(self.max_delay, self.probe_every)
+        wait = min(longest, 2 * self._backoff[side]) if side in self._backoff else None
+        if wait is None:
+            log.warning("replayer: the %s side is unreachable; replays to it wait", side.value)
+        wait = wait or min(longest, self.base_delay)
+        self._backoff[side] = wait
+        self._down[side] = asyncio.get_running_loop().time() + wait * random.uniform(0.5, 1.0)
 
     async def _later(self, entry: Entry, error: str) -> None:
         delay = min(self.max_delay, self.base_delay * 2 ** min(entry.attempts, 10))

@@ -36,7 +36,13 @@ from bascule.stages import Side
 from bascule.state.fleet import REDIS_TIMEOUT, RedisAnnouncer, StageView
 from bascule.state.journal import Journal
 from bascule.state.journal.writes import WriterConnection
-from bascule.state.postgres import IDLE_IN_TRANSACTION, open_pool, schema_check, session_name
+from bascule.state.postgres import (
+    CHECK_CLIENT,
+    IDLE_IN_TRANSACTION,
+    open_pool,
+    schema_check,
+    session_name,
+)
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
 from bascule.tasks import spawn
@@ -203,6 +209,10 @@ class Replica:
                 # Names the replica holding a dataset's fence, when a change has to wait.
                 application_name=session_name("writer", self.name),
                 dead_session_after=probe,
+                # A write whose session was cut while it waited for its record's lock is
+                # refused; its backend must end, not take the lock later and commit the
+                # intent of a write nobody will send (tests/proxy/test_write_path.py).
+                check_client=CHECK_CLIENT,
             )
             journal = Journal(
                 self.pool,

@@ -22,6 +22,10 @@ IDLE_IN_TRANSACTION = 60.0
 """Seconds a replica's or the CLI's session may sit idle inside a transaction (theirs only
 ever run statements, in milliseconds): then the server ends it, and its row locks with it."""
 
+CHECK_CLIENT = 1.0
+"""Seconds between a writer session's checks, while a statement waits, that its replica is
+still connected (``client_connection_check_interval``)."""
+
 Reader = asyncpg.Pool | asyncpg.Connection
 """Where a query runs: a pool (a session of its own), or one session, e.g. a transaction's, so
 that what it reads sees the rows that transaction has locked and holds no second session."""
@@ -122,6 +126,7 @@ async def open_pool(
     application_name: str | None = None,
     dead_session_after: float = DEAD_SESSION_AFTER,
     idle_in_transaction: float | None = None,
+    check_client: float | None = None,
 ) -> asyncpg.Pool:
     """A pool on the state database that fails fast when Postgres is away (no 60 s hangs).
 
@@ -131,6 +136,9 @@ async def open_pool(
     locks, within ``dead_session_after`` seconds. ``idle_in_transaction``: seconds a session
     may sit idle inside a transaction before the server ends it (for pools whose transactions
     only ever run statements: a client frozen mid-transaction must not hold its row locks).
+    ``check_client``: seconds between the server's checks, while a statement runs, that its
+    client is still there (``client_connection_check_interval``, Postgres 14 and later): a
+    statement whose client went away mid-wait ends instead of going on for nobody.
     """
     probes = Probes(dead_session_after)
     settings = probes.server_settings()
@@ -138,6 +146,8 @@ async def open_pool(
         settings["application_name"] = application_name
     if idle_in_transaction is not None:
         settings["idle_in_transaction_session_timeout"] = f"{int(idle_in_transaction * 1000)}ms"
+    if check_client is not None:
+        settings["client_connection_check_interval"] = f"{int(check_client * 1000)}ms"
 
     async def probing(conn: asyncpg.Connection) -> None:
         probes.apply(conn)
@@ -166,15 +176,22 @@ async def connect_probing(*args: Any, **kwargs: Any) -> asyncpg.Connection:
         return await asyncpg.connect(*args, **kwargs)
     except asyncpg.PostgresError as exc:
         settings = kwargs.get("server_settings") or {}
-        if "tcp_" not in str(exc) or not any(k.startswith("tcp_") for k in settings):
+        if not any(k.startswith(_OPTIONAL) and k in str(exc) for k in settings):
             raise
         log.warning(
             "the state Postgres refused the session probes (%s): a replica cut off from it "
-            "keeps its record locks for the server's own TCP keepalive time",
+            "keeps its record locks for the server's own TCP keepalive time, and a write "
+            "whose client went away waits for its lock to the end",
             type(exc).__name__,
         )
-        kwargs["server_settings"] = {k: v for k, v in settings.items() if not k.startswith("tcp_")}
+        kwargs["server_settings"] = {
+            k: v for k, v in settings.items() if not k.startswith(_OPTIONAL)
+        }
         return await asyncpg.connect(*args, **kwargs)
+
+
+_OPTIONAL = ("tcp_", "client_connection_check_interval")
+"""Session settings a server may not know (before Postgres 12 and 14, or on some platforms)."""
 
 
 async def schema_check(pool: asyncpg.Pool) -> None:

@@ -600,7 +600,7 @@ async def test_the_gate_migration_does_not_forget_gaps_closed_before_it(make_dat
             "CREATE TABLE bascule_schema (version int PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        before_gate = [m for m in schema.migrations() if m.name != "gate"]
+        before_gate = [m for m in schema.migrations() if m.version < 8]  # before "gate"
         assert [m.version for m in before_gate] == list(range(1, 8))
         for m in before_gate:
             async with conn.transaction():
@@ -637,7 +637,8 @@ async def test_the_gate_migration_does_not_forget_gaps_closed_before_it(make_dat
                 to,
                 details,
             )
-        assert [m.name for m in await schema.migrate(conn)] == ["gate"]  # the upgrade
+        applied = [m.name for m in await schema.migrate(conn)]
+        assert applied[0] == "gate", applied  # the upgrade (and any later migration)
     finally:
         await conn.close()
     pool = await open_pool(url, max_size=1)

@@ -45,10 +45,16 @@ async def test_200_writers_through_two_replicas_leave_identical_databases(
         assert "Bearer" not in log and "patient_id" not in log and '"amount"' not in log
 
 
-async def test_a_replica_killed_after_the_backend_answered_loses_nothing(
-    fleet: MakeWorld,
-) -> None:
-    f = await fleet(["kill-after-send:PATCH", None])
+@pytest.mark.parametrize(
+    "failpoint",
+    # Between the write's two statements (its intent, lock and plan; its outcome): once the
+    # authority answered, and before anything is sent (the intent is committed: an orphan
+    # whose write never happened, settled by reading the record back).
+    ["kill-after-send:PATCH", "kill-after-intent:PATCH"],
+    ids=["after-send", "after-intent"],
+)
+async def test_a_replica_killed_mid_write_loses_nothing(fleet: MakeWorld, failpoint: str) -> None:
+    f = await fleet([failpoint, None])
     killer, survivor = f.proxies
     got_2xx: list[int] = []
     async with aiohttp.ClientSession(headers=AUTH) as session:
@@ -57,7 +63,8 @@ async def test_a_replica_killed_after_the_backend_answered_loses_nothing(
         ) as resp:
             assert resp.status == 200
         with pytest.raises(aiohttp.ClientError):
-            # The source applies the PATCH; the replica dies before journaling the outcome.
+            # after-send: the source applies the PATCH, the replica dies before journaling the
+            # outcome; after-intent: it dies before sending it anywhere.
             async with session.patch(
                 f"{killer}/v1/datasets/dcir/records/4", json={"amount": 555}
             ) as resp:

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts printing figures and ratios measured in one run (see each)."""
