@@ -96,9 +96,9 @@ class StateSettings(_Record, frozen=True):
     """State-database sessions of the replica's main pool: stage reads and reports, the
     replayer and resolver, the controller, the switch (a change holds one for its fence), the
     shadow reads' counts, the admin API."""
-    shadow_sessions: int = 2
-    """State-database sessions of the shadow reads (the worker process's): one for the race
-    guard and the database clock, the others for noise observations."""
+    shadow_sessions: int = 3
+    """State-database sessions of the shadow reads (the worker process's): one for noise
+    observations, the others for the race guard and the database clock."""
     session_wait: float = 10.0
     """Seconds a write waits for a journal session (all ``journal_sessions`` busy) before it
     is refused with 503 ``journal_unavailable``, before reaching any backend: as long as it
@@ -938,9 +938,11 @@ def _check_where_it_runs(config: Config) -> None:
         ):
             raise ConfigError(src, key, "expected a certificate and its key (cert_*, key_*)")
         _check_pair(src, key, listener, "client_ca")
-    for field in ("sessions", "shadow_sessions"):
-        if getattr(config.state, field) < 1:
-            raise ConfigError(src, f"state.{field}", "expected at least 1")
+    if config.state.sessions < 1:
+        raise ConfigError(src, "state.sessions", "expected at least 1")
+    if config.state.shadow_sessions < 2:
+        # Noise observations hold one, the race guard and the clock the others.
+        raise ConfigError(src, "state.shadow_sessions", "expected at least 2")
     if config.state.sessions < 2:
         # A change holds one for its fence while it reads and writes with another.
         raise ConfigError(src, "state.sessions", "expected at least 2")

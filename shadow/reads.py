@@ -58,7 +58,10 @@ async def open_dispatcher(
     # behind (or hold back) the replayer, the resolver and stage reloads.
     guard_pool = await open_pool(
         postgres_url,
-        max_size=1,  # one statement of a few index probes per candidate mismatch
+        # One statement of a few index probes per candidate mismatch; with one session, reads
+        # of records under heavy writing queued behind it and were dropped (28% of them in
+        # tests/shadow/test_dispatch.py's busy records): `shadow_sessions` - 1.
+        max_size=max(1, config.state.shadow_sessions - 1),
         connection_class=StatelessConnection,
         application_name=session_name("shadow", replica),
         dead_session_after=config.state.dead_session_after,

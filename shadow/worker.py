@@ -83,8 +83,8 @@ async def serve(fd: int) -> None:
         # Noise observations and accepted rules only: the worker writes no count.
         pool = await open_pool(
             hello.postgres_url,
-            # The race guard and clock hold one more (shadow/reads.py): `shadow_sessions`.
-            max_size=max(1, hello.config.state.shadow_sessions - 1),
+            # The race guard and clock hold the others (shadow/reads.py): `shadow_sessions`.
+            max_size=1,
             application_name=session_name("shadow", hello.replica),
             dead_session_after=hello.config.state.dead_session_after,
         )

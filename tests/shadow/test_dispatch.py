@@ -117,7 +117,7 @@ async def test_busy_records_are_skipped_as_raced_and_a_planted_divergence_still_
     # Every read of record 6 differs at act_code; no read of a busy record is called divergent.
     found = await world.mismatches()
     assert {(m["pointer"], m["kind"]) for m in found} == {("/record/act_code", "changed")}, found
-    assert counts["mismatched"] == reads[6], (counts, reads)
+    assert counts["mismatched"] == reads[6], f"{dict(counts)} {reads}"
     # Reads of busy records raced writes: skipped and counted, never mismatched; quiet moments
     # still compared them.
     assert counts["skipped_raced"] > 0, counts

@@ -152,11 +152,16 @@ async def test_a_stopping_proxy_stops_its_worker_and_counts_what_it_held(
 
 
 async def test_the_worker_logs_no_planted_value(
-    worlds: Worlds, pg_url: str, capfd: pytest.CaptureFixture[str]
+    worlds: Worlds,
+    pg_url: str,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """At DEBUG, with mismatches, a killed and restarted worker: its log (the proxy's stderr)
     names no planted value, and the mismatches it recorded carry none."""
-    logging.getLogger().setLevel(logging.DEBUG)
+    # The root logger at DEBUG for this test only (caplog restores it): left at DEBUG, every
+    # later test on this worker logged aiohttp's access lines, URLs and query strings included.
+    caplog.set_level(logging.DEBUG)
     async with worlds() as world:
         await world.sql(
             world.target_db, "UPDATE dcir SET patient_id = $1 WHERE id IN (3, 4)", PLANTED
