@@ -272,9 +272,27 @@ class Replica:
             self.name,
         )
         self.autopilot_task = spawn(self.autopilot.run(), name="controller")
+        self.figures_task: asyncio.Task[None] | None = None
+        telemetry_settings = self.config.telemetry
+        if telemetry_settings.enabled and telemetry_settings.exporter.startswith("otlp"):
+            # The gauges' figures (stages, journal, gates) are read from the state database:
+            # on a scrape of /metrics, and for an OTLP push every metrics_interval, which no
+            # scrape may ever refresh.
+            self.figures_task = spawn(
+                self._refresh_figures(telemetry_settings.metrics_interval), name="figures"
+            )
         self.shadow_stack = AsyncExitStack()
         self.shadow = await self._shadow_reads()
         return self
+
+    async def _refresh_figures(self, every: float) -> None:
+        ops = self.admin_deps().ops
+        while True:
+            try:
+                await ops.refresh_figures()
+            except Exception as exc:  # the state database away, say: the next round tries again
+                log.warning("metrics: state figures not refreshed (%s)", type(exc).__name__)
+            await asyncio.sleep(every)
 
     async def _shadow_reads(self) -> Dispatcher | ShadowLink | None:
         """Shadow reads: in a worker process of their own (``[shadow] worker = "process"``)
@@ -309,9 +327,11 @@ class Replica:
         return link
 
     async def __aexit__(self, *exc: object) -> None:
-        self.autopilot_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.autopilot_task
+        for task in (self.autopilot_task, self.figures_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.shadow_stack.aclose()
         if self.replayer_task is not None:
             self.replayer_task.cancel()

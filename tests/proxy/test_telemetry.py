@@ -289,3 +289,18 @@ async def test_the_prometheus_endpoint_serves_every_metric_and_they_move(
     assert total(after, condition, bascule_dataset="dcir", bascule_condition="window") == 0
     assert total(after, condition, bascule_dataset="dcir", bascule_condition="routes") == 1
     assert PLANTED not in text and "records/5" not in text
+
+
+async def test_with_an_otlp_exporter_the_gauges_follow_the_stages_without_a_scrape(
+    ground: Ground,
+) -> None:
+    """An OTLP push reads the gauges' figures: no scrape of /metrics may ever refresh them, so
+    a replica configured to push refreshes them every ``metrics_interval`` itself."""
+    otlp = '[telemetry]\nexporter = "otlp-http"\nendpoint = "http://127.0.0.1:9"\n'
+    otlp += "metrics_interval = 0.2\n"
+    async with build_world(ground, extra=otlp) as world:
+        for stage in (Stage.DUALWRITE, Stage.SHADOW):
+            await world.to_stage(stage)
+            async with asyncio.timeout(10):
+                while metrics.figures.stages.get("dcir") != stage.value:
+                    await asyncio.sleep(0.05)
