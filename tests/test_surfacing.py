@@ -227,6 +227,33 @@ def test_the_marker_lets_a_deliberate_failure_pass_and_still_logs_it(
     assert "Task exception was never retrieved" in call.caplog
 
 
+def test_the_marker_with_match_expects_only_the_failures_it_names(
+    pytester: pytest.Pytester,
+) -> None:
+    recorder = run_inner(
+        pytester,
+        """
+        import asyncio
+        import pytest
+        from inner_helpers import dies, spawn
+
+        @pytest.mark.background_failures_expected(match="killed-on-purpose")
+        async def test_one_expected():
+            spawn(dies("killed"), name="killed-on-purpose")
+            await asyncio.sleep(0.05)
+
+        @pytest.mark.background_failures_expected(match="killed-on-purpose")
+        async def test_another_not():
+            spawn(dies("killed"), name="killed-on-purpose")
+            spawn(dies("by accident"), name="writer")
+            await asyncio.sleep(0.05)
+        """,
+    )
+    recorder.assertoutcome(passed=1, failed=1)
+    text = report(recorder, "test_another_not", "call").longreprtext
+    assert "task writer failed" in text
+
+
 def test_clean_async_and_sync_tests_pass(pytester: pytest.Pytester) -> None:
     recorder = run_inner(
         pytester,

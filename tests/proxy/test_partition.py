@@ -46,6 +46,10 @@ async def not_ready_after(session: aiohttp.ClientSession, admin: str, since: flo
         await asyncio.sleep(0.05)
 
 
+# After the outage the replayer expires its pool's sessions; asyncpg then closes a blackholed
+# one in a task of its own, which times out (the close cannot reach the server): expected here,
+# and only that.
+@pytest.mark.background_failures_expected(match=r"\(Connection\.close\): TimeoutError")
 async def test_a_replica_blackholed_from_the_state_postgres_goes_not_ready_and_refuses_writes(
     ground: Ground,
 ) -> None:
