@@ -41,6 +41,8 @@ from typing import Any
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+
 from bascule.procs import ServerProcess
 from bascule.stages import Stage
 from bench.lab import ROWS, Cpu, Lab, RoundTrips, lab, start, table
