@@ -16,20 +16,14 @@ from opentelemetry.trace import StatusCode
 
 from bascule import logs, metrics, telemetry
 from bascule.config import TelemetrySettings
+from tests.tracing import kept_spans
 
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     """Kept spans, in memory; no request sampled from its start unless a test says so."""
-    telemetry.install()
-    exporter = InMemorySpanExporter()
-    telemetry.add_exporter(exporter, batch=False)
-    telemetry.set_ratio(0.0)
-    try:
+    with kept_spans(0.0) as exporter:
         yield exporter
-    finally:
-        telemetry.remove_exporter(exporter)
-        telemetry.set_ratio(0.01)
 
 
 def test_an_unsampled_request_is_kept_when_it_fails(spans: InMemorySpanExporter) -> None:

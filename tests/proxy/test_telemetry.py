@@ -20,6 +20,7 @@ from bascule import metrics, telemetry
 from bascule.stages import Stage
 from refapi.lab import AUTH, VIEWER_TOKEN
 from tests.conftest import Ground
+from tests.tracing import kept_spans
 from tests.world import PLANTED, build_world, get, shadow_world
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,15 +34,8 @@ INCOMING = f"00-{INCOMING_TRACE}-00f067aa0ba902b7-01"
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     """Spans kept, in memory; every request sampled from its start unless a test says not."""
-    telemetry.install()
-    exporter = InMemorySpanExporter()
-    telemetry.add_exporter(exporter, batch=False)
-    telemetry.set_ratio(1.0)
-    try:
+    with kept_spans(1.0) as exporter:
         yield exporter
-    finally:
-        telemetry.remove_exporter(exporter)
-        telemetry.set_ratio(0.01)
 
 
 def of_trace(spans: InMemorySpanExporter, trace_id: str) -> list[ReadableSpan]:
