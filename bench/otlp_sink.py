@@ -10,18 +10,15 @@ answer (a full success), and ``GET /stats`` with how many exports and bytes it t
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import json
-import signal
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from proxy.server import Request, Responder, Server
+from bench.sink import run
+from proxy.server import Request, Responder
 
 taken: Counter[str] = Counter()
 
@@ -38,23 +35,5 @@ async def answer(request: Request, out: Responder) -> None:
     await out.send(200, [("Content-Type", "application/json")], payload)
 
 
-async def main(port: int) -> None:
-    server = Server(answer, max_body_bytes=64 * 1024 * 1024)
-    await server.start("127.0.0.1", port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.close(grace=1.0)
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    port = parser.parse_args().port
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
-    asyncio.run(main(port))
+    run(answer, __doc__, 64 * 1024 * 1024)

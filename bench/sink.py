@@ -18,15 +18,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
+from collections.abc import Awaitable, Callable
+
 from proxy.server import Request, Responder, Server
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
 async def answer(request: Request, out: Responder) -> None:
     await out.send(200, [("Content-Type", "application/json")], b"{}")
 
 
-async def main(port: int) -> None:
-    server = Server(answer, max_body_bytes=1024 * 1024)
+async def serve(handler: Handler, port: int, max_body_bytes: int) -> None:
+    """``handler`` on bascule's own lean HTTP server, on 127.0.0.1:``port``, until SIGTERM or
+    SIGINT."""
+    server = Server(handler, max_body_bytes=max_body_bytes)
     await server.start("127.0.0.1", port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -36,12 +42,17 @@ async def main(port: int) -> None:
     await server.close(grace=1.0)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(handler: Handler, description: str, max_body_bytes: int) -> None:
+    """The command line of a sink: ``--port PORT``, then :func:`serve`."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     port = parser.parse_args().port
     with contextlib.suppress(ImportError):  # as `bascule proxy` does, where the platform has it
         import uvloop
 
         uvloop.install()
-    asyncio.run(main(port))
+    asyncio.run(serve(handler, port, max_body_bytes))
+
+
+if __name__ == "__main__":
+    run(answer, __doc__, 1024 * 1024)
