@@ -175,6 +175,18 @@ async def test_a_create_in_doubt_resolved_not_applied_or_skipped_which_opens_the
         ], actions
 
 
+async def create_timed_out(
+    world: World, session: aiohttp.ClientSession, base: str, key: str
+) -> int:
+    """In `dualwrite`, a create with Idempotency-Key ``key`` that the source applied and
+    answered 504 to: the id of the record it made there (and not on the target)."""
+    await world.to_stage(Stage.DUALWRITE)
+    created = await write(session, "POST", base, dcir_record(900), **{"Idempotency-Key": key})
+    assert created == 504
+    [made] = await ids(world.source_db) - await ids(world.target_db)
+    return made
+
+
 def resend_refused_until(ready: asyncio.Event) -> Hook:
     """A backend that applies the first POST and answers 504; a POST re-sent under the same
     idempotency key is answered 503 without reaching it until ``ready`` is set."""
@@ -205,14 +217,9 @@ async def test_a_create_settled_by_its_key_replays_its_records_current_state(
     async with build_world(
         ground, hooks=Hooks(source=resend_refused_until(ready)), idempotent_creates=True
     ) as world:
-        await world.to_stage(Stage.DUALWRITE)
         base = f"{world.proxy}/v1/datasets/dcir/records"
         async with aiohttp.ClientSession(headers=AUTH) as session:
-            created = await write(
-                session, "POST", base, dcir_record(900), **{"Idempotency-Key": "k1"}
-            )
-            assert created == 504
-            [made] = await ids(world.source_db) - await ids(world.target_db)
+            made = await create_timed_out(world, session, base, "k1")
             # The researcher found the record it made, and changes it: replayed at once.
             assert await write(session, "PATCH", f"{base}/{made}", {"amount": 555}) == 200
             await until(world, {"in_doubt": 1, "applied": 1})
@@ -251,14 +258,9 @@ async def test_a_create_whose_record_is_known_holds_its_later_writes_until_settl
     async with build_world(
         ground, hooks=Hooks(source=record_read_refused_until(ready)), idempotent_creates=True
     ) as world:
-        await world.to_stage(Stage.DUALWRITE)
         base = f"{world.proxy}/v1/datasets/dcir/records"
         async with aiohttp.ClientSession(headers=AUTH) as session:
-            created = await write(
-                session, "POST", base, dcir_record(900), **{"Idempotency-Key": "k2"}
-            )
-            assert created == 504
-            [made] = await ids(world.source_db) - await ids(world.target_db)
+            made = await create_timed_out(world, session, base, "k2")
             deadline = time.monotonic() + 20
             while True:  # the resolver re-sent it and named it after its record
                 rows = await world.sql(world.state_db, "SELECT record, state FROM bascule_journal")
