@@ -13,7 +13,7 @@ from pytest_aiohttp.plugin import AiohttpClient
 
 from bascule.app.admin import AdminDeps, create_admin_app
 from bascule.app.operations import Operations
-from bascule.config import Config, Secrets, parse_config
+from bascule.config import Config, parse_config
 from bascule.errors import ConfigError
 from tests.deploy.validate import (
     DEPLOY,
@@ -24,6 +24,7 @@ from tests.deploy.validate import (
     k8s_problems,
     load_yaml_documents,
     port_of,
+    secrets_needed,
 )
 
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
@@ -172,14 +173,7 @@ def test_secret_references_resolve_and_hold_no_secret() -> None:
                 referenced.setdefault(name, set()).add(env["name"])
     # The proxy gets every secret bascule reads, and each backend's credential.
     config = configmap_config()
-    needed = {
-        "BASCULE_POSTGRES_URL",
-        "BASCULE_REDIS_URL",
-        Secrets.ENV["hmac_key"],
-        Secrets.ENV["journal_key"],
-        Secrets.ENV["operator_tokens"],
-        Secrets.ENV["viewer_token"],
-    } | {b.credential_env for b in config.backends.values() if b.credential_env}
+    needed = secrets_needed(config)
     assert needed <= referenced["deployment.yaml"]
     assert "BASCULE_POSTGRES_URL" in referenced["job-migrate.yaml"]
     # Nothing secret is set as a plain value.

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import shlex
 
-from bascule.config import Secrets, load_config
+from bascule.config import load_config
 from tests.deploy.validate import (
     DEPLOY,
     cli_problem,
     load_yaml_documents,
     parse_env_file,
     parse_unit,
+    secrets_needed,
 )
 
 UNIT = DEPLOY / "systemd" / "bascule.service"
@@ -62,14 +63,7 @@ def test_the_unit_runs_bascule_proxy() -> None:
 def test_the_environment_file_names_every_secret_with_placeholders_only() -> None:
     env = parse_env_file(ENV_EXAMPLE)
     config = load_config(DEPLOY / "bascule.example.toml")
-    needed = {
-        "BASCULE_POSTGRES_URL",
-        "BASCULE_REDIS_URL",
-        Secrets.ENV["hmac_key"],
-        Secrets.ENV["journal_key"],
-        Secrets.ENV["operator_tokens"],
-        Secrets.ENV["viewer_token"],
-    } | {b.credential_env for b in config.backends.values() if b.credential_env}
+    needed = secrets_needed(config)
     assert needed <= env.keys()
     for name in needed:
         assert "REPLACE-ME" in env[name], f"{name}: an example holds placeholders only"

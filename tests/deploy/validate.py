@@ -20,6 +20,8 @@ import kubernetes_validate
 import yaml
 from click.testing import CliRunner
 
+from bascule.config import Config, Secrets
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -296,6 +298,19 @@ def cli_problem(argv: list[str], where: str) -> str | None:
     except SystemExit:
         return f"{where}: `bascule {' '.join(argv)}`: {err.getvalue().strip().splitlines()[-1]}"
     return None
+
+
+def secrets_needed(config: Config) -> set[str]:
+    """The variables a proxy on ``config`` reads its secrets from: the state stores' URLs,
+    bascule's keys and tokens, each backend's credential."""
+    return {
+        "BASCULE_POSTGRES_URL",
+        "BASCULE_REDIS_URL",
+        Secrets.ENV["hmac_key"],
+        Secrets.ENV["journal_key"],
+        Secrets.ENV["operator_tokens"],
+        Secrets.ENV["viewer_token"],
+    } | {b.credential_env for b in config.backends.values() if b.credential_env}
 
 
 def port_of(address: str) -> int:
