@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes
@@ -90,6 +91,20 @@ class _State:
 
 _state = _State()
 _tracer = trace.get_tracer("bascule")
+
+
+class _Ids(RandomIdGenerator):
+    """The SDK's random ids, but for a root whose trace id was drawn (and decided on) before
+    its span was made (:func:`replay`): that one, once."""
+
+    primed: int | None = None
+
+    def generate_trace_id(self) -> int:
+        primed, self.primed = self.primed, None
+        return primed if primed is not None else super().generate_trace_id()
+
+
+_ids = _Ids()
 
 
 def set_ratio(ratio: float) -> None:
@@ -250,7 +265,7 @@ def install(
         _state.installed = True
         _state.resource = Resource.create({"service.name": service})
         _state.tail = TailProcessor()
-        provider = TracerProvider(resource=_state.resource, sampler=_Sampler())
+        provider = TracerProvider(resource=_state.resource, sampler=_Sampler(), id_generator=_ids)
         provider.add_span_processor(_state.tail)
         trace.set_tracer_provider(provider)
         if with_metrics:
@@ -513,6 +528,85 @@ def client_span(
         flags = "01" if ctx.trace_flags.sampled else "00"
         headers.append(("traceparent", f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{flags}"))
         yield span
+
+
+class Replay:
+    """A replay's trace, as :func:`replay` made it: :meth:`finish` says how it ended."""
+
+    __slots__ = ("attributes", "entry_traceparent", "req", "span", "status")
+
+    def __init__(self, attributes: dict[str, Any], entry_traceparent: str | None) -> None:
+        self.attributes = attributes
+        self.entry_traceparent = entry_traceparent
+        self.span: trace.Span | None = None
+        self.req: Request | None = None
+        self.status: int = 0
+
+    def finish(self, status: int = 0, *, failed: bool) -> None:
+        """The replay ended: its answer's ``status`` (0: none), ``failed`` or not."""
+        self.status = status
+        if self.span is not None:
+            if status:
+                self.span.set_attribute("http.response.status_code", status)
+            if failed:
+                self.span.set_status(ERROR)
+            return
+        req = self.req
+        tail = _state.tail
+        if req is None or not failed or tail is None or not tail.outputs:
+            return
+        attributes = dict(self.attributes)
+        if status:
+            attributes["http.response.status_code"] = status
+        tail._emit(
+            ReadableSpan(
+                name=REPLAY_SPAN,
+                context=SpanContext(req.trace_id, req.span_id, False, SAMPLED),
+                parent=None,
+                resource=_state.resource,
+                attributes=attributes,
+                links=link_to(self.entry_traceparent),
+                kind=SpanKind.INTERNAL,
+                status=ERROR,
+                start_time=req.start,
+                end_time=time.time_ns(),
+                instrumentation_scope=None,
+            )
+        )
+
+
+@contextmanager
+def replay(attributes: dict[str, Any], entry_traceparent: str | None) -> Iterator[Replay]:
+    """A replay (a trace of its own, linked to the write it replays): a root decided by
+    :func:`sampled_id` like any other. Sampled, it is an SDK span with its backend call as a
+    child. Unsampled, it makes no SDK span at all (a replay per write: the proxy's CPU per
+    write is the budget, ``bench/dual_write.py``), but its backend call still carries a
+    ``traceparent`` of its own (flag ``00``), and if it fails its span is built and exported
+    (a failed replay is kept whatever the ratio, as a failed request is)."""
+    done = Replay(attributes, entry_traceparent)
+    bits = _bits(128)
+    trace_id = (bits >> 64) or 1
+    tail = _state.tail
+    if tail is not None and tail.outputs and sampled_id(trace_id):
+        _ids.primed = trace_id  # the span gets the trace id decided on
+        with _tracer.start_as_current_span(
+            REPLAY_SPAN,
+            links=link_to(entry_traceparent),
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            done.span = span
+            yield done
+        return
+    # Unsampled: the replay's ids stand in for its span, as an unsampled request's do.
+    method = str(attributes.get("http.request.method", ""))
+    done.req = Request(method, trace_id, (bits & _MASK64) or 1, 0)
+    token = current.set(done.req)
+    try:
+        yield done
+    finally:
+        current.reset(token)
 
 
 def traceparent_now() -> str | None:

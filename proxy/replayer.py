@@ -319,19 +319,16 @@ class Replayer:
             await self.journal.dead(entry.seq, f"cannot build the replay: {type(exc).__name__}")
             return False
         route = self.routes.get((entry.route, entry.method))
-        with telemetry.tracer().start_as_current_span(
-            telemetry.REPLAY_SPAN,
-            links=telemetry.link_to(entry.traceparent),
-            attributes={
+        with telemetry.replay(
+            {
                 telemetry.DATASET: entry.dataset,
                 telemetry.ROUTE: entry.route,
                 "http.request.method": entry.method,
                 "bascule.journal.seq": entry.seq,
                 telemetry.ORIGIN: target.value,
             },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+            entry.traceparent,
+        ) as traced:
             try:
                 async with asyncio.timeout(call_deadline(upstream, route)):
                     async with upstream.request(
@@ -340,22 +337,22 @@ class Replayer:
                         await resp.read()
                         status = resp.status
             except UpstreamError as exc:
-                span.set_status(telemetry.ERROR)
+                traced.finish(failed=True)
                 if not exc.sent and not isinstance(exc, UpstreamBusy):
                     self._unreachable(target)  # never reached (refused, no connection in time)
                 await self._later(entry, type(exc).__name__)
                 return False
             except TimeoutError:
-                span.set_status(telemetry.ERROR)
+                traced.finish(failed=True)
                 await self._later(entry, "deadline")
                 return False
             if target in self._backoff:
                 log.info("replayer: %s answers again; replay resumes", upstream.name)
             self._backoff.pop(target, None)
             self._down.pop(target, None)
-            span.set_attribute("http.response.status_code", status)
-            if not (200 <= status < 300 or (method == "DELETE" and status == 404)):
-                span.set_status(telemetry.ERROR)
+            traced.finish(
+                status, failed=not (200 <= status < 300 or (method == "DELETE" and status == 404))
+            )
         if 200 <= status < 300 or (method == "DELETE" and status == 404):
             # A DELETE of what the other side does not have leaves both sides equal.
             return True

@@ -46,6 +46,11 @@ def of_trace(spans: InMemorySpanExporter, trace_id: str) -> list[ReadableSpan]:
     ]
 
 
+def _facts_only(kept: list[Any]) -> bool:
+    """A held trace that is an unsampled request's facts, not recorded SDK spans."""
+    return all(not isinstance(k, ReadableSpan) for k in kept)
+
+
 def attrs(span: ReadableSpan) -> dict[str, Any]:
     return dict(span.attributes or {})
 
@@ -174,6 +179,54 @@ async def test_a_write_in_dualwrite_gives_a_replay_span_linked_to_it(
     # The target got the replay's own trace context.
     sent = f"00-{replay.context.trace_id:032x}-{call.context.span_id:016x}-01"
     assert sent in [r.traceparent for r in received]
+
+
+async def test_an_unsampled_replay_makes_no_span_unless_it_fails(ground: Ground) -> None:
+    """At ratio 0 a replay is decided unsampled: it makes no SDK span (a replay per write is
+    the proxy's CPU budget) yet sends the target a ``traceparent`` of its own, flagged
+    unsampled; a replay that fails (the target stopped) is exported all the same, ERROR,
+    linked to its write."""
+    with kept_spans(0.0) as spans:
+        async with build_world(ground, rows=5, stages=(Stage.DUALWRITE,)) as world:
+            unsampled = INCOMING.removesuffix("-01") + "-00"
+            async with aiohttp.ClientSession(headers={**AUTH, "traceparent": unsampled}) as s:
+                async with s.patch(
+                    f"{world.proxy}/v1/datasets/dcir/records/2", json={"amount": 12}
+                ) as resp:
+                    assert resp.status == 200
+                await world.drained()
+                replayed = [r for r in world.target.received if r.method != "GET"]
+                assert [s.name for s in spans.get_finished_spans()] == []
+                # Not even a recorded span held for the tail decision: none was made.
+                tail = telemetry._state.tail
+                assert tail is not None
+                held = {t for t, kept in tail._held.items() if not _facts_only(kept)}
+                await world.target.stop()
+                async with s.patch(
+                    f"{world.proxy}/v1/datasets/dcir/records/3", json={"amount": 13}
+                ) as resp:
+                    assert resp.status == 200
+                for _ in range(100):
+                    failed = [
+                        s for s in spans.get_finished_spans() if s.name == telemetry.REPLAY_SPAN
+                    ]
+                    if failed:
+                        break
+                    await asyncio.sleep(0.05)
+                await world.target.start()
+                await world.drained()
+    (sent,) = replayed
+    parsed = telemetry.parse_traceparent(sent.traceparent)
+    assert parsed is not None and sent.traceparent is not None
+    assert parsed[0] not in held
+    assert sent.traceparent.endswith("-00") and f"{parsed[0]:032x}" != INCOMING_TRACE
+    replay = failed[0]
+    assert replay.status.status_code.name == "ERROR"
+    assert attrs(replay)["bascule.origin"] == "target"
+    assert attrs(replay)["bascule.dataset"] == "dcir"
+    (link,) = replay.links
+    assert f"{link.context.trace_id:032x}" == INCOMING_TRACE
+    assert replay.context is not None and replay.context.trace_flags.sampled
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])

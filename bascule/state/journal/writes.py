@@ -11,6 +11,7 @@ it and its unsettled entry is an orphan at once (:data:`~bascule.state.journal.e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -280,7 +281,10 @@ class WriteLocks(JournalCore):
         ``CONNECTION LIMIT``), refuses the write at once (:class:`StoreError`) instead of
         holding the researcher until a session frees up."""
         try:
-            conn = await self.sessions.acquire(timeout=self.session_wait)
+            # asyncio.timeout, not acquire(timeout=...): that one runs asyncio.wait_for, a task
+            # of its own per write.
+            async with asyncio.timeout(self.session_wait):
+                conn = await self.sessions.acquire()
         except TimeoutError:
             size = self.sessions.get_max_size()
             raise StoreError(
