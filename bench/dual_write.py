@@ -14,6 +14,14 @@ proxied row again with the proxy's state sessions through a relay that counts th
 trips on the wire (bench/lab.py). ``--baseline CHECKOUT``: the proxied rows also for a proxy
 run from another checkout (its own world), in the same run: before and after.
 
+Cores (``--cores shared,split``): every row twice, alternated. ``shared``: every process on
+both cores, as the issue measured: each row is then bound by the CPU all its processes spend
+per write (the ``all`` column; ``naive/all`` is the most a row could reach against the naive
+dual write). ``split``: the world as it is (the client, both APIs, their databases' Postgres
+backends) on core 0, bascule (its proxy, its state database's backends) on core 1, as deployed
+on machines of its own: whether bascule keeps up with the backends (docs/decisions.md).
+Pinning another user's processes needs root; without it the split rows are left out.
+
 Latency (concurrency 1, ``--writes`` in ``--blocks`` alternating blocks): direct and through
 the proxy in `dualwrite`, each dualwrite block with its replays. Then the target API's own
 keyed-write capacity (concurrency 32, the replay's baseline), and a backlog: the target is
@@ -22,7 +30,8 @@ and the time to replay the whole backlog gives the replay rate; then a second ba
 into bench/sink.py, a backend that stores nothing: the replayer's ceiling.
 
     .venv/bin/python bench/dual_write.py [--seconds 5] [--repeats 2] [--concurrency 32,128]
-        [--writes 500] [--backlog 10000] [--baseline /path/to/main]
+        [--cores shared,split] [--sessions 16] [--writes 500] [--backlog 10000]
+        [--baseline /path/to/main]
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import random
 import statistics
 import sys
 import time
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 
 from bascule.procs import ServerProcess
 from bascule.stages import Stage
-from bench.lab import ROWS, Cpu, Lab, RoundTrips, lab, start, table
+from bench.lab import ROWS, Cores, Cpu, Lab, RoundTrips, lab, start, table
 from refapi.lab import AUTH
 
 
@@ -121,6 +130,19 @@ async def load(
     return latencies
 
 
+Key = tuple[str, int]
+"""(how the cores are shared, concurrency)."""
+
+SPLIT = "split"
+SHARED = "shared"
+CORES = {
+    SHARED: "every process on both cores, as on one 2-core machine",
+    SPLIT: "core 0: the client, both APIs and their databases' Postgres backends (the world as"
+    " it is); core 1: bascule's proxy and its state database's backends (bascule's own"
+    " machine, as deployed)",
+}
+
+
 @dataclass
 class Row:
     """One path of the throughput table: where its writes go, and whether the target is down."""
@@ -130,12 +152,11 @@ class Row:
     paths: list[str]
     down: bool = False
     proxied: bool = True
-    rates: dict[int, list[float]] = field(default_factory=dict)
-    p50: dict[int, list[float]] = field(default_factory=dict)
-    cpu: dict[int, list[dict[str, float]]] = field(default_factory=dict)
-    """Per concurrency, per run: CPU ms per write, per process."""
-    drain: dict[int, list[float]] = field(default_factory=dict)
-    trips: dict[int, float] = field(default_factory=dict)
+    rates: dict[Key, list[float]] = field(default_factory=dict)
+    p50: dict[Key, list[float]] = field(default_factory=dict)
+    cpu: dict[Key, list[dict[str, float]]] = field(default_factory=dict)
+    """Per (cores, concurrency), per run: CPU ms per write, per process."""
+    drain: dict[Key, list[float]] = field(default_factory=dict)
 
 
 def records(base: str, dataset: str) -> str:
@@ -176,33 +197,57 @@ def meter(world: Lab) -> Cpu:
     )
 
 
-async def run_row(row: Row, concurrency: int, seconds: float, rng: random.Random) -> None:
+def cores(world: Lab, mode: str) -> AbstractAsyncContextManager[Any]:
+    """The run's processes pinned as ``mode`` says (:data:`CORES`)."""
+    if mode == SHARED:
+        return nullcontext()
+    servers = [s.proc.pid for s in (world.source, world.target) if s.proc is not None]
+    names = {side: url.rsplit("/", 1)[1] for side, url in world.databases.items()}
+    assert world.proxy.proc is not None
+    return Cores(
+        world.admin_url,
+        [
+            ({0}, [-os.getpid(), *servers], [names["src"], names["tgt"]]),
+            ({1}, [world.proxy.proc.pid], [names["state"]]),
+        ],
+    )
+
+
+async def run_row(
+    row: Row, mode: str, concurrency: int, seconds: float, rng: random.Random
+) -> None:
     world = row.world
     if row.down:
         await world.target.stop()
     cpu = meter(world)
-    await cpu.start()
-    started = time.perf_counter()
-    latencies = await load(row.paths, seconds, concurrency, rng)
-    elapsed = time.perf_counter() - started
-    drain = 0.0
-    if not row.down:
-        await world.settled(0.02)  # its replays belong to the row
-        drain = time.perf_counter() - started - elapsed
-    used = await cpu.stop()
+    async with cores(world, mode):
+        await cpu.start()
+        started = time.perf_counter()
+        latencies = await load(row.paths, seconds, concurrency, rng)
+        elapsed = time.perf_counter() - started
+        drain = 0.0
+        if not row.down:
+            await world.settled(0.02)  # its replays belong to the row
+            drain = time.perf_counter() - started - elapsed
+        used = await cpu.stop()
     if row.down:
         await start(world.target)
         await drained(world)
     count = len(latencies)
-    row.rates.setdefault(concurrency, []).append(count / elapsed)
-    row.p50.setdefault(concurrency, []).append(statistics.median(latencies) * 1e3)
-    row.cpu.setdefault(concurrency, []).append({k: v * 1e3 / count for k, v in used.items()})
-    row.drain.setdefault(concurrency, []).append(drain)
+    key = (mode, concurrency)
+    row.rates.setdefault(key, []).append(count / elapsed)
+    row.p50.setdefault(key, []).append(statistics.median(latencies) * 1e3)
+    row.cpu.setdefault(key, []).append({k: v * 1e3 / count for k, v in used.items()})
+    row.drain.setdefault(key, []).append(drain)
 
 
 async def throughput(world: Lab, worlds: dict[str, Lab], args: argparse.Namespace) -> None:
     rows = rows_of(world, worlds)
     rng = random.Random(2)
+    modes = list(args.cores)
+    if SPLIT in modes and (why := Cores.possible()) is not None:
+        print(f"(no split-cores rows: {why})")
+        modes.remove(SPLIT)
     for row in rows:  # warm up
         if not row.down:
             await load(row.paths, 1.0, 8, rng)
@@ -210,8 +255,9 @@ async def throughput(world: Lab, worlds: dict[str, Lab], args: argparse.Namespac
         await w.settled()
     for _ in range(args.repeats):
         for concurrency in args.concurrency:
-            for row in rows:  # alternating: every row sees the same drift of the machine
-                await run_row(row, concurrency, args.seconds, rng)
+            for mode in modes:
+                for row in rows:  # alternating: every row sees the same drift of the machine
+                    await run_row(row, mode, concurrency, args.seconds, rng)
     print(
         f"\nwrite throughput — PATCH of random records among {ROWS}, {args.seconds:g} s a run, "
         f"{args.repeats} runs of each row, alternated; journal_sessions = {args.sessions},"
@@ -219,42 +265,50 @@ async def throughput(world: Lab, worlds: dict[str, Lab], args: argparse.Namespac
     )
     print("CPU: ms per write, per process (its children included; Postgres: the backends of")
     print("its database), over the run and its replays; drain: s after the run until replayed")
-    for concurrency in args.concurrency:
-        naive = statistics.median(rows[1].rates[concurrency])
-        names = list(rows[0].cpu[concurrency][0])
-        for row in rows:
-            for name in row.cpu[concurrency][0]:
-                if name not in names:
-                    names.append(name)
-        headers = ["concurrency " + str(concurrency), "writes/s", "x naive", "p50 ms", "drain s"]
-        lines = []
-        for row in rows:
-            rate = statistics.median(row.rates[concurrency])
-            spread = f"{min(row.rates[concurrency]):.0f}-{max(row.rates[concurrency]):.0f}"
-            cpu = {
-                n: statistics.median(run.get(n, 0.0) for run in row.cpu[concurrency]) for n in names
-            }
-            lines.append(
-                [
-                    row.name,
-                    spread,
-                    f"{rate / naive:.2f}",
-                    f"{statistics.median(row.p50[concurrency]):.1f}",
-                    f"{max(row.drain[concurrency]):.1f}",
-                    *(f"{cpu[n]:.2f}" for n in names),
-                    f"{sum(cpu.values()):.2f}",
-                ]
-            )
-        print()
-        print(table([*headers, *names, "all"], lines))
-        down = [r for r in rows if r.down]
-        for row in down:
-            up = next(r for r in rows if r.world is row.world and r.proxied and r is not row)
-            ratio = statistics.median(row.rates[concurrency]) / statistics.median(
-                up.rates[concurrency]
-            )
-            print(f"{row.name}: {ratio:.2f}x {up.name}")
+    for mode in modes:
+        print(f"\ncores {mode}: {CORES[mode]}")
+        for concurrency in args.concurrency:
+            print_rows(rows, (mode, concurrency))
     print("\ntargets: dualwrite >= 0.7x naive at concurrency 32; target down >= 0.9x target up")
+    if SHARED in modes:
+        print(
+            "on shared cores every row is bound by the CPU all its processes use per write (the"
+            " 'all' column): the most a path can reach there is naive's 'all' / its own"
+        )
+
+
+def print_rows(rows: list[Row], key: Key) -> None:
+    naive = statistics.median(rows[1].rates[key])
+    names = list(rows[0].cpu[key][0])
+    for row in rows:
+        for name in row.cpu[key][0]:
+            if name not in names:
+                names.append(name)
+    headers = ["concurrency " + str(key[1]), "writes/s", "x naive", "p50 ms", "drain s"]
+    lines = []
+    naive_cpu = sum(statistics.median(run.get(n, 0.0) for run in rows[1].cpu[key]) for n in names)
+    for row in rows:
+        rate = statistics.median(row.rates[key])
+        spread = f"{min(row.rates[key]):.0f}-{max(row.rates[key]):.0f}"
+        cpu = {n: statistics.median(run.get(n, 0.0) for run in row.cpu[key]) for n in names}
+        lines.append(
+            [
+                row.name,
+                spread,
+                f"{rate / naive:.2f}",
+                f"{statistics.median(row.p50[key]):.1f}",
+                f"{max(row.drain[key]):.1f}",
+                *(f"{cpu[n]:.2f}" for n in names),
+                f"{sum(cpu.values()):.2f}",
+                f"{naive_cpu / sum(cpu.values()):.2f}",
+            ]
+        )
+    print()
+    print(table([*headers, *names, "all", "naive/all"], lines))
+    for row in (r for r in rows if r.down):
+        up = next(r for r in rows if r.world is row.world and r.proxied and r is not row)
+        ratio = statistics.median(row.rates[key]) / statistics.median(up.rates[key])
+        print(f"{row.name}: {ratio:.2f}x {up.name}")
 
 
 async def round_trips(worlds: dict[str, Lab], args: argparse.Namespace) -> None:
@@ -414,13 +468,23 @@ if __name__ == "__main__":
         "--concurrency", type=lambda t: [int(c) for c in t.split(",")], default=[32, 128]
     )
     parser.add_argument(
-        "--sessions", type=int, default=20, help="[state] journal_sessions (the default: 20)"
+        "--sessions",
+        type=int,
+        default=16,
+        help="[state] journal_sessions: writes in flight per replica (bascule's default is 3,"
+        " for ten replicas on one server's connections; docs/operations.md)",
     )
     parser.add_argument(
         "--api-pool", type=int, default=10, help="database connections of each reference API"
     )
     parser.add_argument(
         "--count-seconds", type=float, default=3.0, help="per round-trip counting run (0: none)"
+    )
+    parser.add_argument(
+        "--cores",
+        type=lambda t: t.split(","),
+        default=[SHARED, SPLIT],
+        help="shared, split or both (split pins processes to cores: root only)",
     )
     parser.add_argument(
         "--baseline", default="", help="another checkout: its proxy's rows too, in the same run"

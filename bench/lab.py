@@ -299,6 +299,13 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _threads(pid: int) -> list[int]:
+    """Every thread of ``pid`` (affinity is a thread's)."""
+    with contextlib.suppress(OSError):
+        return [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    return []
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants."""
     tree, todo = [], [pid]
@@ -348,6 +355,81 @@ class Cpu:
             ticks = sum(_ticks(pid) - before.get(pid, 0) for pid in pids)
             used[name] = max(0, ticks) / TICK
         return used
+
+
+class Cores:
+    """Pins groups of processes to CPUs for a run: each group's processes (their descendants
+    included) and the Postgres backends of its databases, found again every ``every`` seconds
+    (a pool may open a session meanwhile); every CPU given back to all of them at the end.
+    Postgres' own background processes are left alone: the server is shared, and pinning its
+    postmaster would pin every session it starts, long after the bench. Needs the right to
+    set another user's affinity (root, or CAP_SYS_NICE): :meth:`possible` says."""
+
+    def __init__(
+        self,
+        admin_url: str,
+        groups: Sequence[tuple[set[int], Sequence[int], Sequence[str]]],
+        every: float = 0.1,
+    ) -> None:
+        self.admin_url = admin_url
+        """The Postgres server's (to read ``pg_stat_activity`` on a session of its own)."""
+        self.groups = groups
+        """(CPUs, pids, database names) each; a pid with its descendants, but for a negative
+        one: -pid alone."""
+        self.every = every
+        self._pinned: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._admin: asyncpg.Connection | None = None
+
+    @staticmethod
+    def possible() -> str | None:
+        """None if this machine and user can pin as asked; else why not."""
+        if len(os.sched_getaffinity(0)) < 2:
+            return "fewer than 2 CPUs"
+        if os.geteuid() != 0:
+            return "pinning Postgres' backends needs root (or CAP_SYS_NICE)"
+        return None
+
+    async def _pin(self) -> None:
+        names = [name for _, _, databases in self.groups for name in databases]
+        assert self._admin is not None
+        rows = await self._admin.fetch(
+            "SELECT datname, pid FROM pg_stat_activity WHERE datname = ANY($1::text[])"
+            " AND pid <> pg_backend_pid()",
+            names,
+        )
+        for cpus, pids, databases in self.groups:
+            found = [p for pid in pids for p in (process_tree(pid) if pid > 0 else [-pid])]
+            found += [r["pid"] for r in rows if r["datname"] in databases]
+            for pid in found:
+                for task in _threads(pid):
+                    with contextlib.suppress(OSError):  # gone meanwhile
+                        os.sched_setaffinity(task, cpus)
+                        self._pinned.add(task)
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            await self._pin()
+
+    async def __aenter__(self) -> Cores:
+        self._admin = await asyncpg.connect(self.admin_url)
+        await self._pin()
+        self._task = spawn(self._keep(), name="bench-cores")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        every = set(range(os.cpu_count() or 1))
+        for pid in self._pinned:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, every)
+        self._pinned.clear()
+        assert self._admin is not None
+        await self._admin.close()
 
 
 class RoundTrips:
