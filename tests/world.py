@@ -11,6 +11,7 @@ shadow and fleet tests share.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -75,6 +76,8 @@ MakeWorld = Callable[..., Awaitable["World"]]
 
 SHADOWED = (Stage.DUALWRITE, Stage.SHADOW)
 LIVE = (Stage.DUALWRITE, Stage.SHADOW, Stage.LIVE)
+
+log = logging.getLogger("tests.world")
 
 
 @dataclass(frozen=True)
@@ -505,8 +508,10 @@ async def researchers(urls: Sequence[str], writers: int, ops: int, records: int)
         async with aiohttp.ClientSession(headers=AUTH) as session:
             for i in range(ops):
                 async with researcher_write(session, base, rng, records, n, i) as resp:
-                    await resp.read()
+                    body = await resp.read()
                     statuses.append(resp.status)
+                    if resp.status >= 500:  # what went wrong, for a failing test's log
+                        log.warning("a researcher's write answered %d: %s", resp.status, body[:300])
 
     await asyncio.gather(*(writer(n) for n in range(writers)))
     return statuses
