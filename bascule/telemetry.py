@@ -533,18 +533,32 @@ def client_span(
 class Replay:
     """A replay's trace, as :func:`replay` made it: :meth:`finish` says how it ended."""
 
-    __slots__ = ("attributes", "entry_traceparent", "req", "span", "status")
+    __slots__ = (
+        "attributes",
+        "entry_traceparent",
+        "finished",
+        "replay_id",
+        "req",
+        "span",
+        "status",
+    )
 
     def __init__(self, attributes: dict[str, Any], entry_traceparent: str | None) -> None:
         self.attributes = attributes
         self.entry_traceparent = entry_traceparent
         self.span: trace.Span | None = None
         self.req: Request | None = None
+        """Unsampled: the backend call's ids (its ``traceparent``) and facts."""
+        self.replay_id = 0
+        """Unsampled: the span id of the replay itself, the call's parent."""
         self.status: int = 0
+        self.finished = False
 
-    def finish(self, status: int = 0, *, failed: bool) -> None:
-        """The replay ended: its answer's ``status`` (0: none), ``failed`` or not."""
+    def finish(self, status: int = 0, *, failed: bool, error: str | None = None) -> None:
+        """The replay ended: its answer's ``status`` (0: none), ``failed`` or not; ``error``:
+        the class of what cut its backend call, if anything (as the call's own span says)."""
         self.status = status
+        self.finished = True
         if self.span is not None:
             if status:
                 self.span.set_attribute("http.response.status_code", status)
@@ -555,13 +569,39 @@ class Replay:
         tail = _state.tail
         if req is None or not failed or tail is None or not tail.outputs:
             return
+        # Built as the SDK would have recorded them: the replay, a root linked to its write,
+        # and its backend call as its child (the call's answer or error class: why it failed).
+        end = time.time_ns()
+        replay = SpanContext(req.trace_id, self.replay_id, False, SAMPLED)
         attributes = dict(self.attributes)
+        called: dict[str, Any] = {
+            "http.request.method": req.method,
+            ORIGIN: attributes.get(ORIGIN, ""),
+            ROLE: "replay",
+        }
         if status:
             attributes["http.response.status_code"] = status
+            called["http.response.status_code"] = status
+        if error is not None:
+            called["error.type"] = error
+        tail._emit(
+            ReadableSpan(
+                name=f"{req.method} replay",
+                context=SpanContext(req.trace_id, req.span_id, False, SAMPLED),
+                parent=replay,
+                resource=_state.resource,
+                attributes=called,
+                kind=SpanKind.CLIENT,
+                status=ERROR if error is not None or status >= 500 else Status(StatusCode.UNSET),
+                start_time=req.start,
+                end_time=end,
+                instrumentation_scope=None,
+            )
+        )
         tail._emit(
             ReadableSpan(
                 name=REPLAY_SPAN,
-                context=SpanContext(req.trace_id, req.span_id, False, SAMPLED),
+                context=replay,
                 parent=None,
                 resource=_state.resource,
                 attributes=attributes,
@@ -569,23 +609,27 @@ class Replay:
                 kind=SpanKind.INTERNAL,
                 status=ERROR,
                 start_time=req.start,
-                end_time=time.time_ns(),
+                end_time=end,
                 instrumentation_scope=None,
             )
         )
 
 
 @contextmanager
-def replay(attributes: dict[str, Any], entry_traceparent: str | None) -> Iterator[Replay]:
+def replay(
+    attributes: dict[str, Any], entry_traceparent: str | None, method: str
+) -> Iterator[Replay]:
     """A replay (a trace of its own, linked to the write it replays): a root decided by
-    :func:`sampled_id` like any other. Sampled, it is an SDK span with its backend call as a
-    child. Unsampled, it makes no SDK span at all (a replay per write: the proxy's CPU per
-    write is the budget, ``bench/dual_write.py``), but its backend call still carries a
-    ``traceparent`` of its own (flag ``00``), and if it fails its span is built and exported
+    :func:`sampled_id` like any other. ``method``: the one its backend call sends (a route
+    with ``replay_as`` replays a write as another). Sampled, it is an SDK span with its
+    backend call as a child. Unsampled, it makes no SDK span at all (a replay per write: the
+    proxy's CPU per write is the budget, ``bench/dual_write.py``), but its backend call still
+    carries a ``traceparent`` of its own (flag ``00``), and if it fails (or is cut by an
+    exception) its span and its call's are built and exported, as the SDK's would have been
     (a failed replay is kept whatever the ratio, as a failed request is)."""
     done = Replay(attributes, entry_traceparent)
-    bits = _bits(128)
-    trace_id = (bits >> 64) or 1
+    bits = _bits(256)  # one draw: a 128-bit trace id, the replay's span id, its call's
+    trace_id = (bits >> 128) or 1
     tail = _state.tail
     if tail is not None and tail.outputs and sampled_id(trace_id):
         _ids.primed = trace_id  # the span gets the trace id decided on
@@ -599,12 +643,20 @@ def replay(attributes: dict[str, Any], entry_traceparent: str | None) -> Iterato
             done.span = span
             yield done
         return
-    # Unsampled: the replay's ids stand in for its span, as an unsampled request's do.
-    method = str(attributes.get("http.request.method", ""))
-    done.req = Request(method, trace_id, (bits & _MASK64) or 1, 0)
-    token = current.set(done.req)
+    # Unsampled: the ids stand in for the spans, as an unsampled request's do. ``current``
+    # names the call (its traceparent) and, for the logs, the replay's dataset and route.
+    done.replay_id = ((bits >> 64) & _MASK64) or 1
+    req = done.req = Request(method, trace_id, (bits & _MASK64) or 1, 0)
+    req.route = str(attributes.get(ROUTE, req.route))
+    dataset = attributes.get(DATASET)
+    req.dataset = None if dataset is None else str(dataset)
+    token = current.set(req)
     try:
         yield done
+    except BaseException as exc:
+        if not done.finished:  # cut by what no caller handled (its call's span said why)
+            done.finish(failed=True, error=type(exc).__name__)
+        raise
     finally:
         current.reset(token)
 

@@ -328,6 +328,7 @@ class Replayer:
                 telemetry.ORIGIN: target.value,
             },
             entry.traceparent,
+            method,
         ) as traced:
             try:
                 async with asyncio.timeout(call_deadline(upstream, route)):
@@ -337,13 +338,14 @@ class Replayer:
                         await resp.read()
                         status = resp.status
             except UpstreamError as exc:
-                traced.finish(failed=True)
+                traced.finish(failed=True, error=type(exc).__name__)
                 if not exc.sent and not isinstance(exc, UpstreamBusy):
                     self._unreachable(target)  # never reached (refused, no connection in time)
                 await self._later(entry, type(exc).__name__)
                 return False
             except TimeoutError:
-                traced.finish(failed=True)
+                # The deadline cancelled the call: its span (sampled) says CancelledError.
+                traced.finish(failed=True, error="CancelledError")
                 await self._later(entry, "deadline")
                 return False
             if target in self._backoff:

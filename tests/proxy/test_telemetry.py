@@ -6,22 +6,28 @@ the trace context reaching both backends, and the Prometheus endpoint
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
+import logging
 import re
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from bascule import metrics, telemetry
+from bascule import logs, metrics, telemetry
 from bascule.stages import Stage
 from refapi.lab import AUTH, VIEWER_TOKEN
 from tests.conftest import Ground
+from tests.harness import Forward
 from tests.tracing import kept_spans
-from tests.world import PLANTED, build_world, get, shadow_world
+from tests.world import PLANTED, Hooks, build_world, get, shadow_world
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,6 +180,7 @@ async def test_a_write_in_dualwrite_gives_a_replay_span_linked_to_it(
     assert attrs(replay)["bascule.dataset"] == "dcir"
     assert attrs(replay)["bascule.origin"] == "target"
     assert replay.context is not None
+    assert replay.context.trace_id >> 64 != 0, "a 64-bit trace id"
     (call,) = [s for s in of_trace(spans, f"{replay.context.trace_id:032x}") if s is not replay]
     assert attrs(call)["bascule.role"] == "replay" and call.context is not None
     # The target got the replay's own trace context.
@@ -219,6 +226,7 @@ async def test_an_unsampled_replay_makes_no_span_unless_it_fails(ground: Ground)
     parsed = telemetry.parse_traceparent(sent.traceparent)
     assert parsed is not None and sent.traceparent is not None
     assert parsed[0] not in held
+    assert parsed[0] >> 64 != 0, "a 64-bit trace id"
     assert sent.traceparent.endswith("-00") and f"{parsed[0]:032x}" != INCOMING_TRACE
     replay = failed[0]
     assert replay.status.status_code.name == "ERROR"
@@ -227,6 +235,148 @@ async def test_an_unsampled_replay_makes_no_span_unless_it_fails(ground: Ground)
     (link,) = replay.links
     assert f"{link.context.trace_id:032x}" == INCOMING_TRACE
     assert replay.context is not None and replay.context.trace_flags.sampled
+
+
+async def _refuse_replays(request: web.Request, forward: Forward) -> web.StreamResponse:
+    """The target applies each write, then its gateway answers 503 (reads pass)."""
+    answer = await forward()
+    return answer if request.method == "GET" else web.json_response({}, status=503)
+
+
+async def _failed_replay(spans: InMemorySpanExporter) -> list[ReadableSpan]:
+    """The first failed replay's trace, once its two spans (the replay, its call) are kept."""
+    for _ in range(100):
+        replays = [s for s in spans.get_finished_spans() if s.name == telemetry.REPLAY_SPAN]
+        if replays and replays[0].context is not None:
+            found = of_trace(spans, f"{replays[0].context.trace_id:032x}")
+            if len(found) >= 2:
+                return found
+        await asyncio.sleep(0.05)
+    raise AssertionError([s.name for s in spans.get_finished_spans()])
+
+
+@pytest.mark.parametrize("fault", ["answers 503", "unreachable"])
+async def test_an_unsampled_failed_replay_is_kept_with_its_call_and_why(
+    ground: Ground, fault: str
+) -> None:
+    """Unsampled, a failed replay's trace holds what a sampled one's does (and what the SDK
+    kept before replays stopped making SDK spans): the replay, ERROR, and its backend call as
+    its child — the method it sent (``replay_as``: PUT for a PATCH), the side, role
+    ``replay``, and why it failed (the status, or the error class). The target got the
+    call's ids in its ``traceparent``; a replay's trace id is 128 random bits as a
+    request's."""
+    refused = fault == "answers 503"
+    with kept_spans(0.0) as spans:
+        hooks = Hooks(target=_refuse_replays) if refused else None
+        async with build_world(ground, rows=5, stages=(Stage.DUALWRITE,), hooks=hooks) as world:
+            if not refused:
+                await world.target.stop()
+            async with aiohttp.ClientSession(headers={**AUTH, "traceparent": INCOMING}) as s:
+                async with s.patch(
+                    f"{world.proxy}/v1/datasets/dcir/records/3", json={"amount": 13}
+                ) as resp:
+                    assert resp.status == 200
+            found = await _failed_replay(spans)
+            sent = [r.traceparent for r in world.target.received if r.method != "GET"]
+            if not refused:
+                await world.target.start()
+    by_kind = {s.kind: s for s in found}
+    replay, call = by_kind[SpanKind.INTERNAL], by_kind[SpanKind.CLIENT]
+    assert replay.name == telemetry.REPLAY_SPAN and replay.parent is None
+    assert replay.status.status_code.name == "ERROR" and replay.context is not None
+    (link,) = replay.links
+    assert f"{link.context.trace_id:032x}" == INCOMING_TRACE
+    assert call.name == "PUT replay" and call.status.status_code.name == "ERROR"
+    assert call.parent is not None and call.parent.span_id == replay.context.span_id
+    expected: dict[str, Any] = {
+        "http.request.method": "PUT",
+        "bascule.origin": "target",
+        "bascule.role": "replay",
+    }
+    if refused:
+        expected["http.response.status_code"] = 503
+        assert attrs(replay)["http.response.status_code"] == 503
+    else:
+        expected["error.type"] = "UpstreamUnreachable"
+    assert attrs(call) == expected
+    assert replay.context.trace_id >> 64 != 0, "a 64-bit trace id"
+    assert call.context is not None
+    if refused:
+        trace_hex = f"{replay.context.trace_id:032x}"
+        assert f"00-{trace_hex}-{call.context.span_id:016x}-00" in sent
+
+
+async def test_an_unsampled_replay_cut_at_shutdown_is_kept_as_the_sdk_kept_it(
+    ground: Ground,
+) -> None:
+    """The replayer cancelled (the replica stops) while a replay's call is in flight: the
+    call did not complete, and the trace is kept as the SDK's spans were (its call ERROR,
+    ``CancelledError``)."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request, forward: Forward) -> web.StreamResponse:
+        if request.method != "GET":
+            arrived.set()
+            await release.wait()  # the replay's call hangs until the replayer is stopped
+        return await forward()
+
+    with kept_spans(0.0) as spans:
+        hooks = Hooks(target=held)
+        async with build_world(ground, rows=5, stages=(Stage.DUALWRITE,), hooks=hooks) as world:
+            async with aiohttp.ClientSession(headers=AUTH) as s:
+                async with s.patch(
+                    f"{world.proxy}/v1/datasets/dcir/records/3", json={"amount": 13}
+                ) as resp:
+                    assert resp.status == 200
+            async with asyncio.timeout(10):
+                await arrived.wait()
+            task = world.replica.replayer_task
+            assert task is not None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            release.set()
+            found = await _failed_replay(spans)
+    call = next(s for s in found if s.kind is SpanKind.CLIENT)
+    assert attrs(call)["error.type"] == "CancelledError"
+    assert call.status.status_code.name == "ERROR"
+
+
+async def test_a_log_line_written_in_an_unsampled_replay_names_its_dataset_and_route(
+    ground: Ground,
+) -> None:
+    """What a line is written for (``docs/observability.md``, Logs): the replayer's lines
+    during a replay carry the replay's trace, dataset and route template, never the route
+    ``unrouted`` of a request that matched none."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonLines())
+    logger = logging.getLogger("bascule.replayer")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with kept_spans(0.0):
+            async with build_world(ground, rows=5, stages=(Stage.DUALWRITE,)) as world:
+                await world.target.stop()
+                async with aiohttp.ClientSession(headers=AUTH) as s:
+                    async with s.patch(
+                        f"{world.proxy}/v1/datasets/dcir/records/3", json={"amount": 13}
+                    ) as resp:
+                        assert resp.status == 200
+                for _ in range(100):
+                    if "unreachable" in out.getvalue():
+                        break
+                    await asyncio.sleep(0.05)
+                await world.target.start()
+                await world.drained()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    (back,) = [line for line in lines if "answers again" in line["message"]]
+    assert back.get("route") == ONE and back.get("dataset") == "dcir", back
+    assert "trace_id" in back
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
