@@ -113,6 +113,7 @@ async def test_anonymous_writes_in_flight_are_bounded_and_can_be_refused_outrigh
             assert await held == 401
             # Required credentials: refused before the journal and any lock.
             dual(world).require_credentials = True
+            await world.drained()  # the researcher's write replayed: its row moves no more
             before = await journal_rows(world)
             async with anonymous.patch(f"{base}/4", json={"amount": 1}) as resp:
                 body = await resp.json()
