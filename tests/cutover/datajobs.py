@@ -39,21 +39,8 @@ FROM generate_series($1::bigint, $2::bigint) g
 """
 """dcir rows ``$1..$2`` as the reference API stores them: a pure function of the id."""
 
-# The CLI with the data commands, whatever bascule/cli.py registers yet.
-MAIN = (
-    "import argparse, sys\n"
-    "import bascule.cli as cli\n"
-    "from bascule.app import data_cli\n"
-    "built = cli.build_parser\n"
-    "def build():\n"
-    "    parser = built()\n"
-    "    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))\n"
-    "    if 'verify' not in sub.choices:\n"
-    "        data_cli.register(sub)\n"
-    "    return parser\n"
-    "cli.build_parser = build\n"
-    "sys.exit(cli.main(sys.argv[1:]))\n"
-)
+# The CLI, as a `python -c` program (run with this interpreter, not an installed script).
+MAIN = "import sys\nimport bascule.cli as cli\nsys.exit(cli.main(sys.argv[1:]))\n"
 
 
 def namer() -> Namer:
