@@ -160,7 +160,8 @@ async def watch_journal(state_db: str, stop: asyncio.Event, every: float = 0.2) 
     samples: list[Sample] = []
     conn = await asyncpg.connect(state_db)
     try:
-        while not stop.is_set():
+        while True:
+            last = stop.is_set()  # one sample more once stopped: the journal as it was left
             row = await conn.fetchrow(
                 "SELECT count(*) FILTER (WHERE state = 'pending') AS pending,"
                 " count(*) FILTER (WHERE state = 'applied') AS applied,"
@@ -171,6 +172,8 @@ async def watch_journal(state_db: str, stop: asyncio.Event, every: float = 0.2) 
             samples.append(
                 Sample(time.monotonic(), row["pending"], row["applied"], row["sessions"])
             )
+            if last:
+                break
             try:
                 async with asyncio.timeout(every):
                     await stop.wait()
