@@ -468,6 +468,33 @@ class _Facts:
         return SpanContext(self.req.trace_id, self.req.span_id, False, UNSAMPLED)
 
 
+def _ended(
+    name: str,
+    context: SpanContext,
+    parent: SpanContext | None,
+    attributes: dict[str, Any],
+    kind: SpanKind,
+    status: Status,
+    start: int,
+    end: int,
+    links: Sequence[Link] = (),
+) -> ReadableSpan:
+    """A span built after the fact, from what was kept of it (no SDK span was made)."""
+    return ReadableSpan(
+        name=name,
+        context=context,
+        parent=parent,
+        resource=_state.resource,
+        attributes=attributes,
+        links=links,
+        kind=kind,
+        status=status,
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=None,
+    )
+
+
 def _built(req: Request, status: int, error: str | None, failed: bool, at: int = 0) -> ReadableSpan:
     attributes: dict[str, Any] = {"http.request.method": req.method, ROUTE: req.route}
     if req.dataset is not None:
@@ -479,17 +506,15 @@ def _built(req: Request, status: int, error: str | None, failed: bool, at: int =
     if error is not None:
         attributes["error.type"] = error
     parent = SpanContext(req.trace_id, req.parent, True, UNSAMPLED) if req.parent else None
-    return ReadableSpan(
-        name=f"{req.method} {req.route}",
-        context=SpanContext(req.trace_id, req.span_id, False, SAMPLED),
-        parent=parent,
-        resource=_state.resource,
-        attributes=attributes,
-        kind=SpanKind.SERVER,
-        status=Status(StatusCode.ERROR) if failed else Status(StatusCode.UNSET),
-        start_time=req.start,
-        end_time=at or time.time_ns(),
-        instrumentation_scope=None,
+    return _ended(
+        f"{req.method} {req.route}",
+        SpanContext(req.trace_id, req.span_id, False, SAMPLED),
+        parent,
+        attributes,
+        SpanKind.SERVER,
+        Status(StatusCode.ERROR) if failed else Status(StatusCode.UNSET),
+        req.start,
+        at or time.time_ns(),
     )
 
 
@@ -584,33 +609,30 @@ class Replay:
             called["http.response.status_code"] = status
         if error is not None:
             called["error.type"] = error
+        call_failed = error is not None or status >= 500
         tail._emit(
-            ReadableSpan(
-                name=f"{req.method} replay",
-                context=SpanContext(req.trace_id, req.span_id, False, SAMPLED),
-                parent=replay,
-                resource=_state.resource,
-                attributes=called,
-                kind=SpanKind.CLIENT,
-                status=ERROR if error is not None or status >= 500 else Status(StatusCode.UNSET),
-                start_time=req.start,
-                end_time=end,
-                instrumentation_scope=None,
+            _ended(
+                f"{req.method} replay",
+                SpanContext(req.trace_id, req.span_id, False, SAMPLED),
+                replay,
+                called,
+                SpanKind.CLIENT,
+                ERROR if call_failed else Status(StatusCode.UNSET),
+                req.start,
+                end,
             )
         )
         tail._emit(
-            ReadableSpan(
-                name=REPLAY_SPAN,
-                context=replay,
-                parent=None,
-                resource=_state.resource,
-                attributes=attributes,
-                links=link_to(self.entry_traceparent),
-                kind=SpanKind.INTERNAL,
-                status=ERROR,
-                start_time=req.start,
-                end_time=end,
-                instrumentation_scope=None,
+            _ended(
+                REPLAY_SPAN,
+                replay,
+                None,
+                attributes,
+                SpanKind.INTERNAL,
+                ERROR,
+                req.start,
+                end,
+                link_to(self.entry_traceparent),
             )
         )
 
