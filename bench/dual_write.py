@@ -22,7 +22,8 @@ backends) on core 0, bascule (its proxy, its state database's backends) on core 
 on machines of its own: whether bascule keeps up with the backends (docs/decisions.md).
 Pinning another user's processes needs root; without it the split rows are left out.
 
-Latency (concurrency 1, ``--writes`` in ``--blocks`` alternating blocks): direct and through
+Latency (first, on a settled machine; concurrency 1, ``--writes`` in ``--blocks`` alternating
+blocks): direct and through
 the proxy in `dualwrite`, each dualwrite block with its replays. Then the target API's own
 keyed-write capacity (concurrency 32, the replay's baseline), and a backlog: the target is
 stopped, ``--backlog`` writes go through the proxy (concurrency 32), the target comes back,
@@ -449,10 +450,13 @@ async def main(args: argparse.Namespace) -> None:
                 ),
                 " (after)": world,
             }
-        if args.seconds > 0:
-            await throughput(world, worlds, args)
+        # Latency first: right after the throughput part the server is still taking in its
+        # tens of thousands of fresh journal entries, and concurrency 1 measured that
+        # (docs/decisions.md).
         if args.writes > 0:
             await latency_and_replay(world, worlds, args)
+        if args.seconds > 0:
+            await throughput(world, worlds, args)
         if args.count_seconds > 0:
             await round_trips(worlds, args)
 
