@@ -11,7 +11,6 @@ it and its unsettled entry is an orphan at once (:data:`~bascule.state.journal.e
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -281,11 +280,7 @@ class WriteLocks(JournalCore):
         ``CONNECTION LIMIT``), refuses the write at once (:class:`StoreError`) instead of
         holding the researcher until a session frees up."""
         try:
-            # The same as acquire(timeout=...) (asyncpg 0.32's wait_for awaits the acquisition
-            # under asyncio.timeout in this task; it makes no task), one call less. Cancelled at
-            # any await of the acquisition, asyncpg puts the connection back: none leaks.
-            async with asyncio.timeout(self.session_wait):
-                conn = await self.sessions.acquire()
+            conn = await self.sessions.acquire(timeout=self.session_wait)
         except TimeoutError:
             size = self.sessions.get_max_size()
             raise StoreError(
