@@ -565,7 +565,6 @@ class Replay:
         "replay_id",
         "req",
         "span",
-        "status",
     )
 
     def __init__(self, attributes: dict[str, Any], entry_traceparent: str | None) -> None:
@@ -576,13 +575,11 @@ class Replay:
         """Unsampled: the backend call's ids (its ``traceparent``) and facts."""
         self.replay_id = 0
         """Unsampled: the span id of the replay itself, the call's parent."""
-        self.status: int = 0
         self.finished = False
 
     def finish(self, status: int = 0, *, failed: bool, error: str | None = None) -> None:
         """The replay ended: its answer's ``status`` (0: none), ``failed`` or not; ``error``:
         the class of what cut its backend call, if anything (as the call's own span says)."""
-        self.status = status
         self.finished = True
         if self.span is not None:
             if status:

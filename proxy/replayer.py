@@ -352,11 +352,10 @@ class Replayer:
                 log.info("replayer: %s answers again; replay resumes", upstream.name)
             self._backoff.pop(target, None)
             self._down.pop(target, None)
-            traced.finish(
-                status, failed=not (200 <= status < 300 or (method == "DELETE" and status == 404))
-            )
-        if 200 <= status < 300 or (method == "DELETE" and status == 404):
             # A DELETE of what the other side does not have leaves both sides equal.
+            applied = 200 <= status < 300 or (method == "DELETE" and status == 404)
+            traced.finish(status, failed=not applied)
+        if applied:
             return True
         if status >= 500 or status in _RETRYABLE:
             await self._later(entry, f"status {status}")
