@@ -18,7 +18,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +316,24 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def processes(pid: int) -> list[int]:
+    """``pid`` and its descendants; for a negative pid, -pid alone."""
+    return process_tree(pid) if pid > 0 else [-pid]
+
+
+async def backends(admin: asyncpg.Connection, databases: Iterable[str]) -> dict[str, list[int]]:
+    """The Postgres backends serving each of ``databases`` (``admin``'s own excluded)."""
+    rows = await admin.fetch(
+        "SELECT datname, pid FROM pg_stat_activity WHERE datname = ANY($1::text[])"
+        " AND pid <> pg_backend_pid()",
+        list(databases),
+    )
+    found: dict[str, list[int]] = {}
+    for row in rows:
+        found.setdefault(row["datname"], []).append(row["pid"])
+    return found
+
+
 @dataclass
 class Cpu:
     """CPU seconds used by named processes and by the Postgres backends of named databases,
@@ -330,16 +348,10 @@ class Cpu:
     _before: dict[str, dict[int, int]] = field(default_factory=dict)
 
     async def _pids(self) -> dict[str, list[int]]:
-        pids = {
-            name: process_tree(pid) if pid > 0 else [-pid] for name, pid in self.processes.items()
-        }
-        rows = await self.admin.fetch(
-            "SELECT datname, pid FROM pg_stat_activity WHERE datname = ANY($1::text[])"
-            " AND pid <> pg_backend_pid()",
-            list(self.databases.values()),
-        )
+        pids = {name: processes(pid) for name, pid in self.processes.items()}
+        found = await backends(self.admin, self.databases.values())
         for name, datname in self.databases.items():
-            pids[name] = [r["pid"] for r in rows if r["datname"] == datname]
+            pids[name] = found.get(datname, [])
         return pids
 
     async def start(self) -> None:
@@ -393,14 +405,10 @@ class Cores:
     async def _pin(self) -> None:
         names = [name for _, _, databases in self.groups for name in databases]
         assert self._admin is not None
-        rows = await self._admin.fetch(
-            "SELECT datname, pid FROM pg_stat_activity WHERE datname = ANY($1::text[])"
-            " AND pid <> pg_backend_pid()",
-            names,
-        )
+        sessions = await backends(self._admin, names)
         for cpus, pids, databases in self.groups:
-            found = [p for pid in pids for p in (process_tree(pid) if pid > 0 else [-pid])]
-            found += [r["pid"] for r in rows if r["datname"] in databases]
+            found = [p for pid in pids for p in processes(pid)]
+            found += [p for name in databases for p in sessions.get(name, [])]
             for pid in found:
                 for task in _threads(pid):
                     with contextlib.suppress(OSError):  # gone meanwhile
