@@ -99,7 +99,7 @@ class Resolver:
         deadline = write_deadline(self.upstreams.values(), self.routes.values())
         for orphan in await self.journal.orphans(dataset, older_than=deadline + self.orphan_grace):
             await self.journal.decide(orphan.seq, "in_doubt", dataset=dataset, error=ORPHANED)
-        for entry in await self.journal.in_state(dataset, "in_doubt"):
+        for entry in await self.journal.in_doubt(dataset):
             try:
                 settled += await self.settle(entry)
             except SealError:

@@ -129,6 +129,64 @@ async def test_a_lower_seq_committed_late_is_still_replayed(journal: Journal, pg
         await slow.close()
 
 
+async def test_open_entry_scans_skip_what_the_queue_left_behind(pg_url: str) -> None:
+    # Each write leaves two dead row versions in the journal, with entries in the open-entry
+    # indexes, until VACUUM. The replayer's wave and the resolver's look (twice a second)
+    # read the open entries by index scan, which marks dead entries and skips them after: a
+    # bitmap scan, which the planner chose with no statistics, read every one of them again on
+    # every call (migration 0011). No statistics and no autovacuum here, as on a new journal.
+    await migrate_state(pg_url)
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1)
+    admin = await asyncpg.connect(pg_url)
+    try:
+        journal = Journal(pool, Sealer(KEY), replica="test-replica")
+        await admin.execute("ALTER TABLE bascule_journal SET (autovacuum_enabled = false)")
+        insert = (
+            "INSERT INTO bascule_journal (dataset, record, route, method, authority,"
+            " stage_version, writer, writer_pid, writer_started, state, request)"
+            " SELECT 'dcir', 'r' || i, '/r', 'PUT', 'source', 2, 'w', 0, now(), $1,"
+            " convert_to(repeat('x', 600), 'UTF8') FROM generate_series(1, $2) AS i"
+        )
+        await admin.execute(insert, "intent", 10_000)
+        await admin.execute("UPDATE bascule_journal SET state = 'pending'")
+        await admin.execute("UPDATE bascule_journal SET state = 'applied'")
+        for state in ("intent", "pending", "in_doubt", "dead", "rejected", "skipped"):
+            await admin.execute(insert, state, 1)
+
+        async def heap_pages(calls: int) -> int:
+            """Heap pages of the journal read by ``calls`` waves and resolver looks."""
+
+            async def read() -> int:
+                await admin.execute("SELECT pg_stat_clear_snapshot()")
+                pages: int = await admin.fetchval(
+                    "SELECT heap_blks_hit + coalesce(heap_blks_read, 0)"
+                    " FROM pg_statio_user_tables WHERE relname = 'bascule_journal'"
+                )
+                return pages
+
+            before = await read()
+            for _ in range(calls):
+                await journal.wave("dcir")
+                await journal.orphans("dcir")
+                await journal.in_doubt("dcir")
+            await pool.execute("SELECT pg_stat_force_next_flush()")
+            await asyncio.sleep(0.2)  # flushed once its backend is idle
+            return await read() - before
+
+        first = await heap_pages(1)  # finds the 20,000 dead versions, and marks them
+        later = await heap_pages(5)
+        assert first > 1000  # what a bitmap scan reads on every call
+        # The few open entries and their pages, not the 1,800-odd pages of dead versions each.
+        assert later < 100, (first, later)
+        states = await admin.fetch("SELECT DISTINCT state FROM bascule_journal_open('dcir')")
+        assert {r["state"] for r in states} == {"intent", "pending", "in_doubt", "dead"}
+        unsettled = await admin.fetch("SELECT state FROM bascule_journal_unsettled('dcir')")
+        assert sorted(r["state"] for r in unsettled) == ["in_doubt", "intent"]
+    finally:
+        await admin.close()
+        await pool.close()
+
+
 async def test_transitions_are_checked(journal: Journal) -> None:
     seq = await write(journal, R1)
     await journal.applied(seq)

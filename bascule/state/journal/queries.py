@@ -233,7 +233,7 @@ async def orphan_count(pool: Reader, dataset: str) -> int:
     recording their outcome (whatever their age: the resolver settles them after a grace)."""
     async with reaching_postgres():
         found: int = await pool.fetchval(
-            f"SELECT count(*) FROM bascule_journal j WHERE j.dataset = $1 AND {ORPHANED}",
+            f"SELECT count(*) FROM bascule_journal_unsettled($1) j WHERE {ORPHANED}",
             dataset,
         )
     return found

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from bascule.state.journal.core import JournalCore
-from bascule.state.journal.entries import COLUMNS, J_COLUMNS, OPEN, ORPHANED, Entry, State, entry
+from bascule.state.journal.entries import COLUMNS, J_COLUMNS, ORPHANED, Entry, entry
 from bascule.state.postgres import reaching_postgres
 
 
@@ -65,13 +65,13 @@ class ReplaySelection(JournalCore):
                 "WITH open AS MATERIALIZED (SELECT seq, record, state, next_attempt_at,"
                 # A create in doubt: later record entries do not wait for it (see the module).
                 "   record = '*' AND state = 'in_doubt'"
-                "     AND method || ' ' || route = ANY($5::text[]) AS loose"
-                "   FROM bascule_journal WHERE dataset = $1 AND state = ANY($3::text[])),"
+                "     AND method || ' ' || route = ANY($4::text[]) AS loose"
+                "   FROM bascule_journal_open($1)),"
                 " chains AS (SELECT seq, record, row_number() OVER w AS pos,"
                 "   count(*) FILTER (WHERE state <> 'pending' OR next_attempt_at > now())"
                 "     OVER w AS blocked"
                 "   FROM open WINDOW w AS (PARTITION BY record ORDER BY seq)),"
-                " wave AS (SELECT seq FROM chains c WHERE c.blocked = 0 AND c.pos <= $4"
+                " wave AS (SELECT seq FROM chains c WHERE c.blocked = 0 AND c.pos <= $3"
                 "   AND CASE WHEN c.record = '*' THEN c.seq = (SELECT min(seq) FROM open)"
                 "     ELSE c.seq < coalesce((SELECT min(seq) FROM open"
                 "       WHERE record = '*' AND NOT loose),"
@@ -81,19 +81,18 @@ class ReplaySelection(JournalCore):
                 " ORDER BY j.seq",
                 dataset,
                 limit,
-                list(OPEN),
                 run,
                 list(creates),
             )
         return rows
 
-    async def in_state(self, dataset: str, state: State) -> list[Entry]:
+    async def in_doubt(self, dataset: str) -> list[Entry]:
+        """The entries of ``dataset`` in doubt, in order."""
         async with reaching_postgres():
             rows = await self.pool.fetch(
-                f"SELECT {COLUMNS} FROM bascule_journal"
-                " WHERE dataset = $1 AND state = $2 ORDER BY seq",
+                f"SELECT {COLUMNS} FROM bascule_journal_unsettled($1)"
+                " WHERE state = 'in_doubt' ORDER BY seq",
                 dataset,
-                state,
             )
         return [entry(r) for r in rows]
 
@@ -108,14 +107,14 @@ class ReplaySelection(JournalCore):
                 seqs,
             )
 
-    async def orphans(self, dataset: str | None = None, older_than: float = 0.0) -> list[Entry]:
-        """Entries still at ``intent`` whose writer's session has ended: its lock is gone with
-        it, so nobody else will ever record their outcome. ``older_than``: only those whose
-        intent is at least that many seconds old, by the database's clock (no skew)."""
+    async def orphans(self, dataset: str, older_than: float = 0.0) -> list[Entry]:
+        """Entries of ``dataset`` still at ``intent`` whose writer's session has ended: its lock
+        is gone with it, so nobody else will ever record their outcome. ``older_than``: only
+        those whose intent is at least that many seconds old, by the database's clock (no
+        skew)."""
         async with reaching_postgres():
             rows = await self.pool.fetch(
-                f"SELECT {COLUMNS} FROM bascule_journal j WHERE {ORPHANED}"
-                " AND ($1::text IS NULL OR j.dataset = $1)"
+                f"SELECT {COLUMNS} FROM bascule_journal_unsettled($1) j WHERE {ORPHANED}"
                 " AND j.created_at < now() - make_interval(secs => $2)"
                 " ORDER BY j.seq",
                 dataset,
