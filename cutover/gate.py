@@ -194,8 +194,8 @@ async def _journal(pool: Reader, dataset: str, grace: float) -> _Journal:
     counts = (await queries.backlog(pool)).get(dataset, queries.EMPTY_BACKLOG)
     async with reaching_postgres():
         waiting = await pool.fetchval(
-            "SELECT count(*) FROM bascule_journal WHERE dataset = $1"
-            " AND state IN ('intent', 'pending')"
+            "SELECT count(*) FROM bascule_journal_open($1)"
+            " WHERE state IN ('intent', 'pending')"
             " AND created_at < now() - make_interval(secs => $2)",
             dataset,
             grace,

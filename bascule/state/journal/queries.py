@@ -12,7 +12,7 @@ import asyncpg
 
 from bascule.stages import Side
 from bascule.state import audit
-from bascule.state.journal.entries import OPEN, ORPHANED, IllegalTransition
+from bascule.state.journal.entries import ORPHANED, IllegalTransition
 from bascule.state.postgres import Reader, reaching_postgres
 from bascule.state.stage_store import open_gap
 
@@ -27,8 +27,7 @@ async def backlog(pool: Reader) -> dict[str, dict[str, Any]]:
             "   AS oldest_pending_seconds,"
             " count(*) FILTER (WHERE state = 'in_doubt') AS in_doubt,"
             " count(*) FILTER (WHERE state = 'dead') AS dead"
-            " FROM bascule_journal WHERE state = ANY($1::text[]) GROUP BY dataset",
-            list(OPEN),
+            " FROM bascule_journal_open(NULL) GROUP BY dataset"
         )
     return {
         r["dataset"]: {

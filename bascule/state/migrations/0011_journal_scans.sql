@@ -12,18 +12,27 @@
 -- read the open entries by index scan, whatever the statistics and whether autovacuum runs.
 --
 -- One function per partial index, each with its predicate spelled as a literal (a parameter
--- would not prove the predicate, and the index could not be used). The bodies and answers are
--- not returned: callers read them by seq when they need them.
+-- would not prove the predicate, and the index could not be used), for every reader that
+-- comes back periodically: the replayer, the resolver, the gauges, the gate. The bodies and
+-- answers are not returned: callers read them by seq when they need them.
 CREATE FUNCTION bascule_journal_open(p_dataset text)
-RETURNS TABLE (seq bigint, record text, route text, method text, state text,
-               next_attempt_at timestamptz)
+RETURNS TABLE (seq bigint, dataset text, record text, route text, method text, state text,
+               next_attempt_at timestamptz, created_at timestamptz)
 LANGUAGE plpgsql STABLE
 SET enable_bitmapscan = off SET enable_seqscan = off
 AS $$
 BEGIN
-    RETURN QUERY SELECT j.seq, j.record, j.route, j.method, j.state, j.next_attempt_at
-        FROM bascule_journal j
-        WHERE j.dataset = p_dataset AND j.state IN ('intent', 'pending', 'in_doubt', 'dead');
+    IF p_dataset IS NULL THEN  -- every dataset's (the backlog gauges)
+        RETURN QUERY SELECT j.seq, j.dataset, j.record, j.route, j.method, j.state,
+                j.next_attempt_at, j.created_at
+            FROM bascule_journal j
+            WHERE j.state IN ('intent', 'pending', 'in_doubt', 'dead');
+    ELSE
+        RETURN QUERY SELECT j.seq, j.dataset, j.record, j.route, j.method, j.state,
+                j.next_attempt_at, j.created_at
+            FROM bascule_journal j
+            WHERE j.dataset = p_dataset AND j.state IN ('intent', 'pending', 'in_doubt', 'dead');
+    END IF;
 END
 $$;
 
