@@ -195,6 +195,14 @@ _OPTIONAL = ("tcp_", "client_connection_check_interval")
 
 
 async def schema_check(pool: asyncpg.Pool) -> None:
-    """Refuse to run on an unmigrated or newer state schema (the error says what to run)."""
+    """Refuse to run on an unmigrated or newer state schema (the error says what to run), and
+    say so if the server does not vacuum."""
     async with reaching_postgres(), pool.acquire() as conn:
         await schema.check(conn)
+        vacuums = await conn.fetchval("SELECT current_setting('autovacuum')::bool")
+    if not vacuums:
+        log.warning(
+            "autovacuum is off on the state Postgres: the journal, a queue that leaves two dead"
+            " row versions per write, then grows until someone runs VACUUM on it"
+            " (docs/operations.md)"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -11,7 +12,7 @@ import pytest
 from bascule.errors import IllegalMove, SchemaError, StaleVersion, UnknownDataset, UsageError
 from bascule.stages import Side, Stage
 from bascule.state import schema
-from bascule.state.postgres import open_pool
+from bascule.state.postgres import open_pool, schema_check
 from bascule.state.stage_store import StageRow, StageStore
 from cutover import controller
 from refapi.lab import migrate_state
@@ -120,6 +121,22 @@ async def test_concurrent_changes_from_one_version_exactly_one_wins(store: Stage
     changes = [h for h in await store.history("dcir") if h.action == "stage"]
     assert [(h.actor, h.from_version, h.to_version) for h in changes] == [(winners[0], 1, 2)]
     assert (await store.get("dcir")).version == 2
+
+
+async def test_a_replica_says_when_the_state_postgres_does_not_vacuum(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The journal leaves two dead row versions per write: a server with autovacuum off never
+    # reclaims them. This machine's server runs without it; elsewhere, the other branch.
+    pool = await open_pool(pg_url, max_size=1)
+    try:
+        await migrate_state(pg_url)
+        vacuums = await pool.fetchval("SHOW autovacuum") == "on"
+        with caplog.at_level(logging.WARNING, "bascule.state"):
+            await schema_check(pool)
+    finally:
+        await pool.close()
+    assert ("autovacuum is off on the state Postgres" in caplog.text) is not vacuums
 
 
 async def test_schema_check_names_what_to_run(pg_url: str) -> None:
