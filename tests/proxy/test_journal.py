@@ -190,6 +190,8 @@ async def test_open_entry_scans_skip_what_the_queue_left_behind(pg_url: str) -> 
         assert {r["state"] for r in states} == set(OPEN)
         unsettled = await admin.fetch("SELECT state FROM bascule_journal_unsettled('dcir')")
         assert sorted(r["state"] for r in unsettled) == ["in_doubt", "intent"]
+        with pytest.raises(asyncpg.NullValueNotAllowedError, match="a dataset is needed"):
+            await admin.fetch("SELECT * FROM bascule_journal_unsettled(NULL)")
     finally:
         await admin.close()
         await pool.close()

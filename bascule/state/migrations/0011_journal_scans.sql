@@ -11,10 +11,12 @@
 -- the state Postgres's CPU per write growing with them (docs/decisions.md). These functions
 -- read the open entries by index scan, whatever the statistics and whether autovacuum runs.
 --
--- One function per partial index, each with its predicate spelled as a literal (a parameter
--- would not prove the predicate, and the index could not be used), for every reader that
--- comes back periodically: the replayer, the resolver, the gauges, the gate. The bodies and
--- answers are not returned: callers read them by seq when they need them.
+-- One function per set of states a reader wants (open; intent or in doubt), each with its
+-- states spelled as a literal that proves a partial index's predicate (a parameter would not,
+-- and no partial index could be used): for every reader that comes back periodically, the
+-- replayer, the resolver, the gauges, the gate. Without statistics the open entries come by
+-- bascule_journal_open_by_time, the unsettled ones by bascule_journal_unsettled. The bodies
+-- and answers are not returned: callers read them by seq when they need them.
 CREATE FUNCTION bascule_journal_open(p_dataset text)
 RETURNS TABLE (seq bigint, dataset text, record text, route text, method text, state text,
                next_attempt_at timestamptz, created_at timestamptz)
@@ -47,6 +49,10 @@ LANGUAGE plpgsql STABLE
 SET enable_bitmapscan = off SET enable_seqscan = off
 AS $$
 BEGIN
+    IF p_dataset IS NULL THEN  -- not "every dataset": no reader needs it
+        RAISE EXCEPTION 'bascule_journal_unsettled: a dataset is needed'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     RETURN QUERY SELECT j.seq, j.dataset, j.record, j.route, j.method, j.authority,
             j.stage_version, j.state, j.status, j.attempts, j.created_at, j.last_error,
             j.traceparent, j.writer_pid, j.writer_started
