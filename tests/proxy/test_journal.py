@@ -17,6 +17,7 @@ from bascule.state.journal.guard import RaceGuard
 from bascule.state.journal.writes import WriterConnection, WriteSession
 from bascule.state.postgres import open_pool
 from refapi.lab import migrate_state
+from tests.scans import skipping
 
 KEY = bytes(range(32))
 NAMER = Namer(KEY)
@@ -154,37 +155,15 @@ async def test_open_entry_scans_skip_what_the_queue_left_behind(pg_url: str) -> 
         for state in ("intent", "pending", "in_doubt", "dead", "rejected", "skipped"):
             await admin.execute(insert, state, 1)
 
-        async def heap_pages(calls: int) -> int:
-            """Heap pages of the journal read by ``calls`` waves and resolver looks."""
+        async def look() -> None:
+            await journal.wave("dcir")
+            await journal.orphans("dcir")
+            await journal.in_doubt("dcir")
+            await queries.backlog(pool)
 
-            async def read() -> int:
-                await admin.execute("SELECT pg_stat_clear_snapshot()")
-                pages: int = await admin.fetchval(
-                    "SELECT heap_blks_hit + coalesce(heap_blks_read, 0)"
-                    " FROM pg_statio_user_tables WHERE relname = 'bascule_journal'"
-                )
-                return pages
-
-            before = await read()
-            for _ in range(calls):
-                await journal.wave("dcir")
-                await journal.orphans("dcir")
-                await journal.in_doubt("dcir")
-                await queries.backlog(pool)
-            await pool.execute("SELECT pg_stat_force_next_flush()")
-            await asyncio.sleep(0.2)  # flushed once its backend is idle
-            return await read() - before
-
-        first = await heap_pages(1)  # finds the 20,000 dead versions, and marks them
-        assert first > 1000  # what a bitmap scan reads on every call
-        # An entry is marked once no snapshot of its database could still see its row (another
-        # test's session can hold the horizon back a moment): within a few seconds, the calls
-        # read the few open entries and their pages, not the 1,800-odd pages of dead versions.
-        # A bitmap scan never stops reading them.
-        reads = [await heap_pages(5)]
-        while reads[-1] >= 100 and len(reads) < 20:
-            await asyncio.sleep(0.25)
-            reads.append(await heap_pages(5))
+        first, reads = await skipping(admin, pool, look)
+        assert first > 1000  # the 20,000 dead versions: what a bitmap scan reads on every call
+        # Then the few open entries and their pages, not the 1,800-odd pages of dead versions.
         assert reads[-1] < 100, (first, reads)
         states = await admin.fetch("SELECT DISTINCT state FROM bascule_journal_open('dcir')")
         assert {r["state"] for r in states} == set(OPEN)
