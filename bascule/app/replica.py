@@ -42,6 +42,7 @@ from bascule.state.postgres import (
     open_pool,
     schema_check,
     session_name,
+    vacuum_check,
 )
 from bascule.state.servers import provide_stores
 from bascule.state.stage_store import StageStore
@@ -171,6 +172,7 @@ class Replica:
             idle_in_transaction=IDLE_IN_TRANSACTION,
         )
         await schema_check(self.pool)
+        await vacuum_check(self.pool)
         # Announcements, counters, noise: a silent Redis fails them in REDIS_TIMEOUT, never
         # hangs them (the tally's flushes would stop, the gate's evidence with them).
         self.redis = aioredis.Redis.from_url(

@@ -195,11 +195,16 @@ _OPTIONAL = ("tcp_", "client_connection_check_interval")
 
 
 async def schema_check(pool: asyncpg.Pool) -> None:
-    """Refuse to run on an unmigrated or newer state schema (the error says what to run), and
-    say so if the server does not vacuum."""
+    """Refuse to run on an unmigrated or newer state schema (the error says what to run)."""
     async with reaching_postgres(), pool.acquire() as conn:
         await schema.check(conn)
-        vacuums = await conn.fetchval("SELECT current_setting('autovacuum')::bool")
+
+
+async def vacuum_check(pool: asyncpg.Pool) -> None:
+    """Say in the log if the state Postgres does not vacuum (a replica's start: not every CLI
+    command's)."""
+    async with reaching_postgres():
+        vacuums = await pool.fetchval("SELECT current_setting('autovacuum')::bool")
     if not vacuums:
         log.warning(
             "autovacuum is off on the state Postgres: the journal, a queue that leaves two dead"

@@ -12,7 +12,7 @@ import pytest
 from bascule.errors import IllegalMove, SchemaError, StaleVersion, UnknownDataset, UsageError
 from bascule.stages import Side, Stage
 from bascule.state import schema
-from bascule.state.postgres import open_pool, schema_check
+from bascule.state.postgres import open_pool, vacuum_check
 from bascule.state.stage_store import StageRow, StageStore
 from cutover import controller
 from refapi.lab import migrate_state
@@ -123,17 +123,18 @@ async def test_concurrent_changes_from_one_version_exactly_one_wins(store: Stage
     assert (await store.get("dcir")).version == 2
 
 
-async def test_a_replica_says_when_the_state_postgres_does_not_vacuum(
+async def test_the_vacuum_check_says_when_the_state_postgres_does_not_vacuum(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The journal leaves two dead row versions per write: a server with autovacuum off never
-    # reclaims them. This machine's server runs without it; elsewhere, the other branch.
+    # reclaims them. A replica runs this check at start (not every CLI command: SREs would read
+    # it on each). This machine's server runs without autovacuum; elsewhere, the other branch.
     pool = await open_pool(pg_url, max_size=1)
     try:
         await migrate_state(pg_url)
         vacuums = await pool.fetchval("SHOW autovacuum") == "on"
         with caplog.at_level(logging.WARNING, "bascule.state"):
-            await schema_check(pool)
+            await vacuum_check(pool)
     finally:
         await pool.close()
     assert ("autovacuum is off on the state Postgres" in caplog.text) is not vacuums
