@@ -28,7 +28,7 @@ import asyncpg
 from bascule.config import Config, Route
 from bascule.sealing import DATASET_WIDE, Namer
 from bascule.state.journal import Journal
-from bascule.state.journal.entries import OPEN
+from bascule.state.journal.entries import OPEN, OPEN_SQL
 from bascule.state.postgres import reaching_postgres
 
 REPAIR_ROUTE = "bascule:repair"
@@ -136,7 +136,7 @@ class JournalView:
             rows = await conn.fetch(
                 f"SELECT {columns} AS answer FROM bascule_journal WHERE {mine} AND seq > $2"
                 f" UNION ALL SELECT {columns} FROM bascule_journal"
-                f" WHERE {mine} AND state IN ('intent', 'pending', 'in_doubt', 'dead')"
+                f" WHERE {mine} AND state IN {OPEN_SQL}"
                 f" UNION ALL SELECT {columns} FROM bascule_journal"
                 f" WHERE {mine} AND state IN ('applied', 'skipped') AND applied_at >= $5",
                 self.dataset,

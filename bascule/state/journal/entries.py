@@ -31,6 +31,9 @@ AUTHORITY_SQL = (
 State = Literal["intent", "pending", "applied", "rejected", "in_doubt", "dead", "skipped"]
 OPEN: tuple[State, ...] = ("intent", "pending", "in_doubt", "dead")
 """States that hold back later entries of the same record."""
+OPEN_SQL = "(" + ", ".join(f"'{state}'" for state in OPEN) + ")"
+"""The same, as an SQL list for ``state IN``: a literal proves the open-entry indexes'
+predicate, where a parameter would not (migration 0011)."""
 
 # Which state may follow which: anything else is a bug, refused by the database update.
 NEXT: dict[str, tuple[State, ...]] = {
