@@ -191,7 +191,7 @@ class _Journal:
 
 
 async def _journal(pool: Reader, dataset: str, grace: float) -> _Journal:
-    counts = (await queries.backlog(pool)).get(dataset, queries.EMPTY_BACKLOG)
+    counts = (await queries.backlog(pool, dataset)).get(dataset, queries.EMPTY_BACKLOG)
     async with reaching_postgres():
         waiting = await pool.fetchval(
             "SELECT count(*) FROM bascule_journal_open($1)"

@@ -17,8 +17,9 @@ from bascule.state.postgres import Reader, reaching_postgres
 from bascule.state.stage_store import open_gap
 
 
-async def backlog(pool: Reader) -> dict[str, dict[str, Any]]:
-    """Per dataset: backlog (intent + pending), oldest pending age, in doubt, dead."""
+async def backlog(pool: Reader, dataset: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per dataset (``dataset``'s only, if given): backlog (intent + pending), oldest pending
+    age, in doubt, dead."""
     async with reaching_postgres():
         rows = await pool.fetch(
             "SELECT dataset,"
@@ -27,7 +28,8 @@ async def backlog(pool: Reader) -> dict[str, dict[str, Any]]:
             "   AS oldest_pending_seconds,"
             " count(*) FILTER (WHERE state = 'in_doubt') AS in_doubt,"
             " count(*) FILTER (WHERE state = 'dead') AS dead"
-            " FROM bascule_journal_open(NULL) GROUP BY dataset"
+            " FROM bascule_journal_open($1::text) GROUP BY dataset",
+            dataset,
         )
     return {
         r["dataset"]: {
